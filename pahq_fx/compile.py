@@ -1,0 +1,98 @@
+"""torch.compile of a transformed model, counting compilations, and the backend for other pipelines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+
+class CountingBackend:
+    """A torch.compile backend that forwards to ``inner`` and counts the graphs it was asked to compile."""
+
+    def __init__(self, inner: str | Callable = "inductor") -> None:
+        self.inner = inner
+        self.compilations = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        self.compilations += 1
+        if callable(self.inner):
+            return self.inner(gm, example_inputs)
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(self.inner)(gm, example_inputs)
+
+
+def compile_module(module: nn.Module, inner: str | Callable = "inductor") -> tuple[Callable, CountingBackend]:
+    """``torch.compile`` with dynamic batch/sequence shapes; returns the callable and its counter."""
+    counter = CountingBackend(inner)
+    return torch.compile(module, backend=counter, dynamic=None), counter
+
+
+def _token_input_index(example_inputs: list[Any]) -> int:
+    integer = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
+    if len(integer) != 1:
+        raise UnsupportedArchitectureError(
+            f"pahq_fx.backend expects a graph with one integer [batch, seq] input (input_ids); found {len(integer)}"
+        )
+    return integer[0]
+
+
+class _GraphAsModel(nn.Module):
+    """Dynamo's captured graph with parameters bound as attributes, taking only input_ids."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], token_index: int) -> None:
+        super().__init__()
+        self.gm = gm
+        self.token_index = token_index
+        self.constants = [t for i, t in enumerate(example_inputs) if i != token_index]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        args = list(self.constants)
+        args.insert(self.token_index, input_ids)
+        out = self.gm(*args)
+        if isinstance(out, (tuple, list)):
+            if len(out) != 1:
+                raise UnsupportedArchitectureError(
+                    "pahq_fx.backend needs the compiled function to return only logits "
+                    f"(it returns {len(out)} tensors; call the model with use_cache=False and take .logits)"
+                )
+            out = out[0]
+        return out
+
+
+def backend(
+    head: tuple[int, int] | None = None,
+    low_precision: str = "fp8",
+    granularity: str = "per_row",
+    inner: str | Callable = "inductor",
+) -> Callable[[fx.GraphModule, list[Any]], Callable]:
+    """A ``torch.compile`` backend that applies the PAHQ passes, then compiles with ``inner``.
+
+    Use as ``torch.compile(fn, backend=pahq_fx.backend(head=(0, 1)))`` where ``fn`` maps ``input_ids`` to
+    logits (for a Hugging Face model: ``lambda ids: model(ids, use_cache=False).logits``). The graph dynamo
+    captures is re-traced to ATen, split per head and lowered; the result is compiled with ``inner``.
+    """
+    from .precision import lower_precision, set_head
+    from .split import split_heads
+    from .trace import trace
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        token_index = _token_input_index(example_inputs)
+        ids = example_inputs[token_index]
+        wrapped = _GraphAsModel(gm, example_inputs, token_index)
+        split = lower_precision(split_heads(trace(wrapped, ids)), low_precision, granularity)
+        set_head(split, head)
+        compiled = CountingBackend(inner)(split, [ids]) if inner != "eager" else split
+
+        def run(*args: Any) -> tuple[torch.Tensor]:
+            return (compiled(args[token_index]),)
+
+        return run
+
+    return compile_graph

@@ -1,0 +1,32 @@
+"""The exceptions pahq_fx raises on bad input, one class per kind of mistake.
+
+All derive from :class:`PahqError`, so ``except pahq_fx.PahqError`` catches every documented failure.
+Each also derives from the builtin that a caller would naturally expect (``IndexError`` for a head out
+of range, ``ValueError`` for a bad format), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class PahqError(Exception):
+    """Base class of every error pahq_fx raises on purpose."""
+
+
+class InvalidHeadError(PahqError, IndexError):
+    """A (layer, head) pair that does not exist in the model, or is not a pair of ints."""
+
+
+class UnsupportedArchitectureError(PahqError, ValueError):
+    """The graph lacks a pattern the passes need (attention call, projection, residual stream...)."""
+
+
+class UnsupportedFormatError(PahqError, ValueError):
+    """A precision format or granularity that is unknown, or cannot run on the model's device."""
+
+
+class QuantizationError(PahqError, RuntimeError):
+    """Low-precision lowering was asked for but did not happen (for example no weight was quantized)."""
+
+
+class TaskError(PahqError, ValueError):
+    """A circuit-discovery task whose tensors are inconsistent or invalid."""

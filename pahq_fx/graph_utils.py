@@ -1,0 +1,158 @@
+"""Small, generic helpers over torch.fx graphs: reachability, dominators, recorded values, extraction.
+
+Nothing here knows about attention or transformers; :mod:`pahq_fx.heads` builds on these.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+aten = torch.ops.aten
+
+# Ops that only change how a tensor is viewed or are identities at inference time.
+SHAPE_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.alias.default,
+}
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    """The nodes a node reads, in argument order, without duplicates."""
+    seen: dict[fx.Node, None] = {}
+    map_arg((node.args, node.kwargs), lambda n: seen.setdefault(n, None))
+    return list(seen)
+
+
+def record_values(gm: fx.GraphModule, *args: Any) -> dict[fx.Node, Any]:
+    """Run ``gm`` on ``args`` and return the value every node produced."""
+    values: dict[fx.Node, Any] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*args)
+    return values
+
+
+def ancestors(roots: Iterable[fx.Node], within: set[fx.Node] | None = None) -> set[fx.Node]:
+    """All nodes the roots depend on (roots excluded), optionally restricted to ``within``."""
+    out: set[fx.Node] = set()
+    stack = [p for r in roots for p in input_nodes(r)]
+    while stack:
+        n = stack.pop()
+        if n in out or (within is not None and n not in within):
+            continue
+        out.add(n)
+        stack.extend(input_nodes(n))
+    return out
+
+
+def descendants(roots: Iterable[fx.Node], within: set[fx.Node] | None = None) -> set[fx.Node]:
+    """All nodes that depend on the roots (roots excluded), optionally restricted to ``within``."""
+    out: set[fx.Node] = set()
+    stack = [u for r in roots for u in r.users]
+    while stack:
+        n = stack.pop()
+        if n in out or (within is not None and n not in within):
+            continue
+        out.add(n)
+        stack.extend(n.users)
+    return out
+
+
+def dominates(candidate: fx.Node, target: fx.Node, sources: set[fx.Node], within: set[fx.Node]) -> bool:
+    """Whether every path from ``sources`` to ``target`` inside ``within`` passes through ``candidate``."""
+    if candidate in sources:
+        return True
+    seen: set[fx.Node] = set()
+    stack = list(sources)
+    while stack:
+        n = stack.pop()
+        if n is candidate or n in seen or n not in within:
+            continue
+        if n is target:
+            return False
+        seen.add(n)
+        stack.extend(n.users)
+    return True
+
+
+def first_with_shape(node: fx.Node, values: dict[fx.Node, Any], lead: Sequence[int], up: bool) -> fx.Node:
+    """Walk through shape-only ops from ``node`` (upwards or downwards) to the first node whose
+    value has the leading dimensions ``lead`` (the [batch, seq] of the residual stream)."""
+    current = node
+    while True:
+        value = values.get(current)
+        if isinstance(value, torch.Tensor) and tuple(value.shape[: len(lead)]) == tuple(lead) and value.dim() == len(lead) + 1:
+            return current
+        if up:
+            if current.op != "call_function" or current.target not in SHAPE_OPS:
+                return current
+            current = current.args[0]
+        else:
+            users = list(current.users)
+            if len(users) != 1 or users[0].target not in SHAPE_OPS:
+                return current
+            current = users[0]
+
+
+def extract(
+    gm: fx.GraphModule,
+    nodes: set[fx.Node],
+    inputs: Sequence[fx.Node],
+    outputs: Sequence[fx.Node],
+    name: str,
+) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Copy ``nodes`` of ``gm`` into a new GraphModule.
+
+    ``inputs`` become the first placeholders; every other value the nodes read from outside the set
+    (other than parameters, which are copied as attributes) becomes an extra placeholder. Returns the
+    module and the list of those extra outside nodes, in placeholder order.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(inputs):
+        env[n] = graph.placeholder(f"in_{i}_{n.name}")
+    extra: list[fx.Node] = []
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":
+            env[n] = graph.get_attr(n.target)
+            return env[n]
+        extra.append(n)
+        env[n] = graph.placeholder(f"aux_{n.name}")
+        return env[n]
+
+    order = [n for n in gm.graph.nodes if n in nodes and n not in inputs]
+    # Placeholders must come first: discover outside reads before copying compute nodes.
+    for n in order:
+        for p in input_nodes(n):
+            if (p not in nodes or p in inputs) and p.op != "get_attr":
+                lookup(p)
+    for n in order:
+        env[n] = graph.node_copy(n, lookup)
+    out = tuple(lookup(o) for o in outputs)
+    graph.output(out[0] if len(out) == 1 else out)
+    graph.eliminate_dead_code()
+    module = fx.GraphModule(gm, graph, class_name=name)
+    return module, extra
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem

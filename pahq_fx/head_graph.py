@@ -1,0 +1,85 @@
+"""The documented description of a split model: layers, heads, key/value groups, MLPs, canonical names.
+
+This is what later work (ACDC, the CLI's ``inspect``) drives; it holds no tensors and no graph nodes.
+Canonical names follow ``docs/acdc.md``: senders ``embed``, ``a{L}.h{H}``, ``m{L}``; receivers
+``a{L}.h{H}.q``, ``a{L}.h{H}.k|v`` (``a{L}.g{G}.k|v`` under grouped-query attention), ``m{L}``, ``resid_post``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer and the MLP that follows it (if any)."""
+
+    index: int
+    n_heads: int
+    n_kv_groups: int
+    kv_group_of_head: tuple[int, ...]
+    has_mlp: bool
+    attention_reads: tuple[str, ...]
+    mlp_reads: tuple[str, ...]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether key/value inputs belong to groups shared by several query heads."""
+        return self.n_kv_groups != self.n_heads
+
+    def head_name(self, head: int) -> str:
+        return f"a{self.index}.h{head}"
+
+    def query_name(self, head: int) -> str:
+        return f"a{self.index}.h{head}.q"
+
+    def kv_name(self, group: int, role: str) -> str:
+        unit = "g" if self.grouped else "h"
+        return f"a{self.index}.{unit}{group}.{role}"
+
+    @property
+    def mlp_name(self) -> str:
+        return f"m{self.index}"
+
+
+@dataclass(frozen=True)
+class HeadGraph:
+    """The per-head structure of a model, as found by the split pass."""
+
+    layers: tuple[LayerInfo, ...]
+    final_reads: tuple[str, ...]
+    d_model: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def senders(self) -> list[str]:
+        """Sender names in topological order (embedding first)."""
+        names = ["embed"]
+        for layer in self.layers:
+            names += [layer.head_name(h) for h in range(layer.n_heads)]
+            if layer.has_mlp:
+                names.append(layer.mlp_name)
+        return names
+
+    def receivers(self) -> list[str]:
+        """Receiver names in topological order (``resid_post`` last)."""
+        names: list[str] = []
+        for layer in self.layers:
+            names += [layer.query_name(h) for h in range(layer.n_heads)]
+            names += [layer.kv_name(g, "k") for g in range(layer.n_kv_groups)]
+            names += [layer.kv_name(g, "v") for g in range(layer.n_kv_groups)]
+            if layer.has_mlp:
+                names.append(layer.mlp_name)
+        return names + ["resid_post"]
+
+    def describe(self) -> str:
+        lines = [f"{self.n_layers} attention layers, d_model={self.d_model}"]
+        for layer in self.layers:
+            gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
+            mlp = f"; MLP m{layer.index} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
+            lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{mlp}")
+        lines.append(f"  resid_post reads {'+'.join(self.final_reads)}")
+        lines.append(f"  {len(self.senders())} senders, {len(self.receivers())} receivers")
+        return "\n".join(lines)

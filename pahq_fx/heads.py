@@ -1,0 +1,406 @@
+"""Find the attention sites, MLPs and residual stream of a traced causal LM, from the graph alone.
+
+What is recognised (see README, "What the pass recognises"):
+
+* an attention site is an ``aten.scaled_dot_product_attention`` call;
+* its projections are the linear ops (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul`` with a
+  constant weight) reached by walking back from the query, key and value arguments; they must all read
+  one normalised input;
+* the *read* of a component (its residual-stream input) is the nearest dominator of its input that is a
+  residual ``add`` or that is also used outside the component; the ops between read and projections are the
+  norm, applied per head after the split;
+* the output projection is the first linear op after the attention call; its input features are assigned
+  to heads, and the projection's query/key/value features to (role, head), by pushing NaN probes through
+  the ops in between (reshapes, rotary embeddings, grouped-query repeats, ...), so no layout is written
+  per model family;
+* residual reads are decomposed into sums of contributions through ``add`` ops; a contribution that is not
+  an attention output nor the embedding is an MLP, whose read is found the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import UnsupportedArchitectureError
+from .graph_utils import (
+    SHAPE_OPS,
+    ancestors,
+    descendants,
+    dominates,
+    extract,
+    first_with_shape,
+    input_nodes,
+    record_values,
+)
+
+aten = torch.ops.aten
+
+ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
+_CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+
+
+class Role(enum.Enum):
+    """Which attention input a projection feature feeds."""
+
+    QUERY = "q"
+    KEY = "k"
+    VALUE = "v"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear op of the graph, normalised to ``y = x @ weight.T + bias``."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class AttentionSite:
+    """One attention block as found in the graph, with its derived head layout."""
+
+    layer: int
+    read: fx.Node
+    normed: fx.Node
+    projections: list[Linear]
+    projection_outputs: list[fx.Node]
+    attention: fx.Node
+    z: fx.Node
+    output_linear: Linear
+    contribution: fx.Node
+    role_features: dict[Role, list[list[int]]]
+    z_features: list[list[int]]
+    kv_group_of_head: tuple[int, ...]
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.role_features[Role.QUERY])
+
+    @property
+    def n_kv_groups(self) -> int:
+        return len(self.role_features[Role.KEY])
+
+
+@dataclass
+class MLPSite:
+    """An MLP (any residual contribution that is not attention or embedding)."""
+
+    layer: int
+    read: fx.Node
+    contribution: fx.Node
+
+
+@dataclass
+class ModelLayout:
+    """Everything the split pass needs: sites, MLPs, the embedding and how every read sums contributions."""
+
+    values: dict[fx.Node, Any]
+    lead: tuple[int, int]
+    embed: fx.Node
+    sites: list[AttentionSite]
+    mlps: list[MLPSite]
+    final_read: fx.Node
+    logits: fx.Node
+    leaves: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+
+
+def as_linear(node: fx.Node, values: dict[fx.Node, Any], activations: set[fx.Node]) -> Linear | None:
+    """Recognise ``node`` as a linear op with a constant weight, or return None."""
+    if node.op != "call_function":
+        return None
+
+    def const(n: Any) -> torch.Tensor | None:
+        return values.get(n) if isinstance(n, fx.Node) and n not in activations else None
+
+    if node.target is aten.linear.default:
+        weight, bias = const(node.args[1]), const(node.args[2]) if len(node.args) > 2 else None
+        if weight is not None:
+            return Linear(node, node.args[0], weight, bias)
+    elif node.target is aten.addmm.default and not node.kwargs:
+        weight, bias = const(node.args[2]), const(node.args[0])
+        if weight is not None and bias is not None:
+            return Linear(node, node.args[1], weight.t(), bias)
+    elif node.target in (aten.mm.default, aten.matmul.default):
+        weight = const(node.args[1])
+        if weight is not None and weight.dim() == 2:
+            return Linear(node, node.args[0], weight.t(), None)
+    return None
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
+        self.gm = gm
+        self.values = record_values(gm, example)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedArchitectureError(f"expected one input (input_ids), the graph has {len(placeholders)}")
+        self.source = placeholders[0]
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.activations = self._activations()
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        outs = [a for a in input_nodes(out_node)]
+        if len(outs) != 1:
+            raise UnsupportedArchitectureError(
+                f"the graph returns {len(outs)} tensors; it must return only logits (call the model with use_cache=False)"
+            )
+        self.logits = outs[0]
+        self.lead = tuple(self.values[self.logits].shape[:2])
+
+    def _activations(self) -> set[fx.Node]:
+        """Nodes whose value depends on the token ids' values (not only on their shape)."""
+        out = {self.source}
+        for n in self.gm.graph.nodes:
+            if n is self.source or n.target is aten.sym_size.int:
+                continue
+            if any(p in out for p in input_nodes(n)):
+                out.add(n)
+        return out
+
+    def linear(self, node: fx.Node) -> Linear | None:
+        return as_linear(node, self.values, self.activations)
+
+    def find_read(self, target: fx.Node, what: str) -> fx.Node:
+        """Nearest dominator of ``target`` that is a residual add or also feeds something else."""
+        upstream = ancestors([target], within=self.activations)
+        inside = upstream | {target}
+        within = self.activations
+        for candidate in sorted(upstream, key=self.order.__getitem__, reverse=True):
+            if candidate is self.source or not dominates(candidate, target, {self.source}, within):
+                continue
+            is_residual_add = candidate.target is aten.add.Tensor and all(
+                isinstance(a, fx.Node) and a in self.activations for a in candidate.args[:2]
+            )
+            feeds_elsewhere = any(u in self.activations and u not in inside for u in candidate.users)
+            if is_residual_add or feeds_elsewhere:
+                return candidate
+        raise UnsupportedArchitectureError(f"no residual-stream input found for {what} ({target.name})")
+
+    def _projections(self, attention: fx.Node) -> list[Linear]:
+        found: dict[fx.Node, Linear] = {}
+        seen: set[fx.Node] = set()
+        stack = [a for a in attention.args[:3] if isinstance(a, fx.Node)]
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.activations:
+                continue
+            seen.add(n)
+            lin = self.linear(n)
+            if lin is not None:
+                found[n] = lin
+                continue
+            if n is self.source:
+                raise UnsupportedArchitectureError(
+                    f"attention call {attention.name}: no linear query/key/value projection between it and the input"
+                )
+            stack.extend(input_nodes(n))
+        return sorted(found.values(), key=lambda l: self.order[l.node])
+
+    def _output_linear(self, attention: fx.Node) -> Linear:
+        frontier, seen = [attention], set()
+        while frontier:
+            n = min(frontier, key=self.order.__getitem__)
+            frontier.remove(n)
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                lin = self.linear(u)
+                if lin is not None:
+                    return lin
+                frontier.append(u)
+        raise UnsupportedArchitectureError(f"attention call {attention.name}: no output projection (linear op) after it")
+
+    def _probe(self, sub: fx.GraphModule, extra: list[fx.Node], inputs: list[torch.Tensor]) -> Any:
+        with torch.no_grad():
+            return sub(*inputs, *[self.values[e] for e in extra])
+
+    def _role_features(self, attention: fx.Node, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
+        """Assign every projection output feature to (role, head) with NaN probes."""
+        args = [attention.args[i] for i in range(3)]
+        body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
+        sub, extra = extract(self.gm, body, outputs, args, "ProbeProjectionToAttention")
+        clean = [self.values[o].detach().clone() for o in outputs]
+        n_heads, k_heads = self.values[args[0]].shape[1], self.values[args[1]].shape[1]
+        hits: dict[Role, dict[int, set[int]]] = {r: {} for r in Role}
+        offset = 0
+        for i, y in enumerate(clean):
+            for f in range(y.shape[-1]):
+                probe = [t.clone() if j == i else t for j, t in enumerate(clean)]
+                probe[i][..., f] = float("nan")
+                result = self._probe(sub, extra, probe)
+                touched = [
+                    (role, set(torch.isnan(r).flatten(2).any(-1).any(0).nonzero().flatten().tolist()))
+                    for role, r in zip(Role, result)
+                ]
+                touched = [(role, heads) for role, heads in touched if heads]
+                if len(touched) != 1:
+                    where = ", ".join(r.value for r, _ in touched) or "no attention input"
+                    raise UnsupportedArchitectureError(
+                        f"attention call {attention.name}: projection feature {f} of {outputs[i].name} reaches {where}; "
+                        "each feature must feed exactly one of query, key, value"
+                    )
+                role, heads = touched[0]
+                hits[role][offset + f] = heads
+            offset += y.shape[-1]
+        return self._group(attention, hits, n_heads, k_heads)
+
+    def _group(self, attention: fx.Node, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
+        query: list[list[int]] = [[] for _ in range(n_heads)]
+        for f, heads in hits[Role.QUERY].items():
+            if len(heads) != 1:
+                raise UnsupportedArchitectureError(f"attention call {attention.name}: query feature {f} mixes heads {sorted(heads)}")
+            query[heads.pop()].append(f)
+        groups: dict[frozenset[int], int] = {}
+        per_role: dict[Role, dict[frozenset[int], list[int]]] = {Role.KEY: {}, Role.VALUE: {}}
+        for role in (Role.KEY, Role.VALUE):
+            for f, heads in hits[role].items():
+                per_role[role].setdefault(frozenset(heads), []).append(f)
+        key_sets = sorted(per_role[Role.KEY], key=min)
+        if sorted(per_role[Role.VALUE], key=min) != key_sets:
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: keys and values are grouped differently")
+        covered = sorted(h for s in key_sets for h in s)
+        if covered != list(range(k_heads)):
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: key heads {covered} overlap or miss heads")
+        for g, s in enumerate(key_sets):
+            groups[s] = g
+        rep = n_heads // k_heads
+        if k_heads == n_heads:
+            group_of_head = tuple(next(groups[s] for s in key_sets if h in s) for h in range(n_heads))
+        else:  # SDPA broadcasts key/value heads itself (enable_gqa)
+            group_of_head = tuple(next(groups[s] for s in key_sets if (h // rep) in s) for h in range(n_heads))
+        features = {
+            Role.QUERY: query,
+            Role.KEY: [sorted(per_role[Role.KEY][s]) for s in key_sets],
+            Role.VALUE: [sorted(per_role[Role.VALUE][s]) for s in key_sets],
+        }
+        for role, per_head in features.items():
+            if len({len(p) for p in per_head}) != 1 or not per_head[0]:
+                raise UnsupportedArchitectureError(
+                    f"attention call {attention.name}: {role.name.lower()} heads have unequal or empty widths"
+                )
+        return features, group_of_head
+
+    def _z_features(self, attention: fx.Node, z: fx.Node) -> list[list[int]]:
+        body = descendants([attention]) & (ancestors([z]) | {z})
+        sub, extra = extract(self.gm, body, [attention], [z], "ProbeAttentionToOutput")
+        clean = self.values[attention]
+        owner: dict[int, int] = {}
+        for h in range(clean.shape[1]):
+            probe = clean.clone()
+            probe[:, h] = float("nan")
+            nan = torch.isnan(self._probe(sub, extra, [probe])).flatten(0, -2).any(0)
+            for f in nan.nonzero().flatten().tolist():
+                if f in owner:
+                    raise UnsupportedArchitectureError(f"attention call {attention.name}: output feature {f} mixes heads")
+                owner[f] = h
+        width = self.values[z].shape[-1]
+        if sorted(owner) != list(range(width)):
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: some output-projection inputs come from no head")
+        per_head = [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]
+        return per_head
+
+    def site(self, layer: int, attention: fx.Node) -> AttentionSite:
+        projections = self._projections(attention)
+        if not projections:
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: no query/key/value projection found")
+        normed = {first_with_shape(p.input, self.values, self.lead, up=True) for p in projections}
+        if len(normed) != 1:
+            raise UnsupportedArchitectureError(
+                f"attention call {attention.name}: its projections read {len(normed)} different inputs; one shared input is required"
+            )
+        normed_node = normed.pop()
+        outputs = [first_with_shape(p.node, self.values, self.lead, up=False) for p in projections]
+        read = self.find_read(normed_node, f"attention call {attention.name}")
+        out_linear = self._output_linear(attention)
+        z = first_with_shape(out_linear.input, self.values, self.lead, up=True)
+        contribution = first_with_shape(out_linear.node, self.values, self.lead, up=False)
+        role_features, group_of_head = self._role_features(attention, outputs)
+        return AttentionSite(
+            layer=layer,
+            read=read,
+            normed=normed_node,
+            projections=projections,
+            projection_outputs=outputs,
+            attention=attention,
+            z=z,
+            output_linear=out_linear,
+            contribution=contribution,
+            role_features=role_features,
+            z_features=self._z_features(attention, z),
+            kv_group_of_head=group_of_head,
+        )
+
+    def decompose(self, node: fx.Node, stop: set[fx.Node]) -> list[fx.Node]:
+        """The contributions whose sum is ``node``, following residual adds and identity casts/views."""
+        if node in stop:
+            return [node]
+        if node.target is aten.add.Tensor and not node.kwargs and all(
+            isinstance(a, fx.Node) and a in self.activations for a in node.args[:2]
+        ):
+            return self.decompose(node.args[0], stop) + self.decompose(node.args[1], stop)
+        if node.target in SHAPE_OPS | _CAST_OPS:
+            source = node.args[0]
+            same = self.values[source].shape == self.values[node].shape and self.values[source].dtype == self.values[node].dtype
+            if same:
+                return self.decompose(source, stop)
+        return [node]
+
+
+def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
+    """Find attention sites, MLPs, embedding and residual structure of a traced causal LM."""
+    a = _Analysis(gm, example)
+    attention_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_TARGETS]
+    if not attention_nodes:
+        raise UnsupportedArchitectureError(
+            "no attention call found: the graph has no aten.scaled_dot_product_attention op "
+            "(the model must support attn_implementation='sdpa')"
+        )
+    sites = [a.site(i, n) for i, n in enumerate(attention_nodes)]
+    embed = sites[0].read
+    stop = {embed} | {s.contribution for s in sites}
+    final_read = a.find_read(a.logits, "the logits")
+    leaves: dict[fx.Node, list[fx.Node]] = {}
+    mlp_contributions: list[fx.Node] = []
+    pending = [s.read for s in sites if s.read is not embed] + [final_read]
+    while pending:
+        read = pending.pop()
+        if read in leaves:
+            continue
+        parts = a.decompose(read, stop)
+        for part in parts:
+            if part not in a.activations:
+                raise UnsupportedArchitectureError(f"residual stream at {read.name} adds a constant ({part.name}); not supported")
+            if part not in stop:
+                stop.add(part)
+                mlp_contributions.append(part)
+                pending.append(a.find_read(part, f"MLP output {part.name}"))
+        leaves[read] = parts
+    mlps = []
+    for c in sorted(mlp_contributions, key=a.order.__getitem__):
+        read = a.find_read(c, f"MLP output {c.name}")
+        upstream = ancestors([read]) | {read}
+        layer = max((s.layer for s in sites if s.read in upstream), default=0)
+        if any(m.layer == layer for m in mlps):
+            raise UnsupportedArchitectureError(f"two MLPs found after attention layer {layer} ({c.name})")
+        mlps.append(MLPSite(layer=layer, read=read, contribution=c))
+    for s in sites:
+        if s.read is not embed and s.read not in leaves:
+            leaves[s.read] = a.decompose(s.read, stop)
+    leaves[embed] = [embed]
+    return ModelLayout(
+        values=a.values,
+        lead=a.lead,
+        embed=embed,
+        sites=sites,
+        mlps=mlps,
+        final_read=final_read,
+        logits=a.logits,
+        leaves=leaves,
+    )

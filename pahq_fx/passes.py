@@ -1,0 +1,11 @@
+"""The passes as plain functions, for use inside other compile pipelines.
+
+``trace(model) -> GraphModule``; ``split_heads(GraphModule) -> GraphModule``;
+``lower_precision(GraphModule, format, granularity) -> GraphModule``; ``set_head(GraphModule, head)``.
+"""
+
+from .precision import lower_precision, set_head
+from .split import split_heads
+from .trace import trace
+
+__all__ = ["trace", "split_heads", "lower_precision", "set_head"]

@@ -1,0 +1,311 @@
+"""The per-head split pass: traced causal LM -> per-head GraphModule.
+
+Each attention block becomes an :class:`AttentionBlock` whose inputs are per-head residual streams
+(``[batch, seq, heads, d_model]`` for queries, ``[batch, seq, kv_groups, d_model]`` for keys and values),
+whose norm runs after the split, whose projections are per-head (:class:`PerHeadLinear`), and whose output
+is the per-head contributions ``z_h @ W_O[h]`` (``[batch, seq, heads, d_model]``; their sum plus the output
+bias is the block output). The ops between projections and the output projection (reshapes, rotary
+embeddings, the attention call) are the original graph's, reused unchanged.
+
+The top-level graph reads like the residual stream: ``embed, aux = prelude(ids)``; every read is the sum of
+the contributions upstream of it; ``logits = unembed(final read)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+from .graph_utils import ancestors, descendants, extract
+from .head_graph import HeadGraph, LayerInfo
+from .heads import AttentionSite, ModelLayout, Role, analyse
+
+NO_HEAD = -1
+
+
+class PerHeadLinear(nn.Module):
+    """``y[..., h, :] = x[..., h, :] @ weight[h].T + bias[h]``: every head its own input and weights.
+
+    ``full_precision_head`` names the head that a low-precision subclass keeps in FP32 (``-1``: none). It is
+    a buffer, so switching it changes a tensor input of the compiled graph, not the graph.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("full_precision_head", torch.tensor(NO_HEAD, dtype=torch.long))
+
+    @property
+    def n_heads(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("...hi,hoi->...ho", x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        h, o, i = self.weight.shape
+        return f"heads={h}, in={i}, out={o}, format=fp32"
+
+
+class AttentionBlock(nn.Module):
+    """One attention layer split per head. ``forward`` returns per-head output contributions."""
+
+    def __init__(
+        self,
+        layer: int,
+        norm: fx.GraphModule,
+        n_norm_aux: int,
+        q: PerHeadLinear,
+        k: PerHeadLinear,
+        v: PerHeadLinear,
+        scatter: list[torch.Tensor],
+        core: fx.GraphModule,
+        z_order: torch.Tensor,
+        o: PerHeadLinear,
+        o_bias: torch.Tensor | None,
+        kv_group_of_head: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.kv_group_of_head = kv_group_of_head
+        self.n_heads = q.n_heads
+        self.n_kv_groups = k.n_heads
+        self.norm = norm
+        self.n_norm_aux = n_norm_aux
+        self.q, self.k, self.v, self.o = q, k, v, o
+        for i, index in enumerate(scatter):
+            self.register_buffer(f"scatter_{i}", index)
+        self.n_projections = len(scatter)
+        self.core = core
+        self.register_buffer("z_order", z_order)
+        self.o_bias = None if o_bias is None else nn.Parameter(o_bias.detach().clone(), requires_grad=False)
+
+    def project(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *norm_aux) -> tuple[torch.Tensor, ...]:
+        """Per-head query, key and value projections of the per-head inputs (norm applied per head)."""
+        sizes = [q_in.shape[2], k_in.shape[2], v_in.shape[2]]
+        normed = self.norm(torch.cat([q_in, k_in, v_in], dim=2), *norm_aux)
+        qn, kn, vn = torch.split(normed, sizes, dim=2)
+        return self.q(qn), self.k(kn), self.v(vn)
+
+    def forward(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux) -> torch.Tensor:
+        norm_aux, core_aux = aux[: self.n_norm_aux], aux[self.n_norm_aux :]
+        q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
+        flat = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+        outputs = [flat.index_select(-1, getattr(self, f"scatter_{i}")) for i in range(self.n_projections)]
+        z = self.core(*outputs, *core_aux)
+        z_heads = z.index_select(-1, self.z_order).unflatten(-1, (self.n_heads, -1))
+        return self.o(z_heads)
+
+    def combine(self, head_outputs: torch.Tensor) -> torch.Tensor:
+        """The block output: sum of per-head contributions plus the output bias."""
+        total = head_outputs.sum(dim=2)
+        return total if self.o_bias is None else total + self.o_bias
+
+
+@dataclass(frozen=True)
+class Step:
+    """One component of the residual stream, in execution order."""
+
+    kind: str  # "attention" or "mlp"
+    name: str  # contribution name: a{L} or m{L}
+    reads: tuple[str, ...]
+    aux: tuple[int, ...]
+
+
+class PerHeadModel(nn.Module):
+    """Executable form of the split model; traced into the GraphModule that :func:`split_heads` returns."""
+
+    def __init__(
+        self,
+        prelude: fx.GraphModule,
+        n_aux: int,
+        blocks: dict[str, nn.Module],
+        steps: list[Step],
+        unembed: fx.GraphModule,
+        final_reads: tuple[str, ...],
+        final_aux: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.prelude = prelude
+        self.n_aux = n_aux
+        for name, block in blocks.items():
+            self.add_module(name, block)
+        self.steps = steps
+        self.unembed = unembed
+        self.final_reads = final_reads
+        self.final_aux = final_aux
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.prelude(input_ids)
+        aux = [out[i + 1] for i in range(self.n_aux)]
+        stream = {"embed": out[0]}
+        for step in self.steps:
+            read = functools.reduce(operator.add, [stream[r] for r in step.reads])
+            block = getattr(self, step.name)
+            args = [aux[i] for i in step.aux]
+            if step.kind == "attention":
+                q_in = read.unsqueeze(2).expand(-1, -1, block.n_heads, -1)
+                kv_in = read.unsqueeze(2).expand(-1, -1, block.n_kv_groups, -1)
+                stream[step.name] = block.combine(block(q_in, kv_in, kv_in, *args))
+            else:
+                stream[step.name] = block(read, *args)
+        final = functools.reduce(operator.add, [stream[r] for r in self.final_reads])
+        return self.unembed(final, *[aux[i] for i in self.final_aux])
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps the prelude, blocks, MLPs and unembedding as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (AttentionBlock, fx.GraphModule)) or super().is_leaf_module(m, qualname)
+
+
+def _per_role_linear(site: AttentionSite, role: Role, weight: torch.Tensor, bias: torch.Tensor | None) -> PerHeadLinear:
+    features = site.role_features[role]
+    w = torch.stack([weight[f] for f in features])
+    b = None if bias is None else torch.stack([bias[f] for f in features])
+    return PerHeadLinear(w, b)
+
+
+def _scatter_indices(site: AttentionSite, widths: list[int]) -> list[torch.Tensor]:
+    """For each projection output, where each of its features sits in the concatenated per-head outputs."""
+    position = {}
+    for role in Role:
+        for features in site.role_features[role]:
+            for f in features:
+                position[f] = len(position)
+    indices, offset = [], 0
+    for width in widths:
+        indices.append(torch.tensor([position[offset + j] for j in range(width)], dtype=torch.long))
+        offset += width
+    return indices
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, layout: ModelLayout) -> None:
+        self.gm = gm
+        self.layout = layout
+        self.stream = descendants([layout.embed]) | {layout.embed}
+        self.aux: list[fx.Node] = []
+
+    def component(self, nodes: set[fx.Node], inputs: list[fx.Node], output: fx.Node, name: str) -> tuple[fx.GraphModule, tuple[int, ...]]:
+        module, extra = extract(self.gm, nodes, inputs, [output], name)
+        for e in extra:
+            if e in self.stream:
+                raise UnsupportedArchitectureError(f"{name}: reads the residual stream at {e.name} besides its own input")
+            if e not in self.aux:
+                self.aux.append(e)
+        return module, tuple(self.aux.index(e) for e in extra)
+
+    def between(self, start: list[fx.Node], end: fx.Node) -> set[fx.Node]:
+        return descendants(start) & (ancestors([end]) | {end})
+
+    def attention(self, site: AttentionSite) -> tuple[AttentionBlock, tuple[int, ...]]:
+        name = f"a{site.layer}"
+        norm, norm_aux = self.component(self.between([site.read], site.normed), [site.read], site.normed, f"Norm_{name}")
+        core, core_aux = self.component(
+            self.between(site.projection_outputs, site.z), site.projection_outputs, site.z, f"Core_{name}"
+        )
+        weight = torch.cat([p.weight for p in site.projections])
+        biases = [p.bias if p.bias is not None else torch.zeros(p.weight.shape[0]) for p in site.projections]
+        bias = None if all(p.bias is None for p in site.projections) else torch.cat(biases)
+        q, k, v = (_per_role_linear(site, role, weight, bias) for role in Role)
+        widths = [p.weight.shape[0] for p in site.projections]
+        w_o = site.output_linear.weight
+        o = PerHeadLinear(torch.stack([w_o[:, f] for f in site.z_features]), None)
+        z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long)
+        block = AttentionBlock(
+            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths), core, z_order, o, site.output_linear.bias,
+            site.kv_group_of_head,
+        )
+        return block, norm_aux + core_aux
+
+
+def _names(layout: ModelLayout) -> dict[fx.Node, str]:
+    names = {layout.embed: "embed"}
+    names.update({s.contribution: f"a{s.layer}" for s in layout.sites})
+    names.update({m.contribution: f"m{m.layer}" for m in layout.mlps})
+    return names
+
+
+def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = original(example)
+        try:
+            got = split(example)
+        except Exception as error:  # noqa: BLE001 - any failure here means the graph broke an assumption
+            raise UnsupportedArchitectureError(f"the per-head model fails to run: {error}") from error
+    scale = expected.abs().max().clamp_min(1e-6)
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(scale)):
+        diff = (got - expected).abs().max().item()
+        raise UnsupportedArchitectureError(
+            f"the per-head model does not reproduce the original logits (max difference {diff:.3g}); "
+            "the residual stream or a norm is not of a form the pass understands"
+        )
+
+
+def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+    """Split every attention block of a traced causal LM (see :func:`pahq_fx.trace`) into per-head subgraphs.
+
+    Returns a GraphModule computing the same logits, whose ``meta["head_graph"]`` is the
+    :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names).
+    """
+    example = example_inputs if example_inputs is not None else gm.meta.get("example_input_ids")
+    if example is None:
+        raise UnsupportedArchitectureError("split_heads needs example input_ids (pass example_inputs or trace first)")
+    layout = analyse(gm, example)
+    names = _names(layout)
+    builder = _Builder(gm, layout)
+    blocks: dict[str, nn.Module] = {}
+    steps: list[Step] = []
+    components = [(s.contribution, s) for s in layout.sites] + [(m.contribution, m) for m in layout.mlps]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for contribution, site in sorted(components, key=lambda c: order[c[0]]):
+        name = names[contribution]
+        if isinstance(site, AttentionSite):
+            blocks[name], aux = builder.attention(site)
+            kind = "attention"
+        else:
+            blocks[name], aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
+            kind = "mlp"
+        steps.append(Step(kind, name, tuple(names[l] for l in layout.leaves[site.read]), aux))
+    unembed, final_aux = builder.component(builder.between([layout.final_read], layout.logits), [layout.final_read], layout.logits, "Unembed")
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    outputs = [layout.embed, *builder.aux]
+    prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude")
+    final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
+    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux)
+    _check_equivalent(gm, model, example)
+    graph = _LeafTracer().trace(model)
+    result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
+    result.meta["head_graph"] = _head_graph(layout, steps, final_reads)
+    result.meta["example_input_ids"] = example
+    return result
+
+
+def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, ...]) -> HeadGraph:
+    reads = {s.name: s.reads for s in steps}
+    layers = []
+    for site in layout.sites:
+        mlp = f"m{site.layer}"
+        layers.append(
+            LayerInfo(
+                index=site.layer,
+                n_heads=site.n_heads,
+                n_kv_groups=site.n_kv_groups,
+                kv_group_of_head=site.kv_group_of_head,
+                has_mlp=mlp in reads,
+                attention_reads=reads[f"a{site.layer}"],
+                mlp_reads=reads.get(mlp, ()),
+            )
+        )
+    d_model = int(layout.values[layout.embed].shape[-1])
+    return HeadGraph(layers=tuple(layers), final_reads=final_reads, d_model=d_model)

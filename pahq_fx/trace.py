@@ -1,0 +1,111 @@
+"""Hugging Face causal LM + example ``input_ids`` -> an ATen-level FX GraphModule that returns logits.
+
+One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
+with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
+model allows it. The model is put in eval mode and on the SDPA attention kernel for the duration of the
+trace (both so that the attention call is one recognisable op), and restored afterwards: tracing does not
+mutate the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+aten = torch.ops.aten
+
+# Ops that export leaves in an inference graph but that do nothing at inference time.
+_NO_OP_TARGETS = {aten._assert_tensor_metadata.default}
+
+
+class LogitsOnly(nn.Module):
+    """Calls a causal LM the way ACDC needs it: no KV cache, logits only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 6) -> torch.Tensor:
+    """Token ids that any config accepts: small, inside the vocabulary and the position range."""
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or seq
+    seq = max(2, min(seq, int(max_pos)))
+    generator = torch.Generator().manual_seed(0)
+    device = next(iter(model.parameters())).device
+    return torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+
+
+@contextlib.contextmanager
+def _inference_setup(model: nn.Module) -> Iterator[None]:
+    """Eval mode and SDPA attention for the trace, restored on exit."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    previous_impl = getattr(config, "_attn_implementation", None)
+    switch = previous_impl not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
+    try:
+        model.eval()
+        if switch:
+            try:
+                model.set_attn_implementation("sdpa")
+            except (ValueError, ImportError):
+                switch = False
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous_impl)
+        model.train(was_training)
+
+
+def _export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1)
+    try:
+        return torch.export.export(module, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
+    except Exception:  # noqa: BLE001 - some models specialise shapes; fall back to the static trace
+        return torch.export.export(module, (example,), strict=False)
+
+
+def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
+    """Remove export's runtime guards and metadata asserts, and eval-mode dropout."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _NO_OP_TARGETS:
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is aten.dropout.default and node.args[2] is False:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def trace(model: nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+    """Trace ``model`` (a causal LM taking ``input_ids``) into an ATen-level GraphModule.
+
+    The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
+    holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence
+    dimensions stayed dynamic (``meta["dynamic_shapes"]``).
+    """
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 2 or example_inputs.is_floating_point():
+        raise UnsupportedArchitectureError("example_inputs must be integer input_ids of shape [batch, seq]")
+    with _inference_setup(model), torch.no_grad():
+        program = _export(LogitsOnly(model), example_inputs)
+    gm = program.module()
+    _strip_inference_no_ops(gm)
+    gm.meta["example_input_ids"] = example_inputs
+    gm.meta["dynamic_shapes"] = bool(program.range_constraints)
+    return gm

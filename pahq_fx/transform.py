@@ -1,0 +1,87 @@
+"""``pahq_fx.transform``: the front door that runs trace -> split -> precision -> compile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .compile import CountingBackend, compile_module
+from .head_graph import HeadGraph
+from .precision import HeadSpec, PrecisionReport, check_head, lower_precision, set_head
+from .split import split_heads
+from .trace import trace
+
+
+class PahqModel(nn.Module):
+    """A causal LM split per head, with one head in FP32 and the others in low precision.
+
+    Call it with ``input_ids`` to get logits. :meth:`set_head` switches the investigated head by writing
+    buffers, so a compiled model is not retraced or recompiled (see :attr:`compilations`).
+    """
+
+    def __init__(self, graph: fx.GraphModule, head: HeadSpec, compiled: bool, inner: str | Callable) -> None:
+        super().__init__()
+        self.graph = graph
+        self._counter: CountingBackend | None = None
+        runner: Callable = graph
+        if compiled:
+            runner, self._counter = compile_module(graph, inner)
+        self.__dict__["_runner"] = runner
+        self.set_head(head)
+
+    @property
+    def head(self) -> HeadSpec:
+        return self._head
+
+    @property
+    def head_graph(self) -> HeadGraph:
+        return self.graph.meta["head_graph"]
+
+    @property
+    def precision(self) -> PrecisionReport:
+        return self.graph.meta["precision"]
+
+    @property
+    def compilations(self) -> int:
+        """Graphs compiled so far (0 when not compiled)."""
+        return 0 if self._counter is None else self._counter.compilations
+
+    def set_head(self, head: HeadSpec) -> None:
+        """Investigate ``(layer, head)`` in FP32 (``None``: every head in low precision)."""
+        check_head(self.graph, head)
+        set_head(self.graph, tuple(head) if head is not None else None)
+        self._head = tuple(head) if head is not None else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._runner(input_ids)
+
+    def extra_repr(self) -> str:
+        compiled = "compiled" if self._counter is not None else "eager"
+        return f"head={self._head}, precision={self.precision.describe()}, {compiled}"
+
+    def __repr__(self) -> str:
+        return f"PahqModel({self.extra_repr()})\n{self.head_graph.describe()}"
+
+
+def transform(
+    model: nn.Module,
+    head: HeadSpec = None,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    low_precision: str = "fp8",
+    granularity: str = "per_row",
+    compile: bool = True,
+    inner: str | Callable = "inductor",
+) -> PahqModel:
+    """Trace ``model``, split its attention per head, keep ``head`` in FP32 and the rest in ``low_precision``.
+
+    ``example_inputs`` are ``input_ids`` used for tracing (default: a small random batch); batch and
+    sequence length stay dynamic where the model allows it. ``low_precision`` is one of ``fp8`` (e4m3),
+    ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
+    """
+    gm = trace(model, example_inputs)
+    graph = lower_precision(split_heads(gm), low_precision, granularity)
+    return PahqModel(graph, head, compile, inner)
