@@ -84,14 +84,20 @@ def backend(
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         token_index = _token_input_index(example_inputs)
-        ids = example_inputs[token_index]
-        wrapped = _GraphAsModel(gm, example_inputs, token_index)
-        split = lower_precision(split_heads(trace(wrapped, ids)), low_precision, granularity)
-        set_head(split, head)
-        compiled = CountingBackend(inner)(split, [ids]) if inner != "eager" else split
+        built: list[Callable] = []
+
+        def build(args: tuple[Any, ...]) -> Callable:
+            # Dynamo hands the backend fake tensors; the passes need real values, so build on first call.
+            ids = args[token_index]
+            wrapped = _GraphAsModel(gm, list(args), token_index)
+            split = lower_precision(split_heads(trace(wrapped, ids)), low_precision, granularity)
+            set_head(split, head)
+            return split if inner == "eager" else torch.compile(split, backend=inner)
 
         def run(*args: Any) -> tuple[torch.Tensor]:
-            return (compiled(args[token_index]),)
+            if not built:
+                built.append(build(args))
+            return (built[0](args[token_index]),)
 
         return run
 

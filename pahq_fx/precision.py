@@ -106,6 +106,10 @@ class PrecisionConfig:
 
 def fp8_kernel_for(device: torch.device, in_features: int, out_features: int) -> Kernel:
     """The FP8 kernel that can run a matmul of these sizes on ``device``."""
+    if in_features < 2:
+        raise UnsupportedFormatError(
+            f"FP8 needs per-head weights with at least 2 input features (got {in_features}); use bf16, fp16 or fp32"
+        )
     if device.type == "cpu":
         return Kernel.FP8_SCALED_MM
     if device.type == "cuda":
@@ -113,6 +117,11 @@ def fp8_kernel_for(device: torch.device, in_features: int, out_features: int) ->
         aligned = in_features % 16 == 0 and out_features % 16 == 0
         return Kernel.FP8_SCALED_MM if fast and aligned else Kernel.FP8_WEIGHT_ONLY
     raise UnsupportedFormatError(f"FP8 is not available on device type {device.type!r}; use bf16, fp16 or fp32")
+
+
+# Lower bound on the amax that sets an FP8 scale: an all-zero row (a pruned or dead head, a zero input)
+# would otherwise get scale 0 and turn into NaN.
+AMAX_FLOOR = 1e-12
 
 
 def _float8_weight(weight: torch.Tensor, config: PrecisionConfig, kernel: Kernel) -> torch.Tensor:
@@ -131,7 +140,11 @@ def _float8_weight(weight: torch.Tensor, config: PrecisionConfig, kernel: Kernel
     activation = None
     if kernel is Kernel.FP8_SCALED_MM:
         activation = QuantizeTensorToFloat8Kwargs(
-            float8_dtype=dtype, granularity=granularity, mm_config=mm_config, kernel_preference=preference
+            float8_dtype=dtype,
+            granularity=granularity,
+            mm_config=mm_config,
+            kernel_preference=preference,
+            hp_value_lb=AMAX_FLOOR,
         )
     return Float8Tensor.from_hp(
         weight.contiguous(),
@@ -140,6 +153,7 @@ def _float8_weight(weight: torch.Tensor, config: PrecisionConfig, kernel: Kernel
         mm_config=mm_config,
         act_quant_kwargs=activation,
         kernel_preference=preference,
+        hp_value_lb=AMAX_FLOOR,
     )
 
 

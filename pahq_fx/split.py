@@ -120,6 +120,16 @@ class Step:
     aux: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Structure:
+    """How the split GraphModule's components connect; kept in ``meta["structure"]`` for runtimes such as ACDC."""
+
+    steps: tuple[Step, ...]
+    final_reads: tuple[str, ...]
+    final_aux: tuple[int, ...]
+    n_aux: int
+
+
 class PerHeadModel(nn.Module):
     """Executable form of the split model; traced into the GraphModule that :func:`split_heads` returns."""
 
@@ -284,9 +294,11 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux)
     _check_equivalent(gm, model, example)
+    model.requires_grad_(False)
     graph = _LeafTracer().trace(model)
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
     result.meta["head_graph"] = _head_graph(layout, steps, final_reads)
+    result.meta["structure"] = Structure(tuple(steps), final_reads, final_aux, len(builder.aux))
     result.meta["example_input_ids"] = example
     return result
 

@@ -92,8 +92,10 @@ def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
-    """Trace ``model`` (a causal LM taking ``input_ids``) into an ATen-level GraphModule.
+    """Trace ``model`` into an ATen-level GraphModule.
 
+    ``model`` is a Hugging Face causal LM (anything with a ``config``: it is called with
+    ``use_cache=False`` and its ``.logits`` kept) or any module mapping ``input_ids`` to logits.
     The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
     holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence
     dimensions stayed dynamic (``meta["dynamic_shapes"]``).
@@ -103,7 +105,8 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | None = None) -> fx.Gr
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 2 or example_inputs.is_floating_point():
         raise UnsupportedArchitectureError("example_inputs must be integer input_ids of shape [batch, seq]")
     with _inference_setup(model), torch.no_grad():
-        program = _export(LogitsOnly(model), example_inputs)
+        module = LogitsOnly(model) if hasattr(model, "config") else model
+        program = _export(module, example_inputs)
     gm = program.module()
     _strip_inference_no_ops(gm)
     gm.meta["example_input_ids"] = example_inputs

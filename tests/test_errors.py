@@ -1,0 +1,103 @@
+"""Every documented error is raised, with a message that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+
+import pahq_fx
+from pahq_fx.precision import fp8_kernel_for
+from tests.builders import Spec, build
+
+
+@pytest.fixture(scope="module")
+def transformed():
+    return pahq_fx.transform(build(Spec("llama", 2, 4, 2, 8)), low_precision="fp32", compile=False)
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        ((2, 0), "layer 2 out of range: the model has 2 attention layers"),
+        ((-1, 0), "layer -1 out of range"),
+        ((0, 4), "head 4 out of range: layer 0 has 4 heads"),
+        ((0,), "pair of ints"),
+        ((0, 1.0), "pair of ints"),
+        ("a0.h1", "pair of ints"),
+    ],
+)
+def test_bad_head_is_rejected(transformed, head, message):
+    with pytest.raises(pahq_fx.InvalidHeadError, match=message):
+        transformed.set_head(head)
+    assert isinstance(pahq_fx.InvalidHeadError("x"), IndexError)
+
+
+def test_bad_head_rejected_by_transform():
+    with pytest.raises(pahq_fx.InvalidHeadError, match="head 9 out of range"):
+        pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), head=(0, 9), compile=False)
+
+
+def test_failed_set_head_keeps_previous_head(transformed):
+    transformed.set_head((1, 1))
+    with pytest.raises(pahq_fx.InvalidHeadError):
+        transformed.set_head((5, 5))
+    assert transformed.head == (1, 1)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4", ""])
+def test_unknown_format(fmt):
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match="unknown low-precision format"):
+        pahq_fx.PrecisionConfig(fmt)
+
+
+def test_unknown_granularity():
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match="unknown granularity"):
+        pahq_fx.PrecisionConfig("fp8", "per_block")
+
+
+def test_fp8_on_unsupported_device():
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match="FP8 is not available on device type 'mps'"):
+        fp8_kernel_for(torch.device("mps"), 16, 16)
+
+
+class NoAttentionLM(nn.Module):
+    """A language model without attention: embedding, MLP, unembedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.unembed = nn.Linear(16, 20)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return self.unembed(x + self.mlp(x))
+
+
+def test_model_without_attention_is_rejected():
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="no attention call found.*scaled_dot_product_attention"):
+        pahq_fx.transform(NoAttentionLM(), example_inputs=torch.randint(0, 20, (2, 5)), compile=False)
+
+
+class FusedAttentionLM(NoAttentionLM):
+    """Attention whose query, key and value come straight from the embedding: no projection to split."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids).unsqueeze(1)
+        y = nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).squeeze(1)
+        return self.unembed(y)
+
+
+def test_attention_without_projection_is_rejected():
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="no linear query/key/value projection"):
+        pahq_fx.transform(FusedAttentionLM(), example_inputs=torch.randint(0, 20, (2, 5)), compile=False)
+
+
+def test_bad_example_inputs():
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="integer input_ids"):
+        pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), example_inputs=torch.randn(2, 5), compile=False)
+
+
+def test_every_error_is_a_pahq_error():
+    for cls in (pahq_fx.InvalidHeadError, pahq_fx.UnsupportedArchitectureError, pahq_fx.UnsupportedFormatError,
+                pahq_fx.QuantizationError, pahq_fx.TaskError):
+        assert issubclass(cls, pahq_fx.PahqError)

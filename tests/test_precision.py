@@ -1,0 +1,90 @@
+"""The investigated head runs in FP32, the others really run in the low-precision format."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pahq_fx
+from pahq_fx.precision import LowPrecisionPerHeadLinear, PrecisionConfig, is_float8_tensor
+from pahq_fx.split import PerHeadLinear
+from tests.builders import Spec, build, keep_only_head, reference_logits, specs, sqnr_db, token_ids
+
+FORMATS = ["fp8", "fp8_e5m2", "bf16", "fp16"]
+# Floors for logits SQNR on small random models (measured 27-64 dB); a broken lowering lands far below.
+SQNR_FLOOR_DB = {"fp8": 18.0, "fp8_e5m2": 12.0, "bf16": 35.0, "fp16": 40.0}
+
+
+@settings(max_examples=12, deadline=None)
+@given(spec=specs(), data=st.data(), fmt=st.sampled_from(["fp8", "fp8_e5m2"]))
+def test_only_investigated_head_is_full_precision(spec, data, fmt):
+    layer = data.draw(st.integers(0, spec.layers - 1))
+    head = data.draw(st.integers(0, spec.heads - 1))
+    model = build(spec)
+    keep_only_head(model, spec, layer, head)
+    ids = token_ids(2, 7, seed=spec.seed)
+    expected = reference_logits(model, ids)
+    transformed = pahq_fx.transform(model, head=(layer, head), low_precision=fmt, compile=False)
+    torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
+    other = data.draw(st.sampled_from([(l, h) for l in range(spec.layers) for h in range(spec.heads) if (l, h) != (layer, head)] or [None]))
+    transformed.set_head(other)
+    assert sqnr_db(expected, transformed(ids)) < 80, "FP8 did not change the only head that writes: it did not run"
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_low_precision_error_is_in_expected_range(family, fmt, granularity):
+    spec = Spec(family, layers=2, heads=4, kv_heads=2 if family == "llama" else 4, head_dim=8)
+    model = build(spec)
+    ids = token_ids(3, 9)
+    transformed = pahq_fx.transform(model, head=None, low_precision=fmt, granularity=granularity, compile=False)
+    sqnr = sqnr_db(reference_logits(model, ids), transformed(ids))
+    assert math.isfinite(sqnr), "no quantization error at all: the low-precision path did not run"
+    assert sqnr >= SQNR_FLOOR_DB[fmt]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    heads=st.integers(1, 5),
+    d_in=st.integers(2, 24),
+    d_out=st.integers(1, 24),
+    fmt=st.sampled_from(FORMATS),
+    granularity=st.sampled_from(["per_row", "per_tensor"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_selected_head_is_bit_identical_to_fp32(heads, d_in, d_out, fmt, granularity, bias, seed, data):
+    torch.manual_seed(seed)
+    source = PerHeadLinear(torch.randn(heads, d_out, d_in), torch.randn(heads, d_out) if bias else None)
+    lowered = LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt, granularity))
+    x = torch.randn(2, 3, heads, d_in)
+    selected = data.draw(st.integers(0, heads - 1))
+    lowered.full_precision_head.fill_(selected)
+    y = lowered(x)
+    b = None if source.bias is None else source.bias[selected]
+    head_input = x[:, :, selected].contiguous()
+    assert torch.equal(y[:, :, selected], F.linear(head_input, source.weight[selected], b))
+    others = [h for h in range(heads) if h != selected]
+    if others:
+        exact = source(x)[:, :, others]
+        assert not torch.equal(y[:, :, others], exact), "non-selected heads were not lowered"
+    if fmt.startswith("fp8"):
+        assert all(is_float8_tensor(w) for w in lowered.low_weights)
+
+
+def test_precision_report_names_the_kernel():
+    transformed = pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), head=(0, 1), compile=False)
+    report = transformed.precision
+    assert report.quantized_weights == report.total_weights == 4 * 2
+    assert "_scaled_mm" in repr(transformed) and "fp8" in repr(transformed)
+    assert "head=(0, 1)" in repr(transformed)
+
+
+def test_fp8_rejects_one_wide_inputs():
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match="at least 2 input features"):
+        LowPrecisionPerHeadLinear(PerHeadLinear(torch.randn(2, 3, 1), None), PrecisionConfig("fp8"))
