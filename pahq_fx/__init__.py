@@ -1,10 +1,12 @@
 """pahq_fx: per-attention-head quantization (PAHQ) as torch.fx passes, and ACDC circuit discovery on top."""
 
 from . import passes
+from .acdc import Circuit, Task, discover
 from .compile import backend
 from .errors import (
     InvalidHeadError,
     PahqError,
+    CheckpointError,
     QuantizationError,
     TaskError,
     UnsupportedArchitectureError,
@@ -18,6 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform",
+    "discover",
+    "Task",
+    "Circuit",
+    "CheckpointError",
     "backend",
     "passes",
     "PahqModel",

@@ -30,3 +30,7 @@ class QuantizationError(PahqError, RuntimeError):
 
 class TaskError(PahqError, ValueError):
     """A circuit-discovery task whose tensors are inconsistent or invalid."""
+
+
+class CheckpointError(PahqError, ValueError):
+    """A discovery checkpoint that is unreadable or belongs to a run with other arguments."""

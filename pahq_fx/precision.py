@@ -15,8 +15,9 @@ CUDA kernel's requirement), the weight-only FP8 path is used instead, and the re
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +170,7 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
     def __init__(self, source: PerHeadLinear, config: PrecisionConfig) -> None:
         super().__init__(source.weight, source.bias)
         self.config = config
+        self.exact = False
         n, out_features, in_features = self.weight.shape
         self.register_buffer("head_ids", torch.arange(n))
         fmt = config.low_precision
@@ -197,6 +199,8 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         return F.linear(x_h, w_h, b_h).unsqueeze(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return super().forward(x)
         selected = (self.head_ids == self.full_precision_head).unsqueeze(-1)
         return torch.where(selected, self.full_precision(x), self.low_precision(x))
 
@@ -267,6 +271,19 @@ def lower_precision(
         notes = ("dynamic FP8 needs CUDA sm >= 8.9 and dims that are multiples of 16; weight-only FP8 used where not",)
     gm.meta["precision"] = PrecisionReport(config, tuple(kernels), quantized, total, notes)
     return gm
+
+
+@contextlib.contextmanager
+def all_heads_fp32(gm: nn.Module) -> Iterator[None]:
+    """Run every lowered projection in FP32 inside the block (for caches that must be exact)."""
+    lowered = [m for m in gm.modules() if isinstance(m, LowPrecisionPerHeadLinear)]
+    for m in lowered:
+        m.exact = True
+    try:
+        yield
+    finally:
+        for m in lowered:
+            m.exact = False
 
 
 def check_head(gm: nn.Module, head: HeadSpec) -> None:

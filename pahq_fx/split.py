@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .graph_utils import ancestors, descendants, extract
+from .graph_utils import SHAPE_OPS, ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
 from .heads import AttentionSite, ModelLayout, Role, analyse
 
@@ -246,6 +246,30 @@ def _names(layout: ModelLayout) -> dict[fx.Node, str]:
     return names
 
 
+def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:
+    """Replace reshapes whose output shape equals their input shape by their input.
+
+    Such views (GPT-2 ends with ``view(x, [-1, seq, d])``) tie a token-wise component to the sequence
+    length; without them the unembedding can run on just the positions a metric reads.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in SHAPE_OPS or node is layout.logits:
+            continue
+        source = node.args[0]
+        before, after = layout.values.get(source), layout.values.get(node)
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape == after.shape:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _other_shape(example: torch.Tensor) -> torch.Tensor:
+    """Different batch and sequence sizes than the example, to check the split does not hard-code them."""
+    batch, seq = example.shape
+    other_seq = seq - 1 if seq > 2 else seq + 1
+    return example.repeat(2, 2)[: batch + 1, :other_seq]
+
+
 def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch.Tensor) -> None:
     with torch.no_grad():
         expected = original(example)
@@ -272,6 +296,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     if example is None:
         raise UnsupportedArchitectureError("split_heads needs example input_ids (pass example_inputs or trace first)")
     layout = analyse(gm, example)
+    _drop_identity_reshapes(gm, layout)
     names = _names(layout)
     builder = _Builder(gm, layout)
     blocks: dict[str, nn.Module] = {}
@@ -294,6 +319,8 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux)
     _check_equivalent(gm, model, example)
+    if gm.meta.get("dynamic_shapes"):
+        _check_equivalent(gm, model, _other_shape(example))
     model.requires_grad_(False)
     graph = _LeafTracer().trace(model)
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")

@@ -1,0 +1,121 @@
+"""The result of circuit discovery: edges with their measured effect, the run's settings and measurements."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PahqError
+
+
+@dataclass(frozen=True)
+class CircuitEdge:
+    """An edge kept in the circuit: the metric rose by ``effect`` when it was patched."""
+
+    sender: str
+    receiver: str
+    effect: float
+
+
+@dataclass(frozen=True)
+class RunStats:
+    wall_s: float
+    queries: int
+    queries_per_second: float
+    peak_memory_mb: float
+    compilations: int
+
+
+@dataclass(frozen=True)
+class Circuit:
+    edges: tuple[CircuitEdge, ...]
+    threshold: float
+    metric: str
+    precision: str
+    abs_threshold: bool
+    model: dict[str, Any]
+    task: dict[str, Any]
+    stats: RunStats
+    total_edges: int
+    versions: dict[str, str] = field(default_factory=dict)
+    removed: tuple[CircuitEdge, ...] = ()  # edges tested and removed, with their effect (pruned ones are not tested)
+
+    @property
+    def nodes(self) -> list[str]:
+        """Node names the circuit uses (senders, and receivers folded onto their node), sorted."""
+        names = {e.sender for e in self.edges} | {_node_of(e.receiver) for e in self.edges}
+        return sorted(names)
+
+    def edge_set(self) -> set[tuple[str, str]]:
+        return {(e.sender, e.receiver) for e in self.edges}
+
+    def jaccard(self, other: Circuit) -> float:
+        """Edge-set agreement with another circuit (1.0 when both are empty)."""
+        a, b = self.edge_set(), other.edge_set()
+        return 1.0 if not a | b else len(a & b) / len(a | b)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["edges"] = [asdict(e) for e in self.edges]
+        data["removed"] = [asdict(e) for e in self.removed]
+        data["format"] = "pahq_fx.Circuit/1"
+        return data
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Circuit:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                edges=tuple(CircuitEdge(**e) for e in data["edges"]),
+                threshold=float(data["threshold"]),
+                metric=data["metric"],
+                precision=data["precision"],
+                abs_threshold=bool(data["abs_threshold"]),
+                model=data["model"],
+                task=data["task"],
+                stats=RunStats(**data["stats"]),
+                total_edges=int(data["total_edges"]),
+                versions=data.get("versions", {}),
+                removed=tuple(CircuitEdge(**e) for e in data.get("removed", [])),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text of the circuit (no Graphviz needed to produce it)."""
+        lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fillcolor=white];']
+        for node in self.nodes:
+            colour = "lightblue" if node.startswith("a") else "lightyellow" if node.startswith("m") else "lightgrey"
+            lines.append(f'  "{node}" [fillcolor={colour}];')
+        for e in sorted(self.edges, key=lambda e: (e.receiver, e.sender)):
+            role = e.receiver.rsplit(".", 1)[-1] if e.receiver.count(".") == 2 else ""
+            label = f' [label="{role} {e.effect:.3g}"]' if role else f' [label="{e.effect:.3g}"]'
+            lines.append(f'  "{e.sender}" -> "{_node_of(e.receiver)}"{label};')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def evaluate(self, model: Any, task: Any):
+        """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
+        from .search import evaluate_circuit
+
+        return evaluate_circuit(self, model, task)
+
+    def summary(self) -> str:
+        s = self.stats
+        return (
+            f"{len(self.edges)}/{self.total_edges} edges kept, {len(self.nodes)} nodes "
+            f"(metric={self.metric}, threshold={self.threshold:g}, precision={self.precision}); "
+            f"{s.queries} queries in {s.wall_s:.1f}s ({s.queries_per_second:.1f}/s), "
+            f"{s.compilations} compilations, peak RSS {s.peak_memory_mb:.0f} MB"
+        )
+
+
+def _node_of(receiver: str) -> str:
+    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``m1``/``resid_post`` unchanged."""
+    parts = receiver.split(".")
+    return ".".join(parts[:2]) if len(parts) == 3 else receiver

@@ -1,0 +1,107 @@
+"""The ACDC graph over a split model: senders, receivers, edges, and the deterministic visiting order.
+
+Order (documented in docs/acdc.md of the project): receivers from the output backwards -- ``resid_post``,
+then for each layer from last to first: its MLP, then its value inputs, key inputs and query inputs, each
+from the last head (or key/value group) to the first. Within a receiver, senders from the nearest upstream
+to the embedding.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..head_graph import HeadGraph
+
+
+class ReceiverKind(enum.Enum):
+    QUERY = "q"
+    KEY = "k"
+    VALUE = "v"
+    MLP = "mlp"
+    RESID_POST = "resid_post"
+
+
+@dataclass(frozen=True)
+class Sender:
+    name: str
+    index: int
+    component: str  # the residual contribution it belongs to: embed, a{L}, m{L}
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str
+    kind: ReceiverKind
+    layer: int | None
+    unit: int | None  # query head, or key/value group (head under full multi-head attention)
+    senders: tuple[int, ...]  # sender indices, in visiting order (nearest first)
+
+    @property
+    def is_attention_input(self) -> bool:
+        return self.kind in (ReceiverKind.QUERY, ReceiverKind.KEY, ReceiverKind.VALUE)
+
+
+@dataclass(frozen=True)
+class Edge:
+    sender: str
+    receiver: str
+
+
+class EdgeGraph:
+    """All senders, receivers and edges of a :class:`HeadGraph`."""
+
+    def __init__(self, head_graph: HeadGraph) -> None:
+        self.head_graph = head_graph
+        self.senders: list[Sender] = []
+        self._by_component: dict[str, list[int]] = {}
+        self._add_sender("embed", "embed")
+        for layer in head_graph.layers:
+            for h in range(layer.n_heads):
+                self._add_sender(layer.head_name(h), f"a{layer.index}", h)
+            if layer.has_mlp:
+                self._add_sender(layer.mlp_name, layer.mlp_name)
+        self.sender_index = {s.name: s.index for s in self.senders}
+        self.receivers = self._receivers()
+        self.receiver_index = {r.name: i for i, r in enumerate(self.receivers)}
+
+    def _add_sender(self, name: str, component: str, head: int | None = None) -> None:
+        sender = Sender(name, len(self.senders), component, head)
+        self.senders.append(sender)
+        self._by_component.setdefault(component, []).append(sender.index)
+
+    def senders_of(self, components: tuple[str, ...]) -> tuple[int, ...]:
+        """Sender indices of the given contributions, nearest first (reverse topological order)."""
+        indices = sorted(i for c in components for i in self._by_component[c])
+        return tuple(reversed(indices))
+
+    def _receivers(self) -> list[Receiver]:
+        hg = self.head_graph
+        out = [Receiver("resid_post", ReceiverKind.RESID_POST, None, None, self.senders_of(hg.final_reads))]
+        for layer in reversed(hg.layers):
+            if layer.has_mlp:
+                out.append(Receiver(layer.mlp_name, ReceiverKind.MLP, layer.index, None, self.senders_of(layer.mlp_reads)))
+            senders = self.senders_of(layer.attention_reads)
+            for kind, role in ((ReceiverKind.VALUE, "v"), (ReceiverKind.KEY, "k")):
+                for g in reversed(range(layer.n_kv_groups)):
+                    out.append(Receiver(layer.kv_name(g, role), kind, layer.index, g, senders))
+            for h in reversed(range(layer.n_heads)):
+                out.append(Receiver(layer.query_name(h), ReceiverKind.QUERY, layer.index, h, senders))
+        return out
+
+    def edges(self) -> list[Edge]:
+        return [Edge(self.senders[s].name, r.name) for r in self.receivers for s in r.senders]
+
+    def feeding_senders(self, receiver: Receiver) -> tuple[int, ...]:
+        """The senders whose output is this receiver's node (a head, a group's heads, an MLP); none for resid_post."""
+        if receiver.kind is ReceiverKind.RESID_POST:
+            return ()
+        if receiver.kind is ReceiverKind.MLP:
+            return (self.sender_index[receiver.name],)
+        layer = self.head_graph.layers[receiver.layer]
+        if receiver.kind is ReceiverKind.QUERY:
+            heads = [receiver.unit]
+        else:
+            heads = [h for h in range(layer.n_heads) if layer.kv_group_of_head[h] == receiver.unit]
+        return tuple(self.sender_index[layer.head_name(h)] for h in heads)

@@ -1,0 +1,37 @@
+"""Metrics ACDC minimises: smaller always means "more like the clean model"."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class Metric(enum.Enum):
+    KL = "kl"
+    LOGIT_DIFF = "logit_diff"
+    PROB_DIFF = "prob_diff"
+
+    @property
+    def needs_answers(self) -> bool:
+        return self is not Metric.KL
+
+
+def metric_value(
+    metric: Metric,
+    logits: torch.Tensor,
+    clean_logprobs: torch.Tensor,
+    correct: torch.Tensor | None,
+    incorrect: torch.Tensor | None,
+) -> torch.Tensor:
+    """``logits`` and ``clean_logprobs`` are [P, vocab] at the metric positions; answers are [P].
+
+    KL: KL(clean || patched), summed over the vocabulary and averaged over positions. Logit and
+    probability differences are negated (correct minus incorrect, averaged), so that smaller is better.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if metric is Metric.KL:
+        return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1).mean()
+    values = logits.float() if metric is Metric.LOGIT_DIFF else logprobs.exp()
+    picked = values.gather(-1, correct.view(-1, 1)) - values.gather(-1, incorrect.view(-1, 1))
+    return -picked.mean()

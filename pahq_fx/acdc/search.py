@@ -1,0 +1,288 @@
+"""ACDC's greedy edge search (docs/acdc.md) over the patching runtime, with checkpoint/resume and progress."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, PahqError, TaskError
+from ..precision import Format, FullPrecisionUnits, lower_precision, parse_format, set_plan
+from ..split import AttentionBlock, split_heads
+from ..trace import trace
+from .circuit import Circuit, CircuitEdge, RunStats
+from .edges import EdgeGraph, Receiver, ReceiverKind
+from .metrics import Metric
+from .runtime import PatchingRuntime
+from .task import Task
+
+CHECKPOINT_FORMAT = "pahq_fx.acdc.checkpoint/1"
+
+
+@dataclass(frozen=True)
+class ReceiverDone:
+    """Passed to ``discover``'s callback after each receiver: where the run stands."""
+
+    receiver: str
+    index: int
+    total: int
+    edges_kept: int
+    queries: int
+
+
+def _parse_metric(metric: str | Metric, task: Task) -> Metric:
+    try:
+        parsed = metric if isinstance(metric, Metric) else Metric(str(metric).lower())
+    except ValueError:
+        raise PahqError(f"unknown metric {metric!r}; choose one of {', '.join(m.value for m in Metric)}") from None
+    if parsed.needs_answers and not task.has_answers:
+        raise TaskError(f"metric {parsed.value} needs correct_ids and incorrect_ids in the task")
+    return parsed
+
+
+def _check_threshold(threshold: float) -> float:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) or threshold < 0:
+        raise PahqError(f"threshold must be a non-negative number, got {threshold!r}")
+    return float(threshold)
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """Class, name and a fingerprint of the weights (to recognise the model in checkpoints and reports)."""
+    digest = hashlib.sha256()
+    n_params = 0
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            digest.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.10e}{float(p.double().abs().sum()):.10e}".encode())
+            n_params += p.numel()
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name": getattr(config, "_name_or_path", "") or type(model).__name__,
+        "parameters": n_params,
+        "fingerprint": digest.hexdigest()[:16],
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import torchao
+    import transformers
+
+    from .. import __version__
+
+    return {"pahq_fx": __version__, "torch": torch.__version__, "torchao": torchao.__version__,
+            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_runtime(model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool):
+    """Trace, split and lower the model; return the runtime and its edge graph."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        task.validate_vocab(int(vocab))
+    graph = split_heads(trace(model, example_inputs=task.clean_input_ids))
+    graph = lower_precision(graph, precision, granularity)
+    edges = EdgeGraph(graph.meta["head_graph"])
+    return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
+
+
+def _plan_for(receiver: Receiver) -> Callable[[AttentionBlock], FullPrecisionUnits]:
+    """FP32 units while this receiver is investigated: its head (q), its key/value group (k, v), else none."""
+
+    def plan(block: AttentionBlock) -> FullPrecisionUnits:
+        if not receiver.is_attention_input or block.layer != receiver.layer:
+            return FullPrecisionUnits()
+        if receiver.kind is ReceiverKind.QUERY:
+            return FullPrecisionUnits(receiver.unit, block.kv_group_of_head[receiver.unit])
+        grouped = block.n_kv_groups != block.n_heads
+        return FullPrecisionUnits(-1 if grouped else receiver.unit, receiver.unit)
+
+    return plan
+
+
+class _Checkpoint:
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {self.path} is unreadable: {error}") from None
+        if data.get("format") != CHECKPOINT_FORMAT or data.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {self.path} belongs to a run with other arguments (model, task, threshold, metric or "
+                "precision); delete it or choose another path"
+            )
+        return data
+
+    def save(self, done: list[str], removed: torch.Tensor, effects: dict[tuple[int, int], float], queries: int) -> None:
+        if self.path is None:
+            return
+        data = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "done": done,
+            "removed": removed.nonzero().tolist(),
+            "effects": [[r, s, e] for (r, s), e in sorted(effects.items())],
+            "queries": queries,
+        }
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+
+def discover(
+    model: nn.Module,
+    task: Task,
+    *,
+    threshold: float,
+    metric: str | Metric = "kl",
+    precision: str = "fp8",
+    abs_threshold: bool = False,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    granularity: str = "per_row",
+    compile: bool = True,
+    callback: Callable[[ReceiverDone], None] | None = None,
+) -> Circuit:
+    """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
+
+    ``precision``: ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for every query the
+    receiver's head runs in FP32 and the other heads in that format. See docs/acdc.md for the algorithm.
+    """
+    start_time = time.perf_counter()
+    threshold = _check_threshold(threshold)
+    parsed_metric = _parse_metric(metric, task)
+    fmt = parse_format(precision)
+    runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compile)
+    fingerprint = {
+        "model": model_identity(model)["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
+        "metric": parsed_metric.value, "precision": fmt.value, "granularity": granularity, "abs": abs_threshold,
+    }
+    store = _Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
+    removed = torch.zeros_like(runtime.upstream)
+    effects: dict[tuple[int, int], float] = {}
+    done: list[str] = []
+    state = store.load()
+    if state is not None:
+        done = list(state["done"])
+        for r, s in state["removed"]:
+            removed[r, s] = 1.0
+        effects = {(r, s): e for r, s, e in state["effects"]}
+        runtime.queries = int(state["queries"])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
+    loop_start, loop_queries = time.perf_counter(), runtime.queries
+    for r_index, receiver in enumerate(edges.receivers):
+        if receiver.name in done:
+            continue
+        feeding = edges.feeding_senders(receiver)
+        alive = any(bool(((runtime.upstream[:, s] - removed[:, s]) > 0).any()) for s in feeding)
+        if feeding and not alive:
+            removed[r_index, list(receiver.senders)] = 1.0
+        else:
+            set_plan(runtime.graph, _plan_for(receiver))
+            start = runtime.start_of(receiver)
+            baseline = runtime.evaluate(start, removed)
+            for s in receiver.senders:
+                removed[r_index, s] = 1.0
+                value = runtime.evaluate(start, removed)
+                effect = value - baseline
+                effects[(r_index, s)] = effect
+                if (abs(effect) if abs_threshold else effect) < threshold:
+                    baseline = value
+                else:
+                    removed[r_index, s] = 0.0
+        done.append(receiver.name)
+        store.save(done, removed, effects, runtime.queries)
+        kept = int((runtime.upstream - removed).sum())
+        rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
+        bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}")
+        bar.update(1)
+        if callback is not None:
+            callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
+    bar.close()
+    wall = time.perf_counter() - start_time
+    kept_edges = tuple(
+        CircuitEdge(edges.senders[s].name, r.name, effects.get((i, s), float("nan")))
+        for i, r in enumerate(edges.receivers)
+        for s in r.senders
+        if removed[i, s] == 0
+    )
+    removed_edges = tuple(
+        CircuitEdge(edges.senders[s].name, edges.receivers[i].name, e)
+        for (i, s), e in sorted(effects.items())
+        if removed[i, s] == 1
+    )
+    queries = runtime.queries
+    return Circuit(
+        edges=kept_edges,
+        threshold=threshold,
+        metric=parsed_metric.value,
+        precision=fmt.value,
+        abs_threshold=abs_threshold,
+        model=model_identity(model),
+        task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
+              "seq_len": int(task.clean_input_ids.shape[1])},
+        stats=RunStats(wall, queries, queries / max(wall, 1e-9), peak_memory_mb(runtime.clean.device), runtime.compilations),
+        total_edges=int(runtime.upstream.sum()),
+        versions=library_versions(),
+        removed=removed_edges,
+    )
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Metric of the circuit alone (every other edge patched) next to the full model's, both in FP32."""
+
+    metric: str
+    circuit: float
+    full_model: float
+    empty_circuit: float
+
+    def describe(self) -> str:
+        return (f"{self.metric}: circuit {self.circuit:.4g}, full model {self.full_model:.4g}, "
+                f"every edge patched {self.empty_circuit:.4g}")
+
+
+def evaluate_circuit(circuit: Circuit, model: nn.Module, task: Task) -> Faithfulness:
+    """Run the circuit alone in FP32 and compare with the full model and with nothing kept."""
+    metric = _parse_metric(circuit.metric, task)
+    runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
+    kept = circuit.edge_set()
+    names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
+    unknown = kept - set(names)
+    if unknown:
+        raise PahqError(f"the circuit has edges this model does not: {sorted(unknown)[:5]}")
+    removed = (runtime.upstream > 0).float()
+    for i, r in enumerate(edges.receivers):
+        for s in r.senders:
+            if (edges.senders[s].name, r.name) in kept:
+                removed[i, s] = 0.0
+    return Faithfulness(
+        metric=metric.value,
+        circuit=runtime.evaluate(0, removed),
+        full_model=runtime.evaluate(0, torch.zeros_like(removed)),
+        empty_circuit=runtime.evaluate(0, (runtime.upstream > 0).float()),
+    )

@@ -1,0 +1,115 @@
+"""A deliberately simple ACDC, written from docs/acdc.md without the library's runtime or edge graph.
+
+Full forward per query from the embedding (no start-at-layer, no cached clean activations, no masks as
+tensors, no compile): every receiver's input is rebuilt by hand, sender by sender, as the sum of the
+kept senders' current outputs and the removed senders' corrupted outputs plus the output biases. The
+per-head blocks come from the split pass, which the split tests check against the Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pahq_fx.passes import split_heads, trace
+
+
+class ReferenceACDC:
+    def __init__(self, model, clean, corrupted, mask):
+        self.gm = split_heads(trace(model, clean[:2]))
+        self.hg = self.gm.meta["head_graph"]
+        self.structure = self.gm.meta["structure"]
+        self.mask = mask
+        self.clean = clean
+        self.corrupt_outputs = self.forward(corrupted, removed=set(), corrupt=None)[0]
+        logits = self.forward(clean, removed=set(), corrupt=None)[1]
+        self.clean_logprobs = torch.log_softmax(logits[mask], -1)
+
+    def components(self, name):
+        if name == "embed":
+            return ["embed"]
+        if name.startswith("a"):
+            layer = self.hg.layers[int(name[1:])]
+            return [layer.head_name(h) for h in range(layer.n_heads)]
+        return [name]
+
+    def senders_of(self, reads):
+        order = ["embed"]
+        for layer in self.hg.layers:
+            order += [layer.head_name(h) for h in range(layer.n_heads)] + ([layer.mlp_name] if layer.has_mlp else [])
+        upstream = {s for c in reads for s in self.components(c)}
+        return [s for s in reversed(order) if s in upstream]
+
+    def receiver_input(self, receiver, reads, outputs, removed, corrupt):
+        total = 0
+        for component in reads:
+            if component.startswith("a"):
+                bias = getattr(self.gm, component).o_bias
+                total = total + (0 if bias is None else bias)
+            for sender in self.components(component):
+                use_corrupt = (sender, receiver) in removed
+                total = total + (corrupt[sender] if use_corrupt else outputs[sender])
+        return total
+
+    @torch.no_grad()
+    def forward(self, ids, removed, corrupt):
+        out = self.gm.prelude(ids)
+        aux = out[1:]
+        outputs = {"embed": out[0]}
+        for step in self.structure.steps:
+            block = getattr(self.gm, step.name)
+            args = [aux[i] for i in step.aux]
+            if step.kind == "attention":
+                layer = self.hg.layers[block.layer]
+                q = [self.receiver_input(layer.query_name(h), step.reads, outputs, removed, corrupt) for h in range(layer.n_heads)]
+                k = [self.receiver_input(layer.kv_name(g, "k"), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
+                v = [self.receiver_input(layer.kv_name(g, "v"), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
+                heads = block(torch.stack(q, 2), torch.stack(k, 2), torch.stack(v, 2), *args)
+                for h in range(layer.n_heads):
+                    outputs[layer.head_name(h)] = heads[:, :, h]
+            else:
+                x = self.receiver_input(step.name, step.reads, outputs, removed, corrupt)
+                outputs[step.name] = block(x, *args)
+        final = self.receiver_input("resid_post", self.structure.final_reads, outputs, removed, corrupt)
+        logits = self.gm.unembed(final, *[aux[i] for i in self.structure.final_aux])
+        return outputs, logits
+
+    def kl(self, removed):
+        logits = self.forward(self.clean, removed, self.corrupt_outputs)[1][self.mask]
+        logprobs = torch.log_softmax(logits, -1)
+        return float((self.clean_logprobs.exp() * (self.clean_logprobs - logprobs)).sum(-1).mean())
+
+    def receivers(self):
+        """(receiver, its senders nearest first, the nodes whose outputs it feeds), output backwards."""
+        out = [("resid_post", self.senders_of(self.structure.final_reads), [])]
+        for layer in reversed(self.hg.layers):
+            steps = {s.name: s for s in self.structure.steps}
+            if layer.has_mlp:
+                out.append((layer.mlp_name, self.senders_of(steps[layer.mlp_name].reads), [layer.mlp_name]))
+            senders = self.senders_of(steps[f"a{layer.index}"].reads)
+            for role in ("v", "k"):
+                for g in reversed(range(layer.n_kv_groups)):
+                    heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
+                    out.append((layer.kv_name(g, role), senders, heads))
+            for h in reversed(range(layer.n_heads)):
+                out.append((layer.query_name(h), senders, [layer.head_name(h)]))
+        return out
+
+    def run(self, threshold):
+        """Returns the kept edge set and every tested effect."""
+        receivers = self.receivers()
+        all_edges = {(s, r) for r, senders, _ in receivers for s in senders}
+        removed: set[tuple[str, str]] = set()
+        effects = {}
+        for receiver, senders, nodes in receivers:
+            has_output = any((node, r) in all_edges - removed for node in nodes for r, _, _ in receivers)
+            if nodes and not has_output:
+                removed |= {(s, receiver) for s in senders}
+                continue
+            baseline = self.kl(removed)
+            for sender in senders:
+                trial = removed | {(sender, receiver)}
+                value = self.kl(trial)
+                effects[(sender, receiver)] = value - baseline
+                if value - baseline < threshold:
+                    removed, baseline = trial, value
+        return all_edges - removed, effects

@@ -1,0 +1,192 @@
+"""ACDC on the per-head graph: exact against a simple reference, PAHQ plan per receiver, thresholds, resume."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import pahq_fx
+from pahq_fx.split import AttentionBlock
+from tests.acdc_reference import ReferenceACDC
+from tests.builders import Spec, build, keep_only_head, specs, token_ids
+
+
+def make_task(seed: int, n: int = 4, seq: int = 6) -> pahq_fx.Task:
+    return pahq_fx.Task(token_ids(n, seq, seed=seed), token_ids(n, seq, seed=seed + 1000))
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(), log_threshold=st.floats(-6, -1), seed=st.integers(0, 1000))
+def test_fp32_discovery_equals_simple_reference(spec, log_threshold, seed):
+    spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
+    threshold = math.exp(log_threshold)
+    model = build(spec)
+    task = make_task(seed)
+    reference = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask)
+    expected, effects = reference.run(threshold)
+    # Decisions within floating-point round-off of the threshold are ties, not tests of the algorithm.
+    assume(all(abs(e - threshold) > 1e-5 * max(1.0, threshold) for e in effects.values()))
+    circuit = pahq_fx.discover(model, task, threshold=threshold, precision="fp32", progress=False, compile=False)
+    assert circuit.edge_set() == expected
+    for edge in circuit.edges:
+        assert edge.effect == pytest.approx(effects[(edge.sender, edge.receiver)], rel=1e-3, abs=1e-6)
+    assert circuit.total_edges == len({(s, r) for r, senders, _ in reference.receivers() for s in senders})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
+    spec = Spec(family, 2, 4, 2 if family == "llama" else 4, 8)
+    model = build(spec)
+    calls: list[tuple[int, int, int]] = []
+    original = AttentionBlock.forward
+
+    def recording_forward(self, *args):
+        calls.append((self.layer, int(self.q.full_precision_head), int(self.k.full_precision_head)))
+        return original(self, *args)
+
+    monkeypatch.setattr(AttentionBlock, "forward", recording_forward)
+    per_receiver: dict[str, list[tuple[int, int, int]]] = {}
+
+    def on_receiver(done):
+        per_receiver[done.receiver] = list(calls)
+        calls.clear()
+
+    discover_task = make_task(3)
+    pahq_fx.discover(model, discover_task, threshold=1e-4, precision="fp8", progress=False, compile=False, callback=on_receiver)
+    graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
+    tested = 0
+    for receiver in graph.receivers:
+        seen = per_receiver[receiver.name]
+        if not seen:
+            continue  # pruned without a query, or a resid_post/MLP query that runs no attention layer
+        tested += 1
+        for layer, q_head, kv_group in seen:
+            if receiver.is_attention_input and layer == receiver.layer:
+                layer_info = graph.head_graph.layers[layer]
+                if receiver.kind.value == "q":
+                    assert (q_head, kv_group) == (receiver.unit, layer_info.kv_group_of_head[receiver.unit])
+                else:
+                    assert kv_group == receiver.unit
+                    assert q_head == (-1 if layer_info.grouped else receiver.unit)
+            else:
+                assert (q_head, kv_group) == (-1, -1), f"{receiver.name}: layer {layer} had an FP32 head"
+        if receiver.is_attention_input:
+            assert any(layer == receiver.layer for layer, _, _ in seen)
+    assert tested >= len(graph.receivers) // 2
+
+
+@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+def test_threshold_zero_keeps_exactly_the_edges_that_increase_the_metric(metric):
+    model = build(Spec("gpt2", 2, 2, 2, 8))
+    base = make_task(5)
+    task = pahq_fx.Task(base.clean_input_ids, base.corrupted_input_ids, correct_ids=base.clean_input_ids[:, 0],
+                        incorrect_ids=base.corrupted_input_ids[:, 0])
+    circuit = pahq_fx.discover(model, task, threshold=0.0, metric=metric, precision="fp32", progress=False, compile=False)
+    assert circuit.edges
+    if metric == "logit_diff":
+        assert circuit.removed, "expected some edges whose removal lowers the metric"
+    assert all(e.effect >= 0 for e in circuit.edges)
+    assert all(e.effect < 0 for e in circuit.removed)
+
+
+def test_huge_threshold_removes_every_edge():
+    model = build(Spec("neox", 2, 2, 2, 8))
+    circuit = pahq_fx.discover(model, make_task(6), threshold=1e9, precision="fp8", progress=False, compile=False)
+    assert circuit.edges == ()
+    assert circuit.total_edges > 0
+
+
+def test_fp8_circuit_agrees_with_fp32_on_a_sparse_model():
+    """Only two heads write: edge effects are far from the threshold, so FP8 noise must not flip decisions."""
+    spec = Spec("llama", 2, 4, 2, 8, seed=3)
+    model = build(spec)
+    keep_only_head(model, spec, 1, 2)
+    task = make_task(11, n=6, seq=8)
+    fp32 = pahq_fx.discover(model, task, threshold=0.02, precision="fp32", progress=False, compile=False)
+    fp8 = pahq_fx.discover(model, task, threshold=0.02, precision="fp8", progress=False, compile=False)
+    assert fp32.edges
+    assert fp8.jaccard(fp32) >= 0.9
+
+
+def test_resume_after_interruption_gives_the_same_circuit(tmp_path):
+    model = build(Spec("llama", 2, 4, 2, 8))
+    task = make_task(7)
+    uninterrupted = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(k):
+        def callback(done):
+            if done.index == k:
+                raise Stop
+
+        return callback
+
+    checkpoint = tmp_path / "run.json"
+    for k in (3, 9):
+        with pytest.raises(Stop):
+            pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
+                             checkpoint=checkpoint, callback=stop_after(k))
+    resumed_from = []
+    resumed = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
+                               checkpoint=checkpoint, callback=lambda d: resumed_from.append(d.index))
+    assert resumed_from[0] == 10
+    assert resumed.edge_set() == uninterrupted.edge_set()
+    assert [e.effect for e in resumed.edges] == [e.effect for e in uninterrupted.edges]
+    assert resumed.stats.queries == uninterrupted.stats.queries
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    model = build(Spec("gpt2", 1, 2, 2, 8))
+    checkpoint = tmp_path / "run.json"
+    pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False, checkpoint=checkpoint)
+    with pytest.raises(pahq_fx.CheckpointError, match="other arguments"):
+        pahq_fx.discover(model, make_task(1), threshold=0.02, precision="fp32", progress=False, compile=False,
+                         checkpoint=checkpoint)
+
+
+def test_compiled_discovery_matches_eager_and_compiles_once_per_step():
+    model = build(Spec("gpt2", 2, 2, 2, 8))
+    task = make_task(8)
+    eager = pahq_fx.discover(model, task, threshold=0.01, precision="fp8", progress=False, compile=False)
+    compiled = pahq_fx.discover(model, task, threshold=0.01, precision="fp8", progress=False, compile=True)
+    assert compiled.edge_set() == eager.edge_set()
+    steps = 2 * 2  # attention and MLP of each layer
+    assert 1 <= compiled.stats.compilations <= steps + 1
+    assert eager.stats.compilations == 0
+
+
+def test_circuit_roundtrip_dot_and_evaluate(tmp_path):
+    model = build(Spec("llama", 2, 2, 1, 8))
+    task = make_task(9)
+    circuit = pahq_fx.discover(model, task, threshold=0.01, precision="bf16", progress=False, compile=False)
+    path = tmp_path / "circuit.json"
+    circuit.save(path)
+    loaded = pahq_fx.Circuit.load(path)
+    assert loaded == circuit
+    dot = circuit.to_dot()
+    assert dot.startswith("digraph circuit {") and dot.count("->") == len(circuit.edges)
+    faith = circuit.evaluate(model, task)
+    assert faith.full_model == pytest.approx(0.0, abs=1e-6)
+    assert faith.empty_circuit >= faith.circuit - 1e-6
+    assert circuit.stats.queries > 0 and circuit.stats.peak_memory_mb > 0
+    assert set(circuit.versions) >= {"torch", "torchao", "transformers", "pahq_fx"}
+
+
+def test_logit_difference_metric_needs_answers():
+    model = build(Spec("gpt2", 1, 2, 2, 8))
+    with pytest.raises(pahq_fx.TaskError, match="needs correct_ids"):
+        pahq_fx.discover(model, make_task(1), threshold=0.1, metric="logit_diff", progress=False, compile=False)
+    task = pahq_fx.Task(token_ids(3, 5), token_ids(3, 5, seed=4), correct_ids=torch.tensor([1, 2, 3]),
+                        incorrect_ids=torch.tensor([4, 5, 6]))
+    circuit = pahq_fx.discover(model, task, threshold=0.1, metric="logit_diff", progress=False, compile=False)
+    assert circuit.metric == "logit_diff"
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), "0.1"])
+def test_bad_threshold(threshold):
+    with pytest.raises(pahq_fx.PahqError, match="threshold"):
+        pahq_fx.discover(build(Spec("gpt2", 1, 2, 2, 8)), make_task(1), threshold=threshold, progress=False)
