@@ -1,0 +1,207 @@
+"""The ``pahq-fx`` command: discover, inspect, evaluate. Bad input gives one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import PahqError
+
+PRECISIONS = ("fp8", "fp8_e5m2", "bf16", "fp16", "fp32")
+METRICS = ("kl", "logit_diff", "prob_diff")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise PahqError(f"{self.prog}: {message}")
+
+
+def _load_model(name: str):
+    from .zoo import load
+
+    return load(name)
+
+
+def _load_task(spec: str, tokenizer, n: int, seed: int):
+    from .acdc import Task
+    from .tasks import GENERATORS, make_task
+
+    if spec in GENERATORS:
+        return make_task(spec, tokenizer, n=n, seed=seed)
+    path = Path(spec)
+    if path.suffix or path.exists():
+        return Task.load(path)
+    raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file")
+
+
+def _render(dot_path: Path) -> list[str]:
+    """PNG and SVG next to the DOT file where Graphviz's ``dot`` is installed; names of what was written."""
+    if shutil.which("dot") is None:
+        print("Graphviz 'dot' is not installed: wrote circuit.dot only (install graphviz for PNG/SVG)")
+        return []
+    written = []
+    for fmt in ("png", "svg"):
+        out = dot_path.with_suffix(f".{fmt}")
+        subprocess.run(["dot", f"-T{fmt}", str(dot_path), "-o", str(out)], check=True, capture_output=True)
+        written.append(out.name)
+    return written
+
+
+def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> tuple[dict, str]:
+    s = circuit.stats
+    data = {
+        "model": model_name,
+        "task": circuit.task,
+        "precision": circuit.precision,
+        "metric": circuit.metric,
+        "threshold": circuit.threshold,
+        "queries": s.queries,
+        "wall_s": round(s.wall_s, 3),
+        "queries_per_second": round(s.queries_per_second, 2),
+        "peak_memory_mb": round(s.peak_memory_mb, 1),
+        "compilations": s.compilations,
+        "edges_kept": len(circuit.edges),
+        "edges_total": circuit.total_edges,
+        "nodes": len(circuit.nodes),
+        "faithfulness": {"circuit": faithfulness.circuit, "full_model": faithfulness.full_model,
+                         "every_edge_patched": faithfulness.empty_circuit},
+        "agreement_jaccard": agreement,
+    }
+    lines = [
+        f"# Circuit report: {model_name} on {circuit.task['name']}",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| precision (non-investigated heads) | {circuit.precision} |",
+        f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
+        f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
+        f"| nodes | {len(circuit.nodes)} |",
+        f"| queries | {s.queries} |",
+        f"| wall time | {s.wall_s:.1f} s |",
+        f"| queries per second | {s.queries_per_second:.1f} |",
+        f"| peak memory (RSS) | {s.peak_memory_mb:.0f} MB |",
+        f"| compilations | {s.compilations} |",
+        f"| metric of the circuit alone (FP32) | {faithfulness.circuit:.4g} |",
+        f"| metric of the full model | {faithfulness.full_model:.4g} |",
+        f"| metric with every edge patched | {faithfulness.empty_circuit:.4g} |",
+    ]
+    if agreement is not None:
+        lines.append(f"| agreement with previous circuit (edge Jaccard) | {agreement:.3f} |")
+    return data, "\n".join(lines) + "\n"
+
+
+def cmd_discover(args: argparse.Namespace) -> None:
+    from .acdc import Circuit, discover
+
+    model, tokenizer = _load_model(args.model)
+    task = _load_task(args.task, tokenizer, args.n, args.seed)
+    previous = Circuit.load(args.compare) if args.compare else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
+                       checkpoint=out / "checkpoint.json" if args.resume else None, progress=not args.no_progress,
+                       compile=not args.no_compile)
+    circuit.save(out / "circuit.json")
+    (out / "circuit.dot").write_text(circuit.to_dot())
+    pictures = _render(out / "circuit.dot")
+    faithfulness = circuit.evaluate(model, task)
+    agreement = circuit.jaccard(previous) if previous is not None else None
+    data, markdown = _report(circuit, faithfulness, agreement, args.model)
+    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "report.md").write_text(markdown)
+    print(circuit.summary())
+    print(faithfulness.describe())
+    written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
+    print(f"wrote {', '.join(written)} to {out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .transform import transform
+
+    model, _ = _load_model(args.model)
+    transformed = transform(model, low_precision="fp32", compile=False)
+    graph = transformed.head_graph
+    print(f"model {args.model}: {type(model).__name__}")
+    print(graph.describe())
+    senders, receivers = graph.senders(), graph.receivers()
+    from .acdc import EdgeGraph
+
+    print(f"  {len(EdgeGraph(graph).edges())} edges; senders: {' '.join(senders)}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .acdc import Circuit
+
+    circuit = Circuit.load(args.circuit)
+    model, tokenizer = _load_model(args.model)
+    task = _load_task(args.task, tokenizer, args.n, args.seed)
+    faithfulness = circuit.evaluate(model, task)
+    print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pahq-fx", description="PAHQ-accelerated ACDC circuit discovery")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser("discover", help="discover a circuit and write circuit.json/.dot, report.md/.json")
+    d.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
+    d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring) or task file")
+    d.add_argument("--threshold", required=True, type=float)
+    d.add_argument("--precision", default="fp8", choices=PRECISIONS)
+    d.add_argument("--metric", default="kl", choices=METRICS)
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    d.add_argument("--seed", type=int, default=0, help="seed of a generated task")
+    d.add_argument("--compare", help="a previous circuit.json to report agreement with")
+    d.add_argument("--resume", action="store_true", help="checkpoint in the output folder and resume from it")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-compile", action="store_true", help="run the patched graph eagerly")
+    d.set_defaults(run=cmd_discover)
+    i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
+    i.add_argument("--model", required=True)
+    i.set_defaults(run=cmd_inspect)
+    e = sub.add_parser("evaluate", help="metric of a circuit alone next to the full model's")
+    e.add_argument("--circuit", required=True)
+    e.add_argument("--model", required=True)
+    e.add_argument("--task", required=True)
+    e.add_argument("--n", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(run=cmd_evaluate)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to our own output: library load notices and weight-loading bars are not for users here."""
+    for name in ("torchao", "torch.utils._pytree", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _quiet_libraries()
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except PahqError as error:
+        print(f"pahq-fx: error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError, torch.serialization.pickle.UnpicklingError) as error:
+        print(f"pahq-fx: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pahq-fx: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Synthetic circuit-discovery tasks and the word-level tokenizer of the shipped models."""
+
+from .generators import GENERATORS, docstring, greater_than, induction, ioi, make_task, single_token_ids
+from .vocab import build_tokenizer
+
+__all__ = ["GENERATORS", "make_task", "induction", "ioi", "greater_than", "docstring", "single_token_ids", "build_tokenizer"]

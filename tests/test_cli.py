@@ -1,0 +1,77 @@
+"""The pahq-fx command end to end in a subprocess, and every error path (one line, exit code 2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pahq_fx
+
+SCRIPT = Path(sys.executable).with_name("pahq-fx")
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pahq_fx.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_discover_writes_circuit_and_report(tmp_path):
+    first = tmp_path / "first"
+    result = run("discover", "--model", "gpt2-induction", "--task", "induction", "--n", "8", "--threshold", "0.05",
+                 "--precision", "fp8", "--out", str(first), "--no-compile")
+    assert result.returncode == 0, result.stderr
+    assert "ACDC" in result.stderr  # the progress bar
+    circuit = pahq_fx.Circuit.load(first / "circuit.json")
+    assert circuit.precision == "fp8" and circuit.edges
+    assert (first / "circuit.dot").read_text().count("->") == len(circuit.edges)
+    report = json.loads((first / "report.json").read_text())
+    assert report["edges_kept"] == len(circuit.edges) and report["queries"] == circuit.stats.queries
+    assert report["faithfulness"]["full_model"] == pytest.approx(0.0, abs=1e-6)
+    assert "| edges kept |" in (first / "report.md").read_text()
+
+    second = tmp_path / "second"
+    result = run("discover", "--model", "gpt2-induction", "--task", "induction", "--n", "8", "--threshold", "0.05",
+                 "--precision", "fp32", "--out", str(second), "--no-compile", "--no-progress",
+                 "--compare", str(first / "circuit.json"))
+    assert result.returncode == 0, result.stderr
+    agreement = json.loads((second / "report.json").read_text())["agreement_jaccard"]
+    assert 0.0 <= agreement <= 1.0
+
+    evaluated = run("evaluate", "--circuit", str(first / "circuit.json"), "--model", "gpt2-induction", "--task",
+                    "induction", "--n", "8")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "circuit" in evaluated.stdout and "full model" in evaluated.stdout
+
+
+def test_inspect_reports_heads_and_groups():
+    result = run("inspect", "--model", "llama-ioi")
+    assert result.returncode == 0, result.stderr
+    assert "key/value groups" in result.stdout and "senders" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["discover", "--model", "./no-such-model", "--task", "ioi", "--threshold", "0.1", "--out", "x"], "no such directory"),
+        (["discover", "--model", "gpt2-induction", "--task", "nope", "--threshold", "0.1", "--out", "x"], "neither a task name"),
+        (["discover", "--model", "gpt2-induction", "--task", "missing.safetensors", "--threshold", "0.1", "--out", "x"],
+         "does not exist"),
+        (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "-1", "--out", "x"], "threshold"),
+        (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "abc", "--out", "x"], "invalid float"),
+        (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "0.1", "--precision", "int4", "--out", "x"],
+         "invalid choice"),
+        (["discover", "--model", "gpt2-induction", "--task", "induction", "--threshold", "0.1", "--metric", "logit_diff",
+          "--out", "x"], "needs correct_ids"),
+        (["evaluate", "--circuit", "missing.json", "--model", "gpt2-induction", "--task", "ioi"], "not a circuit file"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_errors_are_one_line(args, message, tmp_path):
+    result = run(*[a if a != "x" else str(tmp_path / "out") for a in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
