@@ -44,6 +44,7 @@ def run_one(args: argparse.Namespace) -> dict:
         from tests.acdc_reference import ReferenceACDC
 
         reference = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask)
+        setup = time.perf_counter() - start
         counted = {"n": 0}
         kl = reference.kl
 
@@ -53,20 +54,21 @@ def run_one(args: argparse.Namespace) -> dict:
 
         reference.kl = counting_kl
         edges, _ = reference.run(args.threshold)
-        result = {"edges": sorted(map(list, edges)), "queries": counted["n"], "compilations": 0}
+        result = {"edges": sorted(map(list, edges)), "queries": counted["n"], "compilations": 0, "setup_s": setup}
     else:
         circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=args.one, progress=False,
                                    compile=not args.no_compile)
         result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": circuit.stats.queries,
-                  "compilations": circuit.stats.compilations}
+                  "compilations": circuit.stats.compilations, "setup_s": circuit.stats.setup_s}
     wall = time.perf_counter() - start
     from pahq_fx.acdc import Circuit, CircuitEdge, RunStats
 
     as_circuit = Circuit(tuple(CircuitEdge(s, r, 0.0) for s, r in result["edges"]), args.threshold, "kl", args.one,
-                         False, {}, {}, RunStats(wall, result["queries"], 0, 0, 0), 0)
+                         False, {}, {}, RunStats(wall, result["queries"], 0, 0, 0), 0)  # only for evaluate()
     faithfulness = as_circuit.evaluate(model, task)
     peak = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result.update(config=args.one, device=device, wall_s=wall, queries_per_second=result["queries"] / wall,
+    search = wall - result["setup_s"]
+    result.update(config=args.one, device=device, wall_s=wall, search_s=search, queries_per_second=result["queries"] / search,
                   peak_memory_mb=peak, circuit_kl=faithfulness.circuit)
     print(json.dumps(result))
     return result
@@ -74,22 +76,24 @@ def run_one(args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
-    fp32 = by.get("fp32")
+    fp32 = by.get("fp32", rows[0])
     naive = by.get("naive")
-    fp32_edges = {tuple(e) for e in fp32["edges"]} if fp32 else set()
-    head = ("| config | wall s | queries | queries/s | peak MB | compilations | edges | Jaccard vs fp32 | circuit KL "
-            "| time / fp32 | speed-up vs naive |")
-    lines = [head, "|" + " --- |" * 11]
+    fp32_edges = {tuple(e) for e in fp32["edges"]}
+    head = ("| config | wall s | setup s | search s | queries | queries/s | peak MB | compilations | edges "
+            "| Jaccard vs fp32 | circuit KL | wall / fp32 | search speed-up vs naive | wall speed-up vs naive |")
+    lines = [head, "|" + " --- |" * 14]
     for name in CONFIGS:
         if name not in by:
             continue
         r = by[name]
         edges = {tuple(e) for e in r["edges"]}
         jaccard = len(edges & fp32_edges) / len(edges | fp32_edges) if edges | fp32_edges else 1.0
+        vs_naive = (f"{naive['search_s'] / r['search_s']:.1f}x | {naive['wall_s'] / r['wall_s']:.1f}x" if naive
+                    else "- | -")
         lines.append(
-            f"| {name} | {r['wall_s']:.2f} | {r['queries']} | {r['queries_per_second']:.1f} | {r['peak_memory_mb']:.0f} "
-            f"| {r['compilations']} | {len(edges)} | {jaccard:.3f} | {r['circuit_kl']:.4f} "
-            f"| {r['wall_s'] / fp32['wall_s']:.2f} | {naive['wall_s'] / r['wall_s']:.1f}x |"
+            f"| {name} | {r['wall_s']:.2f} | {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']} "
+            f"| {r['queries_per_second']:.1f} | {r['peak_memory_mb']:.0f} | {r['compilations']} | {len(edges)} "
+            f"| {jaccard:.3f} | {r['circuit_kl']:.4f} | {r['wall_s'] / fp32['wall_s']:.2f} | {vs_naive} |"
         )
     return "\n".join(lines)
 
@@ -121,7 +125,7 @@ def main() -> None:
     medians = []
     for config, results in runs.items():
         best = dict(results[0])
-        for key in ("wall_s", "queries_per_second", "peak_memory_mb"):
+        for key in ("wall_s", "setup_s", "search_s", "queries_per_second", "peak_memory_mb"):
             best[key] = statistics.median(r[key] for r in results)
         medians.append(best)
     print(f"device: {medians[0]['device']}; model {args.model}, task {args.task}, threshold {args.threshold}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def _quiet_libraries() -> None:
     """Keep the terminal to our own output: library load notices and weight-loading bars are not for users here."""
     for name in ("torchao", "torch.utils._pytree", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -168,7 +168,10 @@ def test_circuit_roundtrip_dot_and_evaluate(tmp_path):
     loaded = pahq_fx.Circuit.load(path)
     assert loaded == circuit
     dot = circuit.to_dot()
-    assert dot.startswith("digraph circuit {") and dot.count("->") == len(circuit.edges)
+    assert dot.startswith("digraph circuit {") and dot.count("[label=") == len(circuit.edges)
+    assert circuit.groups == {"a0.g0": ["a0.h0", "a0.h1"], "a1.g0": ["a1.h0", "a1.h1"]}
+    for group in circuit.groups:
+        assert (f'"{group}" -> "{group[:2]}.h0" [style=dashed' in dot) == (group in circuit.nodes)
     faith = circuit.evaluate(model, task)
     assert faith.full_model == pytest.approx(0.0, abs=1e-6)
     assert faith.empty_circuit >= faith.circuit - 1e-6

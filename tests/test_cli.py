@@ -25,7 +25,7 @@ def test_discover_writes_circuit_and_report(tmp_path):
     assert "ACDC" in result.stderr  # the progress bar
     circuit = pahq_fx.Circuit.load(first / "circuit.json")
     assert circuit.precision == "fp8" and circuit.edges
-    assert (first / "circuit.dot").read_text().count("->") == len(circuit.edges)
+    assert (first / "circuit.dot").read_text().count("[label=") == len(circuit.edges)
     report = json.loads((first / "report.json").read_text())
     assert report["edges_kept"] == len(circuit.edges) and report["queries"] == circuit.stats.queries
     assert report["faithfulness"]["full_model"] == pytest.approx(0.0, abs=1e-6)

@@ -21,11 +21,15 @@ class CircuitEdge:
 
 @dataclass(frozen=True)
 class RunStats:
+    """``wall_s`` is the whole call; ``setup_s`` of it went to tracing, splitting, lowering and the clean and
+    corrupted caches; ``queries_per_second`` counts only the search (wall minus setup)."""
+
     wall_s: float
     queries: int
     queries_per_second: float
     peak_memory_mb: float
     compilations: int
+    setup_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,16 @@ class Circuit:
     total_edges: int
     versions: dict[str, str] = field(default_factory=dict)
     removed: tuple[CircuitEdge, ...] = ()  # edges tested and removed, with their effect (pruned ones are not tested)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # key/value group node -> the heads it feeds (GQA)
 
     @property
     def nodes(self) -> list[str]:
-        """Node names the circuit uses (senders, and receivers folded onto their node), sorted."""
+        """Node names the circuit uses (senders, receivers folded onto their node, heads fed by a used
+        key/value group), sorted."""
         names = {e.sender for e in self.edges} | {_node_of(e.receiver) for e in self.edges}
+        for group, heads in self.groups.items():
+            if group in names:
+                names |= set(heads)
         return sorted(names)
 
     def edge_set(self) -> set[tuple[str, str]]:
@@ -82,6 +91,7 @@ class Circuit:
                 total_edges=int(data["total_edges"]),
                 versions=data.get("versions", {}),
                 removed=tuple(CircuitEdge(**e) for e in data.get("removed", [])),
+                groups=data.get("groups", {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
@@ -92,10 +102,17 @@ class Circuit:
         for node in self.nodes:
             colour = "lightblue" if node.startswith("a") else "lightyellow" if node.startswith("m") else "lightgrey"
             lines.append(f'  "{node}" [fillcolor={colour}];')
+        used = set(self.nodes)
+        for group, heads in sorted(self.groups.items()):
+            if group in used:
+                for head in heads:
+                    lines.append(f'  "{group}" -> "{head}" [style=dashed, arrowhead=none, color=grey];')
         for e in sorted(self.edges, key=lambda e: (e.receiver, e.sender)):
             role = e.receiver.rsplit(".", 1)[-1] if e.receiver.count(".") == 2 else ""
             label = f' [label="{role} {e.effect:.3g}"]' if role else f' [label="{e.effect:.3g}"]'
             lines.append(f'  "{e.sender}" -> "{_node_of(e.receiver)}"{label};')
+        if self.groups:
+            lines.append('  label="dashed: a key/value group and the query heads it feeds (grouped-query attention)";')
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -110,7 +127,7 @@ class Circuit:
         return (
             f"{len(self.edges)}/{self.total_edges} edges kept, {len(self.nodes)} nodes "
             f"(metric={self.metric}, threshold={self.threshold:g}, precision={self.precision}); "
-            f"{s.queries} queries in {s.wall_s:.1f}s ({s.queries_per_second:.1f}/s), "
+            f"{s.queries} queries in {s.wall_s:.1f}s ({s.setup_s:.1f}s setup, {s.queries_per_second:.1f} queries/s), "
             f"{s.compilations} compilations, peak RSS {s.peak_memory_mb:.0f} MB"
         )
 

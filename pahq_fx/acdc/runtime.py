@@ -90,8 +90,10 @@ class PatchingRuntime:
             for r_index, r in enumerate(self.edges.receivers):
                 if r.layer is not None and self._step_of(r) is step:
                     rows.setdefault(r.kind.value, []).append((r.unit if r.unit is not None else 0, r_index))
-            plans.append(_StepPlan(step, senders[0].index, len(senders),
-                                   {k: torch.tensor([i for _, i in sorted(v)]) for k, v in rows.items()}))
+            indices = {k: torch.tensor([i for _, i in sorted(v)]) for k, v in rows.items()}
+            if step.kind == "attention":
+                indices["qkv"] = torch.cat([indices["q"], indices["k"], indices["v"]])
+            plans.append(_StepPlan(step, senders[0].index, len(senders), indices))
         return plans
 
     def _step_of(self, receiver: Receiver) -> Step:
@@ -147,32 +149,37 @@ class PatchingRuntime:
         final = sum(totals[c] for c in self.structure.final_reads)
         return torch.cat(outputs), reads, final
 
-    def _patched(self, base: torch.Tensor, removed: torch.Tensor, rows: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        """Inputs [R, B, T, d] of receiver rows: base + removed @ (corrupt - clean) + kept @ (current - clean)."""
-        r = removed.index_select(0, rows)
-        kept = self.upstream.index_select(0, rows) - r
+    def _patched(self, base: torch.Tensor, removed: torch.Tensor, rows: torch.Tensor, deviation: torch.Tensor, upto: int) -> torch.Tensor:
+        """Inputs [R, B, T, d] of receiver rows: base + removed @ (corrupt - clean) + kept @ (current - clean).
+
+        Only senders ``[0, upto)`` can feed these receivers (those upstream of the step), a slice that is fixed
+        per step, so it costs no recompilation and skips the columns that are always zero.
+        """
+        r = removed.index_select(0, rows)[:, :upto]
+        kept = self.upstream.index_select(0, rows)[:, :upto] - r
         return (
             base.unsqueeze(0)
-            + torch.einsum("rs,sbtd->rbtd", r, self.corrupt_minus_clean)
-            + torch.einsum("rs,sbtd->rbtd", kept, deviation)
+            + torch.einsum("rs,sbtd->rbtd", r, self.corrupt_minus_clean[:upto])
+            + torch.einsum("rs,sbtd->rbtd", kept, deviation[:upto])
         )
 
     def _attention_step(self, k: int, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
         plan = self._plans[k]
         block = getattr(self.graph, plan.step.name)
-        q, kk, v = (self._patched(self.clean_reads[k], removed, plan.rows[x], deviation).permute(1, 2, 0, 3) for x in "qkv")
+        inputs = self._patched(self.clean_reads[k], removed, plan.rows["qkv"], deviation, plan.first_sender)
+        q, kk, v = (x.permute(1, 2, 0, 3) for x in inputs.split([len(plan.rows[r]) for r in "qkv"]))
         heads = block(q, kk, v, *self._aux(plan.step)).permute(2, 0, 1, 3)
         return heads - self.clean[plan.first_sender : plan.first_sender + plan.n_senders]
 
     def _mlp_step(self, k: int, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
         plan = self._plans[k]
-        x = self._patched(self.clean_reads[k], removed, plan.rows["mlp"], deviation).squeeze(0)
+        x = self._patched(self.clean_reads[k], removed, plan.rows["mlp"], deviation, plan.first_sender).squeeze(0)
         out = getattr(self.graph, plan.step.name)(x, *self._aux(plan.step))
         return out.unsqueeze(0) - self.clean[plan.first_sender : plan.first_sender + 1]
 
     def _final_step(self, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
         rows = torch.tensor([self.edges.receiver_index["resid_post"]])
-        x = self._patched(self.clean_final, removed, rows, deviation).squeeze(0)
+        x = self._patched(self.clean_final, removed, rows, deviation, deviation.shape[0]).squeeze(0)
         logits = self._unembed_positions(x) if self.unembed_positions_only else self._unembed_all(x)
         return metric_value(self.metric, logits, self.clean_logprobs, self.correct, self.incorrect)
 

@@ -192,6 +192,7 @@ def discover(
 
     from tqdm.auto import tqdm
 
+    setup = time.perf_counter() - start_time
     bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
     for r_index, receiver in enumerate(edges.receivers):
@@ -245,11 +246,24 @@ def discover(
         model=model_identity(model),
         task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
               "seq_len": int(task.clean_input_ids.shape[1])},
-        stats=RunStats(wall, queries, queries / max(wall, 1e-9), peak_memory_mb(runtime.clean.device), runtime.compilations),
+        stats=RunStats(wall, queries, (queries - loop_queries) / max(wall - setup, 1e-9), peak_memory_mb(runtime.clean.device),
+                       runtime.compilations, setup),
         total_edges=int(runtime.upstream.sum()),
         versions=library_versions(),
         removed=removed_edges,
+        groups=_kv_groups(edges),
     )
+
+
+def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:
+    """Under grouped-query attention: each key/value group node and the query heads it feeds."""
+    groups = {}
+    for layer in edges.head_graph.layers:
+        if layer.grouped:
+            for g in range(layer.n_kv_groups):
+                heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
+                groups[f"a{layer.index}.g{g}"] = heads
+    return groups
 
 
 @dataclass(frozen=True)
