@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -193,3 +193,19 @@ def test_logit_difference_metric_needs_answers():
 def test_bad_threshold(threshold):
     with pytest.raises(pahq_fx.PahqError, match="threshold"):
         pahq_fx.discover(build(Spec("gpt2", 1, 2, 2, 8)), make_task(1), threshold=threshold, progress=False)
+
+
+@pytest.mark.parametrize(("model_name", "task_name"), [("llama-ioi", "ioi"), ("gpt2-induction", "induction")])
+def test_fp8_and_bf16_circuits_agree_with_fp32_on_trained_models(model_name, task_name):
+    from pahq_fx import zoo
+    from pahq_fx.tasks import make_task
+
+    model, tokenizer = zoo.load(model_name)
+    task = make_task(task_name, tokenizer, n=16, seed=0)
+    circuits = {p: pahq_fx.discover(model, task, threshold=0.05, precision=p, progress=False, compile=False)
+                for p in ("fp32", "fp8", "bf16")}
+    assert circuits["fp32"].edges
+    for precision in ("fp8", "bf16"):
+        jaccard = circuits[precision].jaccard(circuits["fp32"])
+        print(f"{model_name}: {precision} vs fp32 edge Jaccard {jaccard:.3f}")
+        assert jaccard >= 0.9
