@@ -41,7 +41,28 @@ from .graph_utils import (
 aten = torch.ops.aten
 
 ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
+_SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
+_MATMUL_TARGETS = {aten.matmul.default}
 _CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor}  # Falcon adds attention into the MLP output in place
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """Where a graph computes attention: its query, key, value inputs and its output, each [batch, heads, ...]."""
+
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    output: fx.Node
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return [self.query, self.key, self.value]
+
+    @property
+    def name(self) -> str:
+        return self.output.name
 
 
 class Role(enum.Enum):
@@ -71,10 +92,11 @@ class AttentionSite:
     normed: fx.Node
     projections: list[Linear]
     projection_outputs: list[fx.Node]
-    attention: fx.Node
+    attention: AttentionCall
     z: fx.Node
     output_linear: Linear
     contribution: fx.Node
+    output_scale: float
     role_features: dict[Role, list[list[int]]]
     z_features: list[list[int]]
     kv_group_of_head: tuple[int, ...]
@@ -166,26 +188,68 @@ class _Analysis:
     def linear(self, node: fx.Node) -> Linear | None:
         return as_linear(node, self.values, self.activations)
 
-    def find_read(self, target: fx.Node, what: str) -> fx.Node:
-        """Nearest dominator of ``target`` that is a residual add or also feeds something else."""
+    def _is_residual_add(self, node: fx.Node) -> bool:
+        return node.target in _ADD_TARGETS and all(
+            isinstance(a, fx.Node) and a in self.activations for a in node.args[:2]
+        )
+
+    def find_read(self, target: fx.Node, what: str, itself: bool = False) -> fx.Node:
+        """Nearest dominator of ``target`` on the residual stream: a residual add, or a node that also flows into
+        one outside the component (a norm output shared by attention and MLP, as in GPT-J, is neither).
+        With ``itself``, ``target`` may be its own read (projections reading the stream with no norm between)."""
         upstream = ancestors([target], within=self.activations)
         inside = upstream | {target}
         within = self.activations
-        for candidate in sorted(upstream, key=self.order.__getitem__, reverse=True):
+        candidates = sorted(upstream, key=self.order.__getitem__, reverse=True)
+        for candidate in ([target] if itself else []) + candidates:
             if candidate is self.source or not dominates(candidate, target, {self.source}, within):
                 continue
-            is_residual_add = candidate.target is aten.add.Tensor and all(
-                isinstance(a, fx.Node) and a in self.activations for a in candidate.args[:2]
-            )
-            feeds_elsewhere = any(u in self.activations and u not in inside for u in candidate.users)
-            if is_residual_add or feeds_elsewhere:
+            feeds_residual = any(u not in inside and self._is_residual_add(u) for u in candidate.users)
+            if self._is_residual_add(candidate) or feeds_residual:
                 return candidate
         raise UnsupportedArchitectureError(f"no residual-stream input found for {what} ({target.name})")
 
-    def _projections(self, attention: fx.Node) -> list[Linear]:
+    def find_attention(self) -> list[AttentionCall]:
+        """SDPA calls, and eager attention: ``matmul(q, k^T)`` -> ops with constants -> softmax -> ``matmul(p, v)``."""
+        calls = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in ATTENTION_TARGETS:
+                calls.append(AttentionCall(node.args[0], node.args[1], node.args[2], node))
+            elif node.target in _SOFTMAX_TARGETS and node in self.activations:
+                call = self._eager_attention(node)
+                if call is not None:
+                    calls.append(call)
+        return calls
+
+    def _single_activation_input(self, node: fx.Node) -> fx.Node | None:
+        inputs = [p for p in input_nodes(node) if p in self.activations]
+        return inputs[0] if len(inputs) == 1 else None
+
+    def _eager_attention(self, softmax: fx.Node) -> AttentionCall | None:
+        scores = self._single_activation_input(softmax)
+        while scores is not None and scores.target not in _MATMUL_TARGETS:
+            scores = self._single_activation_input(scores)
+        if scores is None or not all(isinstance(a, fx.Node) and a in self.activations for a in scores.args[:2]):
+            return None
+        probs = softmax
+        while len(probs.users) == 1:
+            user = next(iter(probs.users))
+            if user.target in _MATMUL_TARGETS and user.args[0] is probs:
+                value = user.args[1]
+                if value in self.activations and self.values[user].dim() == 4:
+                    return AttentionCall(scores.args[0], scores.args[1], value, user)
+                return None
+            if self._single_activation_input(user) is not probs:
+                return None
+            probs = user
+        return None
+
+    def _projections(self, attention: AttentionCall) -> list[Linear]:
         found: dict[fx.Node, Linear] = {}
         seen: set[fx.Node] = set()
-        stack = [a for a in attention.args[:3] if isinstance(a, fx.Node)]
+        stack = list(attention.inputs)
         while stack:
             n = stack.pop()
             if n in seen or n not in self.activations:
@@ -202,8 +266,8 @@ class _Analysis:
             stack.extend(input_nodes(n))
         return sorted(found.values(), key=lambda l: self.order[l.node])
 
-    def _output_linear(self, attention: fx.Node) -> Linear:
-        frontier, seen = [attention], set()
+    def _output_linear(self, attention: AttentionCall) -> Linear:
+        frontier, seen = [attention.output], set()
         while frontier:
             n = min(frontier, key=self.order.__getitem__)
             frontier.remove(n)
@@ -221,9 +285,9 @@ class _Analysis:
         with torch.no_grad():
             return sub(*inputs, *[self.values[e] for e in extra])
 
-    def _role_features(self, attention: fx.Node, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
+    def _role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
         """Assign every projection output feature to (role, head) with NaN probes."""
-        args = [attention.args[i] for i in range(3)]
+        args = attention.inputs
         body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
         sub, extra = extract(self.gm, body, outputs, args, "ProbeProjectionToAttention")
         clean = [self.values[o].detach().clone() for o in outputs]
@@ -251,7 +315,7 @@ class _Analysis:
             offset += y.shape[-1]
         return self._group(attention, hits, n_heads, k_heads)
 
-    def _group(self, attention: fx.Node, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
+    def _group(self, attention: AttentionCall, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
         query: list[list[int]] = [[] for _ in range(n_heads)]
         for f, heads in hits[Role.QUERY].items():
             if len(heads) != 1:
@@ -287,10 +351,10 @@ class _Analysis:
                 )
         return features, group_of_head
 
-    def _z_features(self, attention: fx.Node, z: fx.Node) -> list[list[int]]:
-        body = descendants([attention]) & (ancestors([z]) | {z})
-        sub, extra = extract(self.gm, body, [attention], [z], "ProbeAttentionToOutput")
-        clean = self.values[attention]
+    def _z_features(self, attention: AttentionCall, z: fx.Node) -> list[list[int]]:
+        body = descendants([attention.output]) & (ancestors([z]) | {z})
+        sub, extra = extract(self.gm, body, [attention.output], [z], "ProbeAttentionToOutput")
+        clean = self.values[attention.output]
         owner: dict[int, int] = {}
         for h in range(clean.shape[1]):
             probe = clean.clone()
@@ -306,7 +370,7 @@ class _Analysis:
         per_head = [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]
         return per_head
 
-    def site(self, layer: int, attention: fx.Node) -> AttentionSite:
+    def site(self, layer: int, attention: AttentionCall) -> AttentionSite:
         projections = self._projections(attention)
         if not projections:
             raise UnsupportedArchitectureError(f"attention call {attention.name}: no query/key/value projection found")
@@ -317,10 +381,10 @@ class _Analysis:
             )
         normed_node = normed.pop()
         outputs = [first_with_shape(p.node, self.values, self.lead, up=False) for p in projections]
-        read = self.find_read(normed_node, f"attention call {attention.name}")
+        read = self.find_read(normed_node, f"attention call {attention.name}", itself=True)
         out_linear = self._output_linear(attention)
         z = first_with_shape(out_linear.input, self.values, self.lead, up=True)
-        contribution = first_with_shape(out_linear.node, self.values, self.lead, up=False)
+        contribution, scale = self._contribution(attention, out_linear)
         role_features, group_of_head = self._role_features(attention, outputs)
         return AttentionSite(
             layer=layer,
@@ -332,18 +396,38 @@ class _Analysis:
             z=z,
             output_linear=out_linear,
             contribution=contribution,
+            output_scale=scale,
             role_features=role_features,
             z_features=self._z_features(attention, z),
             kv_group_of_head=group_of_head,
         )
 
+    def _contribution(self, attention: AttentionCall, out_linear: Linear) -> tuple[fx.Node, float]:
+        """The node the attention block adds to the residual stream, and a constant factor applied on the way
+        (Granite's residual multiplier). Anything else between output projection and residual add (a norm of the
+        attention output, as in Gemma 2 or OLMo 2) makes per-head contributions non-additive: rejected."""
+        node = first_with_shape(out_linear.node, self.values, self.lead, up=False)
+        scale = 1.0
+        while not any(self._is_residual_add(u) for u in node.users):
+            users = list(node.users)
+            user = users[0] if len(users) == 1 else None
+            other = None if user is None else next((a for a in user.args[:2] if a is not node), None)
+            if user is not None and user.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(other, (int, float)):
+                scale = scale * other if user.target is aten.mul.Tensor else scale / other
+                node = user
+                continue
+            via = ", ".join(f"{u.target} ({u.name})" for u in users) or "nothing"
+            raise UnsupportedArchitectureError(
+                f"attention call {attention.name}: its output reaches the residual stream through {via}, not an "
+                "addition; per-head contributions would not be additive (post-attention norms are not supported)"
+            )
+        return node, scale
+
     def decompose(self, node: fx.Node, stop: set[fx.Node]) -> list[fx.Node]:
         """The contributions whose sum is ``node``, following residual adds and identity casts/views."""
         if node in stop:
             return [node]
-        if node.target is aten.add.Tensor and not node.kwargs and all(
-            isinstance(a, fx.Node) and a in self.activations for a in node.args[:2]
-        ):
+        if self._is_residual_add(node) and not node.kwargs:
             return self.decompose(node.args[0], stop) + self.decompose(node.args[1], stop)
         if node.target in SHAPE_OPS | _CAST_OPS:
             source = node.args[0]
@@ -356,13 +440,13 @@ class _Analysis:
 def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
     """Find attention sites, MLPs, embedding and residual structure of a traced causal LM."""
     a = _Analysis(gm, example)
-    attention_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_TARGETS]
-    if not attention_nodes:
+    calls = a.find_attention()
+    if not calls:
         raise UnsupportedArchitectureError(
-            "no attention call found: the graph has no aten.scaled_dot_product_attention op "
-            "(the model must support attn_implementation='sdpa')"
+            "no attention call found: the graph has neither an aten.scaled_dot_product_attention op nor the "
+            "matmul -> softmax -> matmul pattern of eager attention over [batch, heads, seq, dim] tensors"
         )
-    sites = [a.site(i, n) for i, n in enumerate(attention_nodes)]
+    sites = [a.site(i, c) for i, c in enumerate(calls)]
     embed = sites[0].read
     stop = {embed} | {s.contribution for s in sites}
     final_read = a.find_read(a.logits, "the logits")

@@ -22,11 +22,12 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .graph_utils import SHAPE_OPS, ancestors, descendants, extract
+from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
 from .heads import AttentionSite, ModelLayout, Role, analyse
 
 NO_HEAD = -1
+aten = torch.ops.aten
 
 
 class PerHeadLinear(nn.Module):
@@ -229,11 +230,12 @@ class _Builder:
         bias = None if all(p.bias is None for p in site.projections) else torch.cat(biases)
         q, k, v = (_per_role_linear(site, role, weight, bias) for role in Role)
         widths = [p.weight.shape[0] for p in site.projections]
-        w_o = site.output_linear.weight
+        w_o = site.output_linear.weight * site.output_scale
+        o_bias = None if site.output_linear.bias is None else site.output_linear.bias * site.output_scale
         o = PerHeadLinear(torch.stack([w_o[:, f] for f in site.z_features]), None)
         z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long)
         block = AttentionBlock(
-            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths), core, z_order, o, site.output_linear.bias,
+            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths), core, z_order, o, o_bias,
             site.kv_group_of_head,
         )
         return block, norm_aux + core_aux
@@ -252,8 +254,9 @@ def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:
     Such views (GPT-2 ends with ``view(x, [-1, seq, d])``) tie a token-wise component to the sequence
     length; without them the unembedding can run on just the positions a metric reads.
     """
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SHAPE_OPS or node is layout.logits:
+        if node.op != "call_function" or node.target not in reshapes or node is layout.logits:
             continue
         source = node.args[0]
         before, after = layout.values.get(source), layout.values.get(node)
@@ -327,6 +330,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     result.meta["head_graph"] = _head_graph(layout, steps, final_reads)
     result.meta["structure"] = Structure(tuple(steps), final_reads, final_aux, len(builder.aux))
     result.meta["example_input_ids"] = example
+    result.meta["dynamic_shapes"] = gm.meta.get("dynamic_shapes", True)
     return result
 
 

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from .compile import CountingBackend, compile_module
+from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
 from .precision import HeadSpec, PrecisionReport, check_head, lower_precision, set_head
 from .split import split_heads
@@ -56,6 +57,12 @@ class PahqModel(nn.Module):
         self._head = tuple(head) if head is not None else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        traced = self.graph.meta["example_input_ids"].shape
+        if not self.graph.meta.get("dynamic_shapes", True) and input_ids.shape != traced:
+            raise UnsupportedArchitectureError(
+                f"this model could only be traced with static shapes {tuple(traced)}, and input_ids have shape "
+                f"{tuple(input_ids.shape)}; pass example_inputs of the shape you will use to transform()"
+            )
         return self._runner(input_ids)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,79 @@
+"""Families no issue names go through the same generic pass: exact in FP32, or rejected with a clear reason."""
+
+import pytest
+import torch
+import transformers
+
+import pahq_fx
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+              max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+SUPPORTED = {
+    # name: (config class, model class, config, expected kv groups, MLP reads its own layer's attention)
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(COMMON, num_key_value_heads=2), 2, True),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(COMMON, num_key_value_heads=2), 2, True),
+    "qwen3 (q/k norm)": ("Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, num_key_value_heads=2, head_dim=8), 2, True),
+    "gemma (scaled embedding)": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, num_key_value_heads=1, head_dim=8), 1, True),
+    "phi (parallel, partial rotary)": ("PhiConfig", "PhiForCausalLM", dict(COMMON), 4, False),
+    "gptj (eager attention, shared norm)": ("GPTJConfig", "GPTJForCausalLM",
+                                             dict(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=32,
+                                                  rotary_dim=4, bos_token_id=0, eos_token_id=0), 4, False),
+    "falcon (multi-query, parallel)": ("FalconConfig", "FalconForCausalLM",
+                                       dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                                            bos_token_id=0, eos_token_id=0), 1, False),
+    "gpt_bigcode (multi-query)": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                                  dict(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=32, multi_query=True,
+                                       bos_token_id=0, eos_token_id=0), 1, True),
+    "granite (residual multiplier)": ("GraniteConfig", "GraniteForCausalLM",
+                                      dict(COMMON, num_key_value_heads=2, residual_multiplier=0.5), 2, True),
+}
+
+
+def build(config_class: str, model_class: str, config: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_family_splits_exactly(name):
+    config_class, model_class, config, groups, sequential = SUPPORTED[name]
+    model = build(config_class, model_class, config)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    transformed = pahq_fx.transform(model, head=(1, 1), low_precision="fp32", compile=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
+    layer = transformed.head_graph.layers[0]
+    assert (layer.n_heads, layer.n_kv_groups) == (4, groups)
+    assert ("a0" in layer.mlp_reads) is sequential
+    fp8 = pahq_fx.transform(model, head=(1, 1), low_precision="fp8", compile=False)
+    assert torch.isfinite(fp8(ids)).all()
+
+
+@pytest.mark.parametrize(
+    ("config_class", "model_class", "config"),
+    [("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, num_key_value_heads=2, head_dim=8)),
+     ("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=2))],
+)
+def test_post_attention_norm_is_rejected_clearly(config_class, model_class, config):
+    model = build(config_class, model_class, config)
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="not an addition.*post-attention norms"):
+        pahq_fx.transform(model, low_precision="fp32", compile=False)
+
+
+def test_static_trace_rejects_other_shapes_clearly():
+    model = build("GPTNeoConfig", "GPTNeoForCausalLM",
+                  dict(vocab_size=64, hidden_size=32, num_heads=4, num_layers=2, max_position_embeddings=32,
+                       attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    transformed = pahq_fx.transform(model, example_inputs=ids, low_precision="fp32", compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(transformed(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    if not transformed.graph.meta["dynamic_shapes"]:
+        with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="static shapes"):
+            transformed(torch.randint(0, 64, (2, 9)))
