@@ -429,12 +429,27 @@ class _Analysis:
             return [node]
         if self._is_residual_add(node) and not node.kwargs:
             return self.decompose(node.args[0], stop) + self.decompose(node.args[1], stop)
-        if node.target in SHAPE_OPS | _CAST_OPS:
-            source = node.args[0]
-            same = self.values[source].shape == self.values[node].shape and self.values[source].dtype == self.values[node].dtype
-            if same:
-                return self.decompose(source, stop)
+        if node.target in SHAPE_OPS | _CAST_OPS and self.token_reshape(node.args[0], node):
+            return self.decompose(node.args[0], stop)
         return [node]
+
+    def token_reshape(self, source: fx.Node, node: fx.Node) -> bool:
+        """Whether ``node`` holds ``source``'s values, at most with the token dimensions merged or split
+        (OPT runs its MLP residual on [batch * seq, d])."""
+        before, after = self.values[source], self.values[node]
+        return (
+            isinstance(before, torch.Tensor)
+            and isinstance(after, torch.Tensor)
+            and before.dtype == after.dtype
+            and before.shape[-1] == after.shape[-1]
+            and before.numel() == after.numel()
+        )
+
+    def stream_shaped(self, node: fx.Node) -> fx.Node:
+        """Walk up through token reshapes to the [batch, seq, d] form of a residual-stream node."""
+        while node.target in SHAPE_OPS and self.values[node].dim() != len(self.lead) + 1 and self.token_reshape(node.args[0], node):
+            node = node.args[0]
+        return node
 
 
 def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
@@ -464,11 +479,11 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
             if part not in stop:
                 stop.add(part)
                 mlp_contributions.append(part)
-                pending.append(a.find_read(part, f"MLP output {part.name}"))
+                pending.append(a.stream_shaped(a.find_read(part, f"MLP output {part.name}")))
         leaves[read] = parts
     mlps = []
     for c in sorted(mlp_contributions, key=a.order.__getitem__):
-        read = a.find_read(c, f"MLP output {c.name}")
+        read = a.stream_shaped(a.find_read(c, f"MLP output {c.name}"))
         upstream = ancestors([read]) | {read}
         layer = max((s.layer for s in sites if s.read in upstream), default=0)
         if any(m.layer == layer for m in mlps):

@@ -172,11 +172,22 @@ class PerHeadModel(nn.Module):
         return self.unembed(final, *[aux[i] for i in self.final_aux])
 
 
+class StreamShaped(nn.Module):
+    """Gives a component's output its input's [batch, seq, d] shape (OPT's MLP computes on [batch * seq, d])."""
+
+    def __init__(self, component: fx.GraphModule) -> None:
+        super().__init__()
+        self.component = component
+
+    def forward(self, x: torch.Tensor, *aux) -> torch.Tensor:
+        return self.component(x, *aux).reshape(x.shape)
+
+
 class _LeafTracer(fx.Tracer):
     """Keeps the prelude, blocks, MLPs and unembedding as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (AttentionBlock, fx.GraphModule)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (AttentionBlock, StreamShaped, fx.GraphModule)) or super().is_leaf_module(m, qualname)
 
 
 def _per_role_linear(site: AttentionSite, role: Role, weight: torch.Tensor, bias: torch.Tensor | None) -> PerHeadLinear:
@@ -312,7 +323,9 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
             blocks[name], aux = builder.attention(site)
             kind = "attention"
         else:
-            blocks[name], aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
+            mlp, aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
+            same_shape = layout.values[contribution].shape == layout.values[site.read].shape
+            blocks[name] = mlp if same_shape else StreamShaped(mlp)
             kind = "mlp"
         steps.append(Step(kind, name, tuple(names[l] for l in layout.leaves[site.read]), aux))
     unembed, final_aux = builder.component(builder.between([layout.final_read], layout.logits), [layout.final_read], layout.logits, "Unembed")

@@ -26,6 +26,14 @@ SUPPORTED = {
                                        bos_token_id=0, eos_token_id=0), 1, True),
     "granite (residual multiplier)": ("GraniteConfig", "GraniteForCausalLM",
                                       dict(COMMON, num_key_value_heads=2, residual_multiplier=0.5), 2, True),
+    "opt (MLP residual on [batch*seq, d])": ("OPTConfig", "OPTForCausalLM",
+                                             dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                                                  ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32,
+                                                  bos_token_id=0, eos_token_id=0, pad_token_id=0), 4, True),
+    "phi3 (fused qkv)": ("Phi3Config", "Phi3ForCausalLM", dict(COMMON, num_key_value_heads=2), 2, True),
+    "mixtral (mixture of experts)": ("MixtralConfig", "MixtralForCausalLM",
+                                     dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), 2, True),
+    "cohere (parallel)": ("CohereConfig", "CohereForCausalLM", dict(COMMON, num_key_value_heads=2), 2, False),
 }
 
 
@@ -77,3 +85,19 @@ def test_static_trace_rejects_other_shapes_clearly():
     if not transformed.graph.meta["dynamic_shapes"]:
         with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="static shapes"):
             transformed(torch.randint(0, 64, (2, 9)))
+
+
+@pytest.mark.parametrize("name", ["opt (MLP residual on [batch*seq, d])", "gptj (eager attention, shared norm)",
+                                  "falcon (multi-query, parallel)"])
+def test_discovery_equals_reference_on_unusual_blocks(name):
+    from tests.acdc_reference import ReferenceACDC
+
+    config_class, model_class, config, _, _ = SUPPORTED[name]
+    model = build(config_class, model_class, config)
+    generator = torch.Generator().manual_seed(2)
+    task = pahq_fx.Task(torch.randint(0, 64, (4, 6), generator=generator), torch.randint(0, 64, (4, 6), generator=generator))
+    threshold = 0.003
+    expected, effects = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask).run(threshold)
+    assert all(abs(e - threshold) > 1e-6 for e in effects.values())
+    circuit = pahq_fx.discover(model, task, threshold=threshold, precision="fp32", progress=False, compile=False)
+    assert circuit.edge_set() == expected
