@@ -5,7 +5,6 @@ Nothing here knows about attention or transformers; :mod:`pahq_fx.heads` builds 
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -152,7 +151,3 @@ def extract(
     graph.eliminate_dead_code()
     module = fx.GraphModule(gm, graph, class_name=name)
     return module, extra
-
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem

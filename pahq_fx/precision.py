@@ -68,7 +68,6 @@ class Granularity(enum.Enum):
 class Kernel(enum.Enum):
     """How the low-precision matmul actually runs; shown in reprs and reports."""
 
-    NONE = "fp32 (no quantization)"
     HALF = "half-precision matmul"
     FP8_SCALED_MM = "torchao Float8Tensor, dynamic FP8 activations, FP8 x FP8 torch._scaled_mm"
     FP8_WEIGHT_ONLY = "torchao Float8Tensor weight-only (FP8 weights dequantized, FP32 activations)"
