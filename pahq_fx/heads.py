@@ -2,19 +2,20 @@
 
 What is recognised (see README, "What the pass recognises"):
 
-* an attention site is an ``aten.scaled_dot_product_attention`` call;
+* an attention site is an ``aten.scaled_dot_product_attention`` call, or eager attention:
+  ``matmul(q, k^T)`` -> ops with constants (scale, mask) -> softmax -> ``matmul(p, v)`` over [batch, heads, ...];
 * its projections are the linear ops (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul`` with a
-  constant weight) reached by walking back from the query, key and value arguments; they must all read
-  one normalised input;
+  constant weight) reached by walking back from the query, key and value; they must all read one input;
 * the *read* of a component (its residual-stream input) is the nearest dominator of its input that is a
-  residual ``add`` or that is also used outside the component; the ops between read and projections are the
+  residual ``add`` or flows into one outside the component; the ops between read and projections are the
   norm, applied per head after the split;
-* the output projection is the first linear op after the attention call; its input features are assigned
-  to heads, and the projection's query/key/value features to (role, head), by pushing NaN probes through
-  the ops in between (reshapes, rotary embeddings, grouped-query repeats, ...), so no layout is written
-  per model family;
-* residual reads are decomposed into sums of contributions through ``add`` ops; a contribution that is not
-  an attention output nor the embedding is an MLP, whose read is found the same way.
+* the output projection is the first linear op after the attention; its input features are assigned to
+  heads, and the projection's query/key/value features to (role, head), by pushing NaN probes through the
+  ops in between (reshapes, rotary embeddings, grouped-query repeats, ...), so no layout is written per model
+  family; between output projection and residual add only reshapes and a constant factor are allowed;
+* residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
+  token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
+  found the same way.
 """
 
 from __future__ import annotations
