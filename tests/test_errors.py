@@ -101,3 +101,12 @@ def test_every_error_is_a_pahq_error():
     for cls in (pahq_fx.InvalidHeadError, pahq_fx.UnsupportedArchitectureError, pahq_fx.UnsupportedFormatError,
                 pahq_fx.QuantizationError, pahq_fx.TaskError):
         assert issubclass(cls, pahq_fx.PahqError)
+
+
+def test_quantization_that_did_not_happen_is_an_error(monkeypatch):
+    """As when torchao skips a weight (dims not multiples of 16, a module type it does not match): loud, not silent."""
+    import pahq_fx.precision as precision
+
+    monkeypatch.setattr(precision, "_float8_weight", lambda weight, config, kernel: weight.clone())
+    with pytest.raises(pahq_fx.QuantizationError, match="quantized 0 of 8 per-head weights"):
+        pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), low_precision="fp8", compile=False)
