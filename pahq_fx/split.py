@@ -237,7 +237,7 @@ class _Builder:
             self.between(site.projection_outputs, site.z), site.projection_outputs, site.z, f"Core_{name}"
         )
         weight = torch.cat([p.weight for p in site.projections])
-        biases = [p.bias if p.bias is not None else torch.zeros(p.weight.shape[0]) for p in site.projections]
+        biases = [p.bias if p.bias is not None else torch.zeros(p.weight.shape[0], device=p.weight.device) for p in site.projections]
         bias = None if all(p.bias is None for p in site.projections) else torch.cat(biases)
         q, k, v = (_per_role_linear(site, role, weight, bias) for role in Role)
         widths = [p.weight.shape[0] for p in site.projections]
@@ -333,7 +333,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     outputs = [layout.embed, *builder.aux]
     prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude")
     final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
-    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux)
+    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux).to(example.device)
     _check_equivalent(gm, model, example)
     if gm.meta.get("dynamic_shapes"):
         _check_equivalent(gm, model, _other_shape(example))

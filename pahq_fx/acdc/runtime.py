@@ -42,13 +42,14 @@ class PatchingRuntime:
         self.edges = edges
         self.metric = metric
         self.structure = graph.meta["structure"]
+        self.device = task.clean_input_ids.device
         # Flat indices of the metric positions: index_select keeps shapes static (a bool mask would not).
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         self.queries = 0
         self.counter = CountingBackend("inductor") if compile else None
         self._plans = self._step_plans()
         n_receivers, n_senders = len(edges.receivers), len(edges.senders)
-        self.upstream = torch.zeros(n_receivers, n_senders)
+        self.upstream = torch.zeros(n_receivers, n_senders, device=self.device)
         for i, r in enumerate(edges.receivers):
             self.upstream[i, list(r.senders)] = 1.0
         with torch.no_grad(), all_heads_fp32(graph):
@@ -90,7 +91,7 @@ class PatchingRuntime:
             for r_index, r in enumerate(self.edges.receivers):
                 if r.layer is not None and self._step_of(r) is step:
                     rows.setdefault(r.kind.value, []).append((r.unit if r.unit is not None else 0, r_index))
-            indices = {k: torch.tensor([i for _, i in sorted(v)]) for k, v in rows.items()}
+            indices = {k: torch.tensor([i for _, i in sorted(v)], device=self.device) for k, v in rows.items()}
             if step.kind == "attention":
                 indices["qkv"] = torch.cat([indices["q"], indices["k"], indices["v"]])
             plans.append(_StepPlan(step, senders[0].index, len(senders), indices))
@@ -178,7 +179,7 @@ class PatchingRuntime:
         return out.unsqueeze(0) - self.clean[plan.first_sender : plan.first_sender + 1]
 
     def _final_step(self, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        rows = torch.tensor([self.edges.receiver_index["resid_post"]])
+        rows = torch.tensor([self.edges.receiver_index["resid_post"]], device=self.device)
         x = self._patched(self.clean_final, removed, rows, deviation, deviation.shape[0]).squeeze(0)
         logits = self._unembed_positions(x) if self.unembed_positions_only else self._unembed_all(x)
         return metric_value(self.metric, logits, self.clean_logprobs, self.correct, self.incorrect)

@@ -35,7 +35,7 @@ class Task:
             raise TaskError(f"the task is empty (input_ids of shape {tuple(clean.shape)})")
         mask = self.metric_mask
         if mask is None:
-            mask = torch.zeros(clean.shape, dtype=torch.bool)
+            mask = torch.zeros(clean.shape, dtype=torch.bool, device=clean.device)
             mask[:, -1] = True
             object.__setattr__(self, "metric_mask", mask)
         elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != clean.shape:
