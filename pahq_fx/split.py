@@ -105,6 +105,12 @@ class AttentionBlock(nn.Module):
         z_heads = z.index_select(-1, self.z_order).unflatten(-1, (self.n_heads, -1))
         return self.o(z_heads)
 
+    def from_stream(self, read: torch.Tensor, *aux) -> torch.Tensor:
+        """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d]."""
+        q_in = read.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
+        kv_in = read.unsqueeze(2).expand(-1, -1, self.n_kv_groups, -1)
+        return self(q_in, kv_in, kv_in, *aux)
+
     def combine(self, head_outputs: torch.Tensor) -> torch.Tensor:
         """The block output: sum of per-head contributions plus the output bias."""
         total = head_outputs.sum(dim=2)
@@ -128,7 +134,6 @@ class Structure:
     steps: tuple[Step, ...]
     final_reads: tuple[str, ...]
     final_aux: tuple[int, ...]
-    n_aux: int
 
 
 class PerHeadModel(nn.Module):
@@ -163,9 +168,7 @@ class PerHeadModel(nn.Module):
             block = getattr(self, step.name)
             args = [aux[i] for i in step.aux]
             if step.kind == "attention":
-                q_in = read.unsqueeze(2).expand(-1, -1, block.n_heads, -1)
-                kv_in = read.unsqueeze(2).expand(-1, -1, block.n_kv_groups, -1)
-                stream[step.name] = block.combine(block(q_in, kv_in, kv_in, *args))
+                stream[step.name] = block.combine(block.from_stream(read, *args))
             else:
                 stream[step.name] = block(read, *args)
         final = functools.reduce(operator.add, [stream[r] for r in self.final_reads])
@@ -341,7 +344,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     graph = _LeafTracer().trace(model)
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
     result.meta["head_graph"] = _head_graph(layout, steps, final_reads)
-    result.meta["structure"] = Structure(tuple(steps), final_reads, final_aux, len(builder.aux))
+    result.meta["structure"] = Structure(tuple(steps), final_reads, final_aux)
     result.meta["example_input_ids"] = example
     result.meta["dynamic_shapes"] = gm.meta.get("dynamic_shapes", True)
     return result

@@ -48,6 +48,7 @@ class PatchingRuntime:
         self.queries = 0
         self.counter = CountingBackend("inductor") if compile else None
         self._plans = self._step_plans()
+        self._final_rows = torch.tensor([edges.receiver_index["resid_post"]], device=self.device)
         n_receivers, n_senders = len(edges.receivers), len(edges.senders)
         self.upstream = torch.zeros(n_receivers, n_senders, device=self.device)
         for i, r in enumerate(edges.receivers):
@@ -55,6 +56,7 @@ class PatchingRuntime:
         with torch.no_grad(), all_heads_fp32(graph):
             prelude = graph.prelude(task.clean_input_ids)
             self.aux = tuple(prelude[1:])
+            self._final_aux = [self.aux[i] for i in self.structure.final_aux]
             clean, self.clean_reads, clean_final = self._full_run(prelude[0])
             corrupted, _, _ = self._full_run(graph.prelude(task.corrupted_input_ids)[0])
             self.clean = clean
@@ -112,13 +114,13 @@ class PatchingRuntime:
 
     def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of the whole [B, T, d] residual, logits at the metric positions [P, vocab]."""
-        logits = self.graph.unembed(x, *[self.aux[i] for i in self.structure.final_aux])
+        logits = self.graph.unembed(x, *self._final_aux)
         return logits.flatten(0, 1).index_select(0, self.positions)
 
     def _unembed_positions(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of only the metric positions of a [B, T, d] residual -> [P, vocab]."""
         rows = x.flatten(0, 1).index_select(0, self.positions).unsqueeze(0)
-        return self.graph.unembed(rows, *[self.aux[i] for i in self.structure.final_aux]).squeeze(0)
+        return self.graph.unembed(rows, *self._final_aux).squeeze(0)
 
     def _positions_only_works(self, x: torch.Tensor, full: torch.Tensor) -> bool:
         """Whether the unembedding is token-wise, so that only metric positions need to go through it."""
@@ -138,9 +140,7 @@ class PatchingRuntime:
             reads.append(read)
             block = getattr(self.graph, step.name)
             if step.kind == "attention":
-                q_in = read.unsqueeze(2).expand(-1, -1, block.n_heads, -1)
-                kv_in = read.unsqueeze(2).expand(-1, -1, block.n_kv_groups, -1)
-                heads = block(q_in, kv_in, kv_in, *self._aux(step))
+                heads = block.from_stream(read, *self._aux(step))
                 outputs.append(heads.permute(2, 0, 1, 3))
                 totals[step.name] = block.combine(heads)
             else:
@@ -179,8 +179,7 @@ class PatchingRuntime:
         return out.unsqueeze(0) - self.clean[plan.first_sender : plan.first_sender + 1]
 
     def _final_step(self, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        rows = torch.tensor([self.edges.receiver_index["resid_post"]], device=self.device)
-        x = self._patched(self.clean_final, removed, rows, deviation, deviation.shape[0]).squeeze(0)
+        x = self._patched(self.clean_final, removed, self._final_rows, deviation, deviation.shape[0]).squeeze(0)
         logits = self._unembed_positions(x) if self.unembed_positions_only else self._unembed_all(x)
         return metric_value(self.metric, logits, self.clean_logprobs, self.correct, self.incorrect)
 

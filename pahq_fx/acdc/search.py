@@ -174,8 +174,9 @@ def discover(
     parsed_metric = _parse_metric(metric, task)
     fmt = parse_format(precision)
     runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compile)
+    identity = model_identity(model)
     fingerprint = {
-        "model": model_identity(model)["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
+        "model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
         "metric": parsed_metric.value, "precision": fmt.value, "granularity": granularity, "abs": abs_threshold,
     }
     store = _Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
@@ -243,7 +244,7 @@ def discover(
         metric=parsed_metric.value,
         precision=fmt.value,
         abs_threshold=abs_threshold,
-        model=model_identity(model),
+        model=identity,
         task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
               "seq_len": int(task.clean_input_ids.shape[1])},
         stats=RunStats(wall, queries, (queries - loop_queries) / max(wall - setup, 1e-9), peak_memory_mb(runtime.clean.device),
