@@ -197,6 +197,24 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         b_h = None if self.bias is None else self.bias.index_select(0, index).squeeze(0)
         return F.linear(x_h, w_h, b_h).unsqueeze(-2)
 
+    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD) -> torch.Tensor:
+        """The listed heads only, [..., len(units), in] -> [..., len(units), out]: ``full_precision_unit`` in FP32
+        (``F.linear``, the same computation as :meth:`full_precision`), every other listed head in the format."""
+        if self.exact:
+            return super().units(x, units, full_precision_unit)
+        columns = []
+        for i, unit in enumerate(units):
+            x_u = x[..., i, :]
+            if unit == full_precision_unit:
+                columns.append(self.fp32_unit(x_u, unit))
+                continue
+            if self.config.low_precision.is_fp8:
+                y = F.linear(x_u, self.low_weights[unit])
+            else:
+                y = F.linear(x_u.to(self.low_weight.dtype), self.low_weight[unit]).to(x.dtype)
+            columns.append(y if self.bias is None else y + self.bias[unit])
+        return torch.stack(columns, dim=-2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return super().forward(x)

@@ -51,6 +51,24 @@ class PerHeadLinear(nn.Module):
         y = torch.einsum("...hi,hoi->...ho", x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD) -> torch.Tensor:
+        """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out].
+
+        Every head runs in FP32 here; the low-precision subclass keeps ``full_precision_unit`` in FP32 and runs
+        the others in its format. Lets a runtime recompute the few heads a change reaches.
+        """
+        if len(units) == self.n_heads and units == list(range(self.n_heads)):
+            return self(x)
+        if len(units) == 1:
+            return self.fp32_unit(x[..., 0, :], units[0]).unsqueeze(-2)
+        index = torch.tensor(units, device=self.weight.device)
+        y = torch.einsum("...hi,hoi->...ho", x, self.weight.index_select(0, index))
+        return y if self.bias is None else y + self.bias.index_select(0, index)
+
+    def fp32_unit(self, x: torch.Tensor, unit: int) -> torch.Tensor:
+        """``F.linear(x, W[unit], b[unit])``: one head in FP32, [..., in] -> [..., out]."""
+        return torch.nn.functional.linear(x, self.weight[unit], None if self.bias is None else self.bias[unit])
+
     def extra_repr(self) -> str:
         h, o, i = self.weight.shape
         return f"heads={h}, in={i}, out={o}, format=fp32"

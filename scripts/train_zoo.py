@@ -35,6 +35,8 @@ class Recipe:
     steps: int
     lr: float = 3e-3
     batch: int = 64
+    positions: int = 32
+    task_options: tuple[tuple[str, int], ...] = ()
 
 
 RECIPES = {
@@ -42,17 +44,20 @@ RECIPES = {
     "llama-ioi": Recipe("llama-ioi", "llama", ("ioi",), layers=2, heads=4, kv_heads=2, d_model=64, steps=2500),
     "gpt2-greater-than": Recipe("gpt2-greater-than", "gpt2", ("greater_than", "docstring"), layers=2, heads=4, kv_heads=4,
                                 d_model=64, steps=2500),
+    # The shape of docs/runtime.md's measurements: 8 heads, d_model 128, 64-token induction prompts.
+    "gpt2-induction-8h": Recipe("gpt2-induction-8h", "gpt2", ("induction",), layers=2, heads=8, kv_heads=8, d_model=128,
+                                steps=1000, positions=64, task_options=(("half", 32),)),
 }
 
 
 def build_model(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
     if recipe.architecture == "gpt2":
-        config = GPT2Config(n_layer=recipe.layers, n_head=recipe.heads, n_embd=recipe.d_model, n_positions=32,
+        config = GPT2Config(n_layer=recipe.layers, n_head=recipe.heads, n_embd=recipe.d_model, n_positions=recipe.positions,
                             vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return GPT2LMHeadModel(config)
     config = LlamaConfig(num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
                          num_key_value_heads=recipe.kv_heads, hidden_size=recipe.d_model,
-                         intermediate_size=2 * recipe.d_model, max_position_embeddings=32, vocab_size=vocab_size,
+                         intermediate_size=2 * recipe.d_model, max_position_embeddings=recipe.positions, vocab_size=vocab_size,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(config)
 
@@ -77,7 +82,7 @@ def train(recipe: Recipe) -> dict:
     start = time.time()
     for step in range(recipe.steps):
         task_name = recipe.tasks[step % len(recipe.tasks)]
-        task = make_task(task_name, tokenizer, n=recipe.batch, seed=TRAIN_SEED_BASE + step)
+        task = make_task(task_name, tokenizer, n=recipe.batch, seed=TRAIN_SEED_BASE + step, **dict(recipe.task_options))
         mask, target = targets(task)
         logits = model(input_ids=task.clean_input_ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[mask], target[mask])
@@ -88,7 +93,9 @@ def train(recipe: Recipe) -> dict:
         if step % 250 == 0 or step == recipe.steps - 1:
             print(f"{recipe.name} step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
-    accuracy = {t: round(task_accuracy(model, make_task(t, tokenizer, n=256, seed=1), tokenizer), 4) for t in recipe.tasks}
+    options = dict(recipe.task_options)
+    accuracy = {t: round(task_accuracy(model, make_task(t, tokenizer, n=256, seed=1, **options), tokenizer), 4)
+                for t in recipe.tasks}
     out = ZOO_DIR / recipe.name
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -99,6 +106,7 @@ def train(recipe: Recipe) -> dict:
         "tasks": list(recipe.tasks),
         "accuracy": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "task_options": options,
         "training": {"steps": recipe.steps, "batch": recipe.batch, "lr": recipe.lr, "seed": 0,
                      "seconds": round(time.time() - start, 1), "script": "scripts/train_zoo.py"},
     }

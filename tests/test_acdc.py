@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx.split import AttentionBlock
+from pahq_fx.precision import LowPrecisionPerHeadLinear, attention_blocks
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import Spec, build, keep_only_head, specs, token_ids
 
@@ -37,44 +37,55 @@ def test_fp32_discovery_equals_simple_reference(spec, log_threshold, seed):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
+    """Every projection that runs during a receiver's queries keeps exactly the receiver's unit in FP32."""
     spec = Spec(family, 2, 4, 2 if family == "llama" else 4, 8)
     model = build(spec)
-    calls: list[tuple[int, int, int]] = []
-    original = AttentionBlock.forward
+    calls: list[tuple[int, str, list[int], int]] = []
+    original = LowPrecisionPerHeadLinear.units
 
-    def recording_forward(self, *args):
-        calls.append((self.layer, int(self.q.full_precision_head), int(self.k.full_precision_head)))
-        return original(self, *args)
+    def recording_units(self, x, units, full_precision_unit=-1):
+        layer, role = self.site
+        calls.append((layer, role, list(units), full_precision_unit))
+        return original(self, x, units, full_precision_unit)
 
-    monkeypatch.setattr(AttentionBlock, "forward", recording_forward)
-    per_receiver: dict[str, list[tuple[int, int, int]]] = {}
+    monkeypatch.setattr(LowPrecisionPerHeadLinear, "units", recording_units)
+    original_lower = pahq_fx.acdc.search.lower_precision
+
+    def lower_and_label(graph, *args):
+        lowered = original_lower(graph, *args)
+        for block in attention_blocks(lowered):
+            for role in "qkvo":
+                getattr(block, role).site = (block.layer, role)
+        return lowered
+
+    monkeypatch.setattr(pahq_fx.acdc.search, "lower_precision", lower_and_label)
+    per_receiver: dict[str, list[tuple[int, str, list[int], int]]] = {}
 
     def on_receiver(done):
         per_receiver[done.receiver] = list(calls)
         calls.clear()
 
-    discover_task = make_task(3)
-    pahq_fx.discover(model, discover_task, threshold=1e-4, precision="fp8", progress=False, compile=False, callback=on_receiver)
+    pahq_fx.discover(model, make_task(3), threshold=1e-4, precision="fp8", progress=False, compile=False, callback=on_receiver)
     graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
-    tested = 0
+    investigated = 0
     for receiver in graph.receivers:
         seen = per_receiver[receiver.name]
-        if not seen:
-            continue  # pruned without a query, or a resid_post/MLP query that runs no attention layer
-        tested += 1
-        for layer, q_head, kv_group in seen:
-            if receiver.is_attention_input and layer == receiver.layer:
-                layer_info = graph.head_graph.layers[layer]
-                if receiver.kind.value == "q":
-                    assert (q_head, kv_group) == (receiver.unit, layer_info.kv_group_of_head[receiver.unit])
-                else:
-                    assert kv_group == receiver.unit
-                    assert q_head == (-1 if layer_info.grouped else receiver.unit)
-            else:
-                assert (q_head, kv_group) == (-1, -1), f"{receiver.name}: layer {layer} had an FP32 head"
-        if receiver.is_attention_input:
-            assert any(layer == receiver.layer for layer, _, _ in seen)
-    assert tested >= len(graph.receivers) // 2
+        if not receiver.is_attention_input or not seen:
+            assert all(fp32 == -1 for layer, _, _, fp32 in seen if not receiver.is_attention_input or layer != receiver.layer)
+            continue
+        investigated += 1
+        info = graph.head_graph.layers[receiver.layer]
+        if receiver.kind.value == "q":
+            expected = {"q": receiver.unit, "o": receiver.unit, "k": info.kv_group_of_head[receiver.unit],
+                        "v": info.kv_group_of_head[receiver.unit]}
+        else:
+            head = -1 if info.grouped else receiver.unit
+            expected = {"q": head, "o": head, "k": receiver.unit, "v": receiver.unit}
+        for layer, role, units, fp32 in seen:
+            assert fp32 == (expected[role] if layer == receiver.layer else -1), (receiver.name, layer, role, units, fp32)
+        ran_in_fp32 = {role for layer, role, units, fp32 in seen if layer == receiver.layer and fp32 in units}
+        assert ("q" if receiver.kind.value == "q" else receiver.kind.value) in ran_in_fp32, receiver.name
+    assert investigated >= 3 * 4 // 2
 
 
 @pytest.mark.parametrize("metric", ["kl", "logit_diff"])

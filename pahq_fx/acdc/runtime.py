@@ -1,202 +1,475 @@
-"""The patching runtime: answers "metric with these edges removed" for ACDC, fast and exactly.
+"""The incremental patching runtime: a query recomputes only what the tested edge changes (docs/runtime.md).
 
-For a receiver ``r`` reading contributions upstream of it, with removed-edge mask ``removed[r, s]``::
+It keeps the *state* of the patched forward pass -- every sender's current output, every receiver's current
+input, every attention layer's per-head projections -- for the current removed-edge set, start step and
+precision plan. A receiver's input is (docs/acdc.md)::
 
-    input_r = clean_read_r + sum_s removed[r, s] * (corrupt_s - clean_s) + sum_{s recomputed} kept[r, s] * (current_s - clean_s)
+    input_r = clean_read_r + sum_{s removed} (corrupt_s - clean_s) + sum_{s kept} (current_s - clean_s)
 
-which is ``resid_r + sum over removed s of (corrupt_out_s - current_out_s)`` of docs/acdc.md rewritten
-around the clean caches: senders below the receiver's layer output their clean value (every edge into them is
-still present), so a query runs only from the receiver's component upwards. Caches are FP32; only the
-positions the metric reads go through the final norm and unembedding.
+Removing edge (s, r) changes ``input_r`` by ``corrupt_s - current_s``; r's component is recomputed, and the
+change of its output travels along kept edges only, to the receivers that read it, in topological order (the
+"cone"). Components that nothing reaches keep their state. :meth:`try_remove` computes the tentative values
+and the metric; :meth:`commit` makes them the state, :meth:`rollback` drops them.
+
+Steps below the one under investigation are clean and FP32 (every edge into them is present), so they are
+never run; when the search moves into a new step it is *activated* (its inputs leave the clean cache and its
+heads are recomputed under the plan), and a new precision plan recomputes only the heads whose precision
+changes. Caches are FP32; the final read holds only the rows the metric reads when the unembedding is
+token-wise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from ..compile import CountingBackend
 from ..errors import UnsupportedArchitectureError
-from ..precision import all_heads_fp32
-from ..split import Step
+from ..precision import FullPrecisionUnits, all_heads_fp32
+from ..split import AttentionBlock, Step
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import Metric, metric_value
 from .task import Task
 
+ROLES = ("q", "k", "v")
+FINAL = -1  # row of resid_post in the per-query bookkeeping
 
-@dataclass(frozen=True)
-class _StepPlan:
-    step: Step
-    first_sender: int
-    n_senders: int
-    rows: dict[str, torch.Tensor]  # receiver rows of the removed-mask for this step's inputs
+
+@dataclass
+class _Pending:
+    """Tentative values of one query, kept apart from the state until commit."""
+
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # receiver row -> new input
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # sender -> new output
+    projections: dict[int, torch.Tensor] = field(default_factory=dict)  # attention step -> new per-head projections
+    final: torch.Tensor | None = None
+    metric: float = 0.0
+    removed: tuple[tuple[int, int], ...] = ()
+    active_from: int | None = None
+    plan: dict[int, FullPrecisionUnits] | None = None
+    recomputed: list[str] = field(default_factory=list)
+
+
+class _AttentionLayout:
+    """Where each head's query/key/value features sit in the block's concatenated projections, and its z features."""
+
+    def __init__(self, block: AttentionBlock) -> None:
+        device = block.z_order.device
+        self.n_heads, self.n_groups = block.n_heads, block.n_kv_groups
+        dq, dk, dv = (getattr(block, r).weight.shape[1] for r in ROLES)
+        offsets = {"q": 0, "k": self.n_heads * dq, "v": self.n_heads * dq + self.n_groups * dk}
+        widths = {"q": dq, "k": dk, "v": dv}
+        self.features = {
+            role: [torch.arange(offsets[role] + u * widths[role], offsets[role] + (u + 1) * widths[role], device=device)
+                   for u in range(self.n_heads if role == "q" else self.n_groups)]
+            for role in ROLES
+        }
+        dz = block.z_order.numel() // self.n_heads
+        self.z_features = [block.z_order[h * dz : (h + 1) * dz] for h in range(self.n_heads)]
+        self.heads_of_group = [[h for h in range(self.n_heads) if block.kv_group_of_head[h] == g] for g in range(self.n_groups)]
 
 
 class PatchingRuntime:
-    """Clean/corrupted caches of a split model on a task, and the per-query forward from a given step."""
+    """State of the patched forward pass of a split model on a task; answers ACDC's queries incrementally."""
 
-    def __init__(self, graph: fx.GraphModule, edges: EdgeGraph, task: Task, metric: Metric, compile: bool = True) -> None:
+    def __init__(self, graph: fx.GraphModule, edges: EdgeGraph, task: Task, metric: Metric, compile: bool = False) -> None:
         self.graph = graph
         self.edges = edges
-        self.metric = metric
+        self.metric_kind = metric
         self.structure = graph.meta["structure"]
-        self.device = task.clean_input_ids.device
-        # Flat indices of the metric positions: index_select keeps shapes static (a bool mask would not).
-        self.positions = task.metric_mask.flatten().nonzero().flatten()
+        self.steps: tuple[Step, ...] = self.structure.steps
         self.queries = 0
         self.counter = CountingBackend("inductor") if compile else None
-        self._plans = self._step_plans()
-        self._final_rows = torch.tensor([edges.receiver_index["resid_post"]], device=self.device)
-        n_receivers, n_senders = len(edges.receivers), len(edges.senders)
-        self.upstream = torch.zeros(n_receivers, n_senders, device=self.device)
-        for i, r in enumerate(edges.receivers):
-            self.upstream[i, list(r.senders)] = 1.0
+        self.low_precision = graph.meta["precision"].config.low_precision.value != "fp32" if "precision" in graph.meta else False
+        self.last_recomputed: list[str] = []
+        self._index_graph()
+        self._components = [self._compiled(getattr(graph, s.name)) for s in self.steps]
+        self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind == "attention"}
+        self.device = task.clean_input_ids.device
+        self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
-            prelude = graph.prelude(task.clean_input_ids)
-            self.aux = tuple(prelude[1:])
-            self._final_aux = [self.aux[i] for i in self.structure.final_aux]
-            clean, self.clean_reads, clean_final = self._full_run(prelude[0])
-            corrupted, _, _ = self._full_run(graph.prelude(task.corrupted_input_ids)[0])
-            self.clean = clean
-            self.corrupt_minus_clean = corrupted - clean
-            self._deviation = torch.zeros_like(clean)
-            self.clean_final = clean_final
-            full = self._unembed_all(clean_final)
-            self.unembed_positions_only = self._positions_only_works(clean_final, full)
-            self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
+            self._setup_caches(task)
         if metric.needs_answers:
             rows = torch.div(self.positions, task.metric_mask.shape[1], rounding_mode="floor")
             self.correct, self.incorrect = task.correct_ids[rows], task.incorrect_ids[rows]
         else:
             self.correct = self.incorrect = None
-        self._attention = self._compiled(self._attention_step)
-        self._mlp = self._compiled(self._mlp_step)
-        self._final = self._compiled(self._final_step)
+        self.removed: set[tuple[int, int]] = set()
+        self.removed_from: list[list[int]] = [[] for _ in edges.receivers]
+        self.kept_in = [set(r.senders) for r in edges.receivers]
+        self.kept_out: list[set[int]] = [set() for _ in edges.senders]
+        for row, r in enumerate(edges.receivers):
+            for s in r.senders:
+                self.kept_out[s].add(row)
+        self.active_from = len(self.steps)
+        self.plan: dict[int, FullPrecisionUnits] = {}
+        self.inputs: list[torch.Tensor | None] = [None] * len(edges.receivers)
+        self.projections: dict[int, torch.Tensor] = {}
+        self.final = self._final_clean
+        with torch.no_grad():
+            self.metric = float(self._metric(self.final))
+        self._pending: _Pending | None = None
+
+    # ----------------------------------------------------------------------------------------------- structure
+    def _index_graph(self) -> None:
+        """Which step, role and unit every receiver row belongs to, and each step's receiver rows."""
+        step_index = {s.name: k for k, s in enumerate(self.steps)}
+        self.row_step: list[int] = []
+        self.step_rows: list[dict[str, list[int]]] = [{} for _ in self.steps]
+        for row, r in enumerate(self.edges.receivers):
+            if r.kind is ReceiverKind.RESID_POST:
+                self.final_row = row
+                self.row_step.append(len(self.steps))
+                continue
+            k = step_index[r.name if r.kind is ReceiverKind.MLP else f"a{r.layer}"]
+            self.row_step.append(k)
+            role = r.kind.value
+            units = self.step_rows[k].setdefault(role, [])
+            unit = 0 if r.unit is None else r.unit
+            units.extend([-1] * (unit + 1 - len(units)))
+            units[unit] = row
+        self.row_role = [r.kind.value for r in self.edges.receivers]
+        self.row_unit = [0 if r.unit is None else r.unit for r in self.edges.receivers]
+        self.sender_step: list[int] = []
+        self.step_senders: list[list[int]] = [[] for _ in self.steps]
+        for s in self.edges.senders:
+            k = step_index.get(s.component, -1)
+            self.sender_step.append(k)
+            if k >= 0:
+                self.step_senders[k].append(s.index)
+        for k, step in enumerate(self.steps):
+            if not self.step_senders[k]:
+                raise UnsupportedArchitectureError(f"component {step.name} has no senders in the edge graph")
+
+    def start_of(self, receiver: Receiver) -> int:
+        """Index of the first step that runs while this receiver is investigated (len(steps): only the final read)."""
+        return self.row_step[self.edges.receiver_index[receiver.name]]
 
     @property
     def compilations(self) -> int:
         return 0 if self.counter is None else self.counter.compilations
 
-    def _compiled(self, fn):
+    def _compiled(self, fn: Callable) -> Callable:
         return fn if self.counter is None else torch.compile(fn, backend=self.counter, dynamic=False)
 
-    def _step_plans(self) -> list[_StepPlan]:
-        plans, expected = [], 0
-        for step in self.structure.steps:
-            senders = [s for s in self.edges.senders if s.component == step.name]
-            if not senders or senders[0].index != expected + 1:
-                raise UnsupportedArchitectureError(f"component {step.name} runs out of its senders' topological order")
-            expected = senders[-1].index
-            rows = {}
-            for r_index, r in enumerate(self.edges.receivers):
-                if r.layer is not None and self._step_of(r) is step:
-                    rows.setdefault(r.kind.value, []).append((r.unit if r.unit is not None else 0, r_index))
-            indices = {k: torch.tensor([i for _, i in sorted(v)], device=self.device) for k, v in rows.items()}
-            if step.kind == "attention":
-                indices["qkv"] = torch.cat([indices["q"], indices["k"], indices["v"]])
-            plans.append(_StepPlan(step, senders[0].index, len(senders), indices))
-        return plans
+    def _aux(self, indices: Iterable[int]) -> list[torch.Tensor]:
+        return [self.aux[i] for i in indices]
 
-    def _step_of(self, receiver: Receiver) -> Step:
-        name = receiver.name if receiver.kind is ReceiverKind.MLP else f"a{receiver.layer}"
-        return next(s for s in self.structure.steps if s.name == name)
+    # ----------------------------------------------------------------------------------------------- caches
+    def _setup_caches(self, task: Task) -> None:
+        """FP32 clean and corrupted outputs of every sender, clean reads of every step, the clean final read."""
+        prelude = self.graph.prelude(task.clean_input_ids)
+        self.aux = tuple(prelude[1:])
+        self._final_aux = self._aux(self.structure.final_aux)
+        self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
+        corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
+        self.corrupt_minus_clean = [c - k for c, k in zip(corrupted, self.clean)]
+        self.outputs = list(self.clean)
+        full = self._unembed_all(clean_final)
+        self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
+        rows_only = self._token_wise_unembedding(clean_final, full)
+        batch, seq = clean_final.shape[:2]
+        self.final_rows = self.positions if rows_only else torch.arange(batch * seq, device=clean_final.device)
+        self._final_shape = None if rows_only else clean_final.shape
+        self._final_clean = self._rows(clean_final)
+        self._final_cmc = [self._rows(c) for c in self.corrupt_minus_clean]
 
-    def start_of(self, receiver: Receiver) -> int:
-        """Index of the first step a query for this receiver must recompute (len(steps): only the unembedding)."""
-        if receiver.kind is ReceiverKind.RESID_POST:
-            return len(self._plans)
-        return self.structure.steps.index(self._step_of(receiver))
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
+        return x.flatten(0, 1).index_select(0, self.final_rows)
 
-    def _aux(self, step: Step) -> list:
-        return [self.aux[i] for i in step.aux]
-
-    def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + unembedding of the whole [B, T, d] residual, logits at the metric positions [P, vocab]."""
-        logits = self.graph.unembed(x, *self._final_aux)
-        return logits.flatten(0, 1).index_select(0, self.positions)
-
-    def _unembed_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + unembedding of only the metric positions of a [B, T, d] residual -> [P, vocab]."""
-        rows = x.flatten(0, 1).index_select(0, self.positions).unsqueeze(0)
-        return self.graph.unembed(rows, *self._final_aux).squeeze(0)
-
-    def _positions_only_works(self, x: torch.Tensor, full: torch.Tensor) -> bool:
-        """Whether the unembedding is token-wise, so that only metric positions need to go through it."""
-        try:
-            return bool(torch.allclose(self._unembed_positions(x), full, rtol=1e-5, atol=1e-5))
-        except RuntimeError:
-            return False
-
-    def _full_run(self, embed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Every sender's output [S, B, T, d], every step's read, and the final read."""
-        outputs = [embed.unsqueeze(0)]
+    def _full_run(self, embed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Every sender's FP32 output, every step's read, and the final read, for one input."""
+        outputs = [embed]
         totals = {"embed": embed}
         reads = []
-        for plan in self._plans:
-            step = plan.step
+        for k, step in enumerate(self.steps):
             read = sum(totals[c] for c in step.reads)
             reads.append(read)
             block = getattr(self.graph, step.name)
             if step.kind == "attention":
-                heads = block.from_stream(read, *self._aux(step))
-                outputs.append(heads.permute(2, 0, 1, 3))
+                heads = block.from_stream(read, *self._aux(step.aux))
+                outputs.extend(heads.unbind(2))
                 totals[step.name] = block.combine(heads)
             else:
-                out = block(read, *self._aux(step))
-                outputs.append(out.unsqueeze(0))
+                out = block(read, *self._aux(step.aux))
+                outputs.append(out)
                 totals[step.name] = out
         final = sum(totals[c] for c in self.structure.final_reads)
-        return torch.cat(outputs), reads, final
+        return outputs, reads, final
 
-    def _patched(self, base: torch.Tensor, removed: torch.Tensor, rows: torch.Tensor, deviation: torch.Tensor, upto: int) -> torch.Tensor:
-        """Inputs [R, B, T, d] of receiver rows: base + removed @ (corrupt - clean) + kept @ (current - clean).
+    def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.graph.unembed(x, *self._final_aux)
+        return logits.flatten(0, 1).index_select(0, self.positions)
 
-        Only senders ``[0, upto)`` can feed these receivers (those upstream of the step), a slice that is fixed
-        per step, so it costs no recompilation and skips the columns that are always zero.
-        """
-        r = removed.index_select(0, rows)[:, :upto]
-        kept = self.upstream.index_select(0, rows)[:, :upto] - r
-        return (
-            base.unsqueeze(0)
-            + torch.einsum("rs,sbtd->rbtd", r, self.corrupt_minus_clean[:upto])
-            + torch.einsum("rs,sbtd->rbtd", kept, deviation[:upto])
-        )
+    def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor) -> bool:
+        """Whether the final norm and unembedding act per token, so only the metric rows need to go through them."""
+        try:
+            rows = x.flatten(0, 1).index_select(0, self.positions).unsqueeze(0)
+            return bool(torch.allclose(self.graph.unembed(rows, *self._final_aux).squeeze(0), full, rtol=1e-5, atol=1e-5))
+        except RuntimeError:
+            return False
 
-    def _attention_step(self, k: int, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        plan = self._plans[k]
-        block = getattr(self.graph, plan.step.name)
-        inputs = self._patched(self.clean_reads[k], removed, plan.rows["qkv"], deviation, plan.first_sender)
-        q, kk, v = (x.permute(1, 2, 0, 3) for x in inputs.split([len(plan.rows[r]) for r in "qkv"]))
-        heads = block(q, kk, v, *self._aux(plan.step)).permute(2, 0, 1, 3)
-        return heads - self.clean[plan.first_sender : plan.first_sender + plan.n_senders]
+    def _metric(self, final_rows: torch.Tensor) -> torch.Tensor:
+        if self._final_shape is None:
+            logits = self.graph.unembed(final_rows.unsqueeze(0), *self._final_aux).squeeze(0)
+        else:
+            logits = self._unembed_all(final_rows.view(self._final_shape))
+        return metric_value(self.metric_kind, logits, self.clean_logprobs, self.correct, self.incorrect)
 
-    def _mlp_step(self, k: int, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        plan = self._plans[k]
-        x = self._patched(self.clean_reads[k], removed, plan.rows["mlp"], deviation, plan.first_sender).squeeze(0)
-        out = getattr(self.graph, plan.step.name)(x, *self._aux(plan.step))
-        return out.unsqueeze(0) - self.clean[plan.first_sender : plan.first_sender + 1]
+    def state_bytes(self) -> int:
+        """Bytes held by the state and the caches (distinct tensors counted once)."""
+        tensors = [*self.clean, *self.corrupt_minus_clean, *self.outputs, *self.clean_reads, *self._final_cmc,
+                   *(t for t in self.inputs if t is not None), *self.projections.values(), self.final]
+        seen: dict[int, int] = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
-    def _final_step(self, removed: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        x = self._patched(self.clean_final, removed, self._final_rows, deviation, deviation.shape[0]).squeeze(0)
-        logits = self._unembed_positions(x) if self.unembed_positions_only else self._unembed_all(x)
-        return metric_value(self.metric, logits, self.clean_logprobs, self.correct, self.incorrect)
+    # ----------------------------------------------------------------------------------------------- public API
+    def _unit_plan(self, receiver: Receiver) -> dict[int, FullPrecisionUnits]:
+        """FP32 units while ``receiver`` is investigated: its head (q), its key/value group (k, v); none otherwise."""
+        if not self.low_precision or not receiver.is_attention_input:
+            return {}
+        layer = self.edges.head_graph.layers[receiver.layer]
+        if receiver.kind is ReceiverKind.QUERY:
+            units = FullPrecisionUnits(receiver.unit, layer.kv_group_of_head[receiver.unit])
+        else:
+            units = FullPrecisionUnits(-1 if layer.grouped else receiver.unit, receiver.unit)
+        return {self.row_step[self.edges.receiver_index[receiver.name]]: units}
 
     @torch.no_grad()
-    def evaluate(self, start: int, removed: torch.Tensor) -> float:
-        """The metric with ``removed`` edges patched, recomputing steps ``start..`` (earlier ones are clean).
-
-        Every step sees the same [S, B, T, d] deviation buffer (current minus clean output of each sender,
-        zero for senders that are not recomputed), so each step compiles to one graph whatever the start.
-        """
+    def investigate(self, receiver: Receiver) -> float:
+        """Move the state to ``receiver``'s start step and precision plan (committed); return the metric ``m0``."""
         self.queries += 1
-        deviation = self._deviation
-        deviation.zero_()
-        # One compiled graph per step: allow as many recompilations of the step functions as there are steps.
-        with torch._dynamo.config.patch(recompile_limit=len(self._plans) + 8):
-            for k in range(start, len(self._plans)):
-                plan = self._plans[k]
-                step = self._attention if plan.step.kind == "attention" else self._mlp
-                deviation[plan.first_sender : plan.first_sender + plan.n_senders] = step(k, removed, deviation)
-            return float(self._final(removed, deviation))
+        self._pending = self._cascade({}, self.start_of(receiver), self._unit_plan(receiver))
+        return self.commit()
+
+    @torch.no_grad()
+    def run_from(self, step: int) -> float:
+        """Let every step from ``step`` on run (none is clean any more); committed. Returns the metric."""
+        self._pending = self._cascade({}, step, None)
+        return self.commit()
+
+    @torch.no_grad()
+    def try_remove(self, row: int, senders: Iterable[int]) -> float:
+        """The metric with the edges ``senders -> row`` removed as well; tentative until :meth:`commit`."""
+        return self.try_remove_edges({row: list(senders)})
+
+    @torch.no_grad()
+    def try_remove_edges(self, removals: dict[int, list[int]]) -> float:
+        """The metric with the edges ``{receiver row: senders}`` removed as well; tentative until :meth:`commit`."""
+        self.queries += 1
+        self._pending = self._remove(removals)
+        return self._pending.metric
+
+    @torch.no_grad()
+    def remove(self, row: int, senders: Iterable[int]) -> None:
+        """Remove edges without testing them (a receiver whose node has no outgoing edge left)."""
+        senders = list(senders)
+        if self.row_step[row] >= self.active_from:
+            self._pending = self._remove({row: senders})
+            self.commit()
+        else:  # not running yet: activation reads the removed set
+            self._mark_removed(row, senders)
+
+    def commit(self) -> float:
+        """Make the last tentative values the state; returns the metric."""
+        pending, self._pending = self._pending, None
+        for row, x in pending.inputs.items():
+            self.inputs[row] = x
+        for s, x in pending.outputs.items():
+            self.outputs[s] = x
+        self.projections.update(pending.projections)
+        for row, s in pending.removed:
+            self._mark_removed(row, [s])
+        if pending.final is not None:
+            self.final = pending.final
+        if pending.active_from is not None:
+            self.active_from = pending.active_from
+        if pending.plan is not None:
+            self.plan = pending.plan
+        self.metric = pending.metric
+        return self.metric
+
+    def rollback(self) -> None:
+        """Drop the last tentative values."""
+        self._pending = None
+
+    def is_kept(self, row: int, sender: int) -> bool:
+        return sender in self.kept_in[row]
+
+    @property
+    def kept_edges(self) -> int:
+        return sum(len(k) for k in self.kept_in)
+
+    @property
+    def total_edges(self) -> int:
+        return sum(len(r.senders) for r in self.edges.receivers)
+
+    def _mark_removed(self, row: int, senders: list[int]) -> None:
+        for s in senders:
+            self.removed.add((row, s))
+            self.removed_from[row].append(s)
+            self.kept_in[row].discard(s)
+            self.kept_out[s].discard(row)
+
+    # ----------------------------------------------------------------------------------------------- the cone
+    def _remove(self, removals: dict[int, list[int]]) -> _Pending:
+        """Removing (s, r) changes r's input by ``corrupt_s - current_s``; the cascade does the rest."""
+        changes = {}
+        for row, senders in removals.items():
+            if self.row_step[row] < self.active_from:
+                raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it (or run_from) first")
+            for s in senders:
+                if s not in self.kept_in[row]:
+                    raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
+                change = self.corrupt_minus_clean[s]
+                if self.outputs[s] is not self.clean[s]:
+                    change = change + (self.clean[s] - self.outputs[s])
+                if row == self.final_row:
+                    change = self._final_cmc[s] if self.outputs[s] is self.clean[s] else self._rows(change)
+                changes[row] = change if row not in changes else changes[row] + change
+        removed = tuple((row, s) for row, senders in removals.items() for s in senders)
+        return self._cascade(changes, None, None, removed=removed)
+
+    def _cascade(self, changes: dict[int, torch.Tensor], activate_from: int | None, plan: dict[int, FullPrecisionUnits] | None,
+                 removed: tuple[tuple[int, int], ...] = ()) -> _Pending:
+        """Recompute, in step order, every component that ``changes`` (input deltas by receiver row), newly
+        running steps or a new plan reach, following kept edges; the tentative state and metric."""
+        pending = _Pending(removed=removed)
+        kept_in = self.kept_in
+        if removed:
+            kept_in = list(self.kept_in)
+            for row, s in removed:
+                kept_in[row] = kept_in[row] - {s}
+        new_from = self.active_from if activate_from is None else min(activate_from, self.active_from)
+        plan_changes: dict[int, FullPrecisionUnits] = {}
+        if plan is not None:
+            pending.plan = plan
+            for k in set(plan) | set(self.plan):
+                if k >= self.active_from and plan.get(k, FullPrecisionUnits()) != self.plan.get(k, FullPrecisionUnits()):
+                    plan_changes[k] = self.plan.get(k, FullPrecisionUnits())
+        current_plan = plan if plan is not None else self.plan
+        if new_from < self.active_from:
+            pending.active_from = new_from
+        deltas: dict[int, torch.Tensor] = {}
+        first = min([self.row_step[r] for r in changes if r != self.final_row] + [new_from if new_from < self.active_from else len(self.steps)]
+                    + list(plan_changes))
+        for k in range(first, len(self.steps)):
+            activating = new_from <= k < self.active_from
+            new_inputs, changed = self._step_inputs(k, changes, deltas, kept_in, activating)
+            pending.inputs.update(new_inputs)
+            step = self.steps[k]
+            if step.kind == "attention":
+                old_units = plan_changes.get(k)
+                if not new_inputs and old_units is None:
+                    continue
+                outputs = self._attention(k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units,
+                                          activating, pending)
+            else:
+                if not changed:
+                    continue
+                x = new_inputs[changed[0]]
+                pending.recomputed.append(step.name)
+                outputs = {self.step_senders[k][0]: self._components[k](x, *self._aux(step.aux))}
+            for s, out in outputs.items():
+                pending.outputs[s] = out
+                deltas[s] = out - self.outputs[s]
+        final_change = changes.get(self.final_row)
+        reaching = [s for s in deltas if s in kept_in[self.final_row]]
+        if reaching:
+            total = sum(self._rows(deltas[s]) for s in reaching)
+            final_change = total if final_change is None else final_change + total
+        if final_change is None:
+            pending.metric = self.metric
+        else:
+            pending.final = self.final + final_change
+            pending.recomputed.append("resid_post")
+            pending.metric = float(self._metric(pending.final))
+        self.last_recomputed = pending.recomputed
+        return pending
+
+    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor],
+                     kept_in: list[set[int]], activating: bool) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """New inputs of step k's receivers that ``changes`` or upstream deltas reach (all of them when the step
+        starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
+        from the one the component's current output was computed from."""
+        new_inputs, changed = {}, []
+        for rows in self.step_rows[k].values():
+            for row in rows:
+                reaching = [s for s in deltas if s in kept_in[row]]
+                if activating:
+                    base = self.clean_reads[k]
+                    for s in self.removed_from[row]:
+                        base = base + self.corrupt_minus_clean[s]
+                    corrupted = bool(self.removed_from[row])
+                elif reaching or row in changes:
+                    base, corrupted = self.inputs[row], False
+                else:
+                    continue
+                x = base + changes[row] if row in changes else base
+                for s in reaching:
+                    x = x + deltas[s]
+                new_inputs[row] = x
+                if corrupted or reaching or row in changes:
+                    changed.append(row)
+        return new_inputs, changed
+
+    def _attention(self, k: int, new_inputs: dict[int, torch.Tensor], changed: list[int], units: FullPrecisionUnits,
+                   old_units: FullPrecisionUnits | None, activating: bool, pending: _Pending) -> dict[int, torch.Tensor]:
+        """Recompute the projections of attention step k that new inputs or a precision change reach (all of them
+        when the step starts running), and the outputs of the heads whose value can differ from the state's."""
+        block: AttentionBlock = getattr(self.graph, self.steps[k].name)
+        layout = self._layouts[k]
+        rows = self.step_rows[k]
+        dirty: dict[str, set[int]] = {role: set() for role in ROLES}
+        for row in changed:
+            dirty[self.row_role[row]].add(self.row_unit[row])
+        if old_units is not None:
+            for head in {old_units.query_head, units.query_head} - {-1}:
+                dirty["q"].add(head)
+            for group in {old_units.kv_group, units.kv_group} - {-1}:
+                dirty["k"].add(group)
+                dirty["v"].add(group)
+        heads = set(dirty["q"])
+        for role in ("k", "v"):
+            for g in dirty[role]:
+                heads.update(layout.heads_of_group[g])
+        if activating:
+            # All projections are new to the state; FP32 heads reproduce their clean output exactly.
+            dirty = {"q": set(range(layout.n_heads)), "k": set(range(layout.n_groups)), "v": set(range(layout.n_groups))}
+            if self.low_precision:
+                heads = set(range(layout.n_heads))
+        order = {role: sorted(dirty[role]) for role in ROLES}
+        inputs = [new_inputs.get(rows[role][u], self.inputs[rows[role][u]]) for role in ROLES for u in order[role]]
+        norm_aux = self._aux(self.steps[k].aux)[: block.n_norm_aux]
+        core_aux = self._aux(self.steps[k].aux)[block.n_norm_aux :]
+        normed = block.norm(torch.stack(inputs, dim=2), *norm_aux)
+        sizes = [len(order[role]) for role in ROLES]
+        parts = []
+        for role, x in zip(ROLES, normed.split(sizes, dim=2)):
+            if order[role]:
+                fp32 = units.query_head if role == "q" else units.kv_group
+                parts.append(getattr(block, role).units(x, order[role], fp32).flatten(-2))
+        values = torch.cat(parts, dim=-1)
+        if activating:
+            projections = values
+        else:
+            index = torch.cat([layout.features[role][u] for role in ROLES for u in order[role]])
+            projections = self.projections[k].index_copy(-1, index, values)
+        pending.projections[k] = projections
+        if not heads:
+            return {}
+        heads = sorted(heads)
+        z = block.core(*(projections.index_select(-1, getattr(block, f"scatter_{i}")) for i in range(block.n_projections)),
+                       *core_aux)
+        z_heads = z.index_select(-1, torch.cat([layout.z_features[h] for h in heads])).unflatten(-1, (len(heads), -1))
+        out = block.o.units(z_heads, heads, units.query_head)
+        senders = self.step_senders[k]
+        pending.recomputed.extend(f"{self.steps[k].name}.h{h}" for h in heads)
+        return {senders[h]: out[:, :, i] for i, h in enumerate(heads)}

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, PahqError, TaskError
-from ..precision import Format, FullPrecisionUnits, lower_precision, parse_format, set_plan
-from ..split import AttentionBlock, split_heads
+from ..precision import Format, lower_precision, parse_format
+from ..split import split_heads
 from ..trace import trace
 from .circuit import Circuit, CircuitEdge, RunStats
-from .edges import EdgeGraph, Receiver, ReceiverKind
+from .edges import EdgeGraph, Receiver
 from .metrics import Metric
 from .runtime import PatchingRuntime
 from .task import Task
@@ -101,20 +101,6 @@ def build_runtime(model: nn.Module, task: Task, metric: Metric, precision: Forma
     return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
 
 
-def _plan_for(receiver: Receiver) -> Callable[[AttentionBlock], FullPrecisionUnits]:
-    """FP32 units while this receiver is investigated: its head (q), its key/value group (k, v), else none."""
-
-    def plan(block: AttentionBlock) -> FullPrecisionUnits:
-        if not receiver.is_attention_input or block.layer != receiver.layer:
-            return FullPrecisionUnits()
-        if receiver.kind is ReceiverKind.QUERY:
-            return FullPrecisionUnits(receiver.unit, block.kv_group_of_head[receiver.unit])
-        grouped = block.n_kv_groups != block.n_heads
-        return FullPrecisionUnits(-1 if grouped else receiver.unit, receiver.unit)
-
-    return plan
-
-
 class _Checkpoint:
     def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
         self.path = path
@@ -134,14 +120,14 @@ class _Checkpoint:
             )
         return data
 
-    def save(self, done: list[str], removed: torch.Tensor, effects: dict[tuple[int, int], float], queries: int) -> None:
+    def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int) -> None:
         if self.path is None:
             return
         data = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
             "done": done,
-            "removed": removed.nonzero().tolist(),
+            "removed": [list(edge) for edge in removed],
             "effects": [[r, s, e] for (r, s), e in sorted(effects.items())],
             "queries": queries,
         }
@@ -180,15 +166,13 @@ def discover(
         "metric": parsed_metric.value, "precision": fmt.value, "granularity": granularity, "abs": abs_threshold,
     }
     store = _Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
-    removed = torch.zeros_like(runtime.upstream)
     effects: dict[tuple[int, int], float] = {}
     done: list[str] = []
     state = store.load()
     if state is not None:
         done = list(state["done"])
-        for r, s in state["removed"]:
-            removed[r, s] = 1.0
         effects = {(r, s): e for r, s, e in state["effects"]}
+        _replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
         runtime.queries = int(state["queries"])
 
     from tqdm.auto import tqdm
@@ -199,26 +183,21 @@ def discover(
     for r_index, receiver in enumerate(edges.receivers):
         if receiver.name in done:
             continue
-        feeding = edges.feeding_senders(receiver)
-        alive = any(bool(((runtime.upstream[:, s] - removed[:, s]) > 0).any()) for s in feeding)
-        if feeding and not alive:
-            removed[r_index, list(receiver.senders)] = 1.0
+        if _has_no_outgoing_edge(runtime, edges, receiver):
+            runtime.remove(r_index, receiver.senders)
         else:
-            set_plan(runtime.graph, _plan_for(receiver))
-            start = runtime.start_of(receiver)
-            baseline = runtime.evaluate(start, removed)
+            baseline = runtime.investigate(receiver)
             for s in receiver.senders:
-                removed[r_index, s] = 1.0
-                value = runtime.evaluate(start, removed)
+                value = runtime.try_remove(r_index, [s])
                 effect = value - baseline
                 effects[(r_index, s)] = effect
                 if (abs(effect) if abs_threshold else effect) < threshold:
-                    baseline = value
+                    baseline = runtime.commit()
                 else:
-                    removed[r_index, s] = 0.0
+                    runtime.rollback()
         done.append(receiver.name)
-        store.save(done, removed, effects, runtime.queries)
-        kept = int((runtime.upstream - removed).sum())
+        store.save(done, sorted(runtime.removed), effects, runtime.queries)
+        kept = runtime.kept_edges
         rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
         bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}")
         bar.update(1)
@@ -230,12 +209,12 @@ def discover(
         CircuitEdge(edges.senders[s].name, r.name, effects.get((i, s), float("nan")))
         for i, r in enumerate(edges.receivers)
         for s in r.senders
-        if removed[i, s] == 0
+        if runtime.is_kept(i, s)
     )
     removed_edges = tuple(
         CircuitEdge(edges.senders[s].name, edges.receivers[i].name, e)
         for (i, s), e in sorted(effects.items())
-        if removed[i, s] == 1
+        if not runtime.is_kept(i, s)
     )
     queries = runtime.queries
     return Circuit(
@@ -247,13 +226,36 @@ def discover(
         model=identity,
         task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
               "seq_len": int(task.clean_input_ids.shape[1])},
-        stats=RunStats(wall, queries, (queries - loop_queries) / max(wall - setup, 1e-9), peak_memory_mb(runtime.clean.device),
+        stats=RunStats(wall, queries, (queries - loop_queries) / max(wall - setup, 1e-9), peak_memory_mb(runtime.device),
                        runtime.compilations, setup),
-        total_edges=int(runtime.upstream.sum()),
+        total_edges=runtime.total_edges,
         versions=library_versions(),
         removed=removed_edges,
         groups=_kv_groups(edges),
     )
+
+
+def _has_no_outgoing_edge(runtime: PatchingRuntime, edges: EdgeGraph, receiver: Receiver) -> bool:
+    """Whether the node this receiver feeds has lost all its outgoing edges (its inputs are then removed untested)."""
+    feeding = edges.feeding_senders(receiver)
+    return bool(feeding) and not any(runtime.kept_out[s] for s in feeding)
+
+
+def _replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
+            effects: dict[tuple[int, int], float]) -> None:
+    """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
+    state as the uninterrupted run; no edge is measured again). A receiver without measured effects was pruned."""
+    for name in done:
+        row = edges.receiver_index[name]
+        receiver = edges.receivers[row]
+        if not any((row, s) in effects for s in receiver.senders):
+            runtime.remove(row, receiver.senders)
+            continue
+        runtime.investigate(receiver)
+        for s in receiver.senders:
+            if (row, s) in removed:
+                runtime.try_remove(row, [s])
+                runtime.commit()
 
 
 def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:
@@ -290,14 +292,12 @@ def evaluate_circuit(circuit: Circuit, model: nn.Module, task: Task) -> Faithful
     unknown = kept - set(names)
     if unknown:
         raise PahqError(f"the circuit has edges this model does not: {sorted(unknown)[:5]}")
-    removed = (runtime.upstream > 0).float()
-    for i, r in enumerate(edges.receivers):
-        for s in r.senders:
-            if (edges.senders[s].name, r.name) in kept:
-                removed[i, s] = 0.0
-    return Faithfulness(
-        metric=metric.value,
-        circuit=runtime.evaluate(0, removed),
-        full_model=runtime.evaluate(0, torch.zeros_like(removed)),
-        empty_circuit=runtime.evaluate(0, (runtime.upstream > 0).float()),
-    )
+    full_model = runtime.run_from(0)
+    every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
+    outside = {i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
+               for i, senders in every_edge.items()}
+    circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
+    runtime.rollback()
+    empty = runtime.try_remove_edges(every_edge)
+    runtime.rollback()
+    return Faithfulness(metric=metric.value, circuit=circuit_value, full_model=full_model, empty_circuit=empty)

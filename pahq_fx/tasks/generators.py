@@ -39,6 +39,8 @@ def induction(tokenizer, n: int = 32, seed: int = 0, half: int = 8) -> Task:
     """Random token sequences repeated once: ``x1..xk x1..xk``. The metric reads every position of the second
     half (predicting the repeated token); the corrupted prompt has a different first half."""
     token_ids = single_token_ids(tokenizer, vocab.INDUCTION_TOKENS)
+    if not 1 <= half <= len(token_ids) // 2:
+        raise TaskError(f"induction half length must be between 1 and {len(token_ids) // 2}, got {half}")
     rng = random.Random(seed)
     clean, corrupted = [], []
     for _ in range(n):
@@ -122,10 +124,15 @@ GENERATORS: dict[str, Callable[..., Task]] = {
 }
 
 
-def make_task(name: str, tokenizer, n: int = 32, seed: int = 0) -> Task:
-    """Generate the named task; an unknown name is a :class:`TaskError` listing the known ones."""
+def make_task(name: str, tokenizer, n: int = 32, seed: int = 0, **options) -> Task:
+    """Generate the named task; an unknown name is a :class:`TaskError` listing the known ones.
+
+    ``options`` go to the generator (``half=32`` gives 64-token induction prompts)."""
     if name not in GENERATORS:
         raise TaskError(f"unknown task {name!r}; choose one of {', '.join(GENERATORS)} or give a task file")
     if n < 1:
         raise TaskError(f"a task needs at least one example, got n={n}")
-    return GENERATORS[name](tokenizer, n=n, seed=seed)
+    try:
+        return GENERATORS[name](tokenizer, n=n, seed=seed, **options)
+    except TypeError as error:
+        raise TaskError(f"task {name!r} does not take options {sorted(options)}: {error}") from None
