@@ -4,9 +4,9 @@ from . import passes
 from .acdc import Circuit, Task, discover
 from .compile import backend
 from .errors import (
+    CheckpointError,
     InvalidHeadError,
     PahqError,
-    CheckpointError,
     QuantizationError,
     TaskError,
     UnsupportedArchitectureError,
@@ -19,23 +19,23 @@ from .transform import PahqModel, transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform",
-    "discover",
-    "Task",
-    "Circuit",
     "CheckpointError",
-    "backend",
-    "passes",
-    "PahqModel",
-    "HeadGraph",
-    "LayerInfo",
+    "Circuit",
     "Format",
     "Granularity",
-    "PrecisionConfig",
-    "PahqError",
+    "HeadGraph",
     "InvalidHeadError",
+    "LayerInfo",
+    "PahqError",
+    "PahqModel",
+    "PrecisionConfig",
+    "QuantizationError",
+    "Task",
+    "TaskError",
     "UnsupportedArchitectureError",
     "UnsupportedFormatError",
-    "QuantizationError",
-    "TaskError",
+    "backend",
+    "discover",
+    "passes",
+    "transform",
 ]

@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 
 from .errors import PahqError
+from .precision import Format
 
-PRECISIONS = ("fp8", "fp8_e5m2", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", *(f.value for f in Format))
 METRICS = ("kl", "logit_diff", "prob_diff")
 
 
@@ -59,6 +60,8 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         "model": model_name,
         "task": circuit.task,
         "precision": circuit.precision,
+        "precision_note": circuit.precision_note,
+        "execution": s.execution,
         "metric": circuit.metric,
         "threshold": circuit.threshold,
         "queries": s.queries,
@@ -66,6 +69,10 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         "queries_per_second": round(s.queries_per_second, 2),
         "peak_memory_mb": round(s.peak_memory_mb, 1),
         "compilations": s.compilations,
+        "compile_s": round(s.compile_s, 3),
+        "forward_s": s.forward_s,
+        "forward_equivalents_per_query": round(s.forward_equivalents, 4),
+        "state_bytes": s.state_bytes,
         "edges_kept": len(circuit.edges),
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
@@ -78,15 +85,18 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| precision (non-investigated heads) | {circuit.precision} |",
+        f"| precision (non-investigated heads) | {circuit.precision}{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
+        f"| execution | {s.execution} |",
         f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
         f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
         f"| nodes | {len(circuit.nodes)} |",
         f"| queries | {s.queries} |",
         f"| wall time | {s.wall_s:.1f} s |",
         f"| queries per second | {s.queries_per_second:.1f} |",
+        f"| forward-equivalents per query | {s.forward_equivalents:.3g} (one eager forward: {s.forward_s * 1000:.2f} ms) |",
+        f"| runtime state | {s.state_bytes / 2**20:.1f} MB |",
         f"| peak memory (RSS) | {s.peak_memory_mb:.0f} MB |",
-        f"| compilations | {s.compilations} |",
+        f"| compilations | {s.compilations} ({s.compile_s:.1f} s compiling) |",
         f"| metric of the circuit alone (FP32) | {faithfulness.circuit:.4g} |",
         f"| metric of the full model | {faithfulness.full_model:.4g} |",
         f"| metric with every edge patched | {faithfulness.empty_circuit:.4g} |",
@@ -106,7 +116,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
                        checkpoint=out / "checkpoint.json" if args.resume else None, progress=not args.no_progress,
-                       compile=not args.no_compile)
+                       compile=False if args.no_compile else True if args.compile else "auto")
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = _render(out / "circuit.dot")
@@ -151,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
     d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring) or task file")
     d.add_argument("--threshold", required=True, type=float)
-    d.add_argument("--precision", default="fp8", choices=PRECISIONS)
+    d.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="format of the heads not under investigation; auto: fp8 on CUDA sm>=8.9, bf16 where native, else fp32")
     d.add_argument("--metric", default="kl", choices=METRICS)
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
@@ -159,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compare", help="a previous circuit.json to report agreement with")
     d.add_argument("--resume", action="store_true", help="checkpoint in the output folder and resume from it")
     d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--no-compile", action="store_true", help="run the patched graph eagerly")
+    compiling = d.add_mutually_exclusive_group()
+    compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: only on CUDA)")
+    compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     d.set_defaults(run=cmd_discover)
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)

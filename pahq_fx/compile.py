@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from .errors import UnsupportedArchitectureError
 
@@ -18,14 +18,70 @@ class CountingBackend:
     def __init__(self, inner: str | Callable = "inductor") -> None:
         self.inner = inner
         self.compilations = 0
+        self.seconds = 0.0  # inside the inner backend: the compile time proper (dynamo's tracing not included)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         self.compilations += 1
-        if callable(self.inner):
-            return self.inner(gm, example_inputs)
-        from torch._dynamo.backends.registry import lookup_backend
+        start = time.perf_counter()
+        try:
+            if callable(self.inner):
+                return self.inner(gm, example_inputs)
+            from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend(self.inner)(gm, example_inputs)
+            return lookup_backend(self.inner)(gm, example_inputs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _lift_weights(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor], tuple]:
+    """The same computation with every constant (weights, buffers) as a trailing input, the constants, and a
+    signature of the graph's structure that ignores node names (so components of different layers compare equal)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(gm.graph.nodes)
+    for i, node in enumerate(n for n in nodes if n.op == "placeholder"):
+        env[node] = graph.placeholder(f"x{i}")
+    constants = []
+    for node in (n for n in nodes if n.op == "get_attr"):
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        env[node] = graph.placeholder(f"w{len(constants)}")
+        constants.append(value)
+    index = {node: i for i, node in enumerate(nodes)}
+    signature = [tuple((c.shape, c.dtype) for c in constants)]
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("node", index[n]))
+        signature.append((node.op, str(node.target), repr(args)))
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph), constants, tuple(signature)
+
+
+def compile_by_structure(modules: list[fx.GraphModule], backend: Callable) -> list[Callable]:
+    """One compiled graph per distinct structure among ``modules`` (for example one for every layer's MLP), with
+    each module's weights passed as tensor inputs: the number of compilations does not grow with depth."""
+    compiled: dict[tuple, Callable] = {}
+    out = []
+    for module in modules:
+        lifted, constants, signature = _lift_weights(module)
+        if signature not in compiled:
+            compiled[signature] = torch.compile(lifted, backend=backend, dynamic=False)
+        out.append(_WithConstants(compiled[signature], constants))
+    return out
+
+
+class _WithConstants:
+    """Calls a weights-as-inputs graph with one component's weights."""
+
+    def __init__(self, fn: Callable, constants: list[torch.Tensor]) -> None:
+        self.fn = fn
+        self.constants = constants
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args, *self.constants)
 
 
 def compile_module(module: nn.Module, inner: str | Callable = "inductor") -> tuple[Callable, CountingBackend]:

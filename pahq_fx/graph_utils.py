@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.node import map_arg
 
 aten = torch.ops.aten

@@ -8,4 +8,4 @@ from .precision import lower_precision, set_head
 from .split import split_heads
 from .trace import trace
 
-__all__ = ["trace", "split_heads", "lower_precision", "set_head"]
+__all__ = ["lower_precision", "set_head", "split_heads", "trace"]

@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
 from .split import NO_HEAD, AttentionBlock, PerHeadLinear
@@ -71,6 +70,34 @@ class Kernel(enum.Enum):
     HALF = "half-precision matmul"
     FP8_SCALED_MM = "torchao Float8Tensor, dynamic FP8 activations, FP8 x FP8 torch._scaled_mm"
     FP8_WEIGHT_ONLY = "torchao Float8Tensor weight-only (FP8 weights dequantized, FP32 activations)"
+
+
+AUTO = "auto"
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); elsewhere we do not guess."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_format(device: torch.device) -> tuple[Format, str]:
+    """The honest default on ``device``, and why: FP8 where FP8 matmuls are native (CUDA sm >= 8.9), bf16 where
+    bf16 matmuls are (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), FP32 otherwise."""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability >= (8, 9):
+            return Format.FP8_E4M3, f"CUDA sm {capability[0]}.{capability[1]} has FP8 tensor cores"
+        if torch.cuda.is_bf16_supported():
+            return Format.BF16, f"CUDA sm {capability[0]}.{capability[1]}: no FP8 tensor cores, native bf16"
+        return Format.FP32, f"CUDA sm {capability[0]}.{capability[1]}: neither FP8 nor bf16 tensor cores"
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return Format.BF16, "CPU with native bf16 matmul (AVX512-BF16/AMX); FP8 would be emulated"
+    return Format.FP32, f"{device.type}: no native FP8 or bf16 matmul"
 
 
 def parse_format(value: str | Format) -> Format:

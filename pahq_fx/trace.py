@@ -13,8 +13,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from .errors import UnsupportedArchitectureError
 
@@ -80,9 +79,7 @@ def _export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedPr
 def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
     """Remove export's runtime guards and metadata asserts, and eval-mode dropout."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-        elif node.op == "call_function" and node.target in _NO_OP_TARGETS:
+        if node.op == "call_module" and node.target == "_guards_fn" or node.op == "call_function" and node.target in _NO_OP_TARGETS:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is aten.dropout.default and node.args[2] is False:
             node.replace_all_uses_with(node.args[0])

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from .compile import CountingBackend, compile_module
 from .errors import UnsupportedArchitectureError

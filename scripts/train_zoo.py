@@ -46,7 +46,7 @@ RECIPES = {
                                 d_model=64, steps=2500),
     # The shape of docs/runtime.md's measurements: 8 heads, d_model 128, 64-token induction prompts.
     "gpt2-induction-8h": Recipe("gpt2-induction-8h", "gpt2", ("induction",), layers=2, heads=8, kv_heads=8, d_model=128,
-                                steps=1000, positions=64, task_options=(("half", 32),)),
+                                steps=2500, positions=64, task_options=(("half", 32),)),
 }
 
 

@@ -1,28 +1,43 @@
 """A deliberately simple ACDC, written from docs/acdc.md without the library's runtime or edge graph.
 
 Full forward per query from the embedding (no start-at-layer, no cached clean activations, no masks as
-tensors, no compile): every receiver's input is rebuilt by hand, sender by sender, as the sum of the
-kept senders' current outputs and the removed senders' corrupted outputs plus the output biases. The
-per-head blocks come from the split pass, which the split tests check against the Hugging Face model.
+tensors, no incremental state, no compile): every receiver's input is rebuilt by hand, sender by sender, as
+the sum of the kept senders' current outputs and the removed senders' corrupted outputs plus the output
+biases. The per-head blocks come from the split pass, which the split tests check against the Hugging Face
+model. ``dense`` is the from-scratch evaluation the runtime's state must equal: the same formula with a
+start step (earlier steps clean) and a precision plan, run through the lowered blocks' own forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pahq_fx.passes import split_heads, trace
+from pahq_fx.passes import lower_precision, split_heads, trace
+from pahq_fx.precision import FullPrecisionUnits, all_heads_fp32, set_plan
 
 
 class ReferenceACDC:
-    def __init__(self, model, clean, corrupted, mask):
-        self.gm = split_heads(trace(model, clean[:2]))
+    def __init__(self, model, clean, corrupted, mask, precision="fp32"):
+        self.gm = lower_precision(split_heads(trace(model, clean[:2])), precision)
         self.hg = self.gm.meta["head_graph"]
         self.structure = self.gm.meta["structure"]
         self.mask = mask
         self.clean = clean
-        self.corrupt_outputs = self.forward(corrupted, removed=set(), corrupt=None)[0]
-        logits = self.forward(clean, removed=set(), corrupt=None)[1]
+        with all_heads_fp32(self.gm):
+            self.clean_outputs = self.forward(clean, removed=set(), corrupt=None)[0]
+            self.corrupt_outputs = self.forward(corrupted, removed=set(), corrupt=None)[0]
+            logits = self.forward(clean, removed=set(), corrupt=None)[1]
         self.clean_logprobs = torch.log_softmax(logits[mask], -1)
+
+    def dense(self, removed, start, plan):
+        """(KL, every sender's output) with ``removed`` edges patched, steps before ``start`` clean and FP32, and
+        ``plan`` ({layer: FullPrecisionUnits}) choosing the FP32 units of the steps that run."""
+        set_plan(self.gm, lambda block: plan.get(block.layer, FullPrecisionUnits()))
+        try:
+            outputs, logits = self.forward(self.clean, removed, self.corrupt_outputs, start=start)
+        finally:
+            set_plan(self.gm, lambda block: FullPrecisionUnits())
+        return self._kl(logits), outputs
 
     def components(self, name):
         if name == "embed":
@@ -51,14 +66,16 @@ class ReferenceACDC:
         return total
 
     @torch.no_grad()
-    def forward(self, ids, removed, corrupt):
+    def forward(self, ids, removed, corrupt, start=0):
         out = self.gm.prelude(ids)
         aux = out[1:]
         outputs = {"embed": out[0]}
-        for step in self.structure.steps:
+        for k, step in enumerate(self.structure.steps):
             block = getattr(self.gm, step.name)
             args = [aux[i] for i in step.aux]
-            if step.kind == "attention":
+            if k < start:
+                outputs.update({name: self.clean_outputs[name] for name in self.components(step.name)})
+            elif step.kind == "attention":
                 layer = self.hg.layers[block.layer]
                 q = [self.receiver_input(layer.query_name(h), step.reads, outputs, removed, corrupt) for h in range(layer.n_heads)]
                 k = [self.receiver_input(layer.kv_name(g, "k"), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
@@ -74,8 +91,10 @@ class ReferenceACDC:
         return outputs, logits
 
     def kl(self, removed):
-        logits = self.forward(self.clean, removed, self.corrupt_outputs)[1][self.mask]
-        logprobs = torch.log_softmax(logits, -1)
+        return self._kl(self.forward(self.clean, removed, self.corrupt_outputs)[1])
+
+    def _kl(self, logits):
+        logprobs = torch.log_softmax(logits[self.mask], -1)
         return float((self.clean_logprobs.exp() * (self.clean_logprobs - logprobs)).sum(-1).mean())
 
     def receivers(self):

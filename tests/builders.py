@@ -13,9 +13,12 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
 )
 
 FAMILIES = ("gpt2", "neox", "llama")
+RUNTIME_FAMILIES = FAMILIES + ("opt",)
 VOCAB = 40
 MAX_POS = 16
 
@@ -54,6 +57,11 @@ def build(spec: Spec) -> torch.nn.Module:
                              vocab_size=VOCAB, max_position_embeddings=MAX_POS, head_dim=spec.head_dim,
                              bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(config)
+    elif spec.family == "opt":
+        config = OPTConfig(num_hidden_layers=spec.layers, num_attention_heads=spec.heads, hidden_size=d, ffn_dim=2 * d,
+                           vocab_size=VOCAB, max_position_embeddings=MAX_POS, word_embed_proj_dim=d, bos_token_id=0,
+                           eos_token_id=0, pad_token_id=0)
+        model = OPTForCausalLM(config)
     else:
         raise ValueError(spec.family)
     with torch.no_grad():

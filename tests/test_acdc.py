@@ -159,15 +159,32 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
                          checkpoint=checkpoint)
 
 
-def test_compiled_discovery_matches_eager_and_compiles_once_per_step():
-    model = build(Spec("gpt2", 2, 2, 2, 8))
+def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind():
+    """One graph per component kind (attention core, MLP, final read): a 2- and a 6-layer model compile as many."""
     task = make_task(8)
-    eager = pahq_fx.discover(model, task, threshold=0.01, precision="fp8", progress=False, compile=False)
-    compiled = pahq_fx.discover(model, task, threshold=0.01, precision="fp8", progress=False, compile=True)
-    assert compiled.edge_set() == eager.edge_set()
-    steps = 2 * 2  # attention and MLP of each layer
-    assert 1 <= compiled.stats.compilations <= steps + 1
-    assert eager.stats.compilations == 0
+    compilations = {}
+    for layers in (2, 6):
+        model = build(Spec("gpt2", layers, 2, 2, 8))
+        eager = pahq_fx.discover(model, task, threshold=1e-4, precision="fp8", progress=False, compile=False)
+        torch._dynamo.reset()  # count this run's compilations, not what an earlier run left in dynamo's cache
+        compiled = pahq_fx.discover(model, task, threshold=1e-4, precision="fp8", progress=False, compile=True)
+        assert len(compiled.nodes) > 2 * layers, "too few nodes left for every component kind to run"
+        assert compiled.edge_set() == eager.edge_set()
+        assert eager.stats.compilations == 0 and eager.stats.execution.startswith("eager")
+        assert compiled.stats.execution.startswith("compiled") and compiled.stats.compile_s > 0
+        compilations[layers] = compiled.stats.compilations
+    assert compilations[2] == compilations[6] == 3, compilations
+
+
+def test_auto_defaults_name_their_choice_on_this_device():
+    model = build(Spec("gpt2", 1, 2, 2, 8))
+    circuit = pahq_fx.discover(model, make_task(4), threshold=0.01, progress=False)
+    expected, reason = pahq_fx.precision.auto_format(torch.device("cpu"))
+    assert circuit.precision == expected.value and circuit.precision_note == reason
+    assert circuit.stats.execution.startswith("eager (compile='auto'")
+    assert circuit.stats.forward_s > 0 and circuit.stats.forward_equivalents > 0 and circuit.stats.state_bytes > 0
+    with pytest.raises(pahq_fx.PahqError, match="compile must be"):
+        pahq_fx.discover(model, make_task(4), threshold=0.01, progress=False, compile="sometimes")
 
 
 def test_circuit_roundtrip_dot_and_evaluate(tmp_path):

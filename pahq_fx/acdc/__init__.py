@@ -6,5 +6,19 @@ from .metrics import Metric
 from .search import Faithfulness, ReceiverDone, discover, evaluate_circuit
 from .task import Task
 
-__all__ = ["Circuit", "CircuitEdge", "RunStats", "Edge", "EdgeGraph", "Receiver", "ReceiverKind", "Sender", "Metric",
-           "Faithfulness", "ReceiverDone", "discover", "evaluate_circuit", "Task"]
+__all__ = [
+           "Circuit",
+           "CircuitEdge",
+           "Edge",
+           "EdgeGraph",
+           "Faithfulness",
+           "Metric",
+           "Receiver",
+           "ReceiverDone",
+           "ReceiverKind",
+           "RunStats",
+           "Sender",
+           "Task",
+           "discover",
+           "evaluate_circuit",
+]

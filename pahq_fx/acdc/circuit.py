@@ -30,6 +30,11 @@ class RunStats:
     peak_memory_mb: float
     compilations: int
     setup_s: float = 0.0
+    compile_s: float = 0.0  # time spent inside torch.compile (part of the search when compiled)
+    forward_s: float = 0.0  # one eager forward of the original model on the clean batch, measured in the same run
+    forward_equivalents: float = 0.0  # (search seconds per query) / forward_s: docs/runtime.md's measure
+    state_bytes: int = 0  # bytes of the runtime's caches and state
+    execution: str = ""  # eager or compiled, and why
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Circuit:
     versions: dict[str, str] = field(default_factory=dict)
     removed: tuple[CircuitEdge, ...] = ()  # edges tested and removed, with their effect (pruned ones are not tested)
     groups: dict[str, list[str]] = field(default_factory=dict)  # key/value group node -> the heads it feeds (GQA)
+    precision_note: str = ""  # why this precision (the device's choice under precision="auto")
 
     @property
     def nodes(self) -> list[str]:
@@ -92,6 +98,7 @@ class Circuit:
                 versions=data.get("versions", {}),
                 removed=tuple(CircuitEdge(**e) for e in data.get("removed", [])),
                 groups=data.get("groups", {}),
+                precision_note=data.get("precision_note", ""),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
@@ -127,7 +134,8 @@ class Circuit:
         return (
             f"{len(self.edges)}/{self.total_edges} edges kept, {len(self.nodes)} nodes "
             f"(metric={self.metric}, threshold={self.threshold:g}, precision={self.precision}); "
-            f"{s.queries} queries in {s.wall_s:.1f}s ({s.setup_s:.1f}s setup, {s.queries_per_second:.1f} queries/s), "
+            f"{s.queries} queries in {s.wall_s:.1f}s ({s.setup_s:.1f}s setup, {s.queries_per_second:.1f} queries/s, "
+            f"{s.forward_equivalents:.3g} forward-equivalents per query), {s.execution or 'eager'}, "
             f"{s.compilations} compilations, peak RSS {s.peak_memory_mb:.0f} MB"
         )
 

@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
-from ..compile import CountingBackend
+from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
 from ..precision import FullPrecisionUnits, all_heads_fp32
-from ..split import AttentionBlock, Step
+from ..split import AttentionBlock, Step, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import Metric, metric_value
 from .task import Task
@@ -51,6 +51,15 @@ class _Pending:
     active_from: int | None = None
     plan: dict[int, FullPrecisionUnits] | None = None
     recomputed: list[str] = field(default_factory=list)
+
+
+def _stream_shaped(fn: Callable) -> Callable:
+    """``fn`` with its output given its input's [batch, seq, d] shape (as :class:`StreamShaped` does)."""
+
+    def run(x: torch.Tensor, *aux: torch.Tensor) -> torch.Tensor:
+        return fn(x, *aux).reshape(x.shape)
+
+    return run
 
 
 class _AttentionLayout:
@@ -86,7 +95,7 @@ class PatchingRuntime:
         self.low_precision = graph.meta["precision"].config.low_precision.value != "fp32" if "precision" in graph.meta else False
         self.last_recomputed: list[str] = []
         self._index_graph()
-        self._components = [self._compiled(getattr(graph, s.name)) for s in self.steps]
+        self._components, self._cores, self._metric = self._kernels(compile)
         self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind == "attention"}
         self.device = task.clean_input_ids.device
         self.positions = task.metric_mask.flatten().nonzero().flatten()
@@ -152,8 +161,23 @@ class PatchingRuntime:
     def compilations(self) -> int:
         return 0 if self.counter is None else self.counter.compilations
 
-    def _compiled(self, fn: Callable) -> Callable:
-        return fn if self.counter is None else torch.compile(fn, backend=self.counter, dynamic=False)
+    @property
+    def compile_seconds(self) -> float:
+        return 0.0 if self.counter is None else self.counter.seconds
+
+    def _kernels(self, compile: bool) -> tuple[dict[int, Callable], dict[int, Callable], Callable]:
+        """MLPs and attention cores by step, and the final read + metric: eager, or compiled once per component
+        structure with weights as inputs (every layer's MLP shares one graph). Per-head projections and norms
+        stay eager: their shapes change with the number of heads a query reaches."""
+        mlps = {k: getattr(self.graph, s.name) for k, s in enumerate(self.steps) if s.kind == "mlp"}
+        cores = {k: getattr(self.graph, s.name).core for k, s in enumerate(self.steps) if s.kind == "attention"}
+        if not compile:
+            return mlps, cores, self._final_metric
+        inner = [m.component if isinstance(m, StreamShaped) else m for m in mlps.values()]
+        for k, fn in zip(list(mlps), compile_by_structure(inner, self.counter)):
+            mlps[k] = _stream_shaped(fn)
+        compiled_cores = dict(zip(cores, compile_by_structure(list(cores.values()), self.counter)))
+        return mlps, compiled_cores, torch.compile(self._final_metric, backend=self.counter, dynamic=False)
 
     def _aux(self, indices: Iterable[int]) -> list[torch.Tensor]:
         return [self.aux[i] for i in indices]
@@ -213,7 +237,7 @@ class PatchingRuntime:
         except RuntimeError:
             return False
 
-    def _metric(self, final_rows: torch.Tensor) -> torch.Tensor:
+    def _final_metric(self, final_rows: torch.Tensor) -> torch.Tensor:
         if self._final_shape is None:
             logits = self.graph.unembed(final_rows.unsqueeze(0), *self._final_aux).squeeze(0)
         else:
@@ -466,7 +490,7 @@ class PatchingRuntime:
         if not heads:
             return {}
         heads = sorted(heads)
-        z = block.core(*(projections.index_select(-1, getattr(block, f"scatter_{i}")) for i in range(block.n_projections)),
+        z = self._cores[k](*(projections.index_select(-1, getattr(block, f"scatter_{i}")) for i in range(block.n_projections)),
                        *core_aux)
         z_heads = z.index_select(-1, torch.cat([layout.z_features[h] for h in heads])).unflatten(-1, (len(heads), -1))
         out = block.o.units(z_heads, heads, units.query_head)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, PahqError, TaskError
-from ..precision import Format, lower_precision, parse_format
+from ..precision import AUTO, Format, auto_format, lower_precision, parse_format
 from ..split import split_heads
 from ..trace import trace
 from .circuit import Circuit, CircuitEdge, RunStats
@@ -90,6 +91,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _resolve_compile(compile: bool | str, device: torch.device) -> tuple[bool, str]:
+    """Whether to compile, and the sentence the report shows."""
+    if compile == AUTO:
+        if device.type == "cuda":
+            return True, "compiled (compile='auto' on CUDA)"
+        return False, f"eager (compile='auto': on {device.type} compilation is not repaid)"
+    if not isinstance(compile, bool):
+        raise PahqError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile, "compiled (compile=True)" if compile else "eager (compile=False)"
+
+
+@torch.no_grad()
+def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> float:
+    """Median time of one eager forward of the original model on ``input_ids``: the unit of forward-equivalents."""
+    times = []
+    for _ in range(repeats + 1):
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize(input_ids.device)
+        start = time.perf_counter()
+        model(input_ids=input_ids, use_cache=False)
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize(input_ids.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def build_runtime(model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool):
     """Trace, split and lower the model; return the runtime and its edge graph."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -142,24 +169,30 @@ def discover(
     *,
     threshold: float,
     metric: str | Metric = "kl",
-    precision: str = "fp8",
+    precision: str = AUTO,
     abs_threshold: bool = False,
     checkpoint: str | Path | None = None,
     progress: bool = True,
     granularity: str = "per_row",
-    compile: bool = True,
+    compile: bool | str = AUTO,
     callback: Callable[[ReceiverDone], None] | None = None,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
-    ``precision``: ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for every query the
-    receiver's head runs in FP32 and the other heads in that format. See docs/acdc.md for the algorithm.
+    ``precision``: ``auto`` (FP8 on CUDA sm >= 8.9, bf16 where matmuls are natively bf16, else FP32), ``fp32``,
+    ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for every query the receiver's head runs in FP32 and the
+    other heads in that format. ``compile``: ``auto`` compiles on CUDA and runs eagerly elsewhere (on a CPU the
+    compile time is not repaid), ``True`` forces it. See docs/acdc.md for the algorithm, docs/runtime.md for
+    the runtime.
     """
-    start_time = time.perf_counter()
     threshold = _check_threshold(threshold)
     parsed_metric = _parse_metric(metric, task)
-    fmt = parse_format(precision)
-    runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compile)
+    device = task.clean_input_ids.device
+    fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
+    compiled, execution = _resolve_compile(compile, device)
+    forward_s = eager_forward_seconds(model, task.clean_input_ids)
+    start_time = time.perf_counter()
+    runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
     identity = model_identity(model)
     fingerprint = {
         "model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
@@ -217,6 +250,8 @@ def discover(
         if not runtime.is_kept(i, s)
     )
     queries = runtime.queries
+    search_s = time.perf_counter() - loop_start
+    per_query = search_s / max(queries - loop_queries, 1)
     return Circuit(
         edges=kept_edges,
         threshold=threshold,
@@ -226,12 +261,14 @@ def discover(
         model=identity,
         task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
               "seq_len": int(task.clean_input_ids.shape[1])},
-        stats=RunStats(wall, queries, (queries - loop_queries) / max(wall - setup, 1e-9), peak_memory_mb(runtime.device),
-                       runtime.compilations, setup),
+        stats=RunStats(wall, queries, (queries - loop_queries) / max(search_s, 1e-9), peak_memory_mb(runtime.device),
+                       runtime.compilations, setup, compile_s=runtime.compile_seconds, forward_s=forward_s,
+                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=execution),
         total_edges=runtime.total_edges,
         versions=library_versions(),
         removed=removed_edges,
         groups=_kv_groups(edges),
+        precision_note=precision_note,
     )
 
 

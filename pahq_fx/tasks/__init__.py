@@ -3,4 +3,4 @@
 from .generators import GENERATORS, docstring, greater_than, induction, ioi, make_task, single_token_ids
 from .vocab import build_tokenizer
 
-__all__ = ["GENERATORS", "make_task", "induction", "ioi", "greater_than", "docstring", "single_token_ids", "build_tokenizer"]
+__all__ = ["GENERATORS", "build_tokenizer", "docstring", "greater_than", "induction", "ioi", "make_task", "single_token_ids"]
