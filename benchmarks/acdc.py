@@ -1,18 +1,23 @@
-"""End-to-end ACDC: fp32, fp8, bf16 and a naive baseline, side by side, each in a fresh process.
+"""End-to-end ACDC: the defaults, fp32, fp8, bf16 and a naive baseline, side by side, each in a fresh process.
 
     python benchmarks/acdc.py --model gpt2-induction --task induction --threshold 0.05 --repeats 2
+    python benchmarks/acdc.py --model gpt2-induction-8h --task induction --half 32 --n 48 --threshold 0.01
+    python benchmarks/acdc.py --model random-gpt2:6x256x8 --task ioi --n 16 --threshold 0 --configs fp32,naive
 
-The naive baseline is the simple reference implementation of the tests (tests/acdc_reference.py): a full
-forward pass per edge query, receiver inputs rebuilt sender by sender, no caching, no compile. Configurations
-run interleaved (round-robin over repeats); the table shows medians and ratios from this one run. Peak memory
-is the resident set size of each configuration's own process. Writes JSON next to the table.
+``--model``: a shipped model, a local checkpoint directory, or ``random-gpt2:LAYERSxD_MODELxHEADS`` (a randomly
+initialised GPT-2, seed 0, with the shipped word tokenizer). "auto" is ``discover``'s defaults (precision and
+compile chosen for the device). The naive baseline is the simple reference implementation of the tests
+(tests/acdc_reference.py): a full forward per edge query, receiver inputs rebuilt sender by sender, no caching,
+no compile. Forward-equivalents per query = (search seconds / queries) / (one eager forward of the original model
+on the clean batch), both measured in the same process (docs/runtime.md). Configurations run interleaved
+(round-robin over repeats); the table shows medians and ratios from this one run. Peak memory is the resident set
+size of each configuration's own process. Writes JSON next to the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,7 +25,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("fp32", "fp8", "bf16", "naive")
+CONFIGS = ("auto", "fp32", "fp8", "bf16", "naive")
+
+
+def load_model(spec: str):
+    """(model, tokenizer) for a shipped name, a checkpoint directory, or random-gpt2:LxDxH."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pahq_fx import zoo
+    from pahq_fx.tasks import build_tokenizer
+
+    if not spec.startswith("random-gpt2:"):
+        return zoo.load(spec)
+    layers, d_model, heads = (int(x) for x in spec.split(":", 1)[1].split("x"))
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, vocab_size=len(tokenizer), n_positions=128,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval(), tokenizer
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -28,21 +51,23 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     import pahq_fx
-    from pahq_fx import zoo
+    from pahq_fx.acdc.search import eager_forward_seconds, peak_memory_mb
     from pahq_fx.tasks import make_task
 
     torch.manual_seed(0)
-    model, tokenizer = zoo.load(args.model)
-    task = make_task(args.task, tokenizer, n=args.n, seed=0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(args.model)
+    options = {"half": args.half} if args.half else {}
+    task = make_task(args.task, tokenizer, n=args.n, seed=0, **options)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     task = pahq_fx.Task(*(t.to(device) if t is not None else None for t in (task.clean_input_ids, task.corrupted_input_ids,
                           task.metric_mask, task.correct_ids, task.incorrect_ids)), name=task.name)
-    start = time.perf_counter()
     if args.one == "naive":
         sys.path.insert(0, str(ROOT))
         from tests.acdc_reference import ReferenceACDC
 
+        forward_s = statistics.median(eager_forward_seconds(model, task.clean_input_ids))
+        start = time.perf_counter()
         reference = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask)
         setup = time.perf_counter() - start
         counted = {"n": 0}
@@ -54,46 +79,56 @@ def run_one(args: argparse.Namespace) -> dict:
 
         reference.kl = counting_kl
         edges, _ = reference.run(args.threshold)
-        result = {"edges": sorted(map(list, edges)), "queries": counted["n"], "compilations": 0, "setup_s": setup}
+        wall = time.perf_counter() - start
+        result = {"edges": sorted(map(list, edges)), "queries": counted["n"], "compilations": 0, "setup_s": setup,
+                  "compile_s": 0.0, "forward_s": forward_s, "state_bytes": 0, "precision": "fp32", "execution": "eager"}
+        result["forward_equivalents"] = (wall - setup) / counted["n"] / forward_s
     else:
-        circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=args.one, progress=False,
-                                   compile=not args.no_compile)
-        result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": circuit.stats.queries,
-                  "compilations": circuit.stats.compilations, "setup_s": circuit.stats.setup_s}
-    wall = time.perf_counter() - start
-    from pahq_fx.acdc import Circuit, CircuitEdge, RunStats
-
-    as_circuit = Circuit(tuple(CircuitEdge(s, r, 0.0) for s, r in result["edges"]), args.threshold, "kl", args.one,
-                         False, {}, {}, RunStats(wall, result["queries"], 0, 0, 0), 0)  # only for evaluate()
-    faithfulness = as_circuit.evaluate(model, task)
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        compile = {"auto": "auto", "on": True, "off": False}[args.compile]
+        precision = "auto" if args.one == "auto" else args.one
+        circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=precision, progress=False,
+                                   compile="auto" if args.one == "auto" else compile)
+        s = circuit.stats
+        wall = s.wall_s
+        result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": s.queries,
+                  "compilations": s.compilations, "setup_s": s.setup_s, "compile_s": s.compile_s, "forward_s": s.forward_s,
+                  "forward_equivalents": s.forward_equivalents, "state_bytes": s.state_bytes,
+                  "precision": circuit.precision, "execution": s.execution}
     search = wall - result["setup_s"]
-    result.update(config=args.one, device=device, wall_s=wall, search_s=search, queries_per_second=result["queries"] / search,
-                  peak_memory_mb=peak, circuit_kl=faithfulness.circuit)
+    peak = peak_memory_mb(device)  # before the evaluation below, which is not part of the run
+    from pahq_fx.acdc.search import evaluate_circuit
+
+    circuit_kl = evaluate_circuit({tuple(e) for e in result["edges"]}, model, task).circuit
+    result.update(config=args.one, device=str(device), wall_s=wall, search_s=search, circuit_kl=circuit_kl,
+                  queries_per_second=result["queries"] / search, peak_memory_mb=peak)
     print(json.dumps(result))
     return result
 
 
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
 def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
-    fp32 = by.get("fp32", rows[0])
     naive = by.get("naive")
-    fp32_edges = {tuple(e) for e in fp32["edges"]}
-    head = ("| config | wall s | setup s | search s | queries | queries/s | peak MB | compilations | edges "
-            "| Jaccard vs fp32 | circuit KL | wall / fp32 | search speed-up vs naive | wall speed-up vs naive |")
-    lines = [head, "|" + " --- |" * 14]
+    edge_sets = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
+    head = ("| config | precision | execution | wall s | setup s | search s | compile s | queries | fwd-equiv / query "
+            "| peak MB | state MB | edges | circuit KL | Jaccard vs fp32 | Jaccard vs naive | wall speed-up vs naive |")
+    lines = [head, "|" + " --- |" * 16]
     for name in CONFIGS:
         if name not in by:
             continue
         r = by[name]
-        edges = {tuple(e) for e in r["edges"]}
-        jaccard = len(edges & fp32_edges) / len(edges | fp32_edges) if edges | fp32_edges else 1.0
-        vs_naive = (f"{naive['search_s'] / r['search_s']:.1f}x | {naive['wall_s'] / r['wall_s']:.1f}x" if naive
-                    else "- | -")
+        vs_fp32 = f"{_jaccard(edge_sets[name], edge_sets['fp32']):.3f}" if "fp32" in by else "-"
+        vs_naive = f"{_jaccard(edge_sets[name], edge_sets['naive']):.3f}" if naive else "-"
+        speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
         lines.append(
-            f"| {name} | {r['wall_s']:.2f} | {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']} "
-            f"| {r['queries_per_second']:.1f} | {r['peak_memory_mb']:.0f} | {r['compilations']} | {len(edges)} "
-            f"| {jaccard:.3f} | {r['circuit_kl']:.4f} | {r['wall_s'] / fp32['wall_s']:.2f} | {vs_naive} |"
+            f"| {name} | {r['precision']} | {r['execution'].split(' (')[0]} | {r['wall_s']:.2f} | {r['setup_s']:.2f} "
+            f"| {r['search_s']:.2f} | {r['compile_s']:.1f} | {r['queries']} | {r['forward_equivalents']:.3f} "
+            f"| {r['peak_memory_mb']:.0f} | {r['state_bytes'] / 2**20:.1f} | {len(edge_sets[name])} | {r['circuit_kl']:.4f} "
+            f"| {vs_fp32} | {vs_naive} "
+            f"| {speedup} |"
         )
     return "\n".join(lines)
 
@@ -102,11 +137,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2-induction")
     parser.add_argument("--task", default="induction")
+    parser.add_argument("--half", type=int, default=0, help="induction: length of the repeated half")
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="for the explicit-precision configs ('auto' always uses discover's defaults)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "acdc.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,18 +155,23 @@ def main() -> None:
     for repeat in range(args.repeats):
         for config in configs:
             command = [sys.executable, __file__, "--one", config, "--model", args.model, "--task", args.task,
-                       "--threshold", str(args.threshold), "--n", str(args.n)] + (["--no-compile"] if args.no_compile else [])
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+                       "--threshold", str(args.threshold), "--n", str(args.n), "--half", str(args.half),
+                       "--compile", args.compile]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
             runs[config].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"repeat {repeat + 1}/{args.repeats} {config}: {runs[config][-1]['wall_s']:.2f}s", file=sys.stderr)
     medians = []
     for config, results in runs.items():
         best = dict(results[0])
-        for key in ("wall_s", "setup_s", "search_s", "queries_per_second", "peak_memory_mb"):
+        for key in ("wall_s", "setup_s", "search_s", "compile_s", "forward_s", "forward_equivalents", "queries_per_second",
+                    "peak_memory_mb"):
             best[key] = statistics.median(r[key] for r in results)
         medians.append(best)
     print(f"device: {medians[0]['device']}; model {args.model}, task {args.task}, threshold {args.threshold}, "
-          f"n={args.n}, repeats={args.repeats}, compile={not args.no_compile}")
+          f"n={args.n}, repeats={args.repeats}, compile={args.compile}; one eager forward "
+          f"{statistics.median(r['forward_s'] for r in medians) * 1000:.2f} ms")
     print(table(medians))
     Path(args.out).write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items() if k != "one"},
                                           "results": medians, "runs": runs}, indent=2) + "\n")

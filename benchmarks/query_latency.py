@@ -1,11 +1,13 @@
-"""Per-edge-query latency of the patching runtime by the receiver's layer, for fp32 / fp8 / bf16.
+"""Per-edge-query latency of the patching runtime by the receiver's layer, in forward-equivalents, per format.
 
-    python benchmarks/query_latency.py --layers 4 --d-model 256 --heads 8 --batch 8 --seq 16
+    python benchmarks/query_latency.py --layers 6 --d-model 256 --heads 8 --batch 16 --seq 14 --repeats 5
     python benchmarks/query_latency.py --layers 12 --d-model 768 --heads 12 --compile   # GPT-2-small shape
 
-A randomly initialised GPT-2-shaped model. A query for a receiver in layer L recomputes layers L..N-1 only
-(start at layer), so latency grows as the receiver moves towards the input. With --compile the first query
-per step pays the compilation, reported separately from the steady state. Prints a table, writes JSON.
+A randomly initialised GPT-2-shaped model with every edge kept: the dense worst case, where a change to a head's
+query input reaches every component above it. "sparse" is the same query once that head has lost every outgoing
+edge but the one into resid_post (the common case in a sparse circuit). Latencies are medians; "fwd-eq" divides
+by one eager forward of the original model on the same batch, measured in the same process. With --compile the
+first queries pay the compilation, reported separately. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
 def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
     from pahq_fx.acdc import EdgeGraph, Metric
     from pahq_fx.acdc.runtime import PatchingRuntime
@@ -30,27 +41,34 @@ def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
     graph = lower_precision(split_heads(trace(model, task.clean_input_ids)), fmt)
     edges = EdgeGraph(graph.meta["head_graph"])
     runtime = PatchingRuntime(graph, edges, task, Metric.KL, compile=args.compile)
-    removed = torch.zeros_like(runtime.upstream)
-    starts = [runtime.structure.steps.index(s) for s in runtime.structure.steps if s.kind == "attention"]
-    first_start = time.perf_counter()
-    for start in starts:  # first query per start: compiles each step graph once
-        runtime.evaluate(start, removed)
-    compile_s = time.perf_counter() - first_start
-    per_layer = {}
-    for layer, start in enumerate(starts):
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            runtime.evaluate(start, removed)
-            times.append(time.perf_counter() - t)
-        per_layer[layer] = statistics.median(times) * 1000
-    final = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        runtime.evaluate(len(runtime.structure.steps), removed)
-        final.append(time.perf_counter() - t)
-    return {"format": fmt, "first_queries_s": compile_s, "compilations": runtime.compilations,
-            "latency_ms_by_receiver_layer": per_layer, "resid_post_ms": statistics.median(final) * 1000}
+    index, embed = edges.receiver_index, edges.sender_index["embed"]
+
+    def query(row: int, sender: int) -> None:
+        runtime.try_remove(row, [sender])
+        runtime.rollback()
+
+    first = time.perf_counter()
+    final = index["resid_post"]
+    runtime.investigate(edges.receivers[final])
+    query(final, embed)
+    dense, sparse = {}, {}
+    for layer in reversed(range(args.layers)):
+        row = index[f"a{layer}.h0.q"]
+        runtime.investigate(edges.receivers[row])
+        query(row, embed)
+        dense[layer] = _median_ms(lambda: query(row, embed), args.repeats)
+    first_s = time.perf_counter() - first
+    head = edges.sender_index[f"a{args.layers - 1}.h0"]
+    for row in list(runtime.kept_out[head]):
+        if row != final:
+            runtime.remove(row, [head])
+    last = index[f"a{args.layers - 1}.h0.q"]
+    sparse = _median_ms(lambda: query(last, embed), args.repeats)
+    runtime.investigate(edges.receivers[final])
+    resid_post = _median_ms(lambda: query(final, embed), args.repeats)
+    return {"format": fmt, "first_queries_s": first_s, "compilations": runtime.compilations,
+            "dense_ms_by_receiver_layer": dense, "sparse_last_layer_ms": sparse, "resid_post_ms": resid_post,
+            "state_bytes": runtime.state_bytes()}
 
 
 def main() -> None:
@@ -77,20 +95,26 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     ids = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)  # noqa: E731
     task = pahq_fx.Task(ids(), ids())
+    from pahq_fx.acdc.search import eager_forward_seconds
+
+    forward_ms = statistics.median(eager_forward_seconds(model, task.clean_input_ids, repeats=args.repeats)) * 1000
     results = [measure(args, fmt, model, task) for fmt in args.formats.split(",")]
-    fp32 = next((r for r in results if r["format"] == "fp32"), results[0])
     print(f"device: {device}; GPT-2 shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
-          f"batch {args.batch} x seq {args.seq}; compile={args.compile}; median of {args.repeats}")
-    header = "| format | first queries (incl. compile) s | compilations | " + " | ".join(
-        f"layer {l} ms" for l in range(args.layers)) + " | resid_post ms | layer 0 vs fp32 |"
+          f"batch {args.batch} x seq {args.seq}; compile={args.compile}; median of {args.repeats}; "
+          f"one eager forward {forward_ms:.2f} ms; every edge kept (dense) unless marked sparse")
+    header = ("| format | first queries (incl. compile) s | compilations | state MB | "
+              + " | ".join(f"layer {l} ms (fwd-eq)" for l in range(args.layers))
+              + " | sparse, last layer ms (fwd-eq) | resid_post ms (fwd-eq) |")
     print(header)
-    print("|" + " --- |" * (args.layers + 5))
+    print("|" + " --- |" * (args.layers + 6))
     for r in results:
-        cells = " | ".join(f"{r['latency_ms_by_receiver_layer'][l]:.2f}" for l in range(args.layers))
-        ratio = r["latency_ms_by_receiver_layer"][0] / fp32["latency_ms_by_receiver_layer"][0]
-        print(f"| {r['format']} | {r['first_queries_s']:.1f} | {r['compilations']} | {cells} | {r['resid_post_ms']:.2f} "
-              f"| {ratio:.2f} |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "device": device, "results": results}, indent=2) + "\n")
+        cells = " | ".join(f"{r['dense_ms_by_receiver_layer'][l]:.2f} ({r['dense_ms_by_receiver_layer'][l] / forward_ms:.2f})"
+                           for l in range(args.layers))
+        print(f"| {r['format']} | {r['first_queries_s']:.1f} | {r['compilations']} | {r['state_bytes'] / 2**20:.1f} | {cells} "
+              f"| {r['sparse_last_layer_ms']:.2f} ({r['sparse_last_layer_ms'] / forward_ms:.3f}) "
+              f"| {r['resid_post_ms']:.2f} ({r['resid_post_ms'] / forward_ms:.3f}) |")
+    Path(args.out).write_text(json.dumps({"arguments": vars(args), "device": device, "forward_ms": forward_ms,
+                                          "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

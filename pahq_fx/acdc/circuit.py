@@ -127,7 +127,7 @@ class Circuit:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
         from .search import evaluate_circuit
 
-        return evaluate_circuit(self, model, task)
+        return evaluate_circuit(self.edge_set(), model, task, self.metric)
 
     def summary(self) -> str:
         s = self.stats

@@ -1,6 +1,6 @@
 """The ACDC graph over a split model: senders, receivers, edges, and the deterministic visiting order.
 
-Order (documented in docs/acdc.md of the project): receivers from the output backwards -- ``resid_post``,
+Order (documented in docs/acdc.md): receivers from the output backwards -- ``resid_post``,
 then for each layer from last to first: its MLP, then its value inputs, key inputs and query inputs, each
 from the last head (or key/value group) to the first. Within a receiver, senders from the nearest upstream
 to the embedding.

@@ -114,6 +114,7 @@ class PatchingRuntime:
             for s in r.senders:
                 self.kept_out[s].add(row)
         self.active_from = len(self.steps)
+        self.rows_only: set[int] = set()  # MLP steps whose state is kept at the final read's rows only
         self.plan: dict[int, FullPrecisionUnits] = {}
         self.inputs: list[torch.Tensor | None] = [None] * len(edges.receivers)
         self.projections: dict[int, torch.Tensor] = {}
@@ -149,6 +150,7 @@ class PatchingRuntime:
             self.sender_step.append(k)
             if k >= 0:
                 self.step_senders[k].append(s.index)
+        self.feeding = [list(self.edges.feeding_senders(r)) for r in self.edges.receivers]
         for k, step in enumerate(self.steps):
             if not self.step_senders[k]:
                 raise UnsupportedArchitectureError(f"component {step.name} has no senders in the edge graph")
@@ -199,7 +201,10 @@ class PatchingRuntime:
         self.final_rows = self.positions if rows_only else torch.arange(batch * seq, device=clean_final.device)
         self._final_shape = None if rows_only else clean_final.shape
         self._final_clean = self._rows(clean_final)
-        self._final_cmc = [self._rows(c) for c in self.corrupt_minus_clean]
+        self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
+        self._rows_prelude_aux = self._aux_for_rows(task)
+        self._token_wise_mlps = {k for k, step in enumerate(self.steps)
+                                 if step.kind == "mlp" and rows_only and self._token_wise_mlp(k)}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
@@ -237,6 +242,31 @@ class PatchingRuntime:
         except RuntimeError:
             return False
 
+    def _aux_for_rows(self, task: Task) -> tuple | None:
+        """The prelude's auxiliary values (sizes, masks) for a [rows, 1] batch: what a component computed on the
+        final read's rows alone needs (MLPs that flatten the stream take the batch and sequence sizes)."""
+        ids = task.clean_input_ids.new_zeros(len(self.final_rows), 1)
+        try:
+            return tuple(self.graph.prelude(ids)[1:])
+        except Exception:  # noqa: BLE001 - a static trace cannot run at another shape: no row-only components
+            return None
+
+    def _row_aux(self, k: int) -> list[torch.Tensor]:
+        return [self._rows_prelude_aux[i] for i in self.steps[k].aux]
+
+    def _token_wise_mlp(self, k: int) -> bool:
+        """Whether step k's MLP acts per token, so that it can run on the final read's rows alone."""
+        if self._rows_prelude_aux is None:
+            return False
+        x = self.clean_reads[k]
+        try:
+            rows = self._components[k](self._rows(x).unsqueeze(1), *self._row_aux(k)).squeeze(1)
+        except RuntimeError:
+            return False
+        full = self._components[k](x, *self._aux(self.steps[k].aux))
+        return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
+            torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5))
+
     def _final_metric(self, final_rows: torch.Tensor) -> torch.Tensor:
         if self._final_shape is None:
             logits = self.graph.unembed(final_rows.unsqueeze(0), *self._final_aux).squeeze(0)
@@ -246,7 +276,7 @@ class PatchingRuntime:
 
     def state_bytes(self) -> int:
         """Bytes held by the state and the caches (distinct tensors counted once)."""
-        tensors = [*self.clean, *self.corrupt_minus_clean, *self.outputs, *self.clean_reads, *self._final_cmc,
+        tensors = [*self.clean, *self.corrupt_minus_clean, *self.outputs, *self.clean_reads, *self._cmc_rows,
                    *(t for t in self.inputs if t is not None), *self.projections.values(), self.final]
         seen: dict[int, int] = {}
         for t in tensors:
@@ -293,13 +323,21 @@ class PatchingRuntime:
 
     @torch.no_grad()
     def remove(self, row: int, senders: Iterable[int]) -> None:
-        """Remove edges without testing them (a receiver whose node has no outgoing edge left)."""
+        """Remove edges without testing them (ACDC prunes a receiver whose node has no outgoing edge left)."""
         senders = list(senders)
-        if self.row_step[row] >= self.active_from:
+        if self.row_step[row] >= self.active_from and self.is_live(row):
             self._pending = self._remove({row: senders})
             self.commit()
-        else:  # not running yet: activation reads the removed set
+        else:  # a dead node's input is never read again; a step that does not run yet reads the removed set
             self._mark_removed(row, senders)
+            self._update_rows_only()
+
+    def is_live(self, row: int) -> bool:
+        """Whether the node this receiver feeds still sends anything (the final read always counts).
+
+        The state is exact for live receivers' inputs and for senders with kept edges, where those edges read
+        them; a dead node's inputs and outputs are never read again, so they are not maintained."""
+        return row == self.final_row or any(self.kept_out[s] for s in self.feeding[row])
 
     def commit(self) -> float:
         """Make the last tentative values the state; returns the metric."""
@@ -318,6 +356,7 @@ class PatchingRuntime:
         if pending.plan is not None:
             self.plan = pending.plan
         self.metric = pending.metric
+        self._update_rows_only()
         return self.metric
 
     def rollback(self) -> None:
@@ -352,14 +391,42 @@ class PatchingRuntime:
             for s in senders:
                 if s not in self.kept_in[row]:
                     raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
-                change = self.corrupt_minus_clean[s]
-                if self.outputs[s] is not self.clean[s]:
-                    change = change + (self.clean[s] - self.outputs[s])
-                if row == self.final_row:
-                    change = self._final_cmc[s] if self.outputs[s] is self.clean[s] else self._rows(change)
+                change = self._removal_change(row, s)
                 changes[row] = change if row not in changes else changes[row] + change
         removed = tuple((row, s) for row, senders in removals.items() for s in senders)
         return self._cascade(changes, None, None, removed=removed)
+
+    def _reads_rows(self, row: int) -> bool:
+        """Whether this receiver's input is kept at the final read's rows only."""
+        return row == self.final_row or self.row_step[row] in self.rows_only
+
+    def _sends_rows(self, sender: int) -> bool:
+        return self.sender_step[sender] in self.rows_only
+
+    def _as_read_by(self, row: int, x: torch.Tensor, sender: int) -> torch.Tensor:
+        """A sender's (change of) output in the shape receiver ``row`` holds its input in."""
+        return self._rows(x) if self._reads_rows(row) and not self._sends_rows(sender) else x
+
+    def _removal_change(self, row: int, sender: int) -> torch.Tensor:
+        """``corrupt_s - current_s``: what removing (sender, row) adds to the receiver's input."""
+        if self.outputs[sender] is self.clean[sender]:
+            return self._cmc_rows[sender] if self._reads_rows(row) else self.corrupt_minus_clean[sender]
+        if self._sends_rows(sender):
+            return self._cmc_rows[sender] + self._rows(self.clean[sender]) - self.outputs[sender]
+        return self._as_read_by(row, self.corrupt_minus_clean[sender] + self.clean[sender] - self.outputs[sender], sender)
+
+    def _update_rows_only(self) -> None:
+        """Move MLPs whose kept edges all go to the final read or to row-only MLPs to row-only state (for good:
+        kept edges only ever disappear). Their other rows are never read again."""
+        for k in reversed(range(self.active_from, len(self.steps))):
+            if k in self.rows_only or k not in self._token_wise_mlps:
+                continue
+            sender = self.step_senders[k][0]
+            if all(self._reads_rows(r) for r in self.kept_out[sender]):
+                self.rows_only.add(k)
+                row = self.step_rows[k]["mlp"][0]
+                self.inputs[row] = self._rows(self.inputs[row])
+                self.outputs[sender] = self._rows(self.outputs[sender])
 
     def _cascade(self, changes: dict[int, torch.Tensor], activate_from: int | None, plan: dict[int, FullPrecisionUnits] | None,
                  removed: tuple[tuple[int, int], ...] = ()) -> _Pending:
@@ -398,16 +465,19 @@ class PatchingRuntime:
             else:
                 if not changed:
                     continue
-                x = new_inputs[changed[0]]
+                x, sender = new_inputs[changed[0]], self.step_senders[k][0]
                 pending.recomputed.append(step.name)
-                outputs = {self.step_senders[k][0]: self._components[k](x, *self._aux(step.aux))}
+                if k in self.rows_only:
+                    outputs = {sender: self._components[k](x.unsqueeze(1), *self._row_aux(k)).squeeze(1)}
+                else:
+                    outputs = {sender: self._components[k](x, *self._aux(step.aux))}
             for s, out in outputs.items():
                 pending.outputs[s] = out
                 deltas[s] = out - self.outputs[s]
         final_change = changes.get(self.final_row)
         reaching = [s for s in deltas if s in kept_in[self.final_row]]
         if reaching:
-            total = sum(self._rows(deltas[s]) for s in reaching)
+            total = sum(self._as_read_by(self.final_row, deltas[s], s) for s in reaching)
             final_change = total if final_change is None else final_change + total
         if final_change is None:
             pending.metric = self.metric
@@ -426,6 +496,10 @@ class PatchingRuntime:
         new_inputs, changed = {}, []
         for rows in self.step_rows[k].values():
             for row in rows:
+                if not self.is_live(row):
+                    if activating:
+                        new_inputs[row] = self.clean_reads[k]  # a placeholder: nothing reads a dead node
+                    continue
                 reaching = [s for s in deltas if s in kept_in[row]]
                 if activating:
                     base = self.clean_reads[k]
@@ -438,7 +512,7 @@ class PatchingRuntime:
                     continue
                 x = base + changes[row] if row in changes else base
                 for s in reaching:
-                    x = x + deltas[s]
+                    x = x + self._as_read_by(row, deltas[s], s)
                 new_inputs[row] = x
                 if corrupted or reaching or row in changes:
                     changed.append(row)
@@ -469,6 +543,8 @@ class PatchingRuntime:
             dirty = {"q": set(range(layout.n_heads)), "k": set(range(layout.n_groups)), "v": set(range(layout.n_groups))}
             if self.low_precision:
                 heads = set(range(layout.n_heads))
+        senders = self.step_senders[k]
+        heads = {h for h in heads if self.kept_out[senders[h]]}  # a dead head's output reaches nothing
         order = {role: sorted(dirty[role]) for role in ROLES}
         inputs = [new_inputs.get(rows[role][u], self.inputs[rows[role][u]]) for role in ROLES for u in order[role]]
         norm_aux = self._aux(self.steps[k].aux)[: block.n_norm_aux]
@@ -494,6 +570,5 @@ class PatchingRuntime:
                        *core_aux)
         z_heads = z.index_select(-1, torch.cat([layout.z_features[h] for h in heads])).unflatten(-1, (len(heads), -1))
         out = block.o.units(z_heads, heads, units.query_head)
-        senders = self.step_senders[k]
         pending.recomputed.extend(f"{self.steps[k].name}.h{h}" for h in heads)
         return {senders[h]: out[:, :, i] for i, h in enumerate(heads)}

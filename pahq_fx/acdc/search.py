@@ -103,8 +103,9 @@ def _resolve_compile(compile: bool | str, device: torch.device) -> tuple[bool, s
 
 
 @torch.no_grad()
-def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> float:
-    """Median time of one eager forward of the original model on ``input_ids``: the unit of forward-equivalents."""
+def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Times of ``repeats`` eager forwards of the original model on ``input_ids`` (after one warm-up): the unit of
+    forward-equivalents is their median."""
     times = []
     for _ in range(repeats + 1):
         if input_ids.device.type == "cuda":
@@ -114,14 +115,18 @@ def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: in
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return times[1:]
+
+
+def _check_vocabulary(model: nn.Module, task: Task) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        task.validate_vocab(int(vocab))
 
 
 def build_runtime(model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool):
     """Trace, split and lower the model; return the runtime and its edge graph."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None:
-        task.validate_vocab(int(vocab))
+    _check_vocabulary(model, task)
     graph = split_heads(trace(model, example_inputs=task.clean_input_ids))
     graph = lower_precision(graph, precision, granularity)
     edges = EdgeGraph(graph.meta["head_graph"])
@@ -190,7 +195,8 @@ def discover(
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
     compiled, execution = _resolve_compile(compile, device)
-    forward_s = eager_forward_seconds(model, task.clean_input_ids)
+    _check_vocabulary(model, task)
+    forward_samples = eager_forward_seconds(model, task.clean_input_ids)
     start_time = time.perf_counter()
     runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
     identity = model_identity(model)
@@ -252,6 +258,8 @@ def discover(
     queries = runtime.queries
     search_s = time.perf_counter() - loop_start
     per_query = search_s / max(queries - loop_queries, 1)
+    # Forwards timed before and after the search: the machine's speed may drift during a long run.
+    forward_s = statistics.median(forward_samples + eager_forward_seconds(model, task.clean_input_ids))
     return Circuit(
         edges=kept_edges,
         threshold=threshold,
@@ -320,11 +328,11 @@ class Faithfulness:
                 f"every edge patched {self.empty_circuit:.4g}")
 
 
-def evaluate_circuit(circuit: Circuit, model: nn.Module, task: Task) -> Faithfulness:
-    """Run the circuit alone in FP32 and compare with the full model and with nothing kept."""
-    metric = _parse_metric(circuit.metric, task)
+def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl") -> Faithfulness:
+    """Run the circuit given by its kept (sender, receiver) edges alone in FP32, and compare with the full model
+    and with nothing kept."""
+    metric = _parse_metric(metric, task)
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
-    kept = circuit.edge_set()
     names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
     unknown = kept - set(names)
     if unknown:

@@ -22,6 +22,7 @@ class ZooEntry:
     accuracy: dict[str, float]
     parameters: int
     path: Path
+    task_options: dict[str, int]  # generator options the model was trained and measured with (induction: half)
 
 
 def available() -> dict[str, ZooEntry]:
@@ -30,7 +31,7 @@ def available() -> dict[str, ZooEntry]:
     for info_file in sorted(ZOO_DIR.glob("*/zoo.json")):
         info = json.loads(info_file.read_text())
         entries[info["name"]] = ZooEntry(info["name"], info["architecture"], tuple(info["tasks"]), info["accuracy"],
-                                         info["parameters"], info_file.parent)
+                                         info["parameters"], info_file.parent, info.get("task_options", {}))
     return entries
 
 
