@@ -56,7 +56,7 @@ def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
         row = index[f"a{layer}.h0.q"]
         runtime.investigate(edges.receivers[row])
         query(row, embed)
-        dense[layer] = _median_ms(lambda: query(row, embed), args.repeats)
+        dense[layer] = _median_ms(lambda row=row: query(row, embed), args.repeats)
     first_s = time.perf_counter() - first
     head = edges.sender_index[f"a{args.layers - 1}.h0"]
     for row in list(runtime.kept_out[head]):
@@ -93,7 +93,7 @@ def main() -> None:
                         n_positions=max(64, args.seq))
     model = GPT2LMHeadModel(config).eval().to(device)
     generator = torch.Generator().manual_seed(1)
-    ids = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)  # noqa: E731
+    ids = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
     task = pahq_fx.Task(ids(), ids())
     from pahq_fx.acdc.search import eager_forward_seconds
 

@@ -192,7 +192,7 @@ class PatchingRuntime:
         self._final_aux = self._aux(self.structure.final_aux)
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
         corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
-        self.corrupt_minus_clean = [c - k for c, k in zip(corrupted, self.clean)]
+        self.corrupt_minus_clean = [c.sub_(k) for c, k in zip(corrupted, self.clean)]  # in place: one copy at a time
         self.outputs = list(self.clean)
         full = self._unembed_all(clean_final)
         self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)

@@ -124,10 +124,19 @@ def _check_vocabulary(model: nn.Module, task: Task) -> None:
         task.validate_vocab(int(vocab))
 
 
+def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModule:
+    """The traced model, traced and probed on two prompts (the split's probes cost in proportion to the example)
+    unless its shapes came out static, in which case it is traced at the task's own shape."""
+    small = trace(model, example_inputs=input_ids[:2])
+    if small.meta["dynamic_shapes"] or input_ids.shape[0] <= 2:
+        return small
+    return trace(model, example_inputs=input_ids)
+
+
 def build_runtime(model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool):
     """Trace, split and lower the model; return the runtime and its edge graph."""
     _check_vocabulary(model, task)
-    graph = split_heads(trace(model, example_inputs=task.clean_input_ids))
+    graph = split_heads(_trace_for(model, task.clean_input_ids))
     graph = lower_precision(graph, precision, granularity)
     edges = EdgeGraph(graph.meta["head_graph"])
     return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
