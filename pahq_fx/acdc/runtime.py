@@ -28,14 +28,13 @@ from torch import fx
 
 from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
-from ..precision import FullPrecisionUnits, all_heads_fp32
+from ..precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..split import AttentionBlock, Step, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import Metric, metric_value
 from .task import Task
 
 ROLES = ("q", "k", "v")
-FINAL = -1  # row of resid_post in the per-query bookkeeping
 
 
 @dataclass
@@ -92,7 +91,8 @@ class PatchingRuntime:
         self.steps: tuple[Step, ...] = self.structure.steps
         self.queries = 0
         self.counter = CountingBackend("inductor") if compile else None
-        self.low_precision = graph.meta["precision"].config.low_precision.value != "fp32" if "precision" in graph.meta else False
+        report = graph.meta.get("precision")
+        self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self.last_recomputed: list[str] = []
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)
@@ -196,15 +196,15 @@ class PatchingRuntime:
         self.outputs = list(self.clean)
         full = self._unembed_all(clean_final)
         self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
-        rows_only = self._token_wise_unembedding(clean_final, full)
+        token_wise = self._token_wise_unembedding(clean_final, full)
         batch, seq = clean_final.shape[:2]
-        self.final_rows = self.positions if rows_only else torch.arange(batch * seq, device=clean_final.device)
-        self._final_shape = None if rows_only else clean_final.shape
+        self.final_rows = self.positions if token_wise else torch.arange(batch * seq, device=clean_final.device)
+        self._final_shape = None if token_wise else clean_final.shape
         self._final_clean = self._rows(clean_final)
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
         self._rows_prelude_aux = self._aux_for_rows(task)
         self._token_wise_mlps = {k for k, step in enumerate(self.steps)
-                                 if step.kind == "mlp" and rows_only and self._token_wise_mlp(k)}
+                                 if step.kind == "mlp" and token_wise and self._token_wise_mlp(k)}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
