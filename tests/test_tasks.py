@@ -49,7 +49,7 @@ def test_greater_than_corrupts_only_the_year():
     task = make_task("greater_than", TOKENIZER, n=20, seed=2)
     differs = task.clean_input_ids != task.corrupted_input_ids
     assert (differs.sum(1) <= 1).all() and differs[:, 7].sum() >= 19
-    year = lambda i: int(TOKENIZER.convert_ids_to_tokens(int(i)))  # noqa: E731
+    year = lambda i: int(TOKENIZER.convert_ids_to_tokens(int(i)))
     for row in range(20):
         assert year(task.correct_ids[row]) > year(task.clean_input_ids[row, 7]) > year(task.incorrect_ids[row])
 

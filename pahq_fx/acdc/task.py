@@ -100,7 +100,7 @@ class Task:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safe_open handle is not iterable
         except (SafetensorError, OSError, ValueError) as error:
             raise TaskError(f"task file {path} is not a readable safetensors file: {error}") from None
         missing = {"clean_input_ids", "corrupted_input_ids"} - tensors.keys()
