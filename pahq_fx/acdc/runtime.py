@@ -106,7 +106,6 @@ class PatchingRuntime:
             self.correct, self.incorrect = task.correct_ids[rows], task.incorrect_ids[rows]
         else:
             self.correct = self.incorrect = None
-        self.removed: set[tuple[int, int]] = set()
         self.removed_from: list[list[int]] = [[] for _ in edges.receivers]
         self.kept_in = [set(r.senders) for r in edges.receivers]
         self.kept_out: list[set[int]] = [set() for _ in edges.senders]
@@ -263,7 +262,7 @@ class PatchingRuntime:
             rows = self._components[k](self._rows(x).unsqueeze(1), *self._row_aux(k)).squeeze(1)
         except RuntimeError:
             return False
-        full = self._components[k](x, *self._aux(self.steps[k].aux))
+        full = self.clean[self.step_senders[k][0]]  # the MLP's clean output, computed from this same read
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
             torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5))
 
@@ -363,6 +362,11 @@ class PatchingRuntime:
         """Drop the last tentative values."""
         self._pending = None
 
+    @property
+    def removed(self) -> set[tuple[int, int]]:
+        """The removed edges, as (receiver row, sender) pairs."""
+        return {(row, s) for row, senders in enumerate(self.removed_from) for s in senders}
+
     def is_kept(self, row: int, sender: int) -> bool:
         return sender in self.kept_in[row]
 
@@ -376,7 +380,6 @@ class PatchingRuntime:
 
     def _mark_removed(self, row: int, senders: list[int]) -> None:
         for s in senders:
-            self.removed.add((row, s))
             self.removed_from[row].append(s)
             self.kept_in[row].discard(s)
             self.kept_out[s].discard(row)
@@ -547,8 +550,8 @@ class PatchingRuntime:
         heads = {h for h in heads if self.kept_out[senders[h]]}  # a dead head's output reaches nothing
         order = {role: sorted(dirty[role]) for role in ROLES}
         inputs = [new_inputs.get(rows[role][u], self.inputs[rows[role][u]]) for role in ROLES for u in order[role]]
-        norm_aux = self._aux(self.steps[k].aux)[: block.n_norm_aux]
-        core_aux = self._aux(self.steps[k].aux)[block.n_norm_aux :]
+        aux = self._aux(self.steps[k].aux)
+        norm_aux, core_aux = aux[: block.n_norm_aux], aux[block.n_norm_aux :]
         normed = block.norm(torch.stack(inputs, dim=2), *norm_aux)
         sizes = [len(order[role]) for role in ROLES]
         parts = []

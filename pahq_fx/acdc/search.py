@@ -23,7 +23,7 @@ from ..precision import AUTO, Format, auto_format, lower_precision, parse_format
 from ..split import split_heads
 from ..trace import trace
 from .circuit import Circuit, CircuitEdge, RunStats
-from .edges import EdgeGraph, Receiver
+from .edges import EdgeGraph
 from .metrics import Metric
 from .runtime import PatchingRuntime
 from .task import Task
@@ -231,7 +231,7 @@ def discover(
     for r_index, receiver in enumerate(edges.receivers):
         if receiver.name in done:
             continue
-        if _has_no_outgoing_edge(runtime, edges, receiver):
+        if not runtime.is_live(r_index):
             runtime.remove(r_index, receiver.senders)
         else:
             baseline = runtime.investigate(receiver)
@@ -287,12 +287,6 @@ def discover(
         groups=_kv_groups(edges),
         precision_note=precision_note,
     )
-
-
-def _has_no_outgoing_edge(runtime: PatchingRuntime, edges: EdgeGraph, receiver: Receiver) -> bool:
-    """Whether the node this receiver feeds has lost all its outgoing edges (its inputs are then removed untested)."""
-    feeding = edges.feeding_senders(receiver)
-    return bool(feeding) and not any(runtime.kept_out[s] for s in feeding)
 
 
 def _replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
