@@ -6,6 +6,7 @@ from .compile import backend
 from .errors import (
     CheckpointError,
     InvalidHeadError,
+    InvalidInputsError,
     PahqError,
     QuantizationError,
     TaskError,
@@ -25,6 +26,7 @@ __all__ = [
     "Granularity",
     "HeadGraph",
     "InvalidHeadError",
+    "InvalidInputsError",
     "LayerInfo",
     "PahqError",
     "PahqModel",

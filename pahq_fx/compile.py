@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +25,7 @@ class CountingBackend:
         self.compilations += 1
         start = time.perf_counter()
         try:
-            if callable(self.inner):
-                return self.inner(gm, example_inputs)
-            from torch._dynamo.backends.registry import lookup_backend
-
-            return lookup_backend(self.inner)(gm, example_inputs)
+            return _compile_with(self.inner, gm, example_inputs)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -94,32 +91,56 @@ def _token_input_index(example_inputs: list[Any]) -> int:
     integer = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
     if len(integer) != 1:
         raise UnsupportedArchitectureError(
-            f"pahq_fx.backend expects a graph with one integer [batch, seq] input (input_ids); found {len(integer)}"
+            "pahq_fx.backend expects a graph with exactly one integer [batch, seq] input (input_ids); this one has "
+            f"{len(integer)} (an attention_mask or position_ids passed by the caller counts: call the model with input_ids only)"
         )
     return integer[0]
 
 
+def _has_attention(gm: fx.GraphModule) -> bool:
+    """Whether a graph dynamo captured computes attention: an SDPA call, or softmax and matmul as eager attention."""
+    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    def has(word: str) -> bool:
+        return any(word in t for t in targets)
+    return has("scaled_dot_product_attention") or has("softmax") and (has("matmul") or has("bmm"))
+
+
 class _GraphAsModel(nn.Module):
-    """Dynamo's captured graph with parameters bound as attributes, taking only input_ids."""
+    """Dynamo's captured graph with every input but input_ids bound (parameters, buffers), taking only input_ids.
+
+    Returns what the graph returns: the logits alone or a tuple (logits, key/value caches, hidden states...)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], token_index: int) -> None:
         super().__init__()
-        self.gm = gm
+        self.gm = _without_grad_mode_switches(gm)
         self.token_index = token_index
         self.constants = [t for i, t in enumerate(example_inputs) if i != token_index]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> Any:
         args = list(self.constants)
         args.insert(self.token_index, input_ids)
         out = self.gm(*args)
-        if isinstance(out, (tuple, list)):
-            if len(out) != 1:
-                raise UnsupportedArchitectureError(
-                    "pahq_fx.backend needs the compiled function to return only logits "
-                    f"(it returns {len(out)} tensors; call the model with use_cache=False and take .logits)"
-                )
-            out = out[0]
-        return out
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else tuple(out) if isinstance(out, list) else out
+
+
+def _without_grad_mode_switches(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` without dynamo's ``_set_grad_enabled`` calls (Llama's rotary runs under ``no_grad``).
+
+    The passes trace for inference under ``no_grad``; a recorded switch back to grad mode would make
+    ``torch.export`` wrap the rest of the model in a higher-order op the passes cannot see into."""
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled and not node.users:
+            graph.erase_node(node)
+    return fx.GraphModule(gm, graph)
+
+
+def _compile_with(inner: str | Callable, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    if callable(inner):
+        return inner(gm, example_inputs)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)(gm, example_inputs)
 
 
 def backend(
@@ -130,16 +151,24 @@ def backend(
 ) -> Callable[[fx.GraphModule, list[Any]], Callable]:
     """A ``torch.compile`` backend that applies the PAHQ passes, then compiles with ``inner``.
 
-    Use as ``torch.compile(fn, backend=pahq_fx.backend(head=(0, 1)))`` where ``fn`` maps ``input_ids`` to
-    logits (for a Hugging Face model: ``lambda ids: model(ids, use_cache=False).logits``). The graph dynamo
-    captures is re-traced to ATen, split per head and lowered; the result is compiled with ``inner``.
+    ``torch.compile(hf_model, backend=pahq_fx.backend(head=(0, 1)))``, then ``hf_model(ids)`` as usual: the
+    model's output object comes back, its logits those of :func:`pahq_fx.transform` and its key/value cache (or
+    hidden states) computed by the split graph. Every graph dynamo hands over that computes attention is
+    re-traced to ATen, split per head, lowered, and compiled with ``inner`` (a backend name or any backend
+    callable; ``"eager"`` runs the split graph as is); graphs without attention go to ``inner`` untouched.
+    Such a graph must take one integer ``[batch, seq]`` input (``input_ids``); anything else is an
+    :class:`UnsupportedArchitectureError` naming what was found.
     """
     from .precision import lower_precision, set_head
     from .split import split_heads
     from .trace import trace
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        if not _has_attention(gm):
+            return _compile_with(inner, gm, example_inputs)
         token_index = _token_input_index(example_inputs)
+        _check_inputs_are_module_state(gm, example_inputs, token_index)
+        multiple = isinstance(_output_arg(gm), (tuple, list)) and len(_output_arg(gm)) > 1
         built: list[Callable] = []
 
         def build(args: tuple[Any, ...]) -> Callable:
@@ -150,11 +179,49 @@ def backend(
             set_head(split, head)
             return split if inner == "eager" else torch.compile(split, backend=inner)
 
-        def run(*args: Any) -> tuple[torch.Tensor]:
+        bound: list[tuple] = []
+
+        def run(*args: Any) -> tuple[torch.Tensor, ...]:
             if not built:
                 built.append(build(args))
-            return (built[0](args[token_index]),)
+                bound.append(_identities(args, token_index))
+            elif _identities(args, token_index) != bound[0]:
+                raise UnsupportedArchitectureError(
+                    "pahq_fx.backend: an input other than input_ids changed between calls (for example a key/value "
+                    "cache passed back in to decode the next token); the split graph binds them at its first call. "
+                    "Call the model on whole sequences (past_key_values=None), or use pahq_fx.transform"
+                )
+            out = built[0](args[token_index])
+            return tuple(out) if multiple else (out,)
 
         return run
 
     return compile_graph
+
+
+def _check_inputs_are_module_state(gm: fx.GraphModule, example_inputs: list[Any], token_index: int) -> None:
+    """Every input but input_ids must be a parameter or buffer (bound once); dynamo names where each came from."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
+        grapharg = node.meta.get("grapharg")
+        if i == token_index or grapharg is None or isinstance(value, nn.Parameter):
+            continue
+        source = grapharg.source.name if hasattr(grapharg.source, "name") else str(grapharg.source)
+        if isinstance(value, torch.Tensor) and "._parameters[" not in source and "._buffers[" not in source:
+            raise UnsupportedArchitectureError(
+                f"pahq_fx.backend: the graph takes {source} as an input besides input_ids; only input_ids may vary "
+                "(a key/value cache passed back in, masks or embeddings are not supported: call the model on whole "
+                "sequences with input_ids only, or use pahq_fx.transform)"
+            )
+
+
+def _identities(args: tuple[Any, ...], token_index: int) -> tuple:
+    """What identifies the bound inputs (parameters, buffers): storage, shape and version of each tensor."""
+    return tuple(
+        (a.data_ptr(), tuple(a.shape), a._version) if isinstance(a, torch.Tensor) else a
+        for i, a in enumerate(args) if i != token_index
+    )
+
+
+def _output_arg(gm: fx.GraphModule) -> Any:
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]

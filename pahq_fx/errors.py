@@ -16,6 +16,10 @@ class InvalidHeadError(PahqError, IndexError):
     """A (layer, head) pair that does not exist in the model, or is not a pair of ints."""
 
 
+class InvalidInputsError(PahqError, ValueError):
+    """Example or call inputs that are not integer ``input_ids`` in a form pahq_fx accepts."""
+
+
 class UnsupportedArchitectureError(PahqError, ValueError):
     """The graph lacks a pattern the passes need (attention call, projection, residual stream...)."""
 

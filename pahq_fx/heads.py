@@ -131,6 +131,7 @@ class ModelLayout:
     mlps: list[MLPSite]
     final_read: fx.Node
     logits: fx.Node
+    outputs: list[fx.Node]  # every graph output, in order; the logits are one of them
     leaves: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
 
 
@@ -167,14 +168,26 @@ class _Analysis:
         self.source = placeholders[0]
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.activations = self._activations()
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        outs = [a for a in input_nodes(out_node)]
-        if len(outs) != 1:
-            raise UnsupportedArchitectureError(
-                f"the graph returns {len(outs)} tensors; it must return only logits (call the model with use_cache=False)"
-            )
-        self.logits = outs[0]
+        self.outputs = self._outputs()
+        self.logits = self._logits()
         self.lead = tuple(self.values[self.logits].shape[:2])
+
+    def _outputs(self) -> list[fx.Node]:
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        flat, _ = torch.utils._pytree.tree_flatten(out_node.args[0])
+        for o in flat:
+            if not isinstance(o, fx.Node) or not isinstance(self.values.get(o), torch.Tensor):
+                raise UnsupportedArchitectureError(f"the graph returns {o!r}, which is not a tensor computed by the graph")
+        return flat
+
+    def _logits(self) -> fx.Node:
+        """The logits among the outputs: the last-computed [batch, seq, vocab] tensor (a causal LM computes them
+        last; key/value caches are 4-d, hidden states come before)."""
+        batch, seq = self.values[self.source].shape
+        candidates = [o for o in self.outputs if self.values[o].dim() == 3 and tuple(self.values[o].shape[:2]) == (batch, seq)]
+        if not candidates:
+            raise UnsupportedArchitectureError(f"none of the graph's {len(self.outputs)} outputs has the logits' shape [batch, seq, vocab]")
+        return max(candidates, key=self.order.__getitem__)
 
     def _activations(self) -> set[fx.Node]:
         """Nodes whose value depends on the token ids' values (not only on their shape)."""
@@ -502,5 +515,6 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
         mlps=mlps,
         final_read=final_read,
         logits=a.logits,
+        outputs=a.outputs,
         leaves=leaves,
     )

@@ -13,9 +13,11 @@ the contributions upstream of it; ``logits = unembed(final read)``.
 
 from __future__ import annotations
 
+import enum
 import functools
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -24,6 +26,7 @@ from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
 from .heads import AttentionSite, ModelLayout, Role, analyse
+from .trace import input_ids_from
 
 NO_HEAD = -1
 aten = torch.ops.aten
@@ -90,9 +93,11 @@ class AttentionBlock(nn.Module):
         o: PerHeadLinear,
         o_bias: torch.Tensor | None,
         kv_group_of_head: tuple[int, ...],
+        n_extra_outputs: int = 0,
     ) -> None:
         super().__init__()
         self.layer = layer
+        self.n_extra_outputs = n_extra_outputs  # graph outputs computed inside the core (key/value caches)
         self.kv_group_of_head = kv_group_of_head
         self.n_heads = q.n_heads
         self.n_kv_groups = k.n_heads
@@ -113,20 +118,26 @@ class AttentionBlock(nn.Module):
         qn, kn, vn = torch.split(normed, sizes, dim=2)
         return self.q(qn), self.k(kn), self.v(vn)
 
-    def forward(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux) -> torch.Tensor:
+    def forward(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
+        """Per-head outputs; with ``extra_outputs``, also the graph outputs computed in the core, as
+        ``(heads, (extra, ...))`` (they see the per-head projections, so the precision plan too)."""
         norm_aux, core_aux = aux[: self.n_norm_aux], aux[self.n_norm_aux :]
         q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
         flat = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
         outputs = [flat.index_select(-1, getattr(self, f"scatter_{i}")) for i in range(self.n_projections)]
         z = self.core(*outputs, *core_aux)
+        extras: tuple[torch.Tensor, ...] = ()
+        if self.n_extra_outputs:
+            z, extras = z[0], tuple(z[1:])
         z_heads = z.index_select(-1, self.z_order).unflatten(-1, (self.n_heads, -1))
-        return self.o(z_heads)
+        heads = self.o(z_heads)
+        return (heads, extras) if extra_outputs else heads
 
-    def from_stream(self, read: torch.Tensor, *aux) -> torch.Tensor:
+    def from_stream(self, read: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
         """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d]."""
         q_in = read.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
         kv_in = read.unsqueeze(2).expand(-1, -1, self.n_kv_groups, -1)
-        return self(q_in, kv_in, kv_in, *aux)
+        return self(q_in, kv_in, kv_in, *aux, extra_outputs=extra_outputs)
 
     def combine(self, head_outputs: torch.Tensor) -> torch.Tensor:
         """The block output: sum of per-head contributions plus the output bias."""
@@ -142,6 +153,26 @@ class Step:
     name: str  # contribution name: a{L} or m{L}
     reads: tuple[str, ...]
     aux: tuple[int, ...]
+
+
+class OutputHome(enum.Enum):
+    """Where the split model computes one of the traced graph's outputs."""
+
+    LOGITS = "logits"
+    STREAM = "residual stream"  # a read: hidden states, the embedding
+    PRELUDE = "prelude"  # independent of the residual stream (positions, masks)
+    ATTENTION = "attention core"  # key/value caches, attention weights
+    UNEMBED = "unembedding"  # the final normed hidden state
+
+
+@dataclass(frozen=True)
+class GraphOutput:
+    """One output of the split model: where it is computed and which value there (see :class:`OutputHome`)."""
+
+    home: OutputHome
+    reads: tuple[str, ...] = ()  # STREAM: the contributions summed
+    component: str = ""  # ATTENTION: the block (a{L})
+    index: int = 0  # PRELUDE: aux index; ATTENTION / UNEMBED: index among that component's extra outputs
 
 
 @dataclass(frozen=True)
@@ -165,8 +196,10 @@ class PerHeadModel(nn.Module):
         unembed: fx.GraphModule,
         final_reads: tuple[str, ...],
         final_aux: tuple[int, ...],
+        outputs: tuple[GraphOutput, ...] = (GraphOutput(OutputHome.LOGITS),),
     ) -> None:
         super().__init__()
+        self.outputs = outputs
         self.prelude = prelude
         self.n_aux = n_aux
         for name, block in blocks.items():
@@ -176,20 +209,42 @@ class PerHeadModel(nn.Module):
         self.final_reads = final_reads
         self.final_aux = final_aux
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        """The logits, or (where the traced graph had more outputs) all of them in the traced order."""
         out = self.prelude(input_ids)
         aux = [out[i + 1] for i in range(self.n_aux)]
         stream = {"embed": out[0]}
+        extras: dict[str, Any] = {}
+        with_extras = {o.component for o in self.outputs if o.home is OutputHome.ATTENTION}
         for step in self.steps:
             read = functools.reduce(operator.add, [stream[r] for r in step.reads])
             block = getattr(self, step.name)
             args = [aux[i] for i in step.aux]
-            if step.kind == "attention":
+            if step.kind == "attention" and step.name in with_extras:
+                result = block.from_stream(read, *args, extra_outputs=True)
+                stream[step.name], extras[step.name] = block.combine(result[0]), result[1]
+            elif step.kind == "attention":
                 stream[step.name] = block.combine(block.from_stream(read, *args))
             else:
                 stream[step.name] = block(read, *args)
         final = functools.reduce(operator.add, [stream[r] for r in self.final_reads])
-        return self.unembed(final, *[aux[i] for i in self.final_aux])
+        unembedded = self.unembed(final, *[aux[i] for i in self.final_aux])
+        if len(self.outputs) == 1:
+            return unembedded
+        logits = unembedded[0] if any(o.home is OutputHome.UNEMBED for o in self.outputs) else unembedded
+        values = []
+        for o in self.outputs:
+            if o.home is OutputHome.LOGITS:
+                values.append(logits)
+            elif o.home is OutputHome.STREAM:
+                values.append(functools.reduce(operator.add, [stream[r] for r in o.reads]))
+            elif o.home is OutputHome.PRELUDE:
+                values.append(aux[o.index])
+            elif o.home is OutputHome.ATTENTION:
+                values.append(extras[o.component][o.index])
+            else:
+                values.append(unembedded[1 + o.index])
+        return tuple(values)
 
 
 class StreamShaped(nn.Module):
@@ -238,8 +293,10 @@ class _Builder:
         self.stream = descendants([layout.embed]) | {layout.embed}
         self.aux: list[fx.Node] = []
 
-    def component(self, nodes: set[fx.Node], inputs: list[fx.Node], output: fx.Node, name: str) -> tuple[fx.GraphModule, tuple[int, ...]]:
-        module, extra = extract(self.gm, nodes, inputs, [output], name)
+    def component(
+        self, nodes: set[fx.Node], inputs: list[fx.Node], outputs: fx.Node | list[fx.Node], name: str
+    ) -> tuple[fx.GraphModule, tuple[int, ...]]:
+        module, extra = extract(self.gm, nodes, inputs, outputs if isinstance(outputs, list) else [outputs], name)
         for e in extra:
             if e in self.stream:
                 raise UnsupportedArchitectureError(f"{name}: reads the residual stream at {e.name} besides its own input")
@@ -250,12 +307,11 @@ class _Builder:
     def between(self, start: list[fx.Node], end: fx.Node) -> set[fx.Node]:
         return descendants(start) & (ancestors([end]) | {end})
 
-    def attention(self, site: AttentionSite) -> tuple[AttentionBlock, tuple[int, ...]]:
+    def attention(self, site: AttentionSite, extras: list[fx.Node]) -> tuple[AttentionBlock, tuple[int, ...]]:
         name = f"a{site.layer}"
         norm, norm_aux = self.component(self.between([site.read], site.normed), [site.read], site.normed, f"Norm_{name}")
-        core, core_aux = self.component(
-            self.between(site.projection_outputs, site.z), site.projection_outputs, site.z, f"Core_{name}"
-        )
+        core_nodes = self.between(site.projection_outputs, site.z).union(*(self.between(site.projection_outputs, e) for e in extras))
+        core, core_aux = self.component(core_nodes, site.projection_outputs, [site.z, *extras], f"Core_{name}")
         weight = torch.cat([p.weight for p in site.projections])
         biases = [p.bias if p.bias is not None else torch.zeros(p.weight.shape[0], device=p.weight.device) for p in site.projections]
         bias = None if all(p.bias is None for p in site.projections) else torch.cat(biases)
@@ -267,7 +323,7 @@ class _Builder:
         z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long)
         block = AttentionBlock(
             site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths), core, z_order, o, o_bias,
-            site.kv_group_of_head,
+            site.kv_group_of_head, len(extras),
         )
         return block, norm_aux + core_aux
 
@@ -279,6 +335,47 @@ def _names(layout: ModelLayout) -> dict[fx.Node, str]:
     return names
 
 
+def _place_outputs(
+    layout: ModelLayout, builder: _Builder, names: dict[fx.Node, str]
+) -> tuple[tuple[GraphOutput, ...], dict[int, list[fx.Node]], list[fx.Node]]:
+    """Where each graph output is computed in the split model, so outputs besides the logits (key/value caches,
+    hidden states) come out of the split graph itself. Returns the output plan, the extra outputs of each
+    attention core (by layer) and those of the unembedding. Registers stream-independent outputs as prelude aux."""
+    plan: list[GraphOutput] = []
+    core_extras: dict[int, list[fx.Node]] = {s.layer: [] for s in layout.sites}
+    unembed_extras: list[fx.Node] = []
+    unembed_region = descendants([layout.final_read])
+    for node in layout.outputs:
+        if node is layout.logits:
+            plan.append(GraphOutput(OutputHome.LOGITS))
+        elif node is layout.embed or node in layout.leaves:
+            plan.append(GraphOutput(OutputHome.STREAM, reads=tuple(names[l] for l in layout.leaves.get(node, [node]))))
+        elif node not in builder.stream:
+            if node not in builder.aux:
+                builder.aux.append(node)
+            plan.append(GraphOutput(OutputHome.PRELUDE, index=builder.aux.index(node)))
+        elif site := _site_computing(layout, node):
+            core_extras[site.layer].append(node)
+            plan.append(GraphOutput(OutputHome.ATTENTION, component=f"a{site.layer}", index=len(core_extras[site.layer]) - 1))
+        elif node in unembed_region:
+            unembed_extras.append(node)
+            plan.append(GraphOutput(OutputHome.UNEMBED, index=len(unembed_extras) - 1))
+        else:
+            raise UnsupportedArchitectureError(
+                f"graph output {node.name} is computed inside an MLP or a norm, which the split model does not expose; "
+                "only logits, key/value caches, hidden states and stream-independent values can be returned"
+            )
+    return tuple(plan), core_extras, unembed_extras
+
+
+def _site_computing(layout: ModelLayout, node: fx.Node) -> AttentionSite | None:
+    """The attention block whose core computes ``node``: downstream of its projections, not of its output."""
+    for site in layout.sites:
+        if node in descendants(site.projection_outputs) and node is not site.z and node not in descendants([site.z]):
+            return site
+    return None
+
+
 def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:
     """Replace reshapes whose output shape equals their input shape by their input.
 
@@ -287,7 +384,7 @@ def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:
     """
     reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in reshapes or node is layout.logits:
+        if node.op != "call_function" or node.target not in reshapes or node in layout.outputs:
             continue
         source = node.args[0]
         before, after = layout.values.get(source), layout.values.get(node)
@@ -311,13 +408,17 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             got = split(example)
         except Exception as error:
             raise UnsupportedArchitectureError(f"the per-head model fails to run: {error}") from error
-    scale = expected.abs().max().clamp_min(1e-6)
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(scale)):
-        diff = (got - expected).abs().max().item()
-        raise UnsupportedArchitectureError(
-            f"the per-head model does not reproduce the original logits (max difference {diff:.3g}); "
-            "the residual stream or a norm is not of a form the pass understands"
-        )
+    expected_flat, _ = torch.utils._pytree.tree_flatten(expected)
+    got_flat = list(got) if isinstance(got, tuple) else [got]
+    for i, (want, have) in enumerate(zip(expected_flat, got_flat, strict=True)):
+        scale = want.abs().max().clamp_min(1e-6)
+        if want.shape != have.shape or not torch.allclose(have, want, rtol=1e-4, atol=1e-4 * float(scale)):
+            diff = (have - want).abs().max().item() if want.shape == have.shape else f"shape {tuple(have.shape)} vs {tuple(want.shape)}"
+            what = "logits" if len(expected_flat) == 1 else f"output {i}"
+            raise UnsupportedArchitectureError(
+                f"the per-head model does not reproduce the original {what} (max difference {diff}); "
+                "the residual stream or a norm is not of a form the pass understands"
+            )
 
 
 def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
@@ -326,13 +427,14 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     Returns a GraphModule computing the same logits, whose ``meta["head_graph"]`` is the
     :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names).
     """
-    example = example_inputs if example_inputs is not None else gm.meta.get("example_input_ids")
+    example = input_ids_from(example_inputs) if example_inputs is not None else gm.meta.get("example_input_ids")
     if example is None:
         raise UnsupportedArchitectureError("split_heads needs example input_ids (pass example_inputs or trace first)")
     layout = analyse(gm, example)
     _drop_identity_reshapes(gm, layout)
     names = _names(layout)
     builder = _Builder(gm, layout)
+    output_plan, core_extras, unembed_extras = _place_outputs(layout, builder, names)
     blocks: dict[str, nn.Module] = {}
     steps: list[Step] = []
     components = [(s.contribution, s) for s in layout.sites] + [(m.contribution, m) for m in layout.mlps]
@@ -340,7 +442,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     for contribution, site in sorted(components, key=lambda c: order[c[0]]):
         name = names[contribution]
         if isinstance(site, AttentionSite):
-            blocks[name], aux = builder.attention(site)
+            blocks[name], aux = builder.attention(site, core_extras[site.layer])
             kind = "attention"
         else:
             mlp, aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
@@ -348,12 +450,15 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
             blocks[name] = mlp if same_shape else StreamShaped(mlp)
             kind = "mlp"
         steps.append(Step(kind, name, tuple(names[l] for l in layout.leaves[site.read]), aux))
-    unembed, final_aux = builder.component(builder.between([layout.final_read], layout.logits), [layout.final_read], layout.logits, "Unembed")
+    unembed_nodes = builder.between([layout.final_read], layout.logits).union(
+        *(builder.between([layout.final_read], e) for e in unembed_extras)
+    )
+    unembed, final_aux = builder.component(unembed_nodes, [layout.final_read], [layout.logits, *unembed_extras], "Unembed")
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     outputs = [layout.embed, *builder.aux]
     prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude")
     final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
-    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux).to(example.device)
+    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
     _check_equivalent(gm, model, example)
     if gm.meta.get("dynamic_shapes"):
         _check_equivalent(gm, model, _other_shape(example))

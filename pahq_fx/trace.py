@@ -10,12 +10,13 @@ mutate the model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import UnsupportedArchitectureError
+from .errors import InvalidInputsError
 
 aten = torch.ops.aten
 
@@ -33,6 +34,36 @@ class LogitsOnly(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, use_cache=False)
         return out.logits if hasattr(out, "logits") else out[0]
+
+
+ExampleInputs = torch.Tensor | tuple | list | Mapping[str, Any]
+
+
+def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch.Tensor:
+    """The ``input_ids`` tensor of inputs given the ways PyTorch and Hugging Face users pass them.
+
+    Accepts a tensor, a tuple or list of positional arguments whose first is ``input_ids`` (the
+    ``torch.export`` convention, ``(ids,)``), and a dict or tokenizer ``BatchEncoding`` with an ``input_ids``
+    entry (other entries, such as an all-ones ``attention_mask``, are not used by the trace).
+    """
+    ids: Any = inputs
+    if isinstance(inputs, (tuple, list)):
+        if not inputs:
+            raise InvalidInputsError(f"{what} is an empty {type(inputs).__name__}; pass (input_ids,)")
+        ids = inputs[0]
+    elif isinstance(inputs, Mapping) or hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"):
+        if "input_ids" not in inputs:
+            raise InvalidInputsError(f"{what} has no 'input_ids' entry (it has {sorted(inputs.keys())})")
+        ids = inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor):
+        raise InvalidInputsError(f"{what}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InvalidInputsError(f"{what}: input_ids must be integer token ids, got a {ids.dtype} tensor (embeddings are not accepted)")
+    if ids.dim() == 1:
+        raise InvalidInputsError(f"{what}: input_ids have shape {tuple(ids.shape)}; add the batch dimension ([1, seq])")
+    if ids.dim() != 2:
+        raise InvalidInputsError(f"{what}: input_ids must have shape [batch, seq], got {tuple(ids.shape)}")
+    return ids
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 6) -> torch.Tensor:
@@ -88,19 +119,18 @@ def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def trace(model: nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, example_inputs: ExampleInputs | None = None) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule.
 
     ``model`` is a Hugging Face causal LM (anything with a ``config``: it is called with
-    ``use_cache=False`` and its ``.logits`` kept) or any module mapping ``input_ids`` to logits.
+    ``use_cache=False`` and its ``.logits`` kept) or any module mapping ``input_ids`` to logits (or to a tuple
+    of tensors among which the logits: see :func:`pahq_fx.heads.analyse`). ``example_inputs`` is
+    ``input_ids`` as a tensor, a tuple ``(input_ids,)`` or a dict / ``BatchEncoding`` (:func:`input_ids_from`).
     The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
     holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence
     dimensions stayed dynamic (``meta["dynamic_shapes"]``).
     """
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 2 or example_inputs.is_floating_point():
-        raise UnsupportedArchitectureError("example_inputs must be integer input_ids of shape [batch, seq]")
+    example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
     with _inference_setup(model), torch.no_grad():
         module = LogitsOnly(model) if hasattr(model, "config") else model
         program = _export(module, example_inputs)

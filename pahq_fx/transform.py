@@ -12,7 +12,7 @@ from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
 from .precision import HeadSpec, PrecisionReport, check_head, lower_precision, set_head
 from .split import split_heads
-from .trace import trace
+from .trace import ExampleInputs, input_ids_from, trace
 
 
 class PahqModel(nn.Module):
@@ -55,7 +55,8 @@ class PahqModel(nn.Module):
         set_head(self.graph, tuple(head) if head is not None else None)
         self._head = tuple(head) if head is not None else None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
+        input_ids = input_ids_from(input_ids, "input")
         traced = self.graph.meta["example_input_ids"].shape
         if not self.graph.meta.get("dynamic_shapes", True) and input_ids.shape != traced:
             raise UnsupportedArchitectureError(
@@ -76,7 +77,7 @@ def transform(
     model: nn.Module,
     head: HeadSpec = None,
     *,
-    example_inputs: torch.Tensor | None = None,
+    example_inputs: ExampleInputs | None = None,
     low_precision: str = "fp8",
     granularity: str = "per_row",
     compile: bool = True,
@@ -84,7 +85,8 @@ def transform(
 ) -> PahqModel:
     """Trace ``model``, split its attention per head, keep ``head`` in FP32 and the rest in ``low_precision``.
 
-    ``example_inputs`` are ``input_ids`` used for tracing (default: a small random batch); batch and
+    ``example_inputs`` are the ``input_ids`` used for tracing -- a tensor, ``(input_ids,)`` or a dict /
+    tokenizer ``BatchEncoding`` (default: a small random batch); batch and
     sequence length stay dynamic where the model allows it. ``low_precision`` is one of ``fp8`` (e4m3),
     ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
     """
