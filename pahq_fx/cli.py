@@ -36,9 +36,11 @@ def _load_task(spec: str, tokenizer, n: int, seed: int):
     if spec in GENERATORS:
         return make_task(spec, tokenizer, n=n, seed=seed)
     path = Path(spec)
+    if path.suffix == ".jsonl":
+        return Task.from_jsonl(path, tokenizer)
     if path.suffix or path.exists():
         return Task.load(path)
-    raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file")
+    raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file (.jsonl or .safetensors)")
 
 
 def _render(dot_path: Path) -> list[str]:
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("discover", help="discover a circuit and write circuit.json/.dot, report.md/.json")
     d.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
-    d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring) or task file")
+    d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), or a saved task (.safetensors)")
     d.add_argument("--threshold", required=True, type=float)
     d.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="format of the heads not under investigation; auto: fp8 on CUDA sm>=8.9, bf16 where native, else fp32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,6 +88,14 @@ class Task:
 
         tensors = {k: v.contiguous() for k, v in self._tensors().items()}
         save_file(tensors, str(path), metadata={"name": self.name, "format": "pahq_fx.Task/1"})
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, tokenizer: Any, name: str | None = None) -> Task:
+        """A task from a JSON Lines file of prompt pairs, tokenized with ``tokenizer`` (format:
+        :mod:`pahq_fx.acdc.text_task`); every problem is a :class:`TaskError` naming the line."""
+        from .text_task import task_from_jsonl
+
+        return task_from_jsonl(path, tokenizer, name)
 
     @classmethod
     def load(cls, path: str | Path) -> Task:
