@@ -51,7 +51,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     import pahq_fx
-    from pahq_fx.acdc.search import eager_forward_seconds, peak_memory_mb
+    from pahq_fx.acdc.run_info import eager_forward_seconds, peak_memory_mb
     from pahq_fx.tasks import make_task
 
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def run_one(args: argparse.Namespace) -> dict:
                   "precision": circuit.precision, "execution": s.execution}
     search = wall - result["setup_s"]
     peak = peak_memory_mb(device)  # before the evaluation below, which is not part of the run
-    from pahq_fx.acdc.search import evaluate_circuit
+    from pahq_fx.acdc.evaluation import evaluate_circuit
 
     circuit_kl = evaluate_circuit({tuple(e) for e in result["edges"]}, model, task).circuit
     result.update(config=args.one, device=str(device), wall_s=wall, search_s=search, circuit_kl=circuit_kl,

@@ -95,7 +95,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     ids = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
     task = pahq_fx.Task(ids(), ids())
-    from pahq_fx.acdc.search import eager_forward_seconds
+    from pahq_fx.acdc.run_info import eager_forward_seconds
 
     forward_ms = statistics.median(eager_forward_seconds(model, task.clean_input_ids, repeats=args.repeats)) * 1000
     results = [measure(args, fmt, model, task) for fmt in args.formats.split(",")]

@@ -81,6 +81,7 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         "faithfulness": {"circuit": faithfulness.circuit, "full_model": faithfulness.full_model,
                          "every_edge_patched": faithfulness.empty_circuit},
         "agreement_jaccard": agreement,
+        "task_check": circuit.task_check,
     }
     lines = [
         f"# Circuit report: {model_name} on {circuit.task['name']}",
@@ -103,8 +104,16 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         f"| metric of the full model | {faithfulness.full_model:.4g} |",
         f"| metric with every edge patched | {faithfulness.empty_circuit:.4g} |",
     ]
+    check = circuit.task_check
+    if check:
+        lines.append(f"| task check: metric clean / every edge patched | {check['full_model']:.4g} / {check['every_edge_patched']:.4g} |")
+        if check["clean_accuracy"] is not None:
+            lines.append(f"| clean accuracy (correct preferred to incorrect) | {check['clean_accuracy']:.0%} |")
     if agreement is not None:
         lines.append(f"| agreement with previous circuit (edge Jaccard) | {agreement:.3f} |")
+    if check.get("problems"):
+        lines += ["", "**WARNING: this task does not exercise the model; the circuit is likely meaningless.** "
+                  + "; ".join(check["problems"]) + "."]
     return data, "\n".join(lines) + "\n"
 
 
@@ -116,9 +125,13 @@ def cmd_discover(args: argparse.Namespace) -> None:
     previous = Circuit.load(args.compare) if args.compare else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.json"
+    if checkpoint.exists():
+        print(f"resuming from {checkpoint}", file=sys.stderr)
     circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
-                       checkpoint=out / "checkpoint.json" if args.resume else None, progress=not args.no_progress,
-                       compile=False if args.no_compile else True if args.compile else "auto")
+                       checkpoint=checkpoint, progress=not args.no_progress,
+                       compile=False if args.no_compile else True if args.compile else "auto",
+                       allow_weak_task=args.allow_weak_task)
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = _render(out / "circuit.dot")
@@ -170,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
     d.add_argument("--seed", type=int, default=0, help="seed of a generated task")
     d.add_argument("--compare", help="a previous circuit.json to report agreement with")
-    d.add_argument("--resume", action="store_true", help="checkpoint in the output folder and resume from it")
+    # Runs always checkpoint to DIR/checkpoint.json and resume from it; the flag stays for scripts that pass it.
+    d.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    d.add_argument("--allow-weak-task", action="store_true",
+                   help="search even when the corrupted prompts barely move the metric (the circuit would mean little)")
     d.add_argument("--no-progress", action="store_true")
     compiling = d.add_mutually_exclusive_group()
     compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: only on CUDA)")

@@ -49,7 +49,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         return original(self, x, units, full_precision_unit)
 
     monkeypatch.setattr(LowPrecisionPerHeadLinear, "units", recording_units)
-    original_lower = pahq_fx.acdc.search.lower_precision
+    original_lower = pahq_fx.acdc.setup.lower_precision
 
     def lower_and_label(graph, *args):
         lowered = original_lower(graph, *args)
@@ -58,7 +58,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
                 getattr(block, role).site = (block.layer, role)
         return lowered
 
-    monkeypatch.setattr(pahq_fx.acdc.search, "lower_precision", lower_and_label)
+    monkeypatch.setattr(pahq_fx.acdc.setup, "lower_precision", lower_and_label)
     per_receiver: dict[str, list[tuple[int, str, list[int], int]]] = {}
 
     def on_receiver(done):
@@ -150,13 +150,24 @@ def test_resume_after_interruption_gives_the_same_circuit(tmp_path):
     assert resumed.stats.queries == uninterrupted.stats.queries
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
+def test_checkpoint_of_another_run_is_refused_and_a_finished_run_removes_its_own(tmp_path):
     model = build(Spec("gpt2", 1, 2, 2, 8))
     checkpoint = tmp_path / "run.json"
-    pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False, checkpoint=checkpoint)
-    with pytest.raises(pahq_fx.CheckpointError, match="other arguments"):
+
+    def interrupt(done):
+        if done.index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False,
+                         checkpoint=checkpoint, callback=interrupt)
+    assert checkpoint.exists()
+    with pytest.raises(pahq_fx.CheckpointError, match="belongs to another run \\(its threshold differ"):
         pahq_fx.discover(model, make_task(1), threshold=0.02, precision="fp32", progress=False, compile=False,
                          checkpoint=checkpoint)
+    assert checkpoint.exists(), "a refused run must not touch the other run's checkpoint"
+    pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False, checkpoint=checkpoint)
+    assert not checkpoint.exists()
 
 
 def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind():

@@ -2,8 +2,9 @@
 
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import Edge, EdgeGraph, Receiver, ReceiverKind, Sender
+from .evaluation import Faithfulness, TaskCheck, WeakTaskError, check_task, evaluate_circuit
 from .metrics import Metric
-from .search import Faithfulness, ReceiverDone, discover, evaluate_circuit
+from .search import ReceiverDone, discover
 from .task import Task
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "RunStats",
     "Sender",
     "Task",
+    "TaskCheck",
+    "WeakTaskError",
+    "check_task",
     "discover",
     "evaluate_circuit",
 ]

@@ -52,6 +52,7 @@ class Circuit:
     removed: tuple[CircuitEdge, ...] = ()  # edges tested and removed, with their effect (pruned ones are not tested)
     groups: dict[str, list[str]] = field(default_factory=dict)  # key/value group node -> the heads it feeds (GQA)
     precision_note: str = ""  # why this precision (the device's choice under precision="auto")
+    task_check: dict[str, Any] = field(default_factory=dict)  # metric clean / all patched, accuracy, problems found
 
     @property
     def nodes(self) -> list[str]:
@@ -99,6 +100,7 @@ class Circuit:
                 removed=tuple(CircuitEdge(**e) for e in data.get("removed", [])),
                 groups=data.get("groups", {}),
                 precision_note=data.get("precision_note", ""),
+                task_check=data.get("task_check", {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
@@ -125,7 +127,7 @@ class Circuit:
 
     def evaluate(self, model: Any, task: Any):
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
-        from .search import evaluate_circuit
+        from .evaluation import evaluate_circuit
 
         return evaluate_circuit(self.edge_set(), model, task, self.metric)
 

@@ -1,0 +1,78 @@
+"""Checkpoints of a discovery run: the decisions so far, written after each receiver, and their exact replay."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .edges import EdgeGraph
+from .runtime import PatchingRuntime
+
+CHECKPOINT_FORMAT = "pahq_fx.acdc.checkpoint/1"
+
+
+class Checkpoint:
+    """A JSON file of finished receivers, removed edges, measured effects and the query count, tied to the run's
+    arguments by ``fingerprint``. ``path=None`` keeps nothing. Writes are atomic (write, then rename), so a run
+    killed at any moment leaves the previous checkpoint or the new one, never half of one."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, None when there is none; another run's checkpoint is an error."""
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {self.path} is unreadable: {error}") from None
+        if data.get("format") != CHECKPOINT_FORMAT or data.get("fingerprint") != self.fingerprint:
+            theirs = data.get("fingerprint", {}) if isinstance(data, dict) else {}
+            differs = sorted(k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]) or ["format"]
+            raise CheckpointError(
+                f"checkpoint {self.path} belongs to another run (its {', '.join(differs)} differ from this one's); "
+                "delete it to start afresh, or write this run to another folder"
+            )
+        return data
+
+    def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int) -> None:
+        if self.path is None:
+            return
+        data = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "done": done,
+            "removed": [list(edge) for edge in removed],
+            "effects": [[r, s, e] for (r, s), e in sorted(effects.items())],
+            "queries": queries,
+        }
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+    def finish(self) -> None:
+        """The run is complete: its checkpoint has nothing left to resume."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
+           effects: dict[tuple[int, int], float]) -> None:
+    """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
+    state as the uninterrupted run; no edge is measured again). A receiver without measured effects was pruned."""
+    for name in done:
+        row = edges.receiver_index[name]
+        receiver = edges.receivers[row]
+        if not any((row, s) in effects for s in receiver.senders):
+            runtime.remove(row, receiver.senders)
+            continue
+        runtime.investigate(receiver)
+        for s in receiver.senders:
+            if (row, s) in removed:
+                runtime.try_remove(row, [s])
+                runtime.commit()

@@ -1,0 +1,125 @@
+"""How good a circuit is, and whether a task exercises the model at all (both in FP32, on the original weights)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PahqError, TaskError
+from ..precision import Format
+from .metrics import Metric, metric_value
+from .setup import build_runtime, parse_metric
+from .task import Task
+
+# Below this a metric's movement is numerical noise (KL in nats, logit or probability differences): nothing to explain.
+MIN_MOVEMENT = 1e-3
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Metric of the circuit alone (every other edge patched) next to the full model's, both in FP32."""
+
+    metric: str
+    circuit: float
+    full_model: float
+    empty_circuit: float
+
+    def describe(self) -> str:
+        return (f"{self.metric}: circuit {self.circuit:.4g}, full model {self.full_model:.4g}, "
+                f"every edge patched {self.empty_circuit:.4g}")
+
+
+def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl") -> Faithfulness:
+    """Run the circuit given by its kept (sender, receiver) edges alone in FP32, and compare with the full model
+    and with nothing kept."""
+    metric = parse_metric(metric, task)
+    runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
+    names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
+    unknown = kept - set(names)
+    if unknown:
+        raise PahqError(f"the circuit has edges this model does not: {sorted(unknown)[:5]}")
+    full_model = runtime.run_from(0)
+    every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
+    outside = {i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
+               for i, senders in every_edge.items()}
+    circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
+    runtime.rollback()
+    empty = runtime.try_remove_edges(every_edge)
+    runtime.rollback()
+    return Faithfulness(metric=metric.value, circuit=circuit_value, full_model=full_model, empty_circuit=empty)
+
+
+class WeakTaskError(TaskError):
+    """The corrupted prompts barely move the metric (or the model cannot do the task): a circuit would mean nothing."""
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """The metric with nothing patched and with every edge patched (the corrupted run), and, where the task has
+    answers, the fraction of examples where the clean model prefers the correct answer to the incorrect one."""
+
+    metric: str
+    threshold: float
+    full_model: float
+    every_edge_patched: float
+    clean_accuracy: float | None
+
+    @property
+    def movement(self) -> float:
+        """How far patching everything moves the metric: the most any circuit search can explain."""
+        return self.every_edge_patched - self.full_model
+
+    @property
+    def problems(self) -> list[str]:
+        """Why a circuit on this task would mean nothing (empty when the task is fine)."""
+        if abs(self.movement) >= MIN_MOVEMENT:
+            return []
+        accuracy = "" if self.clean_accuracy is None else f" (the clean model prefers the correct answer in {self.clean_accuracy:.0%} of the examples)"
+        problem = (
+            f"the corrupted prompts barely move the metric: {self.metric} goes from {self.full_model:.4g} (clean) to "
+            f"{self.every_edge_patched:.4g} with every edge patched, a change of {self.movement:.3g}, smaller than "
+            f"{MIN_MOVEMENT:g}{accuracy}"
+        )
+        return [problem]
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.problems)
+
+    def describe(self) -> str:
+        accuracy = "" if self.clean_accuracy is None else f", clean accuracy {self.clean_accuracy:.0%}"
+        return f"{self.metric}: clean {self.full_model:.4g}, every edge patched {self.every_edge_patched:.4g}{accuracy}"
+
+    def warning(self) -> str:
+        return ("this task does not exercise the model, so the circuit would be meaningless: " + "; ".join(self.problems)
+                + ". Check that the model can do the task and that the corrupted prompts change what it must compute.")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "movement": self.movement, "problems": self.problems}
+
+
+@torch.no_grad()
+def check_task(model: nn.Module, task: Task, metric: str | Metric, threshold: float) -> TaskCheck:
+    """Two eager forwards of the original model: clean and corrupted (every edge patched is the corrupted run)."""
+    metric = parse_metric(metric, task)
+    mask = task.metric_mask
+    clean = model(input_ids=task.clean_input_ids, use_cache=False).logits[mask].float()
+    corrupted = model(input_ids=task.corrupted_input_ids, use_cache=False).logits[mask].float()
+    rows = mask.nonzero()[:, 0]
+    correct = None if task.correct_ids is None else task.correct_ids[rows]
+    incorrect = None if task.incorrect_ids is None else task.incorrect_ids[rows]
+    clean_logprobs = torch.log_softmax(clean, dim=-1)
+    accuracy = None
+    if task.has_answers:
+        preferred = clean.gather(-1, correct.view(-1, 1)) > clean.gather(-1, incorrect.view(-1, 1))
+        accuracy = float(preferred.float().mean())
+    return TaskCheck(
+        metric=metric.value,
+        threshold=threshold,
+        full_model=float(metric_value(metric, clean, clean_logprobs, correct, incorrect)),
+        every_edge_patched=float(metric_value(metric, corrupted, clean_logprobs, correct, incorrect)),
+        clean_accuracy=accuracy,
+    )

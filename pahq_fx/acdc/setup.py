@@ -1,0 +1,70 @@
+"""Checked arguments and the patching runtime of a run: what ``discover``, ``sweep`` and evaluation share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import PahqError, TaskError
+from ..precision import AUTO, Format, lower_precision
+from ..split import split_heads
+from ..trace import trace
+from .edges import EdgeGraph
+from .metrics import Metric
+from .runtime import PatchingRuntime
+from .task import Task
+
+
+def parse_metric(metric: str | Metric, task: Task) -> Metric:
+    try:
+        parsed = metric if isinstance(metric, Metric) else Metric(str(metric).lower())
+    except ValueError:
+        raise PahqError(f"unknown metric {metric!r}; choose one of {', '.join(m.value for m in Metric)}") from None
+    if parsed.needs_answers and not task.has_answers:
+        raise TaskError(f"metric {parsed.value} needs correct_ids and incorrect_ids in the task")
+    return parsed
+
+
+def check_threshold(threshold: float) -> float:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) or threshold < 0:
+        raise PahqError(f"threshold must be a non-negative number, got {threshold!r}")
+    return float(threshold)
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> tuple[bool, str]:
+    """Whether to compile, and the sentence the report shows."""
+    if compile == AUTO:
+        if device.type == "cuda":
+            return True, "compiled (compile='auto' on CUDA)"
+        return False, f"eager (compile='auto': on {device.type} compilation is not repaid)"
+    if not isinstance(compile, bool):
+        raise PahqError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile, "compiled (compile=True)" if compile else "eager (compile=False)"
+
+
+def check_vocabulary(model: nn.Module, task: Task) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        task.validate_vocab(int(vocab))
+
+
+def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModule:
+    """The traced model, traced and probed on two prompts (the split's probes cost in proportion to the example)
+    unless its shapes came out static, in which case it is traced at the task's own shape."""
+    small = trace(model, example_inputs=input_ids[:2])
+    if small.meta["dynamic_shapes"] or input_ids.shape[0] <= 2:
+        return small
+    return trace(model, example_inputs=input_ids)
+
+
+def build_runtime(
+    model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool
+) -> tuple[PatchingRuntime, EdgeGraph]:
+    """Trace, split and lower the model; return the runtime and its edge graph."""
+    check_vocabulary(model, task)
+    graph = split_heads(_trace_for(model, task.clean_input_ids))
+    graph = lower_precision(graph, precision, granularity)
+    edges = EdgeGraph(graph.meta["head_graph"])
+    return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
