@@ -11,11 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from .acdc.metrics import Metric
 from .errors import PahqError
-from .precision import Format
+from .precision import AUTO, Format
 
-PRECISIONS = ("auto", *(f.value for f in Format))
-METRICS = ("kl", "logit_diff", "prob_diff")
+PRECISIONS = (AUTO, *(f.value for f in Format))
+METRICS = tuple(m.value for m in Metric)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
+from .names import Role
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -28,18 +31,21 @@ class LayerInfo:
         return self.n_kv_groups != self.n_heads
 
     def head_name(self, head: int) -> str:
-        return f"a{self.index}.h{head}"
+        return names.head(self.index, head)
 
     def query_name(self, head: int) -> str:
-        return f"a{self.index}.h{head}.q"
+        return names.attention_input(names.head(self.index, head), Role.QUERY)
 
-    def kv_name(self, group: int, role: str) -> str:
-        unit = "g" if self.grouped else "h"
-        return f"a{self.index}.{unit}{group}.{role}"
+    def kv_unit_name(self, group: int) -> str:
+        """The node a key/value input belongs to: the group, or the head when heads do not share keys and values."""
+        return names.kv_group(self.index, group) if self.grouped else names.head(self.index, group)
+
+    def kv_name(self, group: int, role: Role) -> str:
+        return names.attention_input(self.kv_unit_name(group), role)
 
     @property
     def mlp_name(self) -> str:
-        return f"m{self.index}"
+        return names.mlp(self.index)
 
 
 @dataclass(frozen=True)
@@ -56,30 +62,30 @@ class HeadGraph:
 
     def senders(self) -> list[str]:
         """Sender names in topological order (embedding first)."""
-        names = ["embed"]
+        out = [names.EMBED]
         for layer in self.layers:
-            names += [layer.head_name(h) for h in range(layer.n_heads)]
+            out += [layer.head_name(h) for h in range(layer.n_heads)]
             if layer.has_mlp:
-                names.append(layer.mlp_name)
-        return names
+                out.append(layer.mlp_name)
+        return out
 
     def receivers(self) -> list[str]:
         """Receiver names in topological order (``resid_post`` last)."""
-        names: list[str] = []
+        out: list[str] = []
         for layer in self.layers:
-            names += [layer.query_name(h) for h in range(layer.n_heads)]
-            names += [layer.kv_name(g, "k") for g in range(layer.n_kv_groups)]
-            names += [layer.kv_name(g, "v") for g in range(layer.n_kv_groups)]
+            out += [layer.query_name(h) for h in range(layer.n_heads)]
+            out += [layer.kv_name(g, Role.KEY) for g in range(layer.n_kv_groups)]
+            out += [layer.kv_name(g, Role.VALUE) for g in range(layer.n_kv_groups)]
             if layer.has_mlp:
-                names.append(layer.mlp_name)
-        return names + ["resid_post"]
+                out.append(layer.mlp_name)
+        return out + [names.RESID_POST]
 
     def describe(self) -> str:
         lines = [f"{self.n_layers} attention layers, d_model={self.d_model}"]
         for layer in self.layers:
             gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
-            mlp = f"; MLP m{layer.index} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
+            mlp = f"; MLP {layer.mlp_name} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
             lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{mlp}")
-        lines.append(f"  resid_post reads {'+'.join(self.final_reads)}")
+        lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")
         lines.append(f"  {len(self.senders())} senders, {len(self.receivers())} receivers")
         return "\n".join(lines)

@@ -20,7 +20,6 @@ What is recognised (see README, "What the pass recognises"):
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ from .graph_utils import (
     input_nodes,
     record_values,
 )
+from .names import Role
 
 aten = torch.ops.aten
 
@@ -65,13 +65,6 @@ class AttentionCall:
     def name(self) -> str:
         return self.output.name
 
-
-class Role(enum.Enum):
-    """Which attention input a projection feature feeds."""
-
-    QUERY = "q"
-    KEY = "k"
-    VALUE = "v"
 
 
 @dataclass(frozen=True)

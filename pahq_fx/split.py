@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import names
 from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
-from .heads import AttentionSite, ModelLayout, Role, analyse
+from .heads import AttentionSite, ModelLayout, analyse
+from .names import Role
 from .trace import input_ids_from
 
 NO_HEAD = -1
@@ -145,11 +147,18 @@ class AttentionBlock(nn.Module):
         return total if self.o_bias is None else total + self.o_bias
 
 
+class StepKind(enum.Enum):
+    """What a step of the split model runs."""
+
+    ATTENTION = "attention"
+    MLP = "mlp"
+
+
 @dataclass(frozen=True)
 class Step:
     """One component of the residual stream, in execution order."""
 
-    kind: str  # "attention" or "mlp"
+    kind: StepKind
     name: str  # contribution name: a{L} or m{L}
     reads: tuple[str, ...]
     aux: tuple[int, ...]
@@ -213,17 +222,17 @@ class PerHeadModel(nn.Module):
         """The logits, or (where the traced graph had more outputs) all of them in the traced order."""
         out = self.prelude(input_ids)
         aux = [out[i + 1] for i in range(self.n_aux)]
-        stream = {"embed": out[0]}
+        stream = {names.EMBED: out[0]}
         extras: dict[str, Any] = {}
         with_extras = {o.component for o in self.outputs if o.home is OutputHome.ATTENTION}
         for step in self.steps:
             read = functools.reduce(operator.add, [stream[r] for r in step.reads])
             block = getattr(self, step.name)
             args = [aux[i] for i in step.aux]
-            if step.kind == "attention" and step.name in with_extras:
+            if step.kind is StepKind.ATTENTION and step.name in with_extras:
                 result = block.from_stream(read, *args, extra_outputs=True)
                 stream[step.name], extras[step.name] = block.combine(result[0]), result[1]
-            elif step.kind == "attention":
+            elif step.kind is StepKind.ATTENTION:
                 stream[step.name] = block.combine(block.from_stream(read, *args))
             else:
                 stream[step.name] = block(read, *args)
@@ -308,7 +317,7 @@ class _Builder:
         return descendants(start) & (ancestors([end]) | {end})
 
     def attention(self, site: AttentionSite, extras: list[fx.Node]) -> tuple[AttentionBlock, tuple[int, ...]]:
-        name = f"a{site.layer}"
+        name = names.attention(site.layer)
         norm, norm_aux = self.component(self.between([site.read], site.normed), [site.read], site.normed, f"Norm_{name}")
         core_nodes = self.between(site.projection_outputs, site.z).union(*(self.between(site.projection_outputs, e) for e in extras))
         core, core_aux = self.component(core_nodes, site.projection_outputs, [site.z, *extras], f"Core_{name}")
@@ -328,15 +337,15 @@ class _Builder:
         return block, norm_aux + core_aux
 
 
-def _names(layout: ModelLayout) -> dict[fx.Node, str]:
-    names = {layout.embed: "embed"}
-    names.update({s.contribution: f"a{s.layer}" for s in layout.sites})
-    names.update({m.contribution: f"m{m.layer}" for m in layout.mlps})
-    return names
+def _contribution_names(layout: ModelLayout) -> dict[fx.Node, str]:
+    out = {layout.embed: names.EMBED}
+    out.update({s.contribution: names.attention(s.layer) for s in layout.sites})
+    out.update({m.contribution: names.mlp(m.layer) for m in layout.mlps})
+    return out
 
 
 def _place_outputs(
-    layout: ModelLayout, builder: _Builder, names: dict[fx.Node, str]
+    layout: ModelLayout, builder: _Builder, contribution_names: dict[fx.Node, str]
 ) -> tuple[tuple[GraphOutput, ...], dict[int, list[fx.Node]], list[fx.Node]]:
     """Where each graph output is computed in the split model, so outputs besides the logits (key/value caches,
     hidden states) come out of the split graph itself. Returns the output plan, the extra outputs of each
@@ -349,14 +358,14 @@ def _place_outputs(
         if node is layout.logits:
             plan.append(GraphOutput(OutputHome.LOGITS))
         elif node is layout.embed or node in layout.leaves:
-            plan.append(GraphOutput(OutputHome.STREAM, reads=tuple(names[l] for l in layout.leaves.get(node, [node]))))
+            plan.append(GraphOutput(OutputHome.STREAM, reads=tuple(contribution_names[l] for l in layout.leaves.get(node, [node]))))
         elif node not in builder.stream:
             if node not in builder.aux:
                 builder.aux.append(node)
             plan.append(GraphOutput(OutputHome.PRELUDE, index=builder.aux.index(node)))
         elif site := _site_computing(layout, node):
             core_extras[site.layer].append(node)
-            plan.append(GraphOutput(OutputHome.ATTENTION, component=f"a{site.layer}", index=len(core_extras[site.layer]) - 1))
+            plan.append(GraphOutput(OutputHome.ATTENTION, component=names.attention(site.layer), index=len(core_extras[site.layer]) - 1))
         elif node in unembed_region:
             unembed_extras.append(node)
             plan.append(GraphOutput(OutputHome.UNEMBED, index=len(unembed_extras) - 1))
@@ -432,24 +441,24 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
         raise UnsupportedArchitectureError("split_heads needs example input_ids (pass example_inputs or trace first)")
     layout = analyse(gm, example)
     _drop_identity_reshapes(gm, layout)
-    names = _names(layout)
+    contribution_names = _contribution_names(layout)
     builder = _Builder(gm, layout)
-    output_plan, core_extras, unembed_extras = _place_outputs(layout, builder, names)
+    output_plan, core_extras, unembed_extras = _place_outputs(layout, builder, contribution_names)
     blocks: dict[str, nn.Module] = {}
     steps: list[Step] = []
     components = [(s.contribution, s) for s in layout.sites] + [(m.contribution, m) for m in layout.mlps]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for contribution, site in sorted(components, key=lambda c: order[c[0]]):
-        name = names[contribution]
+        name = contribution_names[contribution]
         if isinstance(site, AttentionSite):
             blocks[name], aux = builder.attention(site, core_extras[site.layer])
-            kind = "attention"
+            kind = StepKind.ATTENTION
         else:
             mlp, aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
             same_shape = layout.values[contribution].shape == layout.values[site.read].shape
             blocks[name] = mlp if same_shape else StreamShaped(mlp)
-            kind = "mlp"
-        steps.append(Step(kind, name, tuple(names[l] for l in layout.leaves[site.read]), aux))
+            kind = StepKind.MLP
+        steps.append(Step(kind, name, tuple(contribution_names[l] for l in layout.leaves[site.read]), aux))
     unembed_nodes = builder.between([layout.final_read], layout.logits).union(
         *(builder.between([layout.final_read], e) for e in unembed_extras)
     )
@@ -457,7 +466,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     outputs = [layout.embed, *builder.aux]
     prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude")
-    final_reads = tuple(names[l] for l in layout.leaves[layout.final_read])
+    final_reads = tuple(contribution_names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
     _check_equivalent(gm, model, example)
     if gm.meta.get("dynamic_shapes"):
@@ -476,7 +485,7 @@ def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, 
     reads = {s.name: s.reads for s in steps}
     layers = []
     for site in layout.sites:
-        mlp = f"m{site.layer}"
+        mlp = names.mlp(site.layer)
         layers.append(
             LayerInfo(
                 index=site.layer,
@@ -484,7 +493,7 @@ def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, 
                 n_kv_groups=site.n_kv_groups,
                 kv_group_of_head=site.kv_group_of_head,
                 has_mlp=mlp in reads,
-                attention_reads=reads[f"a{site.layer}"],
+                attention_reads=reads[names.attention(site.layer)],
                 mlp_reads=reads.get(mlp, ()),
             )
         )

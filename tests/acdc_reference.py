@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from pahq_fx.names import Role
 from pahq_fx.passes import lower_precision, split_heads, trace
 from pahq_fx.precision import FullPrecisionUnits, all_heads_fp32, set_plan
+from pahq_fx.split import StepKind
 
 
 class ReferenceACDC:
@@ -75,11 +77,11 @@ class ReferenceACDC:
             args = [aux[i] for i in step.aux]
             if k < start:
                 outputs.update({name: self.clean_outputs[name] for name in self.components(step.name)})
-            elif step.kind == "attention":
+            elif step.kind is StepKind.ATTENTION:
                 layer = self.hg.layers[block.layer]
                 q = [self.receiver_input(layer.query_name(h), step.reads, outputs, removed, corrupt) for h in range(layer.n_heads)]
-                k = [self.receiver_input(layer.kv_name(g, "k"), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
-                v = [self.receiver_input(layer.kv_name(g, "v"), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
+                k = [self.receiver_input(layer.kv_name(g, Role.KEY), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
+                v = [self.receiver_input(layer.kv_name(g, Role.VALUE), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
                 heads = block(torch.stack(q, 2), torch.stack(k, 2), torch.stack(v, 2), *args)
                 for h in range(layer.n_heads):
                     outputs[layer.head_name(h)] = heads[:, :, h]
@@ -105,7 +107,7 @@ class ReferenceACDC:
             if layer.has_mlp:
                 out.append((layer.mlp_name, self.senders_of(steps[layer.mlp_name].reads), [layer.mlp_name]))
             senders = self.senders_of(steps[f"a{layer.index}"].reads)
-            for role in ("v", "k"):
+            for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):
                     heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
                     out.append((layer.kv_name(g, role), senders, heads))

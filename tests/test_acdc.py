@@ -75,7 +75,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
             continue
         investigated += 1
         info = graph.head_graph.layers[receiver.layer]
-        if receiver.kind.value == "q":
+        if receiver.role.value == "q":
             expected = {"q": receiver.unit, "o": receiver.unit, "k": info.kv_group_of_head[receiver.unit],
                         "v": info.kv_group_of_head[receiver.unit]}
         else:
@@ -84,7 +84,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         for layer, role, units, fp32 in seen:
             assert fp32 == (expected[role] if layer == receiver.layer else -1), (receiver.name, layer, role, units, fp32)
         ran_in_fp32 = {role for layer, role, units, fp32 in seen if layer == receiver.layer and fp32 in units}
-        assert ("q" if receiver.kind.value == "q" else receiver.kind.value) in ran_in_fp32, receiver.name
+        assert receiver.role.value in ran_in_fp32, receiver.name
     assert investigated >= 3 * 4 // 2
 
 

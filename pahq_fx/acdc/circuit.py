@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PahqError
+from ..names import NodeKind, node_of, parse
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class Circuit:
     def nodes(self) -> list[str]:
         """Node names the circuit uses (senders, receivers folded onto their node, heads fed by a used
         key/value group), sorted."""
-        names = {e.sender for e in self.edges} | {_node_of(e.receiver) for e in self.edges}
+        used = {e.sender for e in self.edges} | {node_of(e.receiver) for e in self.edges}
         for group, heads in self.groups.items():
-            if group in names:
-                names |= set(heads)
-        return sorted(names)
+            if group in used:
+                used |= set(heads)
+        return sorted(used)
 
     def edge_set(self) -> set[tuple[str, str]]:
         return {(e.sender, e.receiver) for e in self.edges}
@@ -109,7 +110,8 @@ class Circuit:
         """Graphviz DOT text of the circuit (no Graphviz needed to produce it)."""
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fillcolor=white];']
         for node in self.nodes:
-            colour = "lightblue" if node.startswith("a") else "lightyellow" if node.startswith("m") else "lightgrey"
+            kind = parse(node).kind
+            colour = "lightyellow" if kind is NodeKind.MLP else "lightgrey" if kind in (NodeKind.EMBED, NodeKind.RESID_POST) else "lightblue"
             lines.append(f'  "{node}" [fillcolor={colour}];')
         used = set(self.nodes)
         for group, heads in sorted(self.groups.items()):
@@ -117,9 +119,9 @@ class Circuit:
                 for head in heads:
                     lines.append(f'  "{group}" -> "{head}" [style=dashed, arrowhead=none, color=grey];')
         for e in sorted(self.edges, key=lambda e: (e.receiver, e.sender)):
-            role = e.receiver.rsplit(".", 1)[-1] if e.receiver.count(".") == 2 else ""
-            label = f' [label="{role} {e.effect:.3g}"]' if role else f' [label="{e.effect:.3g}"]'
-            lines.append(f'  "{e.sender}" -> "{_node_of(e.receiver)}"{label};')
+            role = parse(e.receiver).role
+            label = f' [label="{role.value} {e.effect:.3g}"]' if role else f' [label="{e.effect:.3g}"]'
+            lines.append(f'  "{e.sender}" -> "{node_of(e.receiver)}"{label};')
         if self.groups:
             lines.append('  label="dashed: a key/value group and the query heads it feeds (grouped-query attention)";')
         lines.append("}")
@@ -142,7 +144,3 @@ class Circuit:
         )
 
 
-def _node_of(receiver: str) -> str:
-    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``m1``/``resid_post`` unchanged."""
-    parts = receiver.split(".")
-    return ".".join(parts[:2]) if len(parts) == 3 else receiver

@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .. import names
 from ..head_graph import HeadGraph
+from ..names import Role
 
 
 class ReceiverKind(enum.Enum):
-    QUERY = "q"
-    KEY = "k"
-    VALUE = "v"
+    """What a receiver is; an attention input's query/key/value role is :attr:`Receiver.role`."""
+
+    ATTENTION_INPUT = "attention input"
     MLP = "mlp"
     RESID_POST = "resid_post"
 
@@ -37,10 +39,11 @@ class Receiver:
     layer: int | None
     unit: int | None  # query head, or key/value group (head under full multi-head attention)
     senders: tuple[int, ...]  # sender indices, in visiting order (nearest first)
+    role: Role | None = None  # which attention input (attention inputs only)
 
     @property
     def is_attention_input(self) -> bool:
-        return self.kind in (ReceiverKind.QUERY, ReceiverKind.KEY, ReceiverKind.VALUE)
+        return self.kind is ReceiverKind.ATTENTION_INPUT
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,10 @@ class EdgeGraph:
         self.head_graph = head_graph
         self.senders: list[Sender] = []
         self._by_component: dict[str, list[int]] = {}
-        self._add_sender("embed", "embed")
+        self._add_sender(names.EMBED, names.EMBED)
         for layer in head_graph.layers:
             for h in range(layer.n_heads):
-                self._add_sender(layer.head_name(h), f"a{layer.index}", h)
+                self._add_sender(layer.head_name(h), names.attention(layer.index), h)
             if layer.has_mlp:
                 self._add_sender(layer.mlp_name, layer.mlp_name)
         self.sender_index = {s.name: s.index for s in self.senders}
@@ -78,16 +81,17 @@ class EdgeGraph:
 
     def _receivers(self) -> list[Receiver]:
         hg = self.head_graph
-        out = [Receiver("resid_post", ReceiverKind.RESID_POST, None, None, self.senders_of(hg.final_reads))]
+        out = [Receiver(names.RESID_POST, ReceiverKind.RESID_POST, None, None, self.senders_of(hg.final_reads))]
+        attention = ReceiverKind.ATTENTION_INPUT
         for layer in reversed(hg.layers):
             if layer.has_mlp:
                 out.append(Receiver(layer.mlp_name, ReceiverKind.MLP, layer.index, None, self.senders_of(layer.mlp_reads)))
             senders = self.senders_of(layer.attention_reads)
-            for kind, role in ((ReceiverKind.VALUE, "v"), (ReceiverKind.KEY, "k")):
+            for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):
-                    out.append(Receiver(layer.kv_name(g, role), kind, layer.index, g, senders))
+                    out.append(Receiver(layer.kv_name(g, role), attention, layer.index, g, senders, role))
             for h in reversed(range(layer.n_heads)):
-                out.append(Receiver(layer.query_name(h), ReceiverKind.QUERY, layer.index, h, senders))
+                out.append(Receiver(layer.query_name(h), attention, layer.index, h, senders, Role.QUERY))
         return out
 
     def edges(self) -> list[Edge]:
@@ -100,7 +104,7 @@ class EdgeGraph:
         if receiver.kind is ReceiverKind.MLP:
             return (self.sender_index[receiver.name],)
         layer = self.head_graph.layers[receiver.layer]
-        if receiver.kind is ReceiverKind.QUERY:
+        if receiver.role is Role.QUERY:
             heads = [receiver.unit]
         else:
             heads = [h for h in range(layer.n_heads) if layer.kv_group_of_head[h] == receiver.unit]

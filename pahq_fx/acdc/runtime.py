@@ -26,15 +26,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .. import names
 from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
+from ..names import Role
 from ..precision import Format, FullPrecisionUnits, all_heads_fp32
-from ..split import AttentionBlock, Step, StreamShaped
+from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import Metric, metric_value
 from .task import Task
 
-ROLES = ("q", "k", "v")
+ROLES = tuple(Role)
 
 
 @dataclass
@@ -67,12 +69,12 @@ class _AttentionLayout:
     def __init__(self, block: AttentionBlock) -> None:
         device = block.z_order.device
         self.n_heads, self.n_groups = block.n_heads, block.n_kv_groups
-        dq, dk, dv = (getattr(block, r).weight.shape[1] for r in ROLES)
-        offsets = {"q": 0, "k": self.n_heads * dq, "v": self.n_heads * dq + self.n_groups * dk}
-        widths = {"q": dq, "k": dk, "v": dv}
+        dq, dk, dv = (getattr(block, r.value).weight.shape[1] for r in ROLES)
+        offsets = {Role.QUERY: 0, Role.KEY: self.n_heads * dq, Role.VALUE: self.n_heads * dq + self.n_groups * dk}
+        widths = {Role.QUERY: dq, Role.KEY: dk, Role.VALUE: dv}
         self.features = {
             role: [torch.arange(offsets[role] + u * widths[role], offsets[role] + (u + 1) * widths[role], device=device)
-                   for u in range(self.n_heads if role == "q" else self.n_groups)]
+                   for u in range(self.n_heads if role is Role.QUERY else self.n_groups)]
             for role in ROLES
         }
         dz = block.z_order.numel() // self.n_heads
@@ -96,7 +98,7 @@ class PatchingRuntime:
         self.last_recomputed: list[str] = []
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)
-        self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind == "attention"}
+        self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
         self.device = task.clean_input_ids.device
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
@@ -133,14 +135,13 @@ class PatchingRuntime:
                 self.final_row = row
                 self.row_step.append(len(self.steps))
                 continue
-            k = step_index[r.name if r.kind is ReceiverKind.MLP else f"a{r.layer}"]
+            k = step_index[r.name if r.kind is ReceiverKind.MLP else names.attention(r.layer)]
             self.row_step.append(k)
-            role = r.kind.value
-            units = self.step_rows[k].setdefault(role, [])
+            units = self.step_rows[k].setdefault(r.role or r.kind, [])
             unit = 0 if r.unit is None else r.unit
             units.extend([-1] * (unit + 1 - len(units)))
             units[unit] = row
-        self.row_role = [r.kind.value for r in self.edges.receivers]
+        self.row_role = [r.role for r in self.edges.receivers]
         self.row_unit = [0 if r.unit is None else r.unit for r in self.edges.receivers]
         self.sender_step: list[int] = []
         self.step_senders: list[list[int]] = [[] for _ in self.steps]
@@ -170,8 +171,8 @@ class PatchingRuntime:
         """MLPs and attention cores by step, and the final read + metric: eager, or compiled once per component
         structure with weights as inputs (every layer's MLP shares one graph). Per-head projections and norms
         stay eager: their shapes change with the number of heads a query reaches."""
-        mlps = {k: getattr(self.graph, s.name) for k, s in enumerate(self.steps) if s.kind == "mlp"}
-        cores = {k: getattr(self.graph, s.name).core for k, s in enumerate(self.steps) if s.kind == "attention"}
+        mlps = {k: getattr(self.graph, s.name) for k, s in enumerate(self.steps) if s.kind is StepKind.MLP}
+        cores = {k: getattr(self.graph, s.name).core for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
         if not compile:
             return mlps, cores, self._final_metric
         inner = [m.component if isinstance(m, StreamShaped) else m for m in mlps.values()]
@@ -203,7 +204,7 @@ class PatchingRuntime:
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
         self._rows_prelude_aux = self._aux_for_rows(task)
         self._token_wise_mlps = {k for k, step in enumerate(self.steps)
-                                 if step.kind == "mlp" and token_wise and self._token_wise_mlp(k)}
+                                 if step.kind is StepKind.MLP and token_wise and self._token_wise_mlp(k)}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
@@ -212,13 +213,13 @@ class PatchingRuntime:
     def _full_run(self, embed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Every sender's FP32 output, every step's read, and the final read, for one input."""
         outputs = [embed]
-        totals = {"embed": embed}
+        totals = {names.EMBED: embed}
         reads = []
         for k, step in enumerate(self.steps):
             read = sum(totals[c] for c in step.reads)
             reads.append(read)
             block = getattr(self.graph, step.name)
-            if step.kind == "attention":
+            if step.kind is StepKind.ATTENTION:
                 heads = block.from_stream(read, *self._aux(step.aux))
                 outputs.extend(heads.unbind(2))
                 totals[step.name] = block.combine(heads)
@@ -289,7 +290,7 @@ class PatchingRuntime:
         if not self.low_precision or not receiver.is_attention_input:
             return {}
         layer = self.edges.head_graph.layers[receiver.layer]
-        if receiver.kind is ReceiverKind.QUERY:
+        if receiver.role is Role.QUERY:
             units = FullPrecisionUnits(receiver.unit, layer.kv_group_of_head[receiver.unit])
         else:
             units = FullPrecisionUnits(-1 if layer.grouped else receiver.unit, receiver.unit)
@@ -427,7 +428,7 @@ class PatchingRuntime:
             sender = self.step_senders[k][0]
             if all(self._reads_rows(r) for r in self.kept_out[sender]):
                 self.rows_only.add(k)
-                row = self.step_rows[k]["mlp"][0]
+                row = self.step_rows[k][ReceiverKind.MLP][0]
                 self.inputs[row] = self._rows(self.inputs[row])
                 self.outputs[sender] = self._rows(self.outputs[sender])
 
@@ -459,7 +460,7 @@ class PatchingRuntime:
             new_inputs, changed = self._step_inputs(k, changes, deltas, kept_in, activating)
             pending.inputs.update(new_inputs)
             step = self.steps[k]
-            if step.kind == "attention":
+            if step.kind is StepKind.ATTENTION:
                 old_units = plan_changes.get(k)
                 if not new_inputs and old_units is None:
                     continue
@@ -486,7 +487,7 @@ class PatchingRuntime:
             pending.metric = self.metric
         else:
             pending.final = self.final + final_change
-            pending.recomputed.append("resid_post")
+            pending.recomputed.append(names.RESID_POST)
             pending.metric = float(self._metric(pending.final))
         self.last_recomputed = pending.recomputed
         return pending
@@ -528,22 +529,22 @@ class PatchingRuntime:
         block: AttentionBlock = getattr(self.graph, self.steps[k].name)
         layout = self._layouts[k]
         rows = self.step_rows[k]
-        dirty: dict[str, set[int]] = {role: set() for role in ROLES}
+        dirty: dict[Role, set[int]] = {role: set() for role in ROLES}
         for row in changed:
             dirty[self.row_role[row]].add(self.row_unit[row])
         if old_units is not None:
             for head in {old_units.query_head, units.query_head} - {-1}:
-                dirty["q"].add(head)
+                dirty[Role.QUERY].add(head)
             for group in {old_units.kv_group, units.kv_group} - {-1}:
-                dirty["k"].add(group)
-                dirty["v"].add(group)
-        heads = set(dirty["q"])
-        for role in ("k", "v"):
+                dirty[Role.KEY].add(group)
+                dirty[Role.VALUE].add(group)
+        heads = set(dirty[Role.QUERY])
+        for role in (Role.KEY, Role.VALUE):
             for g in dirty[role]:
                 heads.update(layout.heads_of_group[g])
         if activating:
             # All projections are new to the state; FP32 heads reproduce their clean output exactly.
-            dirty = {"q": set(range(layout.n_heads)), "k": set(range(layout.n_groups)), "v": set(range(layout.n_groups))}
+            dirty = {role: set(range(layout.n_heads if role is Role.QUERY else layout.n_groups)) for role in ROLES}
             if self.low_precision:
                 heads = set(range(layout.n_heads))
         senders = self.step_senders[k]
@@ -557,8 +558,8 @@ class PatchingRuntime:
         parts = []
         for role, x in zip(ROLES, normed.split(sizes, dim=2)):
             if order[role]:
-                fp32 = units.query_head if role == "q" else units.kv_group
-                parts.append(getattr(block, role).units(x, order[role], fp32).flatten(-2))
+                fp32 = units.query_head if role is Role.QUERY else units.kv_group
+                parts.append(getattr(block, role.value).units(x, order[role], fp32).flatten(-2))
         values = torch.cat(parts, dim=-1)
         if activating:
             projections = values
@@ -573,5 +574,5 @@ class PatchingRuntime:
                        *core_aux)
         z_heads = z.index_select(-1, torch.cat([layout.z_features[h] for h in heads])).unflatten(-1, (len(heads), -1))
         out = block.o.units(z_heads, heads, units.query_head)
-        pending.recomputed.extend(f"{self.steps[k].name}.h{h}" for h in heads)
+        pending.recomputed.extend(names.head(block.layer, h) for h in heads)
         return {senders[h]: out[:, :, i] for i, h in enumerate(heads)}

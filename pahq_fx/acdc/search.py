@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import names
 from ..precision import AUTO, auto_format, parse_format
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
@@ -169,5 +170,5 @@ def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:
         if layer.grouped:
             for g in range(layer.n_kv_groups):
                 heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
-                groups[f"a{layer.index}.g{g}"] = heads
+                groups[names.kv_group(layer.index, g)] = heads
     return groups
