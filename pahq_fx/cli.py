@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -44,17 +42,6 @@ def _load_task(spec: str, tokenizer, n: int, seed: int):
     raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file (.jsonl or .safetensors)")
 
 
-def _render(dot_path: Path) -> list[str]:
-    """PNG and SVG next to the DOT file where Graphviz's ``dot`` is installed; names of what was written."""
-    if shutil.which("dot") is None:
-        print("Graphviz 'dot' is not installed: wrote circuit.dot only (install graphviz for PNG/SVG)")
-        return []
-    written = []
-    for fmt in ("png", "svg"):
-        out = dot_path.with_suffix(f".{fmt}")
-        subprocess.run(["dot", f"-T{fmt}", str(dot_path), "-o", str(out)], check=True, capture_output=True)
-        written.append(out.name)
-    return written
 
 
 def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> tuple[dict, str]:
@@ -135,7 +122,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
                        allow_weak_task=args.allow_weak_task)
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
-    pictures = _render(out / "circuit.dot")
+    pictures = [circuit.draw(out / f"circuit.{fmt}").name for fmt in ("png", "svg")]
     faithfulness = circuit.evaluate(model, task)
     agreement = circuit.jaccard(previous) if previous is not None else None
     data, markdown = _report(circuit, faithfulness, agreement, args.model)

@@ -1,6 +1,7 @@
 """The canonical node names of the per-head graph (docs/acdc.md), built and parsed in one place.
 
-Senders: ``embed``, ``a{L}.h{H}`` (a head's output), ``m{L}`` (an MLP's output). Receivers: ``a{L}.h{H}.q``,
+Senders: ``embed``, ``a{L}.h{H}`` (a head's output), ``m{L}`` (an MLP's output); ``a{L}.g{G}`` is the node of a
+key/value group. Receivers: ``a{L}.h{H}.q``,
 ``a{L}.h{H}.k`` / ``.v`` (``a{L}.g{G}.k`` / ``.v`` for a key/value group under grouped-query attention), ``m{L}``
 (an MLP's input) and ``resid_post``. Residual contributions, which steps of the split model write, are
 ``embed``, ``a{L}`` and ``m{L}``.
@@ -91,8 +92,8 @@ def parse(name: str) -> Name:
     if mlp_layer is not None:
         return Name(NodeKind.MLP, int(mlp_layer))
     kind = NodeKind.HEAD if unit == "h" else NodeKind.KV_GROUP
-    if kind is NodeKind.KV_GROUP and role not in ("k", "v"):
-        raise ValueError(f"{name!r}: a key/value group is named only with .k or .v")
+    if kind is NodeKind.KV_GROUP and role == "q":
+        raise ValueError(f"{name!r}: a key/value group has no query input (only .k and .v)")
     return Name(kind, int(layer), int(index), Role(role) if role else None)
 
 

@@ -12,9 +12,9 @@ import pahq_fx
 SCRIPT = Path(sys.executable).with_name("pahq-fx")
 
 
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pahq_fx.cli"]
-    return subprocess.run([*command, *args], check=False, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*command, *args], check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_discover_writes_circuit_and_report(tmp_path):

@@ -54,6 +54,8 @@ class Circuit:
     groups: dict[str, list[str]] = field(default_factory=dict)  # key/value group node -> the heads it feeds (GQA)
     precision_note: str = ""  # why this precision (the device's choice under precision="auto")
     task_check: dict[str, Any] = field(default_factory=dict)  # metric clean / all patched, accuracy, problems found
+    # Per attention layer: {"heads": n, "kv_groups": g, "mlp": bool}, so a drawing can show the whole model.
+    architecture: tuple[dict[str, Any], ...] = ()
 
     @property
     def nodes(self) -> list[str]:
@@ -102,6 +104,7 @@ class Circuit:
                 groups=data.get("groups", {}),
                 precision_note=data.get("precision_note", ""),
                 task_check=data.get("task_check", {}),
+                architecture=tuple(data.get("architecture", ())),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
@@ -126,6 +129,12 @@ class Circuit:
             lines.append('  label="dashed: a key/value group and the query heads it feeds (grouped-query attention)";')
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+    def draw(self, path: str | Path) -> Path:
+        """A layered picture of the circuit, PNG or SVG by the suffix (matplotlib; no Graphviz needed)."""
+        from .drawing import draw_circuit
+
+        return draw_circuit(self, path)
 
     def evaluate(self, model: Any, task: Any):
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""

@@ -160,6 +160,8 @@ def discover(
         groups=_kv_groups(edges),
         precision_note=precision_note,
         task_check=task_check.to_json(),
+        architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp}
+                           for layer in edges.head_graph.layers),
     )
 
 
