@@ -1,7 +1,7 @@
 """pahq_fx: per-attention-head quantization (PAHQ) as torch.fx passes, and ACDC circuit discovery on top."""
 
 from . import passes
-from .acdc import Circuit, Task, discover
+from .acdc import Circuit, Sweep, Task, discover, sweep
 from .compile import backend
 from .errors import (
     CheckpointError,
@@ -32,6 +32,7 @@ __all__ = [
     "PahqModel",
     "PrecisionConfig",
     "QuantizationError",
+    "Sweep",
     "Task",
     "TaskError",
     "UnsupportedArchitectureError",
@@ -39,5 +40,6 @@ __all__ = [
     "backend",
     "discover",
     "passes",
+    "sweep",
     "transform",
 ]

@@ -134,6 +134,32 @@ def cmd_discover(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(written)} to {out}")
 
 
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise PahqError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise PahqError("--thresholds names no threshold")
+    return values
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .acdc import sweep
+    from .acdc.sweep_plots import plot_sweep
+
+    model, tokenizer = _load_model(args.model)
+    task = _load_task(args.task, tokenizer, args.n, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = sweep(model, task, _thresholds(args.thresholds), metric=args.metric, precision=args.precision,
+                   reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
+                   compile=False if args.no_compile else True if args.compile else "auto")
+    written = result.save(out) + plot_sweep(result, out)
+    print(result.table())
+    print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .transform import transform
 
@@ -180,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: only on CUDA)")
     compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     d.set_defaults(run=cmd_discover)
+    w = sub.add_parser("sweep", help="circuits at several thresholds from one setup, faithfulness, ROC/AUC and plots")
+    w.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
+    w.add_argument("--task", required=True, help="task name, .jsonl prompt pairs or .safetensors task")
+    w.add_argument("--thresholds", required=True, help="comma-separated, e.g. 0.001,0.003,0.01,0.03")
+    w.add_argument("--out", required=True, help="output folder: tau=<t>/circuit.json, summary.md/.json, plots")
+    w.add_argument("--precision", default=AUTO, choices=PRECISIONS)
+    w.add_argument("--metric", default="kl", choices=METRICS)
+    w.add_argument("--reference", help="circuit.json to score ROC/AUC against, or 'fp32' (sweep in FP32 too)")
+    w.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    w.add_argument("--seed", type=int, default=0, help="seed of a generated task")
+    w.add_argument("--allow-weak-task", action="store_true", help="sweep even when the corrupted prompts barely move the metric")
+    w.add_argument("--no-progress", action="store_true")
+    sweep_compiling = w.add_mutually_exclusive_group()
+    sweep_compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: only on CUDA)")
+    sweep_compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
+    w.set_defaults(run=cmd_sweep)
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)
     i.set_defaults(run=cmd_inspect)

@@ -4,7 +4,9 @@ from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import Edge, EdgeGraph, Receiver, ReceiverKind, Sender
 from .evaluation import Faithfulness, TaskCheck, WeakTaskError, check_task, evaluate_circuit
 from .metrics import Metric
+from .roc import RocPoint, roc_auc, roc_point
 from .search import ReceiverDone, discover
+from .sweep import Sweep, SweepPoint, sweep
 from .task import Task
 
 __all__ = [
@@ -17,12 +19,18 @@ __all__ = [
     "Receiver",
     "ReceiverDone",
     "ReceiverKind",
+    "RocPoint",
     "RunStats",
     "Sender",
+    "Sweep",
+    "SweepPoint",
     "Task",
     "TaskCheck",
     "WeakTaskError",
     "check_task",
     "discover",
     "evaluate_circuit",
+    "roc_auc",
+    "roc_point",
+    "sweep",
 ]

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from ..errors import PahqError, TaskError
-from ..precision import Format
+from ..precision import Format, all_heads_fp32
+from .edges import EdgeGraph
 from .metrics import Metric, metric_value
+from .runtime import PatchingRuntime
 from .setup import build_runtime, parse_metric
 from .task import Task
 
@@ -27,9 +29,14 @@ class Faithfulness:
     full_model: float
     empty_circuit: float
 
+    @property
+    def normalised(self) -> float:
+        """The circuit's share of the full model's behaviour: 1 as good as the full model, 0 as the empty circuit."""
+        return normalised_faithfulness(self.circuit, self.full_model, self.empty_circuit)
+
     def describe(self) -> str:
         return (f"{self.metric}: circuit {self.circuit:.4g}, full model {self.full_model:.4g}, "
-                f"every edge patched {self.empty_circuit:.4g}")
+                f"every edge patched {self.empty_circuit:.4g} (normalised faithfulness {self.normalised:.3f})")
 
 
 def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl") -> Faithfulness:
@@ -37,19 +44,34 @@ def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, m
     and with nothing kept."""
     metric = parse_metric(metric, task)
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
+    return evaluate_edges(runtime, edges, kept)
+
+
+def evaluate_edges(runtime: PatchingRuntime, edges: EdgeGraph, kept: set[tuple[str, str]]) -> Faithfulness:
+    """:func:`evaluate_circuit` on an existing runtime, which it resets; every head in FP32 whatever its format."""
     names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
     unknown = kept - set(names)
     if unknown:
         raise PahqError(f"the circuit has edges this model does not: {sorted(unknown)[:5]}")
-    full_model = runtime.run_from(0)
-    every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
-    outside = {i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
-               for i, senders in every_edge.items()}
-    circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
-    runtime.rollback()
-    empty = runtime.try_remove_edges(every_edge)
-    runtime.rollback()
-    return Faithfulness(metric=metric.value, circuit=circuit_value, full_model=full_model, empty_circuit=empty)
+    with torch.no_grad(), all_heads_fp32(runtime.graph):
+        runtime.reset()
+        full_model = runtime.run_from(0)
+        every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
+        outside = {i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
+                   for i, senders in every_edge.items()}
+        circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
+        runtime.rollback()
+        empty = runtime.try_remove_edges(every_edge)
+        runtime.rollback()
+        runtime.reset()
+    return Faithfulness(metric=runtime.metric_kind.value, circuit=circuit_value, full_model=full_model, empty_circuit=empty)
+
+
+def normalised_faithfulness(circuit: float, full_model: float, empty_circuit: float) -> float:
+    """``(m(C) - m(empty)) / (m(full) - m(empty))``: 1 for the full model, 0 for the empty circuit, whichever way the
+    metric points (NaN when full and empty agree, where there is nothing to normalise by)."""
+    span = full_model - empty_circuit
+    return (circuit - empty_circuit) / span if span != 0 else float("nan")
 
 
 class WeakTaskError(TaskError):
@@ -62,7 +84,6 @@ class TaskCheck:
     answers, the fraction of examples where the clean model prefers the correct answer to the incorrect one."""
 
     metric: str
-    threshold: float
     full_model: float
     every_edge_patched: float
     clean_accuracy: float | None
@@ -102,7 +123,7 @@ class TaskCheck:
 
 
 @torch.no_grad()
-def check_task(model: nn.Module, task: Task, metric: str | Metric, threshold: float) -> TaskCheck:
+def check_task(model: nn.Module, task: Task, metric: str | Metric) -> TaskCheck:
     """Two eager forwards of the original model: clean and corrupted (every edge patched is the corrupted run)."""
     metric = parse_metric(metric, task)
     mask = task.metric_mask
@@ -118,7 +139,6 @@ def check_task(model: nn.Module, task: Task, metric: str | Metric, threshold: fl
         accuracy = float(preferred.float().mean())
     return TaskCheck(
         metric=metric.value,
-        threshold=threshold,
         full_model=float(metric_value(metric, clean, clean_logprobs, correct, incorrect)),
         every_edge_patched=float(metric_value(metric, corrupted, clean_logprobs, correct, incorrect)),
         clean_accuracy=accuracy,

@@ -91,11 +91,9 @@ class PatchingRuntime:
         self.metric_kind = metric
         self.structure = graph.meta["structure"]
         self.steps: tuple[Step, ...] = self.structure.steps
-        self.queries = 0
         self.counter = CountingBackend("inductor") if compile else None
         report = graph.meta.get("precision")
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
-        self.last_recomputed: list[str] = []
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)
         self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
@@ -108,6 +106,16 @@ class PatchingRuntime:
             self.correct, self.incorrect = task.correct_ids[rows], task.incorrect_ids[rows]
         else:
             self.correct = self.incorrect = None
+        with torch.no_grad():
+            self._clean_metric = float(self._metric(self._final_clean))
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state right after setup (every edge kept, nothing run, no query counted), keeping the
+        traced graph and the clean and corrupted caches: a threshold sweep pays setup once."""
+        edges = self.edges
+        self.queries = 0
+        self.last_recomputed = []
         self.removed_from: list[list[int]] = [[] for _ in edges.receivers]
         self.kept_in = [set(r.senders) for r in edges.receivers]
         self.kept_out: list[set[int]] = [set() for _ in edges.senders]
@@ -117,11 +125,11 @@ class PatchingRuntime:
         self.active_from = len(self.steps)
         self.rows_only: set[int] = set()  # MLP steps whose state is kept at the final read's rows only
         self.plan: dict[int, FullPrecisionUnits] = {}
+        self.outputs = list(self.clean)
         self.inputs: list[torch.Tensor | None] = [None] * len(edges.receivers)
         self.projections: dict[int, torch.Tensor] = {}
         self.final = self._final_clean
-        with torch.no_grad():
-            self.metric = float(self._metric(self.final))
+        self.metric = self._clean_metric
         self._pending: _Pending | None = None
 
     # ----------------------------------------------------------------------------------------------- structure
@@ -193,7 +201,6 @@ class PatchingRuntime:
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
         corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
         self.corrupt_minus_clean = [c.sub_(k) for c, k in zip(corrupted, self.clean)]  # in place: one copy at a time
-        self.outputs = list(self.clean)
         full = self._unembed_all(clean_final)
         self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
         token_wise = self._token_wise_unembedding(clean_final, full)

@@ -9,17 +9,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from .. import names
-from ..precision import AUTO, auto_format, parse_format
+from ..precision import AUTO, Format, auto_format, parse_format
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph
-from .evaluation import WeakTaskError, check_task
+from .evaluation import TaskCheck, WeakTaskError, check_task
 from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
+from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
 from .task import Task
 
@@ -66,38 +68,92 @@ def discover(
     the run finishes.
     """
     threshold = check_threshold(threshold)
+    session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
+                      allow_weak_task=allow_weak_task)
+    fingerprint = {
+        "model": session.identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
+        "metric": session.metric.value, "precision": session.format.value, "granularity": granularity, "abs": abs_threshold,
+    }
+    store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
+    circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
+    store.finish()
+    return circuit
+
+
+@dataclass
+class Session:
+    """Everything a search needs that does not depend on the threshold: checked arguments, the task check, the
+    runtime with its caches. :func:`discover` prepares one per run; a sweep prepares one for all thresholds."""
+
+    model: nn.Module
+    task: Task
+    metric: Metric
+    format: Format
+    precision_note: str
+    execution: str
+    runtime: PatchingRuntime
+    edges: EdgeGraph
+    identity: dict[str, Any]
+    task_check: TaskCheck
+    forward_samples: list[float]
+    setup_s: float
+
+
+def prepare(
+    model: nn.Module,
+    task: Task,
+    *,
+    metric: str | Metric = "kl",
+    precision: str = AUTO,
+    granularity: str = "per_row",
+    compile: bool | str = AUTO,
+    allow_weak_task: bool = False,
+) -> Session:
+    """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
+    forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
     parsed_metric = parse_metric(metric, task)
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
-    task_check = check_task(model, task, parsed_metric, threshold)
+    task_check = check_task(model, task, parsed_metric)
     if task_check.weak:
         if not allow_weak_task:
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")
         print(f"WARNING: {task_check.warning()}", file=sys.stderr)
-        warnings.warn(task_check.warning(), stacklevel=2)
+        warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids)
-    start_time = time.perf_counter()
+    start = time.perf_counter()
     runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
-    identity = model_identity(model)
-    fingerprint = {
-        "model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
-        "metric": parsed_metric.value, "precision": fmt.value, "granularity": granularity, "abs": abs_threshold,
-    }
-    store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
+    return Session(model, task, parsed_metric, fmt, precision_note, execution, runtime, edges, model_identity(model),
+                   task_check, forward_samples, time.perf_counter() - start)
+
+
+def search(
+    session: Session,
+    threshold: float,
+    *,
+    abs_threshold: bool = False,
+    store: Checkpoint | None = None,
+    progress: bool = True,
+    callback: Callable[[ReceiverDone], None] | None = None,
+) -> Circuit:
+    """ACDC's greedy search at one threshold, from the runtime's current state (a fresh or reset runtime, or the
+    state ``store`` holds), to a :class:`Circuit`."""
+    from tqdm.auto import tqdm
+
+    runtime, edges = session.runtime, session.edges
+    store = store or Checkpoint(None, {})
     effects: dict[tuple[int, int], float] = {}
     done: list[str] = []
+    start_time = time.perf_counter()
     state = store.load()
     if state is not None:
         done = list(state["done"])
         effects = {(r, s): e for r, s, e in state["effects"]}
         replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
         runtime.queries = int(state["queries"])
-
-    from tqdm.auto import tqdm
-
-    setup = time.perf_counter() - start_time
+    resume_s = time.perf_counter() - start_time
     bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
     for r_index, receiver in enumerate(edges.receivers):
@@ -124,8 +180,8 @@ def discover(
         if callback is not None:
             callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
     bar.close()
-    store.finish()
-    wall = time.perf_counter() - start_time
+    search_s = time.perf_counter() - loop_start
+    setup = session.setup_s + resume_s
     kept_edges = tuple(
         CircuitEdge(edges.senders[s].name, r.name, effects.get((i, s), float("nan")))
         for i, r in enumerate(edges.receivers)
@@ -138,28 +194,28 @@ def discover(
         if not runtime.is_kept(i, s)
     )
     queries = runtime.queries
-    search_s = time.perf_counter() - loop_start
     per_query = search_s / max(queries - loop_queries, 1)
     # Forwards timed before and after the search: the machine's speed may drift during a long run.
-    forward_s = statistics.median(forward_samples + eager_forward_seconds(model, task.clean_input_ids))
+    forward_s = statistics.median(session.forward_samples + eager_forward_seconds(session.model, session.task.clean_input_ids))
+    task = session.task
     return Circuit(
         edges=kept_edges,
         threshold=threshold,
-        metric=parsed_metric.value,
-        precision=fmt.value,
+        metric=session.metric.value,
+        precision=session.format.value,
         abs_threshold=abs_threshold,
-        model=identity,
+        model=session.identity,
         task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
               "seq_len": int(task.clean_input_ids.shape[1])},
-        stats=RunStats(wall, queries, (queries - loop_queries) / max(search_s, 1e-9), peak_memory_mb(runtime.device),
+        stats=RunStats(setup + search_s, queries, (queries - loop_queries) / max(search_s, 1e-9), peak_memory_mb(runtime.device),
                        runtime.compilations, setup, compile_s=runtime.compile_seconds, forward_s=forward_s,
-                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=execution),
+                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=session.execution),
         total_edges=runtime.total_edges,
         versions=library_versions(),
         removed=removed_edges,
         groups=_kv_groups(edges),
-        precision_note=precision_note,
-        task_check=task_check.to_json(),
+        precision_note=session.precision_note,
+        task_check=session.task_check.to_json(),
         architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp}
                            for layer in edges.head_graph.layers),
     )
