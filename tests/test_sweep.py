@@ -33,9 +33,12 @@ def test_inverted_scores_have_auc_zero():
 
 def test_known_half_right_cases():
     reference = {E[0], E[1]}
-    assert roc_auc([roc_point({E[0], E[2]}, reference, 4)]) == 0.5  # the diagonal
-    # (0, 0.5) and (0.5, 1): 0 + 0.5 * (0.5 + 1) / 2 + 0.5 * 1 = 0.875
-    assert roc_auc([roc_point({E[0]}, reference, 4), roc_point({E[0], E[1], E[2]}, reference, 4)]) == 0.875
+    assert roc_auc([roc_point({E[0]}, reference, 4)]) == 0.5  # half the reference, nothing false
+    # (0, 0.5) then (0.5, 1): 0.5 of TPR over the whole FPR range, the other 0.5 from FPR 0.5 on
+    assert roc_auc([roc_point({E[0]}, reference, 4), roc_point({E[0], E[1], E[2]}, reference, 4)]) == 0.75
+    # a point another beats on both rates changes nothing (the staircase is pessimistic, not interpolated)
+    worse = roc_point({E[0], E[2], E[3]}, reference, 4)
+    assert roc_auc([roc_point({E[0]}, reference, 4), worse]) == 0.5
 
 
 @given(st.lists(st.sets(st.sampled_from(E)), min_size=1, max_size=6), st.sets(st.sampled_from(E), min_size=1, max_size=3))

@@ -2,7 +2,10 @@
 
 Positives are the reference's edges, negatives every other edge of the model's graph (the full edge set, not only
 the edges some run tested). A circuit found at one threshold is one point (false positive rate, true positive
-rate); a sweep of thresholds traces the curve, closed by (0, 0) and (1, 1), and its area is by the trapezoid rule.
+rate). Circuits of different thresholds need not be nested, so the points need not lie on a monotone curve; as in
+the ACDC paper's code, the curve is the pessimistic staircase from (0, 0): at each false positive rate, the best
+true positive rate reached at or below it, with no interpolation between points, and the area is under that
+staircase up to a false positive rate of 1.
 """
 
 from __future__ import annotations
@@ -32,13 +35,19 @@ def roc_point(found: Iterable[Edge], reference: Iterable[Edge], total_edges: int
 
 
 def roc_curve(points: Iterable[RocPoint]) -> list[tuple[float, float]]:
-    """(FPR, TPR) pairs of ``points`` with the corners (0, 0) and (1, 1), sorted: the curve to draw and integrate."""
-    return sorted({(0.0, 0.0), (1.0, 1.0), *((p.false_positive_rate, p.true_positive_rate) for p in points)})
+    """The staircase's corners (FPR, TPR), from (0, 0) to FPR 1: draw it with steps taken after each corner."""
+    corners = [(0.0, 0.0)]
+    for fpr, tpr in sorted((p.false_positive_rate, p.true_positive_rate) for p in points):
+        if tpr > corners[-1][1]:
+            corners.append((fpr, tpr) if fpr > corners[-1][0] else (corners.pop()[0], tpr))
+    if corners[-1][0] < 1.0:
+        corners.append((1.0, corners[-1][1]))
+    return corners
 
 
 def roc_auc(points: Iterable[RocPoint]) -> float:
-    """Area under :func:`roc_curve`, by the trapezoid rule."""
-    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(roc_curve(points)))
+    """Area under :func:`roc_curve`'s staircase (each TPR holds from its corner to the next)."""
+    return sum((x1 - x0) * y0 for (x0, y0), (x1, _) in itertools.pairwise(roc_curve(points)))
 
 
 def jaccard(a: Iterable[Edge], b: Iterable[Edge]) -> float:

@@ -71,7 +71,9 @@ def _roc(axes: Axes, sweeps: list[Sweep], reference: str) -> None:
         if s.auc is None:
             continue
         curve = roc_curve(p.roc for p in s.points)
-        axes.plot([x for x, _ in curve], [y for _, y in curve], marker="o", markersize=3, label=f"{_label(s)} (AUC {s.auc:.3f})")
+        axes.step([x for x, _ in curve], [y for _, y in curve], where="post", label=f"{_label(s)} (AUC {s.auc:.3f})")
+        axes.plot([p.roc.false_positive_rate for p in s.points], [p.roc.true_positive_rate for p in s.points], "o", markersize=3,
+                  color=axes.lines[-1].get_color())
     axes.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate", title="edge ROC")
     axes.text(0.98, 0.02, f"reference: {reference}", ha="right", va="bottom", fontsize=6.5, transform=axes.transAxes, wrap=True)
