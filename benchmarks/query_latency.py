@@ -34,12 +34,14 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
+    from pahq_fx import graph_meta
     from pahq_fx.acdc import EdgeGraph, Metric
     from pahq_fx.acdc.runtime import PatchingRuntime
-    from pahq_fx.passes import lower_precision, split_heads, trace
+    from pahq_fx.pipeline import build
+    from pahq_fx.precision import PrecisionConfig
 
-    graph = lower_precision(split_heads(trace(model, task.clean_input_ids)), fmt)
-    edges = EdgeGraph(graph.meta["head_graph"])
+    graph = build(model, task.clean_input_ids, PrecisionConfig(fmt))
+    edges = EdgeGraph(graph_meta.head_graph(graph))
     runtime = PatchingRuntime(graph, edges, task, Metric.KL, compile=args.compile)
     index, embed = edges.receiver_index, edges.sender_index["embed"]
 

@@ -159,9 +159,10 @@ def backend(
     Such a graph must take one integer ``[batch, seq]`` input (``input_ids``); anything else is an
     :class:`UnsupportedArchitectureError` naming what was found.
     """
-    from .precision import lower_precision, set_head
-    from .split import split_heads
-    from .trace import trace
+    from .pipeline import build as build_graph
+    from .precision import PrecisionConfig, set_head
+
+    config = PrecisionConfig(low_precision, granularity)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         if not _has_attention(gm):
@@ -175,7 +176,7 @@ def backend(
             # Dynamo hands the backend fake tensors; the passes need real values, so build on first call.
             ids = args[token_index]
             wrapped = _GraphAsModel(gm, list(args), token_index)
-            split = lower_precision(split_heads(trace(wrapped, ids)), low_precision, granularity)
+            split = build_graph(wrapped, ids, config)
             set_head(split, head)
             return split if inner == "eager" else torch.compile(split, backend=inner)
 

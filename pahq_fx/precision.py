@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import graph_meta
 from .errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
 from .split import NO_HEAD, AttentionBlock, PerHeadLinear
 
@@ -284,14 +285,16 @@ def attention_blocks(gm: nn.Module) -> list[AttentionBlock]:
 
 
 def lower_precision(
-    gm: fx.GraphModule, low_precision: str | Format = "fp8", granularity: str | Granularity = "per_row"
+    gm: fx.GraphModule, low_precision: PrecisionConfig | str | Format = "fp8", granularity: str | Granularity = "per_row"
 ) -> fx.GraphModule:
     """Lower the per-head projections of a split model (in place) and return it.
 
+    ``low_precision`` is a :class:`PrecisionConfig`, or a format with ``granularity`` beside it.
     Raises :class:`QuantizationError` if an FP8 format was asked for and no weight ended up quantized.
     The result's ``meta["precision"]`` is a :class:`PrecisionReport`.
     """
-    config = PrecisionConfig(low_precision, granularity)
+    config = low_precision if isinstance(low_precision, PrecisionConfig) else PrecisionConfig(low_precision, granularity)
+    graph_meta.structure(gm)  # a graph split_heads has not run on has no per-head projections to lower
     blocks = attention_blocks(gm)
     kernels: dict[str, None] = {}
     quantized = total = 0
@@ -313,7 +316,7 @@ def lower_precision(
     notes = ()
     if Kernel.FP8_WEIGHT_ONLY.value in kernels:
         notes = ("dynamic FP8 needs CUDA sm >= 8.9 and dims that are multiples of 16; weight-only FP8 used where not",)
-    gm.meta["precision"] = PrecisionReport(config, tuple(kernels), quantized, total, notes)
+    gm.meta[graph_meta.PRECISION] = PrecisionReport(config, tuple(kernels), quantized, total, notes)
     return gm
 
 

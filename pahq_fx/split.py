@@ -13,22 +13,24 @@ the contributions upstream of it; ``logits = unembed(final read)``.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from . import names
+from . import graph_meta, names
 from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
 from .heads import AttentionSite, ModelLayout, analyse
 from .names import Role
-from .trace import input_ids_from
+from .trace import ExampleInputs, input_ids_from
 
 NO_HEAD = -1
 aten = torch.ops.aten
@@ -430,15 +432,24 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             )
 
 
-def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s weights but with its own copy of the graph, so the pass leaves ``gm`` as it was."""
+    with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        own = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    own.meta.update(gm.meta)
+    return own
+
+
+def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None) -> fx.GraphModule:
     """Split every attention block of a traced causal LM (see :func:`pahq_fx.trace`) into per-head subgraphs.
 
-    Returns a GraphModule computing the same logits, whose ``meta["head_graph"]`` is the
-    :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names).
+    Returns a GraphModule computing the same outputs, whose ``meta["head_graph"]`` is the
+    :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names). ``gm`` is
+    left as it was: the pass rewrites a copy of its graph (sharing its weights).
     """
-    example = input_ids_from(example_inputs) if example_inputs is not None else gm.meta.get("example_input_ids")
-    if example is None:
-        raise UnsupportedArchitectureError("split_heads needs example input_ids (pass example_inputs or trace first)")
+    example = input_ids_from(example_inputs) if example_inputs is not None else graph_meta.example_input_ids(gm)
+    gm = _with_own_graph(gm)
     layout = analyse(gm, example)
     _drop_identity_reshapes(gm, layout)
     contribution_names = _contribution_names(layout)
@@ -469,15 +480,15 @@ def split_heads(gm: fx.GraphModule, example_inputs: torch.Tensor | None = None) 
     final_reads = tuple(contribution_names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
     _check_equivalent(gm, model, example)
-    if gm.meta.get("dynamic_shapes"):
+    if graph_meta.dynamic_shapes(gm):
         _check_equivalent(gm, model, _other_shape(example))
     model.requires_grad_(False)
     graph = _LeafTracer().trace(model)
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
-    result.meta["head_graph"] = _head_graph(layout, steps, final_reads)
-    result.meta["structure"] = Structure(tuple(steps), final_reads, final_aux)
-    result.meta["example_input_ids"] = example
-    result.meta["dynamic_shapes"] = gm.meta.get("dynamic_shapes", True)
+    result.meta[graph_meta.HEAD_GRAPH] = _head_graph(layout, steps, final_reads)
+    result.meta[graph_meta.STRUCTURE] = Structure(tuple(steps), final_reads, final_aux)
+    result.meta[graph_meta.EXAMPLE_INPUT_IDS] = example
+    result.meta[graph_meta.DYNAMIC_SHAPES] = graph_meta.dynamic_shapes(gm)
     return result
 
 

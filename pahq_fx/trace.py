@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import graph_meta
 from .errors import InvalidInputsError
 
 aten = torch.ops.aten
@@ -136,6 +137,6 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None) -> fx.G
         program = _export(module, example_inputs)
     gm = program.module()
     _strip_inference_no_ops(gm)
-    gm.meta["example_input_ids"] = example_inputs
-    gm.meta["dynamic_shapes"] = bool(program.range_constraints)
+    gm.meta[graph_meta.EXAMPLE_INPUT_IDS] = example_inputs
+    gm.meta[graph_meta.DYNAMIC_SHAPES] = bool(program.range_constraints)
     return gm

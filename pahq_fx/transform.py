@@ -7,12 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from . import graph_meta
 from .compile import CountingBackend, compile_module
 from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
-from .precision import HeadSpec, PrecisionReport, check_head, lower_precision, set_head
-from .split import split_heads
-from .trace import ExampleInputs, input_ids_from, trace
+from .pipeline import build
+from .precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
+from .trace import ExampleInputs, input_ids_from
 
 
 class PahqModel(nn.Module):
@@ -38,11 +39,11 @@ class PahqModel(nn.Module):
 
     @property
     def head_graph(self) -> HeadGraph:
-        return self.graph.meta["head_graph"]
+        return graph_meta.head_graph(self.graph)
 
     @property
     def precision(self) -> PrecisionReport:
-        return self.graph.meta["precision"]
+        return graph_meta.precision_report(self.graph)
 
     @property
     def compilations(self) -> int:
@@ -57,8 +58,8 @@ class PahqModel(nn.Module):
 
     def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
         input_ids = input_ids_from(input_ids, "input")
-        traced = self.graph.meta["example_input_ids"].shape
-        if not self.graph.meta.get("dynamic_shapes", True) and input_ids.shape != traced:
+        traced = graph_meta.example_input_ids(self.graph).shape
+        if not graph_meta.dynamic_shapes(self.graph) and input_ids.shape != traced:
             raise UnsupportedArchitectureError(
                 f"this model could only be traced with static shapes {tuple(traced)}, and input_ids have shape "
                 f"{tuple(input_ids.shape)}; pass example_inputs of the shape you will use to transform()"
@@ -90,6 +91,5 @@ def transform(
     sequence length stay dynamic where the model allows it. ``low_precision`` is one of ``fp8`` (e4m3),
     ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
     """
-    gm = trace(model, example_inputs)
-    graph = lower_precision(split_heads(gm), low_precision, granularity)
+    graph = build(model, example_inputs, PrecisionConfig(low_precision, granularity))
     return PahqModel(graph, head, compile, inner)

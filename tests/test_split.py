@@ -1,5 +1,6 @@
 """The per-head split is exact in FP32 and finds the structure of every family from the graph."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,3 +60,23 @@ def test_per_head_outputs_sum_to_block_output():
     changed = block(q_changed, q_in, q_in, *aux)
     differs = (changed - per_head).abs().amax(dim=(0, 1, 3)) > 0
     assert differs.tolist() == [False, True, False, False]
+
+
+def test_split_leaves_its_input_graph_as_it_was_and_missing_passes_are_named():
+    from pahq_fx import graph_meta, passes
+
+    model = build(Spec("gpt2", layers=2, heads=2, kv_heads=2, head_dim=8))
+    traced = passes.trace(model)
+    code, ids = traced.code, token_ids(2, 5)
+    expected = traced(ids)
+    split = passes.split_heads(traced)
+    assert traced.code == code, "split_heads rewrote its input graph"
+    torch.testing.assert_close(traced(ids), expected, rtol=0, atol=0)
+    torch.testing.assert_close(split(ids), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="run pahq_fx.passes.split_heads"):
+        graph_meta.head_graph(traced)
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="run pahq_fx.passes.split_heads"):
+        passes.lower_precision(traced, "fp8")
+    assert graph_meta.precision_report(split) is None
+    lowered = passes.build(model, ids, pahq_fx.PrecisionConfig("bf16"))
+    assert graph_meta.precision_report(lowered).config.low_precision is pahq_fx.Format.BF16

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .. import names
+from .. import graph_meta, names
 from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
 from ..names import Role
@@ -89,10 +89,10 @@ class PatchingRuntime:
         self.graph = graph
         self.edges = edges
         self.metric_kind = metric
-        self.structure = graph.meta["structure"]
+        self.structure = graph_meta.structure(graph)
         self.steps: tuple[Step, ...] = self.structure.steps
         self.counter = CountingBackend("inductor") if compile else None
-        report = graph.meta.get("precision")
+        report = graph_meta.precision_report(graph)
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)

@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
+from .. import graph_meta
 from ..errors import PahqError, TaskError
-from ..precision import AUTO, Format, lower_precision
-from ..split import split_heads
+from ..pipeline import lower_split
+from ..precision import AUTO, Format, PrecisionConfig
 from ..trace import trace
 from .edges import EdgeGraph
 from .metrics import Metric
@@ -54,7 +55,7 @@ def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModul
     """The traced model, traced and probed on two prompts (the split's probes cost in proportion to the example)
     unless its shapes came out static, in which case it is traced at the task's own shape."""
     small = trace(model, example_inputs=input_ids[:2])
-    if small.meta["dynamic_shapes"] or input_ids.shape[0] <= 2:
+    if graph_meta.dynamic_shapes(small) or input_ids.shape[0] <= 2:
         return small
     return trace(model, example_inputs=input_ids)
 
@@ -64,7 +65,6 @@ def build_runtime(
 ) -> tuple[PatchingRuntime, EdgeGraph]:
     """Trace, split and lower the model; return the runtime and its edge graph."""
     check_vocabulary(model, task)
-    graph = split_heads(_trace_for(model, task.clean_input_ids))
-    graph = lower_precision(graph, precision, granularity)
-    edges = EdgeGraph(graph.meta["head_graph"])
+    graph = lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(precision, granularity))
+    edges = EdgeGraph(graph_meta.head_graph(graph))
     return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
