@@ -1,6 +1,6 @@
 """Small, generic helpers over torch.fx graphs: reachability, dominators, recorded values, extraction.
 
-Nothing here knows about attention or transformers; :mod:`pahq_fx.heads` builds on these.
+Nothing here knows about attention or transformers; :mod:`pahq_fx.analysis` builds on these.
 """
 
 from __future__ import annotations

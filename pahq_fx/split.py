@@ -25,10 +25,10 @@ import torch
 from torch import fx, nn
 
 from . import graph_meta, names
+from .analysis import AttentionSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
-from .heads import AttentionSite, ModelLayout, analyse
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
 

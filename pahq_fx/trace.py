@@ -125,7 +125,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None) -> fx.G
 
     ``model`` is a Hugging Face causal LM (anything with a ``config``: it is called with
     ``use_cache=False`` and its ``.logits`` kept) or any module mapping ``input_ids`` to logits (or to a tuple
-    of tensors among which the logits: see :func:`pahq_fx.heads.analyse`). ``example_inputs`` is
+    of tensors among which the logits: see :func:`pahq_fx.analysis.analyse`). ``example_inputs`` is
     ``input_ids`` as a tensor, a tuple ``(input_ids,)`` or a dict / ``BatchEncoding`` (:func:`input_ids_from`).
     The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
     holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence

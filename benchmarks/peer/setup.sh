@@ -11,5 +11,7 @@ python3 -m venv "$venv"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 printf 'torch==2.13.0\npyarrow==21.0.0\n' > "$venv/constraints.txt"
-python -m pip install --quiet -c "$venv/constraints.txt" auto-circuit==1.0.1 safetensors
+# Unpinned, pip resolves transformer-lens 4.x and transformers 5, which auto-circuit 1.0.1 was not written for.
+python -m pip install --quiet -c "$venv/constraints.txt" auto-circuit==1.0.1 "transformer-lens>=2,<3" "transformers>=4.40,<5" \
+    "numpy<2" safetensors
 python -c "import auto_circuit, transformer_lens, torch; print('auto-circuit peer ready: torch', torch.__version__)"

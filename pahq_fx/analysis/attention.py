@@ -1,0 +1,146 @@
+"""Attention sites: the attention calls, their query/key/value projections, output projection and contribution."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..errors import UnsupportedArchitectureError
+from ..graph_utils import first_with_shape, input_nodes
+from .graph_facts import GraphFacts
+from .layout import AttentionCall, AttentionSite, Linear, aten
+from .probes import HeadProbe
+from .residual import ResidualStream
+
+ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
+MATMUL_TARGETS = {aten.matmul.default}
+
+
+class AttentionMatcher:
+    """Finds every attention call and derives its site: projections, reads, output, per-head features."""
+
+    def __init__(self, facts: GraphFacts, residual: ResidualStream, probe: HeadProbe) -> None:
+        self.facts = facts
+        self.residual = residual
+        self.probe = probe
+
+    def find_attention(self) -> list[AttentionCall]:
+        """SDPA calls, and eager attention: ``matmul(q, k^T)`` -> ops with constants -> softmax -> ``matmul(p, v)``."""
+        calls = []
+        for node in self.facts.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in ATTENTION_TARGETS:
+                calls.append(AttentionCall(node.args[0], node.args[1], node.args[2], node))
+            elif node.target in SOFTMAX_TARGETS and node in self.facts.activations:
+                call = self._eager_attention(node)
+                if call is not None:
+                    calls.append(call)
+        return calls
+
+    def _eager_attention(self, softmax: fx.Node) -> AttentionCall | None:
+        scores = self.facts.single_activation_input(softmax)
+        while scores is not None and scores.target not in MATMUL_TARGETS:
+            scores = self.facts.single_activation_input(scores)
+        if scores is None or not all(isinstance(a, fx.Node) and a in self.facts.activations for a in scores.args[:2]):
+            return None
+        probs = softmax
+        while len(probs.users) == 1:
+            user = next(iter(probs.users))
+            if user.target in MATMUL_TARGETS and user.args[0] is probs:
+                value = user.args[1]
+                if value in self.facts.activations and self.facts.values[user].dim() == 4:
+                    return AttentionCall(scores.args[0], scores.args[1], value, user)
+                return None
+            if self.facts.single_activation_input(user) is not probs:
+                return None
+            probs = user
+        return None
+
+    def _projections(self, attention: AttentionCall) -> list[Linear]:
+        found: dict[fx.Node, Linear] = {}
+        seen: set[fx.Node] = set()
+        stack = list(attention.inputs)
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.facts.activations:
+                continue
+            seen.add(n)
+            lin = self.facts.linear(n)
+            if lin is not None:
+                found[n] = lin
+                continue
+            if n is self.facts.source:
+                raise UnsupportedArchitectureError(
+                    f"attention call {attention.name}: no linear query/key/value projection between it and the input"
+                )
+            stack.extend(input_nodes(n))
+        return sorted(found.values(), key=lambda l: self.facts.order[l.node])
+
+    def _output_linear(self, attention: AttentionCall) -> Linear:
+        frontier, seen = [attention.output], set()
+        while frontier:
+            n = min(frontier, key=self.facts.order.__getitem__)
+            frontier.remove(n)
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                lin = self.facts.linear(u)
+                if lin is not None:
+                    return lin
+                frontier.append(u)
+        raise UnsupportedArchitectureError(f"attention call {attention.name}: no output projection (linear op) after it")
+
+    def site(self, layer: int, attention: AttentionCall) -> AttentionSite:
+        projections = self._projections(attention)
+        if not projections:
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: no query/key/value projection found")
+        normed = {first_with_shape(p.input, self.facts.values, self.facts.lead, up=True) for p in projections}
+        if len(normed) != 1:
+            raise UnsupportedArchitectureError(
+                f"attention call {attention.name}: its projections read {len(normed)} different inputs; one shared input is required"
+            )
+        normed_node = normed.pop()
+        outputs = [first_with_shape(p.node, self.facts.values, self.facts.lead, up=False) for p in projections]
+        read = self.residual.find_read(normed_node, f"attention call {attention.name}", itself=True)
+        out_linear = self._output_linear(attention)
+        z = first_with_shape(out_linear.input, self.facts.values, self.facts.lead, up=True)
+        contribution, scale = self._contribution(attention, out_linear)
+        role_features, group_of_head = self.probe.role_features(attention, outputs)
+        return AttentionSite(
+            layer=layer,
+            read=read,
+            normed=normed_node,
+            projections=projections,
+            projection_outputs=outputs,
+            attention=attention,
+            z=z,
+            output_linear=out_linear,
+            contribution=contribution,
+            output_scale=scale,
+            role_features=role_features,
+            z_features=self.probe.z_features(attention, z),
+            kv_group_of_head=group_of_head,
+        )
+
+    def _contribution(self, attention: AttentionCall, out_linear: Linear) -> tuple[fx.Node, float]:
+        """The node the attention block adds to the residual stream, and a constant factor applied on the way
+        (Granite's residual multiplier). Anything else between output projection and residual add (a norm of the
+        attention output, as in Gemma 2 or OLMo 2) makes per-head contributions non-additive: rejected."""
+        node = first_with_shape(out_linear.node, self.facts.values, self.facts.lead, up=False)
+        scale = 1.0
+        while not any(self.facts.is_residual_add(u) for u in node.users):
+            users = list(node.users)
+            user = users[0] if len(users) == 1 else None
+            other = None if user is None else next((a for a in user.args[:2] if a is not node), None)
+            if user is not None and user.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(other, (int, float)):
+                scale = scale * other if user.target is aten.mul.Tensor else scale / other
+                node = user
+                continue
+            via = ", ".join(f"{u.target} ({u.name})" for u in users) or "nothing"
+            raise UnsupportedArchitectureError(
+                f"attention call {attention.name}: its output reaches the residual stream through {via}, not an "
+                "addition; per-head contributions would not be additive (post-attention norms are not supported)"
+            )
+        return node, scale

@@ -1,0 +1,108 @@
+"""Head layouts by NaN probes: which (role, head) each projection feature feeds, which head each output-projection
+input comes from. Pushing NaNs through the ops in between (reshapes, rotary embeddings, grouped-query repeats)
+means no layout is written per model family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..errors import UnsupportedArchitectureError
+from ..graph_utils import ancestors, descendants, extract
+from ..names import Role
+from .graph_facts import GraphFacts
+from .layout import AttentionCall
+
+
+class HeadProbe:
+    """Runs pieces of the graph on probes whose one feature or head is NaN, and reads where the NaN lands."""
+
+    def __init__(self, facts: GraphFacts) -> None:
+        self.facts = facts
+
+    def _probe(self, sub: fx.GraphModule, extra: list[fx.Node], inputs: list[torch.Tensor]) -> Any:
+        with torch.no_grad():
+            return sub(*inputs, *[self.facts.values[e] for e in extra])
+
+    def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
+        """Assign every projection output feature to (role, head) with NaN probes."""
+        args = attention.inputs
+        body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
+        sub, extra = extract(self.facts.gm, body, outputs, args, "ProbeProjectionToAttention")
+        clean = [self.facts.values[o].detach().clone() for o in outputs]
+        n_heads, k_heads = self.facts.values[args[0]].shape[1], self.facts.values[args[1]].shape[1]
+        hits: dict[Role, dict[int, set[int]]] = {r: {} for r in Role}
+        offset = 0
+        for i, y in enumerate(clean):
+            for f in range(y.shape[-1]):
+                probe = [t.clone() if j == i else t for j, t in enumerate(clean)]
+                probe[i][..., f] = float("nan")
+                result = self._probe(sub, extra, probe)
+                touched = [
+                    (role, set(torch.isnan(r).flatten(2).any(-1).any(0).nonzero().flatten().tolist()))
+                    for role, r in zip(Role, result)
+                ]
+                touched = [(role, heads) for role, heads in touched if heads]
+                if len(touched) != 1:
+                    where = ", ".join(r.value for r, _ in touched) or "no attention input"
+                    raise UnsupportedArchitectureError(
+                        f"attention call {attention.name}: projection feature {f} of {outputs[i].name} reaches {where}; "
+                        "each feature must feed exactly one of query, key, value"
+                    )
+                role, heads = touched[0]
+                hits[role][offset + f] = heads
+            offset += y.shape[-1]
+        return self._group(attention, hits, n_heads, k_heads)
+
+    def _group(self, attention: AttentionCall, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
+        query: list[list[int]] = [[] for _ in range(n_heads)]
+        for f, heads in hits[Role.QUERY].items():
+            if len(heads) != 1:
+                raise UnsupportedArchitectureError(f"attention call {attention.name}: query feature {f} mixes heads {sorted(heads)}")
+            query[heads.pop()].append(f)
+        per_role: dict[Role, dict[frozenset[int], list[int]]] = {Role.KEY: {}, Role.VALUE: {}}
+        for role in (Role.KEY, Role.VALUE):
+            for f, heads in hits[role].items():
+                per_role[role].setdefault(frozenset(heads), []).append(f)
+        key_sets = sorted(per_role[Role.KEY], key=min)
+        if sorted(per_role[Role.VALUE], key=min) != key_sets:
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: keys and values are grouped differently")
+        covered = sorted(h for s in key_sets for h in s)
+        if covered != list(range(k_heads)):
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: key heads {covered} overlap or miss heads")
+        # Query head h attends with key head h // (n_heads // k_heads): SDPA's own broadcast under enable_gqa, and
+        # the identity without grouping; a key/value group is the set of key heads one key feature reaches.
+        rep = n_heads // k_heads
+        group_of_head = tuple(next(g for g, s in enumerate(key_sets) if h // rep in s) for h in range(n_heads))
+        features = {
+            Role.QUERY: query,
+            Role.KEY: [sorted(per_role[Role.KEY][s]) for s in key_sets],
+            Role.VALUE: [sorted(per_role[Role.VALUE][s]) for s in key_sets],
+        }
+        for role, per_head in features.items():
+            if len({len(p) for p in per_head}) != 1 or not per_head[0]:
+                raise UnsupportedArchitectureError(
+                    f"attention call {attention.name}: {role.name.lower()} heads have unequal or empty widths"
+                )
+        return features, group_of_head
+
+    def z_features(self, attention: AttentionCall, z: fx.Node) -> list[list[int]]:
+        body = descendants([attention.output]) & (ancestors([z]) | {z})
+        sub, extra = extract(self.facts.gm, body, [attention.output], [z], "ProbeAttentionToOutput")
+        clean = self.facts.values[attention.output]
+        owner: dict[int, int] = {}
+        for h in range(clean.shape[1]):
+            probe = clean.clone()
+            probe[:, h] = float("nan")
+            nan = torch.isnan(self._probe(sub, extra, [probe])).flatten(0, -2).any(0)
+            for f in nan.nonzero().flatten().tolist():
+                if f in owner:
+                    raise UnsupportedArchitectureError(f"attention call {attention.name}: output feature {f} mixes heads")
+                owner[f] = h
+        width = self.facts.values[z].shape[-1]
+        if sorted(owner) != list(range(width)):
+            raise UnsupportedArchitectureError(f"attention call {attention.name}: some output-projection inputs come from no head")
+        per_head = [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]
+        return per_head
