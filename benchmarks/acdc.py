@@ -12,12 +12,17 @@ no compile. Forward-equivalents per query = (search seconds / queries) / (one ea
 on the clean batch), both measured in the same process (docs/runtime.md). Configurations run interleaved
 (round-robin over repeats); the table shows medians and ratios from this one run. Peak memory is the resident set
 size of each configuration's own process. Writes JSON next to the table.
+
+``--peer auto-circuit`` adds auto-circuit's ACDC on the same weights and task (GPT-2 models), run in its own
+environment by benchmarks/peer_autocircuit.py (build it with benchmarks/peer/setup.sh); its forward-equivalents
+use one eager forward timed in its own process, and its queries are every edge (it does not prune nodes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("auto", "fp32", "fp8", "bf16", "naive")
+PEER = "auto-circuit"
 
 
 def load_model(spec: str):
@@ -62,7 +68,10 @@ def run_one(args: argparse.Namespace) -> dict:
     model = model.to(device)
     task = pahq_fx.Task(*(t.to(device) if t is not None else None for t in (task.clean_input_ids, task.corrupted_input_ids,
                           task.metric_mask, task.correct_ids, task.incorrect_ids)), name=task.name)
-    if args.one == "naive":
+    if args.one == PEER:
+        result = run_peer(args, model, task)
+        wall = result["wall_s"]
+    elif args.one == "naive":
         sys.path.insert(0, str(ROOT))
         from tests.acdc_reference import ReferenceACDC
 
@@ -95,7 +104,8 @@ def run_one(args: argparse.Namespace) -> dict:
                   "forward_equivalents": s.forward_equivalents, "state_bytes": s.state_bytes,
                   "precision": circuit.precision, "execution": s.execution}
     search = wall - result["setup_s"]
-    peak = peak_memory_mb(device)  # before the evaluation below, which is not part of the run
+    # before the evaluation below, which is not part of the run; the peer's is its own process's
+    peak = result.pop("peak_memory_mb_peer", None) or peak_memory_mb(device)
     from pahq_fx.acdc.evaluation import evaluate_circuit
 
     circuit_kl = evaluate_circuit({tuple(e) for e in result["edges"]}, model, task).circuit
@@ -103,6 +113,42 @@ def run_one(args: argparse.Namespace) -> dict:
                   queries_per_second=result["queries"] / search, peak_memory_mb=peak)
     print(json.dumps(result))
     return result
+
+
+def run_peer(args: argparse.Namespace, model, task) -> dict:
+    """auto-circuit's ACDC on the same weights and task, in its own environment (benchmarks/peer_autocircuit.py)."""
+    import tempfile
+
+    import pahq_fx
+    from pahq_fx import zoo
+    from pahq_fx.acdc import EdgeGraph
+
+    if type(model).__name__ != "GPT2LMHeadModel":
+        sys.exit(f"the auto-circuit peer runs GPT-2 models here, not {type(model).__name__}")
+    python = Path(os.environ.get("PEER_PYTHON", ROOT / "benchmarks" / "peer" / ".venv" / "bin" / "python"))
+    if not python.exists():
+        sys.exit(f"no peer environment at {python}: run benchmarks/peer/setup.sh (or set PEER_PYTHON)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shipped = zoo.available()
+        checkpoint = shipped[args.model].path if args.model in shipped else Path(args.model)
+        if not checkpoint.is_dir():
+            checkpoint = folder / "model"
+            model.save_pretrained(checkpoint)
+        task.save(folder / "task.safetensors")
+        graph = EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
+        (folder / "order.json").write_text(json.dumps([[e.sender, e.receiver] for e in graph.edges()]))
+        command = [str(python), str(ROOT / "benchmarks" / "peer_autocircuit.py"), "--checkpoint", str(checkpoint),
+                   "--task", str(folder / "task.safetensors"), "--threshold", str(args.threshold),
+                   "--edge-order", str(folder / "order.json"), "--out", str(folder / "peer.json")]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"auto-circuit failed:\n{done.stderr[-3000:]}")
+        peer = json.loads((folder / "peer.json").read_text())
+    return {"edges": peer["edges"], "queries": peer["queries"], "compilations": 0, "setup_s": peer["setup_s"],
+            "compile_s": 0.0, "forward_s": peer["forward_s"], "state_bytes": 0, "precision": "fp32",
+            "execution": "eager", "wall_s": peer["wall_s"], "peak_memory_mb_peer": peer["peak_memory_mb"],
+            "forward_equivalents": peer["search_s"] / peer["queries"] / peer["forward_s"]}
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -116,7 +162,7 @@ def table(rows: list[dict]) -> str:
     head = ("| config | precision | execution | wall s | setup s | search s | compile s | queries | fwd-equiv / query "
             "| peak MB | state MB | edges | circuit KL | Jaccard vs fp32 | Jaccard vs naive | wall speed-up vs naive |")
     lines = [head, "|" + " --- |" * 16]
-    for name in CONFIGS:
+    for name in (*CONFIGS, PEER):
         if name not in by:
             continue
         r = by[name]
@@ -144,13 +190,14 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="for the explicit-precision configs ('auto' always uses discover's defaults)")
+    parser.add_argument("--peer", choices=(PEER,), help="add auto-circuit's ACDC (needs benchmarks/peer/setup.sh)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "acdc.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         run_one(args)
         return
-    configs = args.configs.split(",")
+    configs = args.configs.split(",") + ([args.peer] if args.peer else [])
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
