@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import PahqError
 from ..names import NodeKind, node_of, parse
+from .evaluation import Faithfulness, evaluate_circuit
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,8 @@ class Circuit:
 
         return draw_circuit(self, path)
 
-    def evaluate(self, model: Any, task: Any):
+    def evaluate(self, model: Any, task: Any) -> Faithfulness:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
-        from .evaluation import evaluate_circuit
-
         return evaluate_circuit(self.edge_set(), model, task, self.metric)
 
     def summary(self) -> str:
