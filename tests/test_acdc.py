@@ -49,7 +49,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         return original(self, x, units, full_precision_unit)
 
     monkeypatch.setattr(LowPrecisionPerHeadLinear, "units", recording_units)
-    original_lower = pahq_fx.acdc.setup.lower_precision
+    original_lower = pahq_fx.pipeline.lower_precision
 
     def lower_and_label(graph, *args):
         lowered = original_lower(graph, *args)
@@ -58,7 +58,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
                 getattr(block, role).site = (block.layer, role)
         return lowered
 
-    monkeypatch.setattr(pahq_fx.acdc.setup, "lower_precision", lower_and_label)
+    monkeypatch.setattr(pahq_fx.pipeline, "lower_precision", lower_and_label)
     per_receiver: dict[str, list[tuple[int, str, list[int], int]]] = {}
 
     def on_receiver(done):
