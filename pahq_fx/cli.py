@@ -67,7 +67,7 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
         "faithfulness": {"circuit": faithfulness.circuit, "full_model": faithfulness.full_model,
-                         "every_edge_patched": faithfulness.empty_circuit},
+                         "every_edge_patched": faithfulness.empty_circuit, "normalised": faithfulness.normalised},
         "agreement_jaccard": agreement,
         "task_check": circuit.task_check,
     }
@@ -91,6 +91,7 @@ def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> 
         f"| metric of the circuit alone (FP32) | {faithfulness.circuit:.4g} |",
         f"| metric of the full model | {faithfulness.full_model:.4g} |",
         f"| metric with every edge patched | {faithfulness.empty_circuit:.4g} |",
+        f"| normalised faithfulness (1 = full model, 0 = empty) | {faithfulness.normalised:.3f} |",
     ]
     check = circuit.task_check
     if check:
@@ -123,7 +124,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = [circuit.draw(out / f"circuit.{fmt}").name for fmt in ("png", "svg")]
-    faithfulness = circuit.evaluate(model, task)
+    faithfulness = circuit.faithfulness
     agreement = circuit.jaccard(previous) if previous is not None else None
     data, markdown = _report(circuit, faithfulness, agreement, args.model)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -83,7 +83,8 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
 
     model, tokenizer = zoo.load(str(model_dir))
     task = make_task("induction", tokenizer, n=8, seed=0)
-    uninterrupted = pahq_fx.discover(model, task, threshold=0.0, precision="fp32", progress=False, allow_weak_task=True)
+    with pytest.warns(UserWarning, match="does not exercise the model"):
+        uninterrupted = pahq_fx.discover(model, task, threshold=0.0, precision="fp32", progress=False, allow_weak_task=True)
     circuit = pahq_fx.Circuit.load(out / "circuit.json")
     assert circuit.edge_set() == uninterrupted.edge_set()
     assert [e.effect for e in circuit.edges] == [e.effect for e in uninterrupted.edges]

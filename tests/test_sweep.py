@@ -92,6 +92,8 @@ def test_sweep_equals_separate_runs_and_sets_up_once(monkeypatch):
         assert point.circuit.stats.queries == alone.stats.queries
         expected = evaluate_circuit(alone.edge_set(), model, task)
         assert point.faithfulness.circuit == pytest.approx(expected.circuit, rel=1e-4, abs=1e-6)
+        assert alone.faithfulness.circuit == pytest.approx(expected.circuit, rel=1e-4, abs=1e-6)
+        assert alone.faithfulness.empty_circuit == pytest.approx(expected.empty_circuit, rel=1e-4, abs=1e-6)
     sizes = [len(p.circuit.edges) for p in result.points]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 

@@ -57,6 +57,9 @@ class Circuit:
     task_check: dict[str, Any] = field(default_factory=dict)  # metric clean / all patched, accuracy, problems found
     # Per attention layer: {"heads": n, "kv_groups": g, "mlp": bool}, so a drawing can show the whole model.
     architecture: tuple[dict[str, Any], ...] = ()
+    # The circuit alone (every other edge patched, all heads FP32) next to the full and the empty model, measured by
+    # discover on its own runtime after the search (not part of the run's timings).
+    faithfulness: Faithfulness | None = None
 
     @property
     def nodes(self) -> list[str]:
@@ -106,6 +109,7 @@ class Circuit:
                 precision_note=data.get("precision_note", ""),
                 task_check=data.get("task_check", {}),
                 architecture=tuple(data.get("architecture", ())),
+                faithfulness=Faithfulness(**data["faithfulness"]) if data.get("faithfulness") else None,
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None

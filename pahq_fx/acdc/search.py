@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ from ..precision import AUTO, Format, auto_format, parse_format
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph
-from .evaluation import TaskCheck, WeakTaskError, check_task
+from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
 from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
@@ -77,7 +78,8 @@ def discover(
     store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
     circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
     store.finish()
-    return circuit
+    faithfulness = evaluate_edges(session.runtime, session.edges, circuit.edge_set())
+    return dataclasses.replace(circuit, faithfulness=faithfulness)
 
 
 @dataclass
