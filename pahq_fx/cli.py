@@ -44,8 +44,8 @@ def _load_task(spec: str, tokenizer, n: int, seed: int):
 
 
 
-def _report(circuit, faithfulness, agreement: float | None, model_name: str) -> tuple[dict, str]:
-    s = circuit.stats
+def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, str]:
+    s, faithfulness = circuit.stats, circuit.faithfulness
     data = {
         "model": model_name,
         "task": circuit.task,
@@ -124,13 +124,12 @@ def cmd_discover(args: argparse.Namespace) -> None:
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = [circuit.draw(out / f"circuit.{fmt}").name for fmt in ("png", "svg")]
-    faithfulness = circuit.faithfulness
     agreement = circuit.jaccard(previous) if previous is not None else None
-    data, markdown = _report(circuit, faithfulness, agreement, args.model)
+    data, markdown = _report(circuit, agreement, args.model)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "report.md").write_text(markdown)
     print(circuit.summary())
-    print(faithfulness.describe())
+    print(circuit.faithfulness.describe())
     written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
     print(f"wrote {', '.join(written)} to {out}")
 

@@ -120,7 +120,9 @@ class _GraphAsModel(nn.Module):
         args = list(self.constants)
         args.insert(self.token_index, input_ids)
         out = self.gm(*args)
-        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else tuple(out) if isinstance(out, list) else out
+        if not isinstance(out, (tuple, list)):
+            return out
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def _without_grad_mode_switches(gm: fx.GraphModule) -> fx.GraphModule:
@@ -169,7 +171,8 @@ def backend(
             return _compile_with(inner, gm, example_inputs)
         token_index = _token_input_index(example_inputs)
         _check_inputs_are_module_state(gm, example_inputs, token_index)
-        multiple = isinstance(_output_arg(gm), (tuple, list)) and len(_output_arg(gm)) > 1
+        returned = _output_arg(gm)
+        multiple = isinstance(returned, (tuple, list)) and len(returned) > 1
         built: list[Callable] = []
 
         def build(args: tuple[Any, ...]) -> Callable:

@@ -356,6 +356,8 @@ def _place_outputs(
     core_extras: dict[int, list[fx.Node]] = {s.layer: [] for s in layout.sites}
     unembed_extras: list[fx.Node] = []
     unembed_region = descendants([layout.final_read])
+    # What each attention core computes: downstream of its projections, not of (or at) its output z.
+    cores = [(s, descendants(s.projection_outputs) - descendants([s.z]) - {s.z}) for s in layout.sites] if len(layout.outputs) > 1 else []
     for node in layout.outputs:
         if node is layout.logits:
             plan.append(GraphOutput(OutputHome.LOGITS))
@@ -365,7 +367,7 @@ def _place_outputs(
             if node not in builder.aux:
                 builder.aux.append(node)
             plan.append(GraphOutput(OutputHome.PRELUDE, index=builder.aux.index(node)))
-        elif site := _site_computing(layout, node):
+        elif site := next((s for s, core in cores if node in core), None):
             core_extras[site.layer].append(node)
             plan.append(GraphOutput(OutputHome.ATTENTION, component=names.attention(site.layer), index=len(core_extras[site.layer]) - 1))
         elif node in unembed_region:
@@ -377,14 +379,6 @@ def _place_outputs(
                 "only logits, key/value caches, hidden states and stream-independent values can be returned"
             )
     return tuple(plan), core_extras, unembed_extras
-
-
-def _site_computing(layout: ModelLayout, node: fx.Node) -> AttentionSite | None:
-    """The attention block whose core computes ``node``: downstream of its projections, not of its output."""
-    for site in layout.sites:
-        if node in descendants(site.projection_outputs) and node is not site.z and node not in descendants([site.z]):
-            return site
-    return None
 
 
 def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:

@@ -62,8 +62,8 @@ def discover(
     the runtime.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
-    patched: where the corrupted prompts barely move it (or the clean model gets the answers wrong) the circuit
-    would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
+    patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
+    metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
     written after each receiver; a run with the same arguments resumes from them, and the file is removed when
     the run finishes.
