@@ -120,7 +120,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
                        checkpoint=checkpoint, progress=not args.no_progress,
                        compile=False if args.no_compile else True if args.compile else "auto",
-                       allow_weak_task=args.allow_weak_task)
+                       allow_weak_task=args.allow_weak_task, faithfulness=True)
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = [circuit.draw(out / f"circuit.{fmt}").name for fmt in ("png", "svg")]

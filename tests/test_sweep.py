@@ -86,7 +86,7 @@ def test_sweep_equals_separate_runs_and_sets_up_once(monkeypatch):
     assert len(traces) == 1, "a sweep traces the model once for every threshold"
     assert [p.threshold for p in result.points] == sorted(thresholds)
     for point in result.points:
-        alone = pahq_fx.discover(model, task, threshold=point.threshold, precision="fp8", progress=False)
+        alone = pahq_fx.discover(model, task, threshold=point.threshold, precision="fp8", progress=False, faithfulness=True)
         assert point.circuit.edge_set() == alone.edge_set()
         assert [e.effect for e in point.circuit.edges] == [e.effect for e in alone.edges]
         assert point.circuit.stats.queries == alone.stats.queries

@@ -57,8 +57,8 @@ class Circuit:
     task_check: dict[str, Any] = field(default_factory=dict)  # metric clean / all patched, accuracy, problems found
     # Per attention layer: {"heads": n, "kv_groups": g, "mlp": bool}, so a drawing can show the whole model.
     architecture: tuple[dict[str, Any], ...] = ()
-    # The circuit alone (every other edge patched, all heads FP32) next to the full and the empty model, measured by
-    # discover on its own runtime after the search (not part of the run's timings).
+    # The circuit alone (every other edge patched, all heads FP32) next to the full and the empty model, measured on
+    # the run's own runtime after the search (discover(faithfulness=True), sweeps; not part of the run's timings).
     faithfulness: Faithfulness | None = None
 
     @property

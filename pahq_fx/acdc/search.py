@@ -52,6 +52,7 @@ def discover(
     compile: bool | str = AUTO,
     callback: Callable[[ReceiverDone], None] | None = None,
     allow_weak_task: bool = False,
+    faithfulness: bool = False,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
@@ -66,7 +67,9 @@ def discover(
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
     written after each receiver; a run with the same arguments resumes from them, and the file is removed when
-    the run finishes.
+    the run finishes. With ``faithfulness``, the circuit alone is measured afterwards on the same runtime (no second
+    trace, but a full patched pass on top of the caches: more peak memory than the search), in
+    ``Circuit.faithfulness``.
     """
     threshold = check_threshold(threshold)
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
@@ -78,8 +81,9 @@ def discover(
     store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
     circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
     store.finish()
-    faithfulness = evaluate_edges(session.runtime, session.edges, circuit.edge_set())
-    return dataclasses.replace(circuit, faithfulness=faithfulness)
+    if not faithfulness:
+        return circuit
+    return dataclasses.replace(circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
 
 
 @dataclass
