@@ -129,9 +129,7 @@ def check_task(model: nn.Module, task: Task, metric: str | Metric) -> TaskCheck:
     mask = task.metric_mask
     clean = model(input_ids=task.clean_input_ids, use_cache=False).logits[mask].float()
     corrupted = model(input_ids=task.corrupted_input_ids, use_cache=False).logits[mask].float()
-    rows = mask.nonzero()[:, 0]
-    correct = None if task.correct_ids is None else task.correct_ids[rows]
-    incorrect = None if task.incorrect_ids is None else task.incorrect_ids[rows]
+    correct, incorrect = task.answers_at_metric_positions()
     clean_logprobs = torch.log_softmax(clean, dim=-1)
     accuracy = None
     if task.has_answers:

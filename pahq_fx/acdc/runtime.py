@@ -101,11 +101,7 @@ class PatchingRuntime:
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
             self._setup_caches(task)
-        if metric.needs_answers:
-            rows = torch.div(self.positions, task.metric_mask.shape[1], rounding_mode="floor")
-            self.correct, self.incorrect = task.correct_ids[rows], task.incorrect_ids[rows]
-        else:
-            self.correct = self.incorrect = None
+        self.correct, self.incorrect = task.answers_at_metric_positions() if metric.needs_answers else (None, None)
         with torch.no_grad():
             self._clean_metric = float(self._metric(self._final_clean))
         self.reset()

@@ -3,6 +3,7 @@ faithfulness, and ROC/AUC against a reference circuit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ FP32_REFERENCE = "fp32"
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One threshold of a sweep: the circuit found, how faithful it is alone (FP32), and its ROC point."""
+    """One threshold of a sweep: the circuit found (with its faithfulness alone, FP32) and its ROC point."""
 
     threshold: float
     circuit: Circuit
-    faithfulness: Faithfulness
     roc: RocPoint | None = None
+
+    @property
+    def faithfulness(self) -> Faithfulness:
+        return self.circuit.faithfulness
 
     def row(self) -> dict[str, Any]:
         c, f = self.circuit, self.faithfulness
@@ -137,23 +141,17 @@ def sweep(
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
     circuits = _search_all(session, values, progress)
-    if reference == FP32_REFERENCE:
-        fp32_circuits = circuits
-        if session.format is not Format.FP32:
-            fp32_session = prepare(model, task, metric=metric, precision=Format.FP32.value, granularity=granularity,
-                                   compile=compile, allow_weak_task=True)
-            fp32_circuits = _search_all(fp32_session, values, progress)
-        reference_edges = fp32_circuits[0].edge_set()
-        name = f"the FP32 circuit at threshold {values[0]:g}"
-        fp32 = None
-        if fp32_circuits is not circuits:
-            fp32 = _result(fp32_session, fp32_circuits, reference_edges, name)
-        agreement = tuple(jaccard(a.edge_set(), b.edge_set()) for a, b in zip(circuits, fp32_circuits, strict=True))
-        result = _result(session, circuits, reference_edges, name)
-        return Sweep(result.precision, result.metric, result.points, result.setup_s, name, len(reference_edges), fp32,
-                     agreement if fp32 is not None else ())
-    reference_edges, name = _reference_edges(reference)
-    return _result(session, circuits, reference_edges, name)
+    if reference != FP32_REFERENCE:
+        return _result(session, circuits, *_reference_edges(reference))
+    if session.format is Format.FP32:
+        return _result(session, circuits, circuits[0].edge_set(), f"the FP32 circuit at threshold {values[0]:g}")
+    fp32_session = prepare(model, task, metric=metric, precision=Format.FP32.value, granularity=granularity,
+                           compile=compile, allow_weak_task=True)
+    fp32_circuits = _search_all(fp32_session, values, progress)
+    reference_edges, name = fp32_circuits[0].edge_set(), f"the FP32 circuit at threshold {values[0]:g}"
+    agreement = tuple(jaccard(a.edge_set(), b.edge_set()) for a, b in zip(circuits, fp32_circuits, strict=True))
+    return dataclasses.replace(_result(session, circuits, reference_edges, name), agreement=agreement,
+                               fp32=_result(fp32_session, fp32_circuits, reference_edges, name))
 
 
 def _search_all(session: Session, thresholds: Iterable[float], progress: bool) -> list[Circuit]:
@@ -185,6 +183,6 @@ def _result(session: Session, circuits: list[Circuit], reference: set[tuple[str,
     for circuit in circuits:
         faithfulness = evaluate_edges(session.runtime, session.edges, circuit.edge_set())
         roc = None if reference is None else roc_point(circuit.edge_set(), reference, total)
-        points.append(SweepPoint(circuit.threshold, circuit, faithfulness, roc))
+        points.append(SweepPoint(circuit.threshold, dataclasses.replace(circuit, faithfulness=faithfulness), roc))
     return Sweep(session.format.value, session.metric.value, tuple(points), session.setup_s, name,
                  0 if reference is None else len(reference))

@@ -58,6 +58,14 @@ class Task:
     def has_answers(self) -> bool:
         return self.correct_ids is not None
 
+    def answers_at_metric_positions(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Correct and incorrect answer ids for every position the metric reads, in row-major order of
+        ``metric_mask`` (the order of ``logits[metric_mask]``); ``(None, None)`` for a task without answers."""
+        if not self.has_answers:
+            return None, None
+        rows = self.metric_mask.nonzero()[:, 0]
+        return self.correct_ids[rows], self.incorrect_ids[rows]
+
     def validate_vocab(self, vocab_size: int) -> None:
         """Raise :class:`TaskError` if a token id is outside ``[0, vocab_size)``."""
         for label, t in self._tensors().items():
