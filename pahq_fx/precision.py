@@ -76,19 +76,12 @@ class Kernel(enum.Enum):
 AUTO = "auto"
 
 
-def _cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); elsewhere we do not guess."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def auto_format(device: torch.device) -> tuple[Format, str]:
-    """The honest default on ``device``, and why: FP8 where FP8 matmuls are native (CUDA sm >= 8.9), bf16 where
-    bf16 matmuls are (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), FP32 otherwise."""
+    """The honest default on ``device``, and why: FP8 where FP8 matmuls are native (CUDA sm >= 8.9), bf16 on other
+    CUDA GPUs with bf16, FP32 elsewhere. On a CPU the heads a query recomputes are too small for bf16 to pay even
+    where bf16 matmul is native, and every precision plan switch recomputes heads that FP32 never has to: whole
+    runs were about twice as slow per query in bf16 as in FP32 at every model width measured (README,
+    "Which format on a CPU")."""
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability >= (8, 9):
@@ -96,8 +89,9 @@ def auto_format(device: torch.device) -> tuple[Format, str]:
         if torch.cuda.is_bf16_supported():
             return Format.BF16, f"CUDA sm {capability[0]}.{capability[1]}: no FP8 tensor cores, native bf16"
         return Format.FP32, f"CUDA sm {capability[0]}.{capability[1]}: neither FP8 nor bf16 tensor cores"
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return Format.BF16, "CPU with native bf16 matmul (AVX512-BF16/AMX); FP8 would be emulated"
+    if device.type == "cpu":
+        return Format.FP32, ("cpu: FP32 is the fastest format for this runtime on CPUs (bf16 and FP8 measured "
+                             "slower per query); precision='bf16' runs the other heads in bf16 all the same")
     return Format.FP32, f"{device.type}: no native FP8 or bf16 matmul"
 
 
@@ -230,16 +224,17 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         (``F.linear``, the same computation as :meth:`full_precision`), every other listed head in the format."""
         if self.exact:
             return super().units(x, units, full_precision_unit)
+        fp8 = self.config.low_precision.is_fp8
+        low = x if fp8 else x.to(self.low_weight.dtype)  # one cast for every listed head
         columns = []
         for i, unit in enumerate(units):
-            x_u = x[..., i, :]
             if unit == full_precision_unit:
-                columns.append(self.fp32_unit(x_u, unit))
+                columns.append(self.fp32_unit(x[..., i, :], unit))
                 continue
-            if self.config.low_precision.is_fp8:
-                y = F.linear(x_u, self.low_weights[unit])
+            if fp8:
+                y = F.linear(low[..., i, :], self.low_weights[unit])
             else:
-                y = F.linear(x_u.to(self.low_weight.dtype), self.low_weight[unit]).to(x.dtype)
+                y = F.linear(low[..., i, :], self.low_weight[unit]).to(x.dtype)
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
 
