@@ -123,7 +123,8 @@ def cmd_discover(args: argparse.Namespace) -> None:
                        allow_weak_task=args.allow_weak_task, faithfulness=True)
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
-    pictures = [circuit.draw(out / f"circuit.{fmt}").name for fmt in ("png", "svg")]
+    pictures = ["circuit.png", "circuit.svg"]
+    circuit.draw(*(out / name for name in pictures))
     agreement = circuit.jaccard(previous) if previous is not None else None
     data, markdown = _report(circuit, agreement, args.model)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")

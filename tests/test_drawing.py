@@ -55,16 +55,18 @@ def test_svg_shows_every_head_the_groups_and_the_roles(tmp_path, with_architectu
         ("embed", "a0.g1.v", 1.5), ("embed", "a0.h3.q", 0.2), ("a0.h3", "a1.g0.k", 0.4), ("a1.h1", "m1", 0.3),
         ("m1", "resid_post", 2.0), ("a0.h0", "resid_post", 0.1), ("m0", "a1.h3.q", 0.2),
     ])
-    svg = draw_circuit(circuit, tmp_path / "c.svg").read_text()
+    svg_path, png_path = draw_circuit(circuit, tmp_path / "c.svg", tmp_path / "c.png")
+    svg = svg_path.read_text()
     for layer in (0, 1):
         for h in range(4):
             assert f"a{layer}.h{h}" in svg
     assert "g1" in svg and "to query" in svg and "to key" in svg and "to value" in svg
     assert "resid_post" in svg and "embed" in svg and "m1" in svg
-    png = draw_circuit(circuit, tmp_path / "c.png").read_bytes()
+    png = png_path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     with pytest.raises(ValueError, match=r"\.png or \.svg"):
-        draw_circuit(circuit, tmp_path / "c.pdf")
+        draw_circuit(circuit, tmp_path / "c.png", tmp_path / "c.pdf")
+    assert circuit.draw(tmp_path / "one.svg") == tmp_path / "one.svg" and "a1.h3" in (tmp_path / "one.svg").read_text()
 
 
 def test_cli_draws_png_and_svg_without_graphviz(tmp_path):

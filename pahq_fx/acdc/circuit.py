@@ -135,11 +135,12 @@ class Circuit:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def draw(self, path: str | Path) -> Path:
-        """A layered picture of the circuit, PNG or SVG by the suffix (matplotlib; no Graphviz needed)."""
+    def draw(self, path: str | Path, *more: str | Path) -> Path:
+        """A layered picture of the circuit, PNG or SVG by the suffix (matplotlib; no Graphviz needed), written
+        to ``path`` and to every further path in ``more`` from one layout. Returns ``path``."""
         from .drawing import draw_circuit
 
-        return draw_circuit(self, path)
+        return draw_circuit(self, path, *more)[0]
 
     def evaluate(self, model: Any, task: Any) -> Faithfulness:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""

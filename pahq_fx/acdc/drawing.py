@@ -114,15 +114,16 @@ class _Positions:
         return x + ROLE_OFFSETS[parsed.role] * BOX_W, y - BOX_H / 2
 
 
-def draw_circuit(circuit: Circuit, path: str | Path) -> Path:
-    """Write the picture to ``path`` (``.png`` or ``.svg``) and return the path."""
+def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
+    """Write the picture to each path (``.png`` or ``.svg``) and return the paths: the figure is laid out once."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise ValueError(f"draw the circuit as .png or .svg, not {path.suffix or 'a file without suffix'}")
+    paths = tuple(Path(p) for p in paths)
+    for path in paths:
+        if path.suffix.lower() not in (".png", ".svg"):
+            raise ValueError(f"draw the circuit as .png or .svg, not {path.suffix or 'a file without suffix'}")
     layers = _architecture(circuit)
     at = _Positions(layers)
     used = set(circuit.nodes)
@@ -181,5 +182,6 @@ def draw_circuit(circuit: Circuit, path: str | Path) -> Path:
         fontsize=9,
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    return path
+    for path in paths:
+        figure.savefig(path, dpi=150)
+    return list(paths)
