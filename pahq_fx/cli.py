@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), or a saved task (.safetensors)")
     d.add_argument("--threshold", required=True, type=float)
     d.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="format of the heads not under investigation; auto: fp8 on CUDA sm>=8.9, bf16 where native, else fp32")
+                   help="format of the heads not under investigation; auto: fp8 on CUDA sm>=8.9, bf16 on other CUDA GPUs, fp32 on a CPU")
     d.add_argument("--metric", default="kl", choices=METRICS)
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
