@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
+from pahq_fx.acdc import checkpoint as checkpoint_module
 from pahq_fx.precision import LowPrecisionPerHeadLinear, attention_blocks
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import Spec, build, keep_only_head, specs, token_ids
@@ -121,7 +122,10 @@ def test_fp8_circuit_agrees_with_fp32_on_a_sparse_model():
     assert fp8.jaccard(fp32) >= 0.9
 
 
-def test_resume_after_interruption_gives_the_same_circuit(tmp_path):
+@pytest.mark.parametrize("write_budget", [checkpoint_module.WRITE_BUDGET, 1e12], ids=["default", "only-on-interrupt"])
+def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch, write_budget):
+    """With a write budget that never lets a save through, the save on interruption alone must keep the state."""
+    monkeypatch.setattr(checkpoint_module, "WRITE_BUDGET", write_budget)
     model = build(Spec("llama", 2, 4, 2, 8))
     task = make_task(7)
     uninterrupted = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False)
@@ -148,6 +152,18 @@ def test_resume_after_interruption_gives_the_same_circuit(tmp_path):
     assert resumed.edge_set() == uninterrupted.edge_set()
     assert [e.effect for e in resumed.edges] == [e.effect for e in uninterrupted.edges]
     assert resumed.stats.queries == uninterrupted.stats.queries
+
+
+def test_checkpoint_writes_wait_for_their_budget(tmp_path, monkeypatch):
+    store = checkpoint_module.Checkpoint(tmp_path / "run.json", {"run": 1})
+    assert store.due(), "the first receiver is always saved"
+    monkeypatch.setattr(checkpoint_module, "WRITE_BUDGET", 1e12)
+    store.save(["resid_post"], [], {}, 1)
+    assert not store.due() and store.load()["done"] == ["resid_post"]
+    monkeypatch.setattr(checkpoint_module, "WRITE_BUDGET", 0)
+    store.save(["resid_post", "m1"], [], {}, 2)
+    assert store.due() and store.load()["done"] == ["resid_post", "m1"]
+    assert not checkpoint_module.Checkpoint(None, {}).due()
 
 
 def test_checkpoint_of_another_run_is_refused_and_a_finished_run_removes_its_own(tmp_path):

@@ -1,9 +1,10 @@
-"""Checkpoints of a discovery run: the decisions so far, written after each receiver, and their exact replay."""
+"""Checkpoints of a discovery run: the decisions so far, written after receivers, and their exact replay."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,21 @@ from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 
 CHECKPOINT_FORMAT = "pahq_fx.acdc.checkpoint/1"
+# A write costs more as effects accumulate, and on a small model it costs more than a receiver's queries: after a
+# write, the next waits until WRITE_BUDGET times its cost has passed, so writing stays under 1/WRITE_BUDGET of the run.
+WRITE_BUDGET = 50
 
 
 class Checkpoint:
     """A JSON file of finished receivers, removed edges, measured effects and the query count, tied to the run's
     arguments by ``fingerprint``. ``path=None`` keeps nothing. Writes are atomic (write, then rename), so a run
-    killed at any moment leaves the previous checkpoint or the new one, never half of one."""
+    killed at any moment leaves the previous checkpoint or the new one, never half of one. A run saves after a
+receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
         self.path = path
         self.fingerprint = fingerprint
+        self._next_write = 0.0
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this run, None when there is none; another run's checkpoint is an error."""
@@ -40,9 +46,13 @@ class Checkpoint:
             )
         return data
 
+    def due(self) -> bool:
+        return self.path is not None and time.perf_counter() >= self._next_write
+
     def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int) -> None:
         if self.path is None:
             return
+        start = time.perf_counter()
         data = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
@@ -54,6 +64,8 @@ class Checkpoint:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.path)
+        end = time.perf_counter()
+        self._next_write = end + WRITE_BUDGET * (end - start)
 
     def finish(self) -> None:
         """The run is complete: its checkpoint has nothing left to resume."""

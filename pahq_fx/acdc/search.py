@@ -18,7 +18,7 @@ from .. import names
 from ..precision import AUTO, Format, auto_format, parse_format
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
-from .edges import EdgeGraph
+from .edges import EdgeGraph, Receiver
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
 from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
@@ -66,7 +66,7 @@ def discover(
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
-    written after each receiver; a run with the same arguments resumes from them, and the file is removed when
+    written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes from them, and the file is removed when
     the run finishes. With ``faithfulness``, the circuit alone is measured afterwards on the same runtime (no second
     trace, but a full patched pass on top of the caches: more peak memory than the search), in
     ``Circuit.faithfulness``.
@@ -162,29 +162,28 @@ def search(
     resume_s = time.perf_counter() - start_time
     bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
-    for r_index, receiver in enumerate(edges.receivers):
-        if receiver.name in done:
-            continue
-        if not runtime.is_live(r_index):
-            runtime.remove(r_index, receiver.senders)
-        else:
-            baseline = runtime.investigate(receiver)
-            for s in receiver.senders:
-                value = runtime.try_remove(r_index, [s])
-                effect = value - baseline
-                effects[(r_index, s)] = effect
-                if (abs(effect) if abs_threshold else effect) < threshold:
-                    baseline = runtime.commit()
-                else:
-                    runtime.rollback()
-        done.append(receiver.name)
-        store.save(done, sorted(runtime.removed), effects, runtime.queries)
-        kept = runtime.kept_edges
-        rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
-        bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}")
-        bar.update(1)
-        if callback is not None:
-            callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
+    finished_queries = runtime.queries
+    unfinished: int | None = None
+    try:
+        for r_index, receiver in enumerate(edges.receivers):
+            if receiver.name in done:
+                continue
+            unfinished = r_index
+            _search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects)
+            done.append(receiver.name)
+            unfinished, finished_queries = None, runtime.queries
+            if store.due():
+                _save(store, runtime, done, effects, finished_queries, None)
+            kept = runtime.kept_edges
+            rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
+            bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's own pace
+            bar.update(1)
+            if callback is not None:
+                callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
+    except BaseException:
+        # Interrupted (Ctrl-C, a callback's exception): keep every finished receiver, whatever the write budget said.
+        _save(store, runtime, done, effects, finished_queries, unfinished)
+        raise
     bar.close()
     search_s = time.perf_counter() - loop_start
     setup = session.setup_s + resume_s
@@ -225,6 +224,31 @@ def search(
         architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp}
                            for layer in edges.head_graph.layers),
     )
+
+
+def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver, threshold: float, abs_threshold: bool,
+                     effects: dict[tuple[int, int], float]) -> None:
+    """ACDC at one receiver: prune it if its node sends nothing any more, otherwise test its edges in order and keep
+    each removal whose effect stays under the threshold."""
+    if not runtime.is_live(r_index):
+        runtime.remove(r_index, receiver.senders)
+        return
+    baseline = runtime.investigate(receiver)
+    for s in receiver.senders:
+        effect = runtime.try_remove(r_index, [s]) - baseline
+        effects[(r_index, s)] = effect
+        if (abs(effect) if abs_threshold else effect) < threshold:
+            baseline = runtime.commit()
+        else:
+            runtime.rollback()
+
+
+def _save(store: Checkpoint, runtime: PatchingRuntime, done: list[str], effects: dict[tuple[int, int], float],
+          queries: int, unfinished: int | None) -> None:
+    """The state after the last finished receiver: the decisions of ``unfinished`` (the receiver being searched, whose
+    removals all go into its own row) are left out, to be taken again on resume."""
+    removed = sorted((row, s) for row, s in runtime.removed if row != unfinished)
+    store.save(done, removed, {k: e for k, e in effects.items() if k[0] != unfinished}, queries)
 
 
 def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:
