@@ -501,6 +501,10 @@ class PatchingRuntime:
         starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
         from the one the component's current output was computed from."""
         new_inputs, changed = {}, []
+        # Receivers whose input is built the same way (same base, same deltas, same shape) share one tensor: in a
+        # dense circuit every q/k/v input of a layer is the same sum, computed and stored once. Bit for bit what
+        # each would get alone (same additions, same order); nothing modifies an input in place.
+        built: dict[tuple, torch.Tensor] = {}
         for rows in self.step_rows[k].values():
             for row in rows:
                 if not self.is_live(row):
@@ -509,18 +513,28 @@ class PatchingRuntime:
                     continue
                 reaching = [s for s in deltas if s in kept_in[row]]
                 if activating:
-                    base = self.clean_reads[k]
-                    for s in self.removed_from[row]:
-                        base = base + self.corrupt_minus_clean[s]
                     corrupted = bool(self.removed_from[row])
+                    origin = ("clean read", *self.removed_from[row])
                 elif reaching or row in changes:
-                    base, corrupted = self.inputs[row], False
+                    corrupted, origin = False, ("state", id(self.inputs[row]))
                 else:
                     continue
-                x = base + changes[row] if row in changes else base
-                for s in reaching:
-                    x = x + self._as_read_by(row, deltas[s], s)
-                new_inputs[row] = x
+                key = None if row in changes else (origin, self._reads_rows(row), *reaching)
+                if key in built:
+                    new_inputs[row] = built[key]
+                else:
+                    if activating:
+                        base = self.clean_reads[k]
+                        for s in self.removed_from[row]:
+                            base = base + self.corrupt_minus_clean[s]
+                    else:
+                        base = self.inputs[row]
+                    x = base + changes[row] if row in changes else base
+                    for s in reaching:
+                        x = x + self._as_read_by(row, deltas[s], s)
+                    new_inputs[row] = x
+                    if key is not None:
+                        built[key] = x
                 if corrupted or reaching or row in changes:
                     changed.append(row)
         return new_inputs, changed
