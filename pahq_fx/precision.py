@@ -79,9 +79,9 @@ AUTO = "auto"
 def auto_format(device: torch.device) -> tuple[Format, str]:
     """The honest default on ``device``, and why: FP8 where FP8 matmuls are native (CUDA sm >= 8.9), bf16 on other
     CUDA GPUs with bf16, FP32 elsewhere. On a CPU the heads a query recomputes are too small for bf16 to pay even
-    where bf16 matmul is native, and every precision plan switch recomputes heads that FP32 never has to: whole
-    runs were about twice as slow per query in bf16 as in FP32 at every model width measured (README,
-    "Which format on a CPU")."""
+    where bf16 matmul is native, and every precision plan switch recomputes heads that FP32 never has to: per query,
+    bf16 was never faster than FP32 at any model width measured, and up to 3x slower (README, "Which format on a
+    CPU")."""
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability >= (8, 9):
