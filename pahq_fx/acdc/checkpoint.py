@@ -22,7 +22,7 @@ class Checkpoint:
     """A JSON file of finished receivers, removed edges, measured effects and the query count, tied to the run's
     arguments by ``fingerprint``. ``path=None`` keeps nothing. Writes are atomic (write, then rename), so a run
     killed at any moment leaves the previous checkpoint or the new one, never half of one. A run saves after a
-receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows."""
+    receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
         self.path = path

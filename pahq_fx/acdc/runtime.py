@@ -501,9 +501,9 @@ class PatchingRuntime:
         starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
         from the one the component's current output was computed from."""
         new_inputs, changed = {}, []
-        # Receivers whose input is built the same way (same base, same deltas, same shape) share one tensor: in a
-        # dense circuit every q/k/v input of a layer is the same sum, computed and stored once. Bit for bit what
-        # each would get alone (same additions, same order); nothing modifies an input in place.
+        # Receivers whose input is the same sum (same base, same deltas; a step's receivers share one shape) share
+        # one tensor: in a dense circuit every q/k/v input of a layer is the same sum, computed and stored once. Bit
+        # for bit what each would get alone (same additions, same order); nothing modifies an input in place.
         built: dict[tuple, torch.Tensor] = {}
         for rows in self.step_rows[k].values():
             for row in rows:
@@ -513,31 +513,37 @@ class PatchingRuntime:
                     continue
                 reaching = [s for s in deltas if s in kept_in[row]]
                 if activating:
-                    corrupted = bool(self.removed_from[row])
-                    origin = ("clean read", *self.removed_from[row])
+                    removed = tuple(self.removed_from[row])
+                    key = ("clean read", removed, *reaching)
                 elif reaching or row in changes:
-                    corrupted, origin = False, ("state", id(self.inputs[row]))
+                    removed, key = (), ("state", id(self.inputs[row]), *reaching)
                 else:
                     continue
-                key = None if row in changes else (origin, self._reads_rows(row), *reaching)
-                if key in built:
-                    new_inputs[row] = built[key]
+                if row in changes:  # its own change: a sum no other receiver has
+                    new_inputs[row] = self._input_sum(k, row, activating, reaching, deltas, changes[row])
                 else:
-                    if activating:
-                        base = self.clean_reads[k]
-                        for s in self.removed_from[row]:
-                            base = base + self.corrupt_minus_clean[s]
-                    else:
-                        base = self.inputs[row]
-                    x = base + changes[row] if row in changes else base
-                    for s in reaching:
-                        x = x + self._as_read_by(row, deltas[s], s)
-                    new_inputs[row] = x
-                    if key is not None:
-                        built[key] = x
-                if corrupted or reaching or row in changes:
+                    if key not in built:
+                        built[key] = self._input_sum(k, row, activating, reaching, deltas, None)
+                    new_inputs[row] = built[key]
+                if removed or reaching or row in changes:
                     changed.append(row)
         return new_inputs, changed
+
+    def _input_sum(self, k: int, row: int, activating: bool, reaching: list[int], deltas: dict[int, torch.Tensor],
+                   change: torch.Tensor | None) -> torch.Tensor:
+        """Receiver ``row``'s new input: its base (the clean read plus its removed edges' corruption when step k starts
+        running, its state input otherwise), then its own change, then the deltas reaching it, in that order."""
+        if activating:
+            x = self.clean_reads[k]
+            for s in self.removed_from[row]:
+                x = x + self.corrupt_minus_clean[s]
+        else:
+            x = self.inputs[row]
+        if change is not None:
+            x = x + change
+        for s in reaching:
+            x = x + self._as_read_by(row, deltas[s], s)
+        return x
 
     def _attention(self, k: int, new_inputs: dict[int, torch.Tensor], changed: list[int], units: FullPrecisionUnits,
                    old_units: FullPrecisionUnits | None, activating: bool, pending: _Pending) -> dict[int, torch.Tensor]:

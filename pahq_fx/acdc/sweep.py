@@ -143,12 +143,13 @@ def sweep(
     circuits = _search_all(session, values, progress)
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
+    name = f"the FP32 circuit at threshold {values[0]:g}"
     if session.format is Format.FP32:
-        return _result(session, circuits, circuits[0].edge_set(), f"the FP32 circuit at threshold {values[0]:g}")
+        return _result(session, circuits, circuits[0].edge_set(), name)
     fp32_session = prepare(model, task, metric=metric, precision=Format.FP32.value, granularity=granularity,
                            compile=compile, allow_weak_task=True)
     fp32_circuits = _search_all(fp32_session, values, progress)
-    reference_edges, name = fp32_circuits[0].edge_set(), f"the FP32 circuit at threshold {values[0]:g}"
+    reference_edges = fp32_circuits[0].edge_set()
     agreement = tuple(jaccard(a.edge_set(), b.edge_set()) for a, b in zip(circuits, fp32_circuits, strict=True))
     return dataclasses.replace(_result(session, circuits, reference_edges, name), agreement=agreement,
                                fp32=_result(fp32_session, fp32_circuits, reference_edges, name))
