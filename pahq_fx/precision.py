@@ -238,6 +238,12 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
 
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head reading ``x`` [..., in]: in FP32 when exact, otherwise under the plan, as ``forward``."""
+        if self.exact:
+            return super().shared(x)
+        return self(x.unsqueeze(-2).expand(*x.shape[:-1], self.n_heads, x.shape[-1]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return super().forward(x)

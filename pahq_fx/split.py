@@ -57,6 +57,12 @@ class PerHeadLinear(nn.Module):
         y = torch.einsum("...hi,hoi->...ho", x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head reading the same input, ``x`` [..., in] -> [..., heads, out]: one matrix multiply over the
+        stacked weights instead of one per head on copies of ``x``."""
+        bias = None if self.bias is None else self.bias.flatten()
+        return torch.nn.functional.linear(x, self.weight.flatten(0, 1), bias).unflatten(-1, (self.n_heads, -1))
+
     def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD) -> torch.Tensor:
         """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out].
 
@@ -122,11 +128,20 @@ class AttentionBlock(nn.Module):
         qn, kn, vn = torch.split(normed, sizes, dim=2)
         return self.q(qn), self.k(kn), self.v(vn)
 
-    def forward(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
+    def forward(
+        self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux, extra_outputs: bool = False, one_stream: bool = False
+    ) -> Any:
         """Per-head outputs; with ``extra_outputs``, also the graph outputs computed in the core, as
-        ``(heads, (extra, ...))`` (they see the per-head projections, so the precision plan too)."""
+        ``(heads, (extra, ...))`` (they see the per-head projections, so the precision plan too).
+
+        ``one_stream``: the three inputs are one residual stream [B, T, d] that every head reads (see
+        :meth:`from_stream`), not per-head inputs [B, T, heads, d]."""
         norm_aux, core_aux = aux[: self.n_norm_aux], aux[self.n_norm_aux :]
-        q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
+        if one_stream:
+            normed = self.norm(q_in.unsqueeze(2), *norm_aux).squeeze(2)
+            q, k, v = self.q.shared(normed), self.k.shared(normed), self.v.shared(normed)
+        else:
+            q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
         flat = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
         outputs = [flat.index_select(-1, getattr(self, f"scatter_{i}")) for i in range(self.n_projections)]
         z = self.core(*outputs, *core_aux)
@@ -138,10 +153,12 @@ class AttentionBlock(nn.Module):
         return (heads, extras) if extra_outputs else heads
 
     def from_stream(self, read: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
-        """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d]."""
-        q_in = read.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
-        kv_in = read.unsqueeze(2).expand(-1, -1, self.n_kv_groups, -1)
-        return self(q_in, kv_in, kv_in, *aux, extra_outputs=extra_outputs)
+        """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d].
+
+        The norm acts per position, so it runs once on the stream rather than once per head and role, and each
+        projection is one matrix multiply (:meth:`PerHeadLinear.shared`): the values of ``forward`` on per-head
+        copies of ``read``, to round-off."""
+        return self(read, read, read, *aux, extra_outputs=extra_outputs, one_stream=True)
 
     def combine(self, head_outputs: torch.Tensor) -> torch.Tensor:
         """The block output: sum of per-head contributions plus the output bias."""

@@ -62,6 +62,34 @@ def test_per_head_outputs_sum_to_block_output():
     assert differs.tolist() == [False, True, False, False]
 
 
+@settings(max_examples=12, deadline=None)
+@given(spec=specs(), fmt=st.sampled_from(["fp32", "fp8", "bf16"]), data=st.data())
+def test_one_stream_equals_per_head_copies(spec, fmt, data):
+    """``from_stream`` (one norm, one matrix multiply per projection) computes what ``forward`` computes on per-head
+    copies of the stream, under any precision plan; the block stays one module of the graph."""
+    from pahq_fx.precision import FullPrecisionUnits, set_plan
+
+    transformed = pahq_fx.transform(build(spec), low_precision=fmt, compile=False)
+    layer = data.draw(st.integers(0, spec.layers - 1), label="layer")
+    head = data.draw(st.integers(-1, spec.heads - 1), label="FP32 head (-1: none)")
+    block = transformed.graph.get_submodule(f"a{layer}")
+    assert isinstance(block, AttentionBlock)
+    set_plan(transformed.graph, lambda b: FullPrecisionUnits(head, -1 if head < 0 else b.kv_group_of_head[head]))
+    ids = token_ids(2, 6, seed=spec.seed)
+    prelude = transformed.graph.prelude(ids)
+    step = next(s for s in transformed.graph.meta["structure"].steps if s.name == f"a{layer}")
+    aux = [prelude[1:][i] for i in step.aux]
+    read = torch.randn(2, 6, spec.d_model, generator=torch.Generator().manual_seed(spec.seed))
+    q_in = read.unsqueeze(2).expand(-1, -1, spec.heads, -1)
+    kv_in = read.unsqueeze(2).expand(-1, -1, spec.kv_heads, -1)
+    with torch.no_grad():
+        per_head = block(q_in, kv_in, kv_in, *aux)
+        one_stream = block.from_stream(read, *aux)
+    torch.testing.assert_close(one_stream, per_head, rtol=1e-4, atol=1e-4)
+    if head >= 0:
+        torch.testing.assert_close(one_stream[:, :, head], per_head[:, :, head], rtol=1e-5, atol=1e-5)
+
+
 def test_split_leaves_its_input_graph_as_it_was_and_missing_passes_are_named():
     from pahq_fx import graph_meta, passes
 
