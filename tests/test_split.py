@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import pahq_fx
 from pahq_fx.split import AttentionBlock, PerHeadLinear
-from tests.builders import Spec, build, reference_logits, specs, token_ids
+from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 
 @settings(max_examples=15, deadline=None)
@@ -108,3 +108,37 @@ def test_split_leaves_its_input_graph_as_it_was_and_missing_passes_are_named():
     assert graph_meta.precision_report(split) is None
     lowered = passes.build(model, ids, pahq_fx.PrecisionConfig("bf16"))
     assert graph_meta.precision_report(lowered).config.low_precision is pahq_fx.Format.BF16
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(RUNTIME_FAMILIES), batch=st.integers(1, 3), seq=st.integers(1, 9))
+def test_probes_packed_by_position_find_the_layout_of_one_feature_at_a_time(spec, batch, seq):
+    """Probing one feature per position at once assigns every projection feature to the same (role, head) as
+    probing one feature at a time, and the packed probes are really used for these families."""
+    from pahq_fx.analysis import probes
+    from pahq_fx.passes import split_heads, trace
+
+    model = build(spec)
+    traced = trace(model, token_ids(batch, seq, seed=spec.seed))
+    decisions = []
+    checked = probes.HeadProbe._per_position
+
+    def recorded(self, *args):
+        decisions.append(checked(self, *args))
+        return decisions[-1]
+
+    def weights(split):
+        return {name: t.clone() for name, t in split.named_parameters() if name.split(".")[-2] in ("q", "k", "v", "o")}
+
+    original = probes.HeadProbe._per_position
+    try:
+        probes.HeadProbe._per_position = recorded
+        packed = weights(split_heads(traced))
+        probes.HeadProbe._per_position = lambda self, *args: False
+        one_at_a_time = weights(split_heads(traced))
+    finally:
+        probes.HeadProbe._per_position = original
+    assert decisions and all(decisions)
+    assert packed.keys() == one_at_a_time.keys() and packed
+    for name in packed:
+        assert torch.equal(packed[name], one_at_a_time[name]), name

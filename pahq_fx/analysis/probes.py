@@ -27,7 +27,10 @@ class HeadProbe:
             return sub(*inputs, *[self.facts.values[e] for e in extra])
 
     def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
-        """Assign every projection output feature to (role, head) with NaN probes."""
+        """Assign every projection output feature to (role, head) with NaN probes.
+
+        Where the ops between projections and attention act position by position (checked), one probe tests one
+        feature per position at once, so a layer costs about ``width / positions`` runs instead of ``width``."""
         args = attention.inputs
         body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
         sub, extra = extract(self.facts.gm, body, outputs, args, "ProbeProjectionToAttention")
@@ -36,25 +39,64 @@ class HeadProbe:
         hits: dict[Role, dict[int, set[int]]] = {r: {} for r in Role}
         offset = 0
         for i, y in enumerate(clean):
-            for f in range(y.shape[-1]):
-                probe = [t.clone() if j == i else t for j, t in enumerate(clean)]
-                probe[i][..., f] = float("nan")
-                result = self._probe(sub, extra, probe)
-                touched = [
-                    (role, set(torch.isnan(r).flatten(2).any(-1).any(0).nonzero().flatten().tolist()))
-                    for role, r in zip(Role, result)
-                ]
-                touched = [(role, heads) for role, heads in touched if heads]
-                if len(touched) != 1:
-                    where = ", ".join(r.value for r, _ in touched) or "no attention input"
-                    raise UnsupportedArchitectureError(
-                        f"attention call {attention.name}: projection feature {f} of {outputs[i].name} reaches {where}; "
-                        "each feature must feed exactly one of query, key, value"
-                    )
-                role, heads = touched[0]
-                hits[role][offset + f] = heads
-            offset += y.shape[-1]
+            width = y.shape[-1]
+            positions = y.numel() // width
+            per_position = self._per_position(sub, extra, clean, i, positions)
+            batch = positions if per_position else 1
+            for first in range(0, width, batch):
+                features = list(range(first, min(first + batch, width)))
+                probe = y.clone()
+                if per_position:
+                    probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = float("nan")
+                else:
+                    probe[..., first] = float("nan")
+                reached = self._reached(sub, extra, clean, i, probe, per_position)
+                for p, f in enumerate(features):
+                    touched = [(role, {h for h, hit in enumerate(r[p]) if hit}) for role, r in zip(Role, reached) if any(r[p])]
+                    if len(touched) != 1:
+                        where = ", ".join(r.value for r, _ in touched) or "no attention input"
+                        raise UnsupportedArchitectureError(
+                            f"attention call {attention.name}: projection feature {f} of {outputs[i].name} reaches {where}; "
+                            "each feature must feed exactly one of query, key, value"
+                        )
+                    role, heads = touched[0]
+                    hits[role][offset + f] = heads
+            offset += width
         return self._group(attention, hits, n_heads, k_heads)
+
+    def _reached(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor,
+                 per_position: bool) -> list[list[list[bool]]]:
+        """For each attention input, which heads the probe's NaNs reach: per position ([positions][heads]) or, for a
+        single probed feature, over all positions ([1][heads])."""
+        results = self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
+        reached = []
+        for r in results:
+            nan = torch.isnan(r).any(-1)  # [batch, heads, seq]
+            reached.append((nan.permute(0, 2, 1).flatten(0, 1) if per_position else nan.any(-1).any(0, keepdim=True)).tolist())
+        return reached
+
+    def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, positions: int) -> bool:
+        """Whether a NaN at one position of projection output ``i`` ([batch, seq, width] flattened row-major) reaches the
+        attention inputs ([batch, heads, seq, dim]) at that same (batch, seq) position and nowhere else. Checked with
+        probes that poison every position whose index has bit k equal to v, for every bit k and both values v: a
+        NaN that moved to another position differs from it in some bit and shows up where it must not. An attention
+        input with no NaN at all does not read output ``i`` (separate query, key and value projections)."""
+        results = self._probe(sub, extra, clean)
+        if any(r.dim() != 4 or r.shape[0] * r.shape[2] != positions for r in results):
+            return False
+        index = torch.arange(positions, device=clean[i].device)
+        for bit in range(max(1, (positions - 1).bit_length())):
+            for value in (0, 1):
+                poisoned = (index >> bit) & 1 == value
+                if not poisoned.any():
+                    continue
+                probe = clean[i].clone()
+                probe.view(positions, -1)[poisoned] = float("nan")
+                for r in self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)]):
+                    nan = torch.isnan(r).any(-1).any(1).flatten()  # [batch * seq], row-major like the probe
+                    if nan.any() and not torch.equal(nan, poisoned):  # no NaN at all: this input does not read output i
+                        return False
+        return True
 
     def _group(self, attention: AttentionCall, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
         query: list[list[int]] = [[] for _ in range(n_heads)]
