@@ -33,6 +33,9 @@ SUPPORTED = {
     "phi3 (fused qkv)": ("Phi3Config", "Phi3ForCausalLM", dict(COMMON, num_key_value_heads=2), 2, True),
     "mixtral (mixture of experts)": ("MixtralConfig", "MixtralForCausalLM",
                                      dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), 2, True),
+    "qwen2_moe (shared expert beside routed experts)": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                                                        dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                                             moe_intermediate_size=16, shared_expert_intermediate_size=16), 2, True),
     "cohere (parallel)": ("CohereConfig", "CohereForCausalLM", dict(COMMON, num_key_value_heads=2), 2, False),
 }
 
@@ -88,7 +91,7 @@ def test_static_trace_rejects_other_shapes_clearly():
 
 
 @pytest.mark.parametrize("name", ["opt (MLP residual on [batch*seq, d])", "gptj (eager attention, shared norm)",
-                                  "falcon (multi-query, parallel)"])
+                                  "falcon (multi-query, parallel)", "qwen2_moe (shared expert beside routed experts)"])
 def test_discovery_equals_reference_on_unusual_blocks(name):
     from tests.acdc_reference import ReferenceACDC
 

@@ -20,11 +20,13 @@ What is recognised (see README, "What the pass recognises"):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import ancestors
+from ..graph_utils import ancestors, descendants
 from .attention import AttentionMatcher
 from .graph_facts import GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, MLPSite, ModelLayout
@@ -47,34 +49,11 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
         )
     sites = [matcher.site(i, c) for i, c in enumerate(calls)]
     embed = sites[0].read
-    stop = {embed} | {s.contribution for s in sites}
     final_read = residual.find_read(facts.logits, "the logits")
-    leaves: dict[fx.Node, list[fx.Node]] = {}
-    mlp_contributions: list[fx.Node] = []
-    mlp_reads: dict[fx.Node, fx.Node] = {}
-    pending = [s.read for s in sites if s.read is not embed] + [final_read]
-    while pending:
-        read = pending.pop()
-        if read in leaves:
-            continue
-        parts = residual.decompose(read, stop)
-        for part in parts:
-            if part not in facts.activations:
-                raise UnsupportedArchitectureError(f"residual stream at {read.name} adds a constant ({part.name}); not supported")
-            if part not in stop:
-                stop.add(part)
-                mlp_contributions.append(part)
-                mlp_reads[part] = residual.stream_shaped(residual.find_read(part, f"MLP output {part.name}"))
-                pending.append(mlp_reads[part])
-        leaves[read] = parts
-    mlps = []
-    for c in sorted(mlp_contributions, key=facts.order.__getitem__):
-        read = mlp_reads[c]
-        upstream = ancestors([read]) | {read}
-        layer = max((s.layer for s in sites if s.read in upstream), default=0)
-        if any(m.layer == layer for m in mlps):
-            raise UnsupportedArchitectureError(f"two MLPs found after attention layer {layer} ({c.name})")
-        mlps.append(MLPSite(layer=layer, read=read, contribution=c))
+    joins: set[fx.Node] = set()  # sums of MLP branches kept whole (a shared expert beside routed experts)
+    while (found := _find_mlps(facts, residual, sites, final_read, joins)).join is not None:
+        joins.add(found.join)
+    mlps, leaves, stop = found.mlps, found.leaves, found.stop
     for s in sites:
         if s.read is not embed and s.read not in leaves:
             leaves[s.read] = residual.decompose(s.read, stop)
@@ -90,3 +69,71 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
         outputs=facts.outputs,
         leaves=leaves,
     )
+
+
+@dataclass
+class _FoundMLPs:
+    """The MLPs and the contributions every residual read sums, or a sum of two MLP branches (``join``) to keep whole."""
+
+    mlps: list[MLPSite]
+    leaves: dict[fx.Node, list[fx.Node]]
+    stop: set[fx.Node]
+    join: fx.Node | None = None
+
+
+def _find_mlps(
+    facts: GraphFacts, residual: ResidualStream, sites: list[AttentionSite], final_read: fx.Node, joins: set[fx.Node]
+) -> _FoundMLPs:
+    """The MLPs: every contribution to a residual read that is neither an attention output nor the embedding.
+
+    Where two contributions after one attention layer read the same stream (a mixture of experts with a shared
+    expert adds both branches before the residual add), they are one MLP: ``join`` is the node that sums them,
+    for the caller to keep whole (in ``stop``) and search again."""
+    embed = sites[0].read
+    known = {embed} | {s.contribution for s in sites}
+    stop = known | joins  # where decomposing a read ends: known components, and sums kept whole
+    leaves: dict[fx.Node, list[fx.Node]] = {}
+    mlp_contributions: list[fx.Node] = []
+    mlp_reads: dict[fx.Node, fx.Node] = {}
+    pending = [s.read for s in sites if s.read is not embed] + [final_read]
+    while pending:
+        read = pending.pop()
+        if read in leaves:
+            continue
+        parts = residual.decompose(read, stop)
+        for part in parts:
+            if part not in facts.activations:
+                raise UnsupportedArchitectureError(f"residual stream at {read.name} adds a constant ({part.name}); not supported")
+            if part not in known:
+                known.add(part)
+                stop.add(part)
+                mlp_contributions.append(part)
+                mlp_reads[part] = residual.stream_shaped(residual.find_read(part, f"MLP output {part.name}"))
+                pending.append(mlp_reads[part])
+        leaves[read] = parts
+    mlps: list[MLPSite] = []
+    for c in sorted(mlp_contributions, key=facts.order.__getitem__):
+        read = mlp_reads[c]
+        upstream = ancestors([read]) | {read}
+        layer = max((s.layer for s in sites if s.read in upstream), default=0)
+        other = next((m for m in mlps if m.layer == layer), None)
+        if other is not None:
+            join = _sum_of(facts, residual, other.contribution, c, stop) if other.read is read else None
+            if join is None:
+                raise UnsupportedArchitectureError(
+                    f"two MLPs found after attention layer {layer} ({other.contribution.name}, {c.name}), not two "
+                    "branches of one MLP summed before the residual add"
+                )
+            return _FoundMLPs(mlps, leaves, stop, join)
+        mlps.append(MLPSite(layer=layer, read=read, contribution=c))
+    return _FoundMLPs(mlps, leaves, stop)
+
+
+def _sum_of(facts: GraphFacts, residual: ResidualStream, a: fx.Node, b: fx.Node, stop: set[fx.Node]) -> fx.Node | None:
+    """The first node after both ``a`` and ``b`` if it is exactly their sum (through adds, casts and token
+    reshapes), else None."""
+    after_a, after_b = descendants([a]), descendants([b])
+    join = min(after_a & after_b, key=facts.order.__getitem__, default=None)
+    if join is None or sorted(residual.decompose(join, stop), key=facts.order.__getitem__) != sorted([a, b], key=facts.order.__getitem__):
+        return None
+    return join
