@@ -13,7 +13,12 @@ from .residual import ResidualStream
 
 ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
 SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
-MATMUL_TARGETS = {aten.matmul.default}
+# Matrix products of eager attention, and which arguments are the two factors: ``matmul`` over [batch, heads, ...],
+# ``bmm`` and ``baddbmm`` (a bias such as ALiBi's first) over [batch * heads, ...] as in Bloom.
+PRODUCT_FACTORS = {aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
+# Ops that only regroup a tensor's dimensions: between a [batch * heads, ...] factor and its [batch, heads, ...] form.
+REGROUP_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                   aten.permute.default, aten.contiguous.default, aten.clone.default, aten.expand.default}
 
 
 class AttentionMatcher:
@@ -25,7 +30,8 @@ class AttentionMatcher:
         self.probe = probe
 
     def find_attention(self) -> list[AttentionCall]:
-        """SDPA calls, and eager attention: ``matmul(q, k^T)`` -> ops with constants -> softmax -> ``matmul(p, v)``."""
+        """SDPA calls, and eager attention: ``matmul(q, k^T)`` -> ops with constants -> softmax -> ``matmul(p, v)``
+        (or their ``bmm`` / ``baddbmm`` forms over [batch * heads, ...], read through their [batch, heads, ...] views)."""
         calls = []
         for node in self.facts.gm.graph.nodes:
             if node.op != "call_function":
@@ -40,21 +46,47 @@ class AttentionMatcher:
 
     def _eager_attention(self, softmax: fx.Node) -> AttentionCall | None:
         scores = self.facts.single_activation_input(softmax)
-        while scores is not None and scores.target not in MATMUL_TARGETS:
+        while scores is not None and scores.target not in PRODUCT_FACTORS:
             scores = self.facts.single_activation_input(scores)
-        if scores is None or not all(isinstance(a, fx.Node) and a in self.facts.activations for a in scores.args[:2]):
+        factors = None if scores is None else self._factors(scores)
+        if factors is None:
             return None
         probs = softmax
         while len(probs.users) == 1:
             user = next(iter(probs.users))
-            if user.target in MATMUL_TARGETS and user.args[0] is probs:
-                value = user.args[1]
-                if value in self.facts.activations and self.facts.values[user].dim() == 4:
-                    return AttentionCall(scores.args[0], scores.args[1], value, user)
-                return None
+            weighted = self._factors(user) if user.target in PRODUCT_FACTORS else None
+            if weighted is not None and weighted[0] is probs:
+                views = [self._heads_form(x, up=True) for x in (*factors, weighted[1])]
+                output = self._heads_form(user, up=False)
+                if output is None or any(v is None for v in views):
+                    return None
+                return AttentionCall(views[0], views[1], views[2], output)
             if self.facts.single_activation_input(user) is not probs:
                 return None
             probs = user
+        return None
+
+    def _factors(self, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """The two token-dependent factors of a matrix product, or None."""
+        factors = tuple(product.args[i] for i in PRODUCT_FACTORS[product.target])
+        if all(isinstance(f, fx.Node) and f in self.facts.activations for f in factors):
+            return factors
+        return None
+
+    def _heads_form(self, node: fx.Node, up: bool) -> fx.Node | None:
+        """``node`` itself if it is [batch, heads, ...], else the nearest such tensor it is a regrouping of (up: the
+        ops it comes from; down: the ops its value flows through alone), as Bloom's [batch * heads, ...] factors."""
+        batch = self.facts.lead[0]
+        current: fx.Node | None = node
+        while current is not None:
+            value = self.facts.values[current]
+            if value.dim() == 4 and value.shape[0] == batch:
+                return current
+            if up:
+                current = self.facts.single_activation_input(current) if current.target in REGROUP_TARGETS else None
+            else:
+                users = list(current.users)
+                current = users[0] if len(users) == 1 and users[0].target in REGROUP_TARGETS else None
         return None
 
     def _projections(self, attention: AttentionCall) -> list[Linear]:
