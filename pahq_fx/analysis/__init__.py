@@ -45,7 +45,8 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
     if not calls:
         raise UnsupportedArchitectureError(
             "no attention call found: the graph has neither an aten.scaled_dot_product_attention op nor the "
-            "matmul -> softmax -> matmul pattern of eager attention over [batch, heads, seq, dim] tensors"
+            "matmul -> softmax -> matmul pattern of eager attention over [batch, heads, seq, dim] tensors "
+            "(or bmm / baddbmm over [batch * heads, seq, dim])"
         )
     sites = [matcher.site(i, c) for i, c in enumerate(calls)]
     embed = sites[0].read
