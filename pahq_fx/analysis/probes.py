@@ -42,9 +42,9 @@ class HeadProbe:
             width = y.shape[-1]
             positions = y.numel() // width
             per_position = self._per_position(sub, extra, clean, i, positions)
-            batch = positions if per_position else 1
-            for first in range(0, width, batch):
-                features = list(range(first, min(first + batch, width)))
+            per_probe = positions if per_position else 1  # features one probe tests
+            for first in range(0, width, per_probe):
+                features = list(range(first, min(first + per_probe, width)))
                 probe = y.clone()
                 if per_position:
                     probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = float("nan")
