@@ -1,0 +1,86 @@
+"""One forward of the transformed per-head model against the Hugging Face model's own, and what setup costs.
+
+    python benchmarks/forward.py --model gpt2-induction-8h --task induction --half 32 --n 48
+    python benchmarks/forward.py --model random-gpt2:12x768x12 --task ioi --n 16     # GPT-2 small's shape
+
+For each format, ``pahq_fx.transform(model, head=(last layer, 0), low_precision=fmt, compile=False)`` on the task's
+clean batch: the seconds to trace, split and lower (setup, split into trace and split + lower), and the median
+eager forward, as a ratio to the Hugging Face model's eager forward measured alternately in the same process.
+Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from acdc import load_model  # the benchmarks share one model loader
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(model, ids: torch.Tensor, fmt: str, repeats: int) -> dict:
+    from pahq_fx import passes
+
+    start = time.perf_counter()
+    traced = passes.trace(model, ids[:2])
+    trace_s = time.perf_counter() - start
+    graph = passes.lower_precision(passes.split_heads(traced), fmt)
+    split_s = time.perf_counter() - start - trace_s
+    layers = len(graph.meta["head_graph"].layers)
+    passes.set_head(graph, (layers - 1, 0))
+    hf, ours = [], []
+    for _ in range(2):
+        model(input_ids=ids, use_cache=False)
+        graph(ids)
+    for _ in range(repeats):
+        hf.append(_seconds(lambda: model(input_ids=ids, use_cache=False)))
+        ours.append(_seconds(lambda: graph(ids)))
+    hf_s, ours_s = statistics.median(hf), statistics.median(ours)
+    return {"format": fmt, "trace_s": trace_s, "split_lower_s": split_s, "hf_forward_ms": hf_s * 1000,
+            "forward_ms": ours_s * 1000, "ratio": ours_s / hf_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2-induction-8h")
+    parser.add_argument("--task", default="induction")
+    parser.add_argument("--half", type=int, default=0, help="induction: length of the repeated half")
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--formats", default="fp32,bf16,fp8")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forward.json"))
+    args = parser.parse_args()
+
+    from pahq_fx.tasks import make_task
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    task = make_task(args.task, tokenizer, n=args.n, seed=0, **({"half": args.half} if args.half else {}))
+    ids = task.clean_input_ids
+    rows = [measure(model, ids, fmt, args.repeats) for fmt in args.formats.split(",")]
+    print(f"model {args.model}, batch {tuple(ids.shape)}, eager, CPU threads {torch.get_num_threads()}")
+    print("| format | trace s | split + lower s | HF forward ms | transformed forward ms | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['format']} | {r['trace_s']:.2f} | {r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} "
+              f"| {r['forward_ms']:.1f} | {r['ratio']:.2f} |")
+    Path(args.out).write_text(json.dumps({"arguments": vars(args), "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
