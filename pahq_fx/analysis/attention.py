@@ -74,20 +74,25 @@ class AttentionMatcher:
         return None
 
     def _heads_form(self, node: fx.Node, up: bool) -> fx.Node | None:
-        """``node`` itself if it is [batch, heads, ...], else the nearest such tensor it is a regrouping of (up: the
-        ops it comes from; down: the ops its value flows through alone), as Bloom's [batch * heads, ...] factors."""
-        batch = self.facts.lead[0]
+        """``node`` itself if it is [batch, heads, seq, dim], else the nearest such tensor it is a regrouping of (up:
+        the ops it comes from; down: the ops its value flows through alone): Bloom's [batch * heads, ...] factors,
+        and a key transposed for ``q @ k^T`` (GPT-J), are read where they are still [batch, heads, seq, dim]. Failing
+        that, the nearest [batch, heads, ...] tensor (keys of another length than the queries)."""
+        batch, seq = self.facts.lead
         current: fx.Node | None = node
+        nearest: fx.Node | None = None
         while current is not None:
             value = self.facts.values[current]
             if value.dim() == 4 and value.shape[0] == batch:
-                return current
+                if value.shape[2] == seq:
+                    return current
+                nearest = nearest or current
             if up:
                 current = self.facts.single_activation_input(current) if current.target in REGROUP_TARGETS else None
             else:
                 users = list(current.users)
                 current = users[0] if len(users) == 1 and users[0].target in REGROUP_TARGETS else None
-        return None
+        return nearest
 
     def _projections(self, attention: AttentionCall) -> list[Linear]:
         found: dict[fx.Node, Linear] = {}
