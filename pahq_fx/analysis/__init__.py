@@ -3,7 +3,9 @@
 What is recognised (see README, "What the pass recognises"):
 
 * an attention site is an ``aten.scaled_dot_product_attention`` call, or eager attention:
-  ``matmul(q, k^T)`` -> ops with constants (scale, mask) -> softmax -> ``matmul(p, v)`` over [batch, heads, ...];
+  ``matmul(q, k^T)`` -> ops with constants (scale, mask) -> softmax -> ``matmul(p, v)`` over [batch, heads, ...],
+  or ``bmm`` / ``baddbmm`` (an ALiBi bias) over [batch * heads, ...], read at the [batch, heads, seq, dim] tensors
+  the factors are regrouped from;
 * its projections are the linear ops (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul`` with a
   constant weight) reached by walking back from the query, key and value; they must all read one input;
 * the *read* of a component (its residual-stream input) is the nearest dominator of its input that is a
@@ -15,7 +17,8 @@ What is recognised (see README, "What the pass recognises"):
   family; between output projection and residual add only reshapes and a constant factor are allowed;
 * residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
   token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
-  found the same way.
+  found the same way; two such branches reading one stream and summed before the residual add (a shared expert
+  beside routed experts) are one MLP.
 """
 
 from __future__ import annotations
