@@ -26,6 +26,11 @@ class HeadProbe:
         with torch.no_grad():
             return sub(*inputs, *[self.facts.values[e] for e in extra])
 
+    def _probe_output(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
+                      probe: torch.Tensor) -> Any:
+        """``sub`` on the clean projection outputs with output ``i`` replaced by ``probe``."""
+        return self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
+
     def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
         """Assign every projection output feature to (role, head) with NaN probes.
 
@@ -41,7 +46,7 @@ class HeadProbe:
         for i, y in enumerate(clean):
             width = y.shape[-1]
             positions = y.numel() // width
-            per_position = self._per_position(sub, extra, clean, i, positions)
+            per_position = self._per_position(sub, extra, clean, i, [self.facts.values[a] for a in args])
             per_probe = positions if per_position else 1  # features one probe tests
             for first in range(0, width, per_probe):
                 features = list(range(first, min(first + per_probe, width)))
@@ -68,21 +73,23 @@ class HeadProbe:
                  per_position: bool) -> list[list[list[bool]]]:
         """For each attention input, which heads the probe's NaNs reach: per position ([positions][heads]) or, for a
         single probed feature, over all positions ([1][heads])."""
-        results = self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
+        results = self._probe_output(sub, extra, clean, i, probe)
         reached = []
         for r in results:
             nan = torch.isnan(r).any(-1)  # [batch, heads, seq]
             reached.append((nan.permute(0, 2, 1).flatten(0, 1) if per_position else nan.any(-1).any(0, keepdim=True)).tolist())
         return reached
 
-    def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, positions: int) -> bool:
+    def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
+                      attention_inputs: list[torch.Tensor]) -> bool:
         """Whether a NaN at one position of projection output ``i`` ([batch, seq, width] flattened row-major) reaches the
         attention inputs ([batch, heads, seq, dim]) at that same (batch, seq) position and nowhere else. Checked with
         probes that poison every position whose index has bit k equal to v, for every bit k and both values v: a
         NaN that moved to another position differs from it in some bit and shows up where it must not. An attention
-        input with no NaN at all does not read output ``i`` (separate query, key and value projections)."""
-        results = self._probe(sub, extra, clean)
-        if any(r.dim() != 4 or r.shape[0] * r.shape[2] != positions for r in results):
+        input with no NaN at all does not read output ``i`` (separate query, key and value projections).
+        ``attention_inputs`` are the recorded values of the attention inputs: their shapes say whether to check."""
+        positions = clean[i].numel() // clean[i].shape[-1]
+        if any(r.dim() != 4 or r.shape[0] * r.shape[2] != positions for r in attention_inputs):
             return False
         index = torch.arange(positions, device=clean[i].device)
         for bit in range(max(1, (positions - 1).bit_length())):
@@ -92,7 +99,7 @@ class HeadProbe:
                     continue
                 probe = clean[i].clone()
                 probe.view(positions, -1)[poisoned] = float("nan")
-                for r in self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)]):
+                for r in self._probe_output(sub, extra, clean, i, probe):
                     nan = torch.isnan(r).any(-1).any(1).flatten()  # [batch * seq], row-major like the probe
                     if nan.any() and not torch.equal(nan, poisoned):  # no NaN at all: this input does not read output i
                         return False
