@@ -39,6 +39,10 @@ SUPPORTED = {
     "bloom (ALiBi, attention on [batch * heads, ...])": ("BloomConfig", "BloomForCausalLM",
                                                         dict(vocab_size=64, hidden_size=32, n_head=4, n_layer=2,
                                                              bos_token_id=0, eos_token_id=0, pad_token_id=0), 4, True),
+    "gpt_oss (attention sinks, sliding window, experts)": (
+        "GptOssConfig", "GptOssForCausalLM",
+        dict(COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+             layer_types=["sliding_attention", "full_attention"], sliding_window=4), 2, True),
     "cohere (parallel)": ("CohereConfig", "CohereForCausalLM", dict(COMMON, num_key_value_heads=2), 2, False),
 }
 
@@ -97,7 +101,8 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("gptj (eager attention, shared norm)", 0.003),
                                                ("falcon (multi-query, parallel)", 0.003),
                                                ("qwen2_moe (shared expert beside routed experts)", 0.003),
-                                               ("bloom (ALiBi, attention on [batch * heads, ...])", 1e-4)])
+                                               ("bloom (ALiBi, attention on [batch * heads, ...])", 1e-4),
+                                               ("gpt_oss (attention sinks, sliding window, experts)", 0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 

@@ -45,9 +45,9 @@ class AttentionMatcher:
         return calls
 
     def _eager_attention(self, softmax: fx.Node) -> AttentionCall | None:
-        scores = self.facts.single_activation_input(softmax)
+        scores = self._scores_input(softmax)
         while scores is not None and scores.target not in PRODUCT_FACTORS:
-            scores = self.facts.single_activation_input(scores)
+            scores = self._scores_input(scores)
         factors = None if scores is None else self._factors(scores)
         if factors is None:
             return None
@@ -65,6 +65,23 @@ class AttentionMatcher:
                 return None
             probs = user
         return None
+
+    def _scores_input(self, node: fx.Node) -> fx.Node | None:
+        """The one token-dependent input ``node`` computes the scores from, or None. Inputs that are themselves
+        computed from another input alone, such as ``x - x.max()`` (GPT-OSS writes out the stable softmax around
+        its attention sinks), do not count as a second input."""
+        inputs = [p for p in input_nodes(node) if p in self.facts.activations]
+        if len(inputs) == 1:
+            return inputs[0]
+        if not inputs:
+            return None
+        first, derived = inputs[0], inputs[1:]
+        for other in derived:
+            while other is not None and other is not first:
+                other = self.facts.single_activation_input(other)
+            if other is None:
+                return None
+        return first
 
     def _factors(self, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """The two token-dependent factors of a matrix product, or None."""
