@@ -115,3 +115,15 @@ def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     assert len(expected) > 1, "the reference circuit is trivial: pick a threshold that keeps a few edges"
     circuit = pahq_fx.discover(model, task, threshold=threshold, precision="fp32", progress=False, compile=False)
     assert circuit.edge_set() == expected
+
+
+@pytest.mark.parametrize(
+    ("config_class", "model_class", "config"),
+    [("OPTConfig", "OPTForCausalLM", dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, ffn_dim=64,
+                                           max_position_embeddings=32, word_embed_proj_dim=16, do_layer_norm_before=False)),
+     ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=32))],
+)
+def test_post_layer_norm_is_rejected_clearly(config_class, model_class, config):
+    model = build(config_class, model_class, config)
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="not carried on by an addition.*post-layer-norm"):
+        pahq_fx.transform(model, low_precision="fp32", compile=False)

@@ -17,7 +17,7 @@ What is recognised (see README, "What the pass recognises"):
   family; between output projection and residual add only reshapes and a constant factor are allowed;
 * residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
   token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
-  found the same way; two such branches reading one stream and summed before the residual add (a shared expert
+  found the same way and must also flow on by addition (post-layer-norm blocks are refused); two such branches reading one stream and summed before the residual add (a shared expert
   beside routed experts) are one MLP.
 """
 
@@ -112,7 +112,9 @@ def _find_mlps(
                 known.add(part)
                 stop.add(part)
                 mlp_contributions.append(part)
-                mlp_reads[part] = residual.stream_shaped(residual.find_read(part, f"MLP output {part.name}"))
+                read_of_part = residual.find_read(part, f"MLP output {part.name}")
+                _check_carried_on(read_of_part, part)
+                mlp_reads[part] = residual.stream_shaped(read_of_part)
                 pending.append(mlp_reads[part])
         leaves[read] = parts
     mlps: list[MLPSite] = []
@@ -131,6 +133,18 @@ def _find_mlps(
             return _FoundMLPs(mlps, leaves, stop, join)
         mlps.append(MLPSite(layer=layer, read=read, contribution=c))
     return _FoundMLPs(mlps, leaves, stop)
+
+
+def _check_carried_on(read: fx.Node, part: fx.Node) -> None:
+    """A residual sum must flow on by addition. Where all of it flows into the one contribution read from it (a
+    norm of the sum, as in post-layer-norm blocks), later layers read a transform of the stream, not a sum."""
+    inside = ancestors([part]) | {part}
+    if all(u in inside for u in read.users):
+        raise UnsupportedArchitectureError(
+            f"the residual stream at {read.name} is not carried on by an addition: all of it flows into {part.name} "
+            f"({part.target}), which later layers read instead. Blocks that normalise the residual sum after each add "
+            "(post-layer-norm, as in BERT, GPT-1 or OPT-350m) make per-component contributions non-additive; not supported"
+        )
 
 
 def _sum_of(facts: GraphFacts, residual: ResidualStream, a: fx.Node, b: fx.Node, stop: set[fx.Node]) -> fx.Node | None:
