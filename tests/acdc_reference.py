@@ -20,7 +20,10 @@ from pahq_fx.split import StepKind
 
 class ReferenceACDC:
     def __init__(self, model, clean, corrupted, mask, precision="fp32"):
-        self.gm = lower_precision(split_heads(trace(model, clean[:2])), precision)
+        traced = trace(model, clean[:2])
+        if not traced.meta["dynamic_shapes"]:  # a model that traces with static shapes only runs at the traced shape
+            traced = trace(model, clean)
+        self.gm = lower_precision(split_heads(traced), precision)
         self.hg = self.gm.meta["head_graph"]
         self.structure = self.gm.meta["structure"]
         self.mask = mask
