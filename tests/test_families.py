@@ -127,3 +127,18 @@ def test_post_layer_norm_is_rejected_clearly(config_class, model_class, config):
     model = build(config_class, model_class, config)
     with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="not carried on by an addition.*post-layer-norm"):
         pahq_fx.transform(model, low_precision="fp32", compile=False)
+
+
+def test_discovery_on_a_model_that_traces_with_static_shapes_only():
+    """``discover`` traces such a model at the task's own shape (four prompts here, not the two it probes with)."""
+    from tests.acdc_reference import ReferenceACDC
+
+    model = build("MptConfig", "MptForCausalLM", dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2,
+                                                       max_seq_len=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    generator = torch.Generator().manual_seed(2)
+    task = pahq_fx.Task(torch.randint(0, 64, (4, 6), generator=generator), torch.randint(0, 64, (4, 6), generator=generator))
+    assert not pahq_fx.passes.trace(model, task.clean_input_ids[:2]).meta["dynamic_shapes"]
+    expected, _ = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask).run(0.003)
+    assert len(expected) > 1
+    circuit = pahq_fx.discover(model, task, threshold=0.003, precision="fp32", progress=False, compile=False)
+    assert circuit.edge_set() == expected
