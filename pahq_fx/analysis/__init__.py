@@ -17,8 +17,8 @@ What is recognised (see README, "What the pass recognises"):
   family; between output projection and residual add only reshapes and a constant factor are allowed;
 * residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
   token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
-  found the same way and must also flow on by addition (post-layer-norm blocks are refused); two such branches reading one stream and summed before the residual add (a shared expert
-  beside routed experts) are one MLP.
+  found the same way and must flow on by addition too (post-layer-norm blocks are refused); two such branches
+  reading one stream and summed before the residual add (a shared expert beside routed experts) are one MLP.
 """
 
 from __future__ import annotations

@@ -71,17 +71,13 @@ class AttentionMatcher:
         computed from another input alone, such as ``x - x.max()`` (GPT-OSS writes out the stable softmax around
         its attention sinks), do not count as a second input."""
         inputs = [p for p in input_nodes(node) if p in self.facts.activations]
-        if len(inputs) == 1:
-            return inputs[0]
-        if not inputs:
-            return None
-        first, derived = inputs[0], inputs[1:]
-        for other in derived:
-            while other is not None and other is not first:
-                other = self.facts.single_activation_input(other)
-            if other is None:
-                return None
-        return first
+        return next((x for x in inputs if all(self._derived_from(o, x) for o in inputs if o is not x)), None)
+
+    def _derived_from(self, node: fx.Node | None, source: fx.Node) -> bool:
+        """Whether ``node`` is computed from ``source`` alone, through ops with one token-dependent input."""
+        while node is not None and node is not source:
+            node = self.facts.single_activation_input(node)
+        return node is source
 
     def _factors(self, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """The two token-dependent factors of a matrix product, or None."""
