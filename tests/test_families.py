@@ -142,3 +142,13 @@ def test_discovery_on_a_model_that_traces_with_static_shapes_only():
     assert len(expected) > 1
     circuit = pahq_fx.discover(model, task, threshold=0.003, precision="fp32", progress=False, compile=False)
     assert circuit.edge_set() == expected
+
+
+def test_multi_head_latent_attention_is_rejected_clearly():
+    """DeepSeek-V3's keys and values are projected from a normed low-rank projection of the stream, not from it."""
+    model = build("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                  dict(COMMON, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                       qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8))
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"read 2 different inputs \(.* reads .*latent attention"):
+        pahq_fx.transform(model, low_precision="fp32", compile=False)

@@ -146,10 +146,14 @@ class AttentionMatcher:
         projections = self._projections(attention)
         if not projections:
             raise UnsupportedArchitectureError(f"attention call {attention.name}: no query/key/value projection found")
-        normed = {first_with_shape(p.input, self.facts.values, self.facts.lead, up=True) for p in projections}
+        reads = {p.node.name: first_with_shape(p.input, self.facts.values, self.facts.lead, up=True) for p in projections}
+        normed = set(reads.values())
         if len(normed) != 1:
+            which = ", ".join(f"{name} reads {node.name}" for name, node in reads.items())
             raise UnsupportedArchitectureError(
-                f"attention call {attention.name}: its projections read {len(normed)} different inputs; one shared input is required"
+                f"attention call {attention.name}: its projections read {len(normed)} different inputs ({which}); one "
+                "shared input is required (a projection of a projection, such as multi-head latent attention's "
+                "compressed keys and values, is not supported)"
             )
         normed_node = normed.pop()
         outputs = [first_with_shape(p.node, self.facts.values, self.facts.lead, up=False) for p in projections]
