@@ -192,9 +192,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="for the explicit-precision configs ('auto' always uses discover's defaults)")
     parser.add_argument("--peer", choices=(PEER,), help="add auto-circuit's ACDC (needs benchmarks/peer/setup.sh)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "acdc.json"))
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/acdc_MODEL.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"acdc_{args.model.replace(':', '_')}.json")
     if args.one:
         run_one(args)
         return
