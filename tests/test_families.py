@@ -3,6 +3,8 @@
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pahq_fx
 
@@ -152,3 +154,24 @@ def test_multi_head_latent_attention_is_rejected_clearly():
                        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8))
     with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"read 2 different inputs \(.* reads .*latent attention"):
         pahq_fx.transform(model, low_precision="fp32", compile=False)
+
+
+@settings(max_examples=6, deadline=None)
+@given(heads=st.sampled_from([2, 4]), data=st.data(), head_dim=st.sampled_from([4, 8]), window=st.integers(1, 8),
+       batch=st.integers(1, 3), seq=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_attention_sinks_split_exactly_for_random_configurations(heads, data, head_dim, window, batch, seq, seed):
+    """GPT-OSS's eager attention (sinks concatenated to the scores, their maximum subtracted before the softmax)
+    is found and split exactly, whatever the head count, grouping, window and layer schedule."""
+    kv_heads = data.draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
+    layer_types = data.draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=1, max_size=2))
+    config = dict(COMMON, hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=head_dim, num_hidden_layers=len(layer_types), layer_types=layer_types, sliding_window=window,
+                  num_local_experts=2, num_experts_per_tok=1)
+    model = build("GptOssConfig", "GptOssForCausalLM", config)
+    ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    head = (data.draw(st.integers(0, len(layer_types) - 1)), data.draw(st.integers(0, heads - 1)))
+    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, low_precision="fp32", compile=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
+    assert (transformed.head_graph.layers[0].n_heads, transformed.head_graph.layers[0].n_kv_groups) == (heads, kv_heads)
