@@ -31,7 +31,8 @@ class AttentionMatcher:
 
     def find_attention(self) -> list[AttentionCall]:
         """SDPA calls, and eager attention: ``matmul(q, k^T)`` -> ops with constants (or the scores' own maximum)
-        -> softmax -> ``matmul(p, v)`` (or their ``bmm`` / ``baddbmm`` forms over [batch * heads, ...], read through their [batch, heads, ...] views)."""
+        -> softmax -> ``matmul(p, v)`` (or their ``bmm`` / ``baddbmm`` forms over [batch * heads, ...], read
+        through their [batch, heads, ...] views)."""
         calls = []
         for node in self.facts.gm.graph.nodes:
             if node.op != "call_function":
