@@ -52,18 +52,39 @@ def load_model(spec: str):
     return GPT2LMHeadModel(config).eval(), tokenizer
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, model: str, n: int) -> None:
+    """The arguments every benchmark here shares: the model, its task, and where the JSON goes."""
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--task", default="induction")
+    parser.add_argument("--half", type=int, default=0, help="induction: length of the repeated half")
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/BENCHMARK_MODEL.json)")
+
+
+def results_path(args: argparse.Namespace, benchmark: str) -> str:
+    return args.out or str(ROOT / "benchmarks" / "results" / f"{benchmark}_{args.model.replace(':', '_')}.json")
+
+
+def load_model_and_task(args: argparse.Namespace):
+    """(model, task) of ``add_model_arguments``'s arguments, seeded."""
+    import torch
+
+    from pahq_fx.tasks import make_task
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    options = {"half": args.half} if args.half else {}
+    return model, make_task(args.task, tokenizer, n=args.n, seed=0, **options)
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration, in this process; prints and returns its measurements."""
     import torch
 
     import pahq_fx
     from pahq_fx.acdc.run_info import eager_forward_seconds, peak_memory_mb
-    from pahq_fx.tasks import make_task
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    options = {"half": args.half} if args.half else {}
-    task = make_task(args.task, tokenizer, n=args.n, seed=0, **options)
+    model, task = load_model_and_task(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     task = pahq_fx.Task(*(t.to(device) if t is not None else None for t in (task.clean_input_ids, task.corrupted_input_ids,
@@ -182,20 +203,16 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2-induction")
-    parser.add_argument("--task", default="induction")
-    parser.add_argument("--half", type=int, default=0, help="induction: length of the repeated half")
+    add_model_arguments(parser, model="gpt2-induction", n=16)
     parser.add_argument("--threshold", type=float, default=0.05)
-    parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="for the explicit-precision configs ('auto' always uses discover's defaults)")
     parser.add_argument("--peer", choices=(PEER,), help="add auto-circuit's ACDC (needs benchmarks/peer/setup.sh)")
-    parser.add_argument("--out", help="JSON path (default: benchmarks/results/acdc_MODEL.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"acdc_{args.model.replace(':', '_')}.json")
+    args.out = results_path(args, "acdc")
     if args.one:
         run_one(args)
         return

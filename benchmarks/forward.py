@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from acdc import load_model  # the benchmarks share one model loader
+from acdc import add_model_arguments, load_model_and_task, results_path  # shared by the benchmarks
 
 
 def _seconds(fn) -> float:
@@ -57,20 +57,13 @@ def measure(model, ids: torch.Tensor, fmt: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2-induction-8h")
-    parser.add_argument("--task", default="induction")
-    parser.add_argument("--half", type=int, default=0, help="induction: length of the repeated half")
-    parser.add_argument("--n", type=int, default=48)
+    add_model_arguments(parser, model="gpt2-induction-8h", n=48)
     parser.add_argument("--formats", default="fp32,bf16,fp8")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forward.json"))
     args = parser.parse_args()
+    args.out = results_path(args, "forward")
 
-    from pahq_fx.tasks import make_task
-
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    task = make_task(args.task, tokenizer, n=args.n, seed=0, **({"half": args.half} if args.half else {}))
+    model, task = load_model_and_task(args)
     ids = task.clean_input_ids
     rows = [measure(model, ids, fmt, args.repeats) for fmt in args.formats.split(",")]
     print(f"model {args.model}, batch {tuple(ids.shape)}, eager, CPU threads {torch.get_num_threads()}")
