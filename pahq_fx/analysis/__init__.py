@@ -4,8 +4,8 @@ What is recognised (see README, "What the pass recognises"):
 
 * an attention site is an ``aten.scaled_dot_product_attention`` call, or eager attention:
   ``matmul(q, k^T)`` -> ops with constants (scale, mask, sinks; the scores' own maximum may be subtracted) ->
-  softmax -> ``matmul(p, v)`` over [batch, heads, ...], or ``bmm`` / ``baddbmm`` (an ALiBi bias) over [batch * heads, ...], read at the [batch, heads, seq, dim] tensors
-  the factors are regrouped from;
+  softmax -> ``matmul(p, v)`` over [batch, heads, ...], or ``bmm`` / ``baddbmm`` (an ALiBi bias) over
+  [batch * heads, ...], read at the [batch, heads, seq, dim] tensors the factors are regrouped from;
 * its projections are the linear ops (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul`` with a
   constant weight) reached by walking back from the query, key and value; they must all read one input;
 * the *read* of a component (its residual-stream input) is the nearest dominator of its input that is a
