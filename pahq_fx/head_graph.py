@@ -1,8 +1,9 @@
 """The documented description of a split model: layers, heads, key/value groups, MLPs, canonical names.
 
 This is what later work (ACDC, the CLI's ``inspect``) drives; it holds no tensors and no graph nodes.
-Canonical names follow ``docs/acdc.md``: senders ``embed``, ``a{L}.h{H}``, ``m{L}``; receivers
-``a{L}.h{H}.q``, ``a{L}.h{H}.k|v`` (``a{L}.g{G}.k|v`` under grouped-query attention), ``m{L}``, ``resid_post``.
+Canonical names follow ``docs/acdc.md``: senders ``embed``, ``a{L}.h{H}``, ``a{L}.out``, ``m{L}``; receivers
+``a{L}.h{H}.q``, ``a{L}.h{H}.k|v`` (``a{L}.g{G}.k|v`` under grouped-query attention), ``a{L}.out``, ``m{L}``,
+``resid_post``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from .names import Role
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One attention layer and the MLP that follows it (if any)."""
+    """One attention layer, its post-attention norm (if any) and the MLP that follows it (if any).
+
+    With a post-attention norm (Gemma 2, OLMo 2) the heads' outputs are summed and normalised before the
+    residual add, so the heads send only to the norm node ``a{L}.out``, and it sends to the residual stream."""
 
     index: int
     n_heads: int
@@ -24,6 +28,7 @@ class LayerInfo:
     has_mlp: bool
     attention_reads: tuple[str, ...]
     mlp_reads: tuple[str, ...]
+    has_output_norm: bool = False
 
     @property
     def grouped(self) -> bool:
@@ -47,6 +52,10 @@ class LayerInfo:
     def mlp_name(self) -> str:
         return names.mlp(self.index)
 
+    @property
+    def output_norm_name(self) -> str:
+        return names.attention_output(self.index)
+
 
 @dataclass(frozen=True)
 class HeadGraph:
@@ -65,6 +74,8 @@ class HeadGraph:
         out = [names.EMBED]
         for layer in self.layers:
             out += [layer.head_name(h) for h in range(layer.n_heads)]
+            if layer.has_output_norm:
+                out.append(layer.output_norm_name)
             if layer.has_mlp:
                 out.append(layer.mlp_name)
         return out
@@ -76,6 +87,8 @@ class HeadGraph:
             out += [layer.query_name(h) for h in range(layer.n_heads)]
             out += [layer.kv_name(g, Role.KEY) for g in range(layer.n_kv_groups)]
             out += [layer.kv_name(g, Role.VALUE) for g in range(layer.n_kv_groups)]
+            if layer.has_output_norm:
+                out.append(layer.output_norm_name)
             if layer.has_mlp:
                 out.append(layer.mlp_name)
         return out + [names.RESID_POST]
@@ -84,8 +97,9 @@ class HeadGraph:
         lines = [f"{self.n_layers} attention layers, d_model={self.d_model}"]
         for layer in self.layers:
             gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
+            norm = f"; heads summed and normed in {layer.output_norm_name}" if layer.has_output_norm else ""
             mlp = f"; MLP {layer.mlp_name} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
-            lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{mlp}")
+            lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}")
         lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")
         lines.append(f"  {len(self.senders())} senders, {len(self.receivers())} receivers")
         return "\n".join(lines)

@@ -1,10 +1,11 @@
 """The canonical node names of the per-head graph (docs/acdc.md), built and parsed in one place.
 
-Senders: ``embed``, ``a{L}.h{H}`` (a head's output), ``m{L}`` (an MLP's output); ``a{L}.g{G}`` is the node of a
-key/value group. Receivers: ``a{L}.h{H}.q``,
-``a{L}.h{H}.k`` / ``.v`` (``a{L}.g{G}.k`` / ``.v`` for a key/value group under grouped-query attention), ``m{L}``
-(an MLP's input) and ``resid_post``. Residual contributions, which steps of the split model write, are
-``embed``, ``a{L}`` and ``m{L}``.
+Senders: ``embed``, ``a{L}.h{H}`` (a head's output), ``a{L}.out`` (a post-attention norm's output), ``m{L}``
+(an MLP's output); ``a{L}.g{G}`` is the node of a key/value group. Receivers: ``a{L}.h{H}.q``,
+``a{L}.h{H}.k`` / ``.v`` (``a{L}.g{G}.k`` / ``.v`` for a key/value group under grouped-query attention),
+``a{L}.out`` (a post-attention norm's input: the sum of its layer's heads), ``m{L}`` (an MLP's input) and
+``resid_post``. The contributions that steps of the split model write are ``embed``, ``a{L}``, ``a{L}.out`` and
+``m{L}``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class NodeKind(enum.Enum):
     EMBED = "embed"
     HEAD = "head"
     KV_GROUP = "key/value group"
+    ATTENTION_OUTPUT = "attention output norm"
     MLP = "mlp"
     RESID_POST = "resid_post"
 
@@ -38,6 +40,12 @@ class NodeKind(enum.Enum):
 def attention(layer: int) -> str:
     """The contribution of attention layer ``layer`` (all its heads): ``a{L}``."""
     return f"a{layer}"
+
+
+def attention_output(layer: int) -> str:
+    """The post-attention norm of layer ``layer`` (Gemma 2, OLMo 2): it reads the sum of the layer's heads and
+    writes the residual stream, so its heads reach later layers only through it."""
+    return f"a{layer}.out"
 
 
 def mlp(layer: int) -> str:
@@ -75,22 +83,28 @@ class Name:
             return kv_group(self.layer, self.index)
         if self.kind is NodeKind.MLP:
             return mlp(self.layer)
+        if self.kind is NodeKind.ATTENTION_OUTPUT:
+            return attention_output(self.layer)
         return EMBED if self.kind is NodeKind.EMBED else RESID_POST
 
 
-_PATTERN = re.compile(r"^(?:(embed|resid_post)|m(\d+)|a(\d+)\.([hg])(\d+)(?:\.([qkv]))?)$")
+_PATTERN = re.compile(r"^(?:(embed|resid_post)|m(\d+)|a(\d+)\.out|a(\d+)\.([hg])(\d+)(?:\.([qkv]))?)$")
 
 
 def parse(name: str) -> Name:
     """Parse a canonical name; anything else is a ``ValueError`` naming it."""
     match = _PATTERN.match(name)
     if match is None:
-        raise ValueError(f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, m{{L}}, resid_post)")
-    special, mlp_layer, layer, unit, index, role = match.groups()
+        raise ValueError(
+            f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, a{{L}}.out, m{{L}}, resid_post)"
+        )
+    special, mlp_layer, output_layer, layer, unit, index, role = match.groups()
     if special:
         return Name(NodeKind.EMBED if special == EMBED else NodeKind.RESID_POST)
     if mlp_layer is not None:
         return Name(NodeKind.MLP, int(mlp_layer))
+    if output_layer is not None:
+        return Name(NodeKind.ATTENTION_OUTPUT, int(output_layer))
     kind = NodeKind.HEAD if unit == "h" else NodeKind.KV_GROUP
     if kind is NodeKind.KV_GROUP and role == "q":
         raise ValueError(f"{name!r}: a key/value group has no query input (only .k and .v)")
@@ -98,5 +112,5 @@ def parse(name: str) -> Name:
 
 
 def node_of(receiver: str) -> str:
-    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``m1`` and ``resid_post`` unchanged."""
+    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``a1.out``, ``m1`` and ``resid_post`` unchanged."""
     return parse(receiver).node

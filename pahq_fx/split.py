@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from . import graph_meta, names
-from .analysis import AttentionSite, ModelLayout, analyse
+from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
 from .head_graph import HeadGraph, LayerInfo
@@ -170,6 +170,7 @@ class StepKind(enum.Enum):
     """What a step of the split model runs."""
 
     ATTENTION = "attention"
+    OUTPUT_NORM = "attention output norm"  # reads its layer's heads' sum, writes the residual stream
     MLP = "mlp"
 
 
@@ -178,9 +179,14 @@ class Step:
     """One component of the residual stream, in execution order."""
 
     kind: StepKind
-    name: str  # contribution name: a{L} or m{L}
+    name: str  # contribution name: a{L}, a{L}.out or m{L}
     reads: tuple[str, ...]
     aux: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        """The attribute of the split GraphModule that runs this step (module names cannot hold dots)."""
+        return self.name.replace(".", "_")
 
 
 class OutputHome(enum.Enum):
@@ -246,7 +252,7 @@ class PerHeadModel(nn.Module):
         with_extras = {o.component for o in self.outputs if o.home is OutputHome.ATTENTION}
         for step in self.steps:
             read = functools.reduce(operator.add, [stream[r] for r in step.reads])
-            block = getattr(self, step.name)
+            block = getattr(self, step.module)
             args = [aux[i] for i in step.aux]
             if step.kind is StepKind.ATTENTION and step.name in with_extras:
                 result = block.from_stream(read, *args, extra_outputs=True)
@@ -359,6 +365,7 @@ class _Builder:
 def _contribution_names(layout: ModelLayout) -> dict[fx.Node, str]:
     out = {layout.embed: names.EMBED}
     out.update({s.contribution: names.attention(s.layer) for s in layout.sites})
+    out.update({s.output_norm: names.attention_output(s.layer) for s in layout.sites if s.output_norm is not None})
     out.update({m.contribution: names.mlp(m.layer) for m in layout.mlps})
     return out
 
@@ -469,18 +476,22 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     blocks: dict[str, nn.Module] = {}
     steps: list[Step] = []
     components = [(s.contribution, s) for s in layout.sites] + [(m.contribution, m) for m in layout.mlps]
+    components += [(s.output_norm, s) for s in layout.sites if s.output_norm is not None]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for contribution, site in sorted(components, key=lambda c: order[c[0]]):
         name = contribution_names[contribution]
-        if isinstance(site, AttentionSite):
-            blocks[name], aux = builder.attention(site, core_extras[site.layer])
-            kind = StepKind.ATTENTION
+        if isinstance(site, AttentionSite) and contribution is site.contribution:
+            block, aux = builder.attention(site, core_extras[site.layer])
+            kind, read = StepKind.ATTENTION, site.read
         else:
-            mlp, aux = builder.component(builder.between([site.read], contribution), [site.read], contribution, f"MLP_{name}")
-            same_shape = layout.values[contribution].shape == layout.values[site.read].shape
-            blocks[name] = mlp if same_shape else StreamShaped(mlp)
-            kind = StepKind.MLP
-        steps.append(Step(kind, name, tuple(contribution_names[l] for l in layout.leaves[site.read]), aux))
+            # An MLP reads the residual stream; a post-attention norm reads its block's output (the heads' sum).
+            kind, read = (StepKind.MLP, site.read) if isinstance(site, MLPSite) else (StepKind.OUTPUT_NORM, site.contribution)
+            prefix = "MLP" if kind is StepKind.MLP else "OutputNorm"
+            component, aux = builder.component(builder.between([read], contribution), [read], contribution, f"{prefix}_{name.replace('.', '_')}")
+            block = component if layout.values[contribution].shape == layout.values[read].shape else StreamShaped(component)
+        step = Step(kind, name, tuple(contribution_names[l] for l in layout.leaves[read]), aux)
+        blocks[step.module] = block
+        steps.append(step)
     unembed_nodes = builder.between([layout.final_read], layout.logits).union(
         *(builder.between([layout.final_read], e) for e in unembed_extras)
     )
@@ -515,6 +526,7 @@ def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, 
                 n_kv_groups=site.n_kv_groups,
                 kv_group_of_head=site.kv_group_of_head,
                 has_mlp=mlp in reads,
+                has_output_norm=site.output_norm is not None,
                 attention_reads=reads[names.attention(site.layer)],
                 mlp_reads=reads.get(mlp, ()),
             )

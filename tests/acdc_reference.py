@@ -18,6 +18,11 @@ from pahq_fx.precision import FullPrecisionUnits, all_heads_fp32, set_plan
 from pahq_fx.split import StepKind
 
 
+def _is_attention(contribution):
+    """``a{L}``, an attention layer's heads (not its post-attention norm ``a{L}.out``)."""
+    return contribution.startswith("a") and contribution[1:].isdigit()
+
+
 class ReferenceACDC:
     def __init__(self, model, clean, corrupted, mask, precision="fp32"):
         traced = trace(model, clean[:2])
@@ -45,9 +50,8 @@ class ReferenceACDC:
         return self._kl(logits), outputs
 
     def components(self, name):
-        if name == "embed":
-            return ["embed"]
-        if name.startswith("a"):
+        """The senders a contribution sums: an attention layer's heads; any other contribution is one sender."""
+        if _is_attention(name):
             layer = self.hg.layers[int(name[1:])]
             return [layer.head_name(h) for h in range(layer.n_heads)]
         return [name]
@@ -55,14 +59,15 @@ class ReferenceACDC:
     def senders_of(self, reads):
         order = ["embed"]
         for layer in self.hg.layers:
-            order += [layer.head_name(h) for h in range(layer.n_heads)] + ([layer.mlp_name] if layer.has_mlp else [])
+            order += [layer.head_name(h) for h in range(layer.n_heads)]
+            order += ([layer.output_norm_name] if layer.has_output_norm else []) + ([layer.mlp_name] if layer.has_mlp else [])
         upstream = {s for c in reads for s in self.components(c)}
         return [s for s in reversed(order) if s in upstream]
 
     def receiver_input(self, receiver, reads, outputs, removed, corrupt):
         total = 0
         for component in reads:
-            if component.startswith("a"):
+            if _is_attention(component):
                 bias = getattr(self.gm, component).o_bias
                 total = total + (0 if bias is None else bias)
             for sender in self.components(component):
@@ -76,7 +81,7 @@ class ReferenceACDC:
         aux = out[1:]
         outputs = {"embed": out[0]}
         for k, step in enumerate(self.structure.steps):
-            block = getattr(self.gm, step.name)
+            block = getattr(self.gm, step.name.replace(".", "_"))
             args = [aux[i] for i in step.aux]
             if k < start:
                 outputs.update({name: self.clean_outputs[name] for name in self.components(step.name)})
@@ -109,6 +114,9 @@ class ReferenceACDC:
             steps = {s.name: s for s in self.structure.steps}
             if layer.has_mlp:
                 out.append((layer.mlp_name, self.senders_of(steps[layer.mlp_name].reads), [layer.mlp_name]))
+            if layer.has_output_norm:
+                name = layer.output_norm_name
+                out.append((name, self.senders_of(steps[name].reads), [name]))
             senders = self.senders_of(steps[f"a{layer.index}"].reads)
             for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):

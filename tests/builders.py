@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -18,7 +20,7 @@ from transformers import (
 )
 
 FAMILIES = ("gpt2", "neox", "llama")
-RUNTIME_FAMILIES = FAMILIES + ("opt",)
+RUNTIME_FAMILIES = FAMILIES + ("opt", "gemma2")  # Gemma 2: post-attention norms, so heads send to a{L}.out
 VOCAB = 40
 MAX_POS = 16
 
@@ -62,6 +64,12 @@ def build(spec: Spec) -> torch.nn.Module:
                            vocab_size=VOCAB, max_position_embeddings=MAX_POS, word_embed_proj_dim=d, bos_token_id=0,
                            eos_token_id=0, pad_token_id=0)
         model = OPTForCausalLM(config)
+    elif spec.family == "gemma2":
+        config = Gemma2Config(num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                              num_key_value_heads=spec.kv_heads, hidden_size=d, intermediate_size=2 * d,
+                              vocab_size=VOCAB, max_position_embeddings=MAX_POS, head_dim=spec.head_dim,
+                              sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = Gemma2ForCausalLM(config)
     else:
         raise ValueError(spec.family)
     with torch.no_grad():
@@ -76,7 +84,7 @@ def specs(draw, families: tuple[str, ...] = FAMILIES) -> Spec:
     family = draw(st.sampled_from(families))
     heads = draw(st.sampled_from([1, 2, 4]))
     kv_heads = heads
-    if family == "llama":
+    if family in ("llama", "gemma2"):
         kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     return Spec(
         family=family,

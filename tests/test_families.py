@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
+from pahq_fx import names
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
               max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -46,6 +47,12 @@ SUPPORTED = {
         dict(COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
              layer_types=["sliding_attention", "full_attention"], sliding_window=4), 2, True),
     "cohere (parallel)": ("CohereConfig", "CohereForCausalLM", dict(COMMON, num_key_value_heads=2), 2, False),
+    "gemma2 (post-attention norm, soft-capping)": ("Gemma2Config", "Gemma2ForCausalLM",
+                                                   dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4), 2, True),
+    "gemma3 (post-attention norm, q/k norm)": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+        2, True),
 }
 
 
@@ -70,19 +77,20 @@ def test_family_splits_exactly(name):
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
     layer = transformed.head_graph.layers[0]
     assert (layer.n_heads, layer.n_kv_groups) == (4, groups)
-    assert ("a0" in layer.mlp_reads) is sequential
+    assert bool({names.attention(0), names.attention_output(0)} & set(layer.mlp_reads)) is sequential
+    assert layer.has_output_norm is ("post-attention norm" in name)
     fp8 = pahq_fx.transform(model, head=(1, 1), low_precision="fp8", compile=False)
     assert torch.isfinite(fp8(ids)).all()
 
 
 @pytest.mark.parametrize(
     ("config_class", "model_class", "config"),
-    [("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, num_key_value_heads=2, head_dim=8)),
-     ("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=2))],
+    [("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=2)),
+     ("OlmoeConfig", "OlmoeForCausalLM", dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))],
 )
-def test_post_attention_norm_is_rejected_clearly(config_class, model_class, config):
+def test_norm_over_all_heads_queries_is_rejected_clearly(config_class, model_class, config):
     model = build(config_class, model_class, config)
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="not an addition.*post-attention norms"):
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="mixes heads.*norm over all heads' queries"):
         pahq_fx.transform(model, low_precision="fp32", compile=False)
 
 
@@ -104,7 +112,8 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("falcon (multi-query, parallel)", 0.003),
                                                ("qwen2_moe (shared expert beside routed experts)", 0.003),
                                                ("bloom (ALiBi, attention on [batch * heads, ...])", 1e-4),
-                                               ("gpt_oss (attention sinks, sliding window, experts)", 0.003)])
+                                               ("gpt_oss (attention sinks, sliding window, experts)", 0.003),
+                                               ("gemma2 (post-attention norm, soft-capping)", 0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 
@@ -175,3 +184,29 @@ def test_attention_sinks_split_exactly_for_random_configurations(heads, data, he
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
     assert (transformed.head_graph.layers[0].n_heads, transformed.head_graph.layers[0].n_kv_groups) == (heads, kv_heads)
+
+
+@settings(max_examples=6, deadline=None)
+@given(family=st.sampled_from([("Gemma2Config", "Gemma2ForCausalLM"), ("Gemma3TextConfig", "Gemma3ForCausalLM")]),
+       heads=st.sampled_from([1, 2, 4]), data=st.data(), head_dim=st.sampled_from([4, 8]), layers=st.integers(1, 3),
+       window=st.integers(1, 8), batch=st.integers(1, 3), seq=st.integers(2, 10), seed=st.integers(0, 2**16))
+def test_post_attention_norms_split_exactly_for_random_configurations(family, heads, data, head_dim, layers, window, batch, seq,
+                                                                      seed):
+    """Gemma 2 and 3 normalise the sum of a layer's heads before the residual add: the split finds the norm as a
+    component of its own (a{L}.out), reproduces the logits, and heads send to their norm alone."""
+    kv_heads = data.draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
+    config = dict(COMMON, hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=head_dim, num_hidden_layers=layers, sliding_window=window)
+    model = build(*family, config)
+    ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    head = (data.draw(st.integers(0, layers - 1)), data.draw(st.integers(0, heads - 1)))
+    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, low_precision="fp32", compile=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
+    graph = pahq_fx.acdc.EdgeGraph(transformed.head_graph)
+    for layer in transformed.head_graph.layers:
+        assert layer.has_output_norm
+        for h in range(heads):
+            sender = graph.sender_index[layer.head_name(h)]
+            assert [r.name for r in graph.receivers if sender in r.senders] == [layer.output_norm_name]

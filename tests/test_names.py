@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pahq_fx import names
-from pahq_fx.acdc import EdgeGraph
+from pahq_fx.acdc import EdgeGraph, ReceiverKind
 from pahq_fx.head_graph import HeadGraph, LayerInfo
 from pahq_fx.names import NodeKind, Role
 
@@ -23,14 +23,18 @@ def test_built_names_parse_back(layer, index, role):
         group = names.parse(names.attention_input(names.kv_group(layer, index), role))
         assert (group.kind, group.index, group.role, group.node) == (NodeKind.KV_GROUP, index, role, names.kv_group(layer, index))
     assert names.parse(names.mlp(layer)) == names.Name(NodeKind.MLP, layer)
+    norm = names.parse(names.attention_output(layer))
+    assert (norm, norm.node) == (names.Name(NodeKind.ATTENTION_OUTPUT, layer), names.attention_output(layer))
 
 
-@given(n_layers=st.integers(1, 4), heads_and_groups=st.sampled_from([(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)]))
-def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups):
+@given(n_layers=st.integers(1, 4), heads_and_groups=st.sampled_from([(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)]),
+       output_norm=st.booleans())
+def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups, output_norm):
     n_heads, n_groups = heads_and_groups
+    attention = names.attention_output if output_norm else names.attention
     layers = tuple(
         LayerInfo(l, n_heads, n_groups, tuple(h * n_groups // n_heads for h in range(n_heads)), True,
-                  (names.EMBED,), (names.EMBED, names.attention(l)))
+                  (names.EMBED,), (names.EMBED, attention(l)), has_output_norm=output_norm)
         for l in range(n_layers)
     )
     graph = EdgeGraph(HeadGraph(layers, (names.EMBED,), 16))
@@ -42,9 +46,14 @@ def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups)
             assert parsed.kind is expected and parsed.index == receiver.unit
     for sender in graph.senders:
         assert names.parse(sender.name).node == sender.name
+    if output_norm:  # heads send only to their layer's norm, which sends on
+        norm = graph.receivers[graph.receiver_index[names.attention_output(0)]]
+        assert [graph.senders[s].name for s in norm.senders] == [names.head(0, h) for h in reversed(range(n_heads))]
+        heads = {graph.sender_index[names.head(l, h)] for l in range(n_layers) for h in range(n_heads)}
+        assert all(r.kind is ReceiverKind.OUTPUT_NORM for r in graph.receivers if heads & set(r.senders))
 
 
-@pytest.mark.parametrize("bad", ["a1", "a1.h2.x", "a1.g0.q", "a1.g", "m", "resid", "a1.h2.q.k", "A1.h2"])
+@pytest.mark.parametrize("bad", ["a1", "a1.out.q", "a.out", "a1.h2.x", "a1.g0.q", "a1.g", "m", "resid", "a1.h2.q.k", "A1.h2"])
 def test_other_strings_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="canonical node name|no query input"):
         names.parse(bad)

@@ -129,3 +129,17 @@ def test_moving_to_another_head_recomputes_only_the_heads_whose_precision_change
     runtime.investigate(edges.receivers[rows["a1.h3.q"]])
     runtime.investigate(edges.receivers[rows["a1.h1.q"]])
     assert runtime.last_recomputed == ["a1.h1", "a1.h3", "resid_post"]  # parallel block: a1 does not feed m1
+
+
+def test_a_post_attention_norm_is_in_the_cone_of_its_heads_only():
+    """Gemma 2: a head's change reaches the residual stream through its layer's norm a{L}.out; a query into the
+    norm recomputes the norm and what it feeds, no head."""
+    runtime, _ = runtime_and_reference(Spec("gemma2", 2, 4, 2, 8), "fp32")
+    rows, edges = _rows(runtime), runtime.edges
+    runtime.investigate(edges.receivers[rows["a1.out"]])
+    runtime.try_remove(rows["a1.out"], [_sender(runtime, "a1.h1")])
+    assert runtime.last_recomputed == ["a1.out", "m1", "resid_post"]
+    runtime.rollback()
+    runtime.investigate(edges.receivers[rows["a1.h2.q"]])
+    runtime.try_remove(rows["a1.h2.q"], [_sender(runtime, "a0.out")])
+    assert runtime.last_recomputed == ["a1.h2", "a1.out", "m1", "resid_post"]

@@ -55,7 +55,8 @@ class Circuit:
     groups: dict[str, list[str]] = field(default_factory=dict)  # key/value group node -> the heads it feeds (GQA)
     precision_note: str = ""  # why this precision (the device's choice under precision="auto")
     task_check: dict[str, Any] = field(default_factory=dict)  # metric clean / all patched, accuracy, problems found
-    # Per attention layer: {"heads": n, "kv_groups": g, "mlp": bool}, so a drawing can show the whole model.
+    # Per attention layer: {"heads": n, "kv_groups": g, "mlp": bool, "output_norm": bool}, so a drawing can show the
+    # whole model.
     architecture: tuple[dict[str, Any], ...] = ()
     # The circuit alone (every other edge patched, all heads FP32) next to the full and the empty model, measured on
     # the run's own runtime after the search (discover(faithfulness=True), sweeps; not part of the run's timings).
@@ -119,7 +120,8 @@ class Circuit:
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fillcolor=white];']
         for node in self.nodes:
             kind = parse(node).kind
-            colour = "lightyellow" if kind is NodeKind.MLP else "lightgrey" if kind in (NodeKind.EMBED, NodeKind.RESID_POST) else "lightblue"
+            colour = {NodeKind.MLP: "lightyellow", NodeKind.ATTENTION_OUTPUT: "lavender", NodeKind.EMBED: "lightgrey",
+                      NodeKind.RESID_POST: "lightgrey"}.get(kind, "lightblue")
             lines.append(f'  "{node}" [fillcolor={colour}];')
         used = set(self.nodes)
         for group, heads in sorted(self.groups.items()):

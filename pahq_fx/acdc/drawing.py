@@ -1,7 +1,7 @@
 """A layered picture of a circuit with matplotlib: no Graphviz binary, which a ``pip install`` user does not have.
 
-Rows are the residual stream's order: ``embed`` at the bottom, each layer's heads, then its MLP, ``resid_post`` at
-the top. Every head of the model is drawn (faint when the circuit does not use it); under grouped-query attention a
+Rows are the residual stream's order: ``embed`` at the bottom, each layer's heads, then its post-attention norm
+(if any) and its MLP, ``resid_post`` at the top. Every head of the model is drawn (faint when the circuit does not use it); under grouped-query attention a
 bracket below the heads shows each key/value group. An edge ends at the receiver's query, key or value input
 (left, middle, right of the head, or at the group's bracket), coloured by that role; its width grows with the
 measured effect (the metric's increase when the edge was patched).
@@ -32,6 +32,7 @@ class _Layer:
     heads: int
     kv_groups: int
     mlp: bool
+    output_norm: bool = False
 
     def group_of(self, head: int) -> int:
         return head * self.kv_groups // self.heads
@@ -40,29 +41,30 @@ class _Layer:
 def _architecture(circuit: Circuit) -> list[_Layer]:
     """The model's layers as the circuit recorded them; for older circuit files, what the edge names show."""
     if circuit.architecture:
-        return [_Layer(int(a["heads"]), int(a["kv_groups"]), bool(a["mlp"])) for a in circuit.architecture]
+        return [_Layer(int(a["heads"]), int(a["kv_groups"]), bool(a["mlp"]), bool(a.get("output_norm", False)))
+                for a in circuit.architecture]
     layers: dict[int, dict[str, int]] = {}
     for edge in (*circuit.edges, *circuit.removed):
         for name in (edge.sender, edge.receiver):
             parsed = names.parse(name)
             if parsed.layer is None:
                 continue
-            layer = layers.setdefault(parsed.layer, {"heads": 0, "groups": 0, "mlp": 0})
+            layer = layers.setdefault(parsed.layer, {"heads": 0, "groups": 0, "mlp": 0, "output_norm": 0})
             if parsed.kind is NodeKind.HEAD:
                 layer["heads"] = max(layer["heads"], parsed.index + 1)
             elif parsed.kind is NodeKind.KV_GROUP:
                 layer["groups"] = max(layer["groups"], parsed.index + 1)
             else:
-                layer["mlp"] = 1
+                layer["output_norm" if parsed.kind is NodeKind.ATTENTION_OUTPUT else "mlp"] = 1
     for group, heads in circuit.groups.items():
-        layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "mlp": 0})
+        layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "mlp": 0, "output_norm": 0})
         layer["heads"] = max([layer["heads"], *(names.parse(h).index + 1 for h in heads)])
     n = max(layers, default=-1) + 1
     out = []
     for index in range(n):
-        layer = layers.get(index, {"heads": 1, "groups": 0, "mlp": 0})
+        layer = layers.get(index, {"heads": 1, "groups": 0, "mlp": 0, "output_norm": 0})
         heads = max(layer["heads"], 1)
-        out.append(_Layer(heads, layer["groups"] or heads, bool(layer["mlp"])))
+        out.append(_Layer(heads, layer["groups"] or heads, bool(layer["mlp"]), bool(layer["output_norm"])))
     return out
 
 
@@ -78,7 +80,7 @@ class _Positions:
             return 0.0
         if kind is NodeKind.RESID_POST:
             return 2.0 * len(self.layers) + 1
-        return 2.0 * layer + (2 if kind is NodeKind.MLP else 1)
+        return 2.0 * layer + {NodeKind.MLP: 2.0, NodeKind.ATTENTION_OUTPUT: 1.5}.get(kind, 1.0)
 
     def head_x(self, layer: int, head: int) -> float:
         """Heads of a layer spread evenly over the width, whatever their number."""
@@ -156,6 +158,9 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
                           linewidth=1.0, zorder=2)
                 axes.text((left + right) / 2, gy + 0.075, group, fontsize=6, ha="center", va="center",
                           color="#333333" if strong else "#aaaaaa")
+        if layer.output_norm:
+            name = names.attention_output(index)
+            box(at.centre(), at.row(NodeKind.ATTENTION_OUTPUT, index), name, USED if name in used else UNUSED, name in used, width=0.9)
         if layer.mlp:
             name = names.mlp(index)
             box(at.centre(), at.row(NodeKind.MLP, index), name, MLP_COLOUR if name in used else UNUSED, name in used, width=1.0)
@@ -171,7 +176,7 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
                                        linewidth=0.6 + 3.4 * math.sqrt(strength), alpha=0.45 + 0.5 * strength,
                                        connectionstyle=f"arc3,rad={bend}", zorder=1))
     legend = [Line2D([0], [0], color=ROLE_COLOURS[r], linewidth=2, label=f"to {r.name.lower()}") for r in Role]
-    legend.append(Line2D([0], [0], color=ROLE_COLOURS[None], linewidth=2, label="to MLP / resid_post"))
+    legend.append(Line2D([0], [0], color=ROLE_COLOURS[None], linewidth=2, label="to norm / MLP / resid_post"))
     axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
                 title=f"width: effect (max {largest:.3g})", title_fontsize=7)
     axes.set_xlim(-1.6, at.width + 0.2)

@@ -1,8 +1,8 @@
 """The ACDC graph over a split model: senders, receivers, edges, and the deterministic visiting order.
 
 Order (documented in docs/acdc.md): receivers from the output backwards -- ``resid_post``,
-then for each layer from last to first: its MLP, then its value inputs, key inputs and query inputs, each
-from the last head (or key/value group) to the first. Within a receiver, senders from the nearest upstream
+then for each layer from last to first: its MLP, its post-attention norm, then its value inputs, key inputs and
+query inputs, each from the last head (or key/value group) to the first. Within a receiver, senders from the nearest upstream
 to the embedding.
 """
 
@@ -20,6 +20,7 @@ class ReceiverKind(enum.Enum):
     """What a receiver is; an attention input's query/key/value role is :attr:`Receiver.role`."""
 
     ATTENTION_INPUT = "attention input"
+    OUTPUT_NORM = "attention output norm"
     MLP = "mlp"
     RESID_POST = "resid_post"
 
@@ -28,7 +29,7 @@ class ReceiverKind(enum.Enum):
 class Sender:
     name: str
     index: int
-    component: str  # the residual contribution it belongs to: embed, a{L}, m{L}
+    component: str  # the contribution it belongs to: embed, a{L} (heads), a{L}.out, m{L}
     head: int | None = None
 
 
@@ -63,6 +64,8 @@ class EdgeGraph:
         for layer in head_graph.layers:
             for h in range(layer.n_heads):
                 self._add_sender(layer.head_name(h), names.attention(layer.index), h)
+            if layer.has_output_norm:
+                self._add_sender(layer.output_norm_name, layer.output_norm_name)
             if layer.has_mlp:
                 self._add_sender(layer.mlp_name, layer.mlp_name)
         self.sender_index = {s.name: s.index for s in self.senders}
@@ -86,6 +89,9 @@ class EdgeGraph:
         for layer in reversed(hg.layers):
             if layer.has_mlp:
                 out.append(Receiver(layer.mlp_name, ReceiverKind.MLP, layer.index, None, self.senders_of(layer.mlp_reads)))
+            if layer.has_output_norm:
+                heads = self.senders_of((names.attention(layer.index),))
+                out.append(Receiver(layer.output_norm_name, ReceiverKind.OUTPUT_NORM, layer.index, None, heads))
             senders = self.senders_of(layer.attention_reads)
             for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):
@@ -98,10 +104,11 @@ class EdgeGraph:
         return [Edge(self.senders[s].name, r.name) for r in self.receivers for s in r.senders]
 
     def feeding_senders(self, receiver: Receiver) -> tuple[int, ...]:
-        """The senders whose output is this receiver's node (a head, a group's heads, an MLP); none for resid_post."""
+        """The senders whose output is this receiver's node (a head, a group's heads, a norm, an MLP); none for
+        resid_post."""
         if receiver.kind is ReceiverKind.RESID_POST:
             return ()
-        if receiver.kind is ReceiverKind.MLP:
+        if not receiver.is_attention_input:
             return (self.sender_index[receiver.name],)
         layer = self.head_graph.layers[receiver.layer]
         if receiver.role is Role.QUERY:

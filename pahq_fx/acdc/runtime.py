@@ -96,7 +96,7 @@ class PatchingRuntime:
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)
-        self._layouts = {k: _AttentionLayout(getattr(graph, s.name)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
+        self._layouts = {k: _AttentionLayout(getattr(graph, s.module)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
         self.device = task.clean_input_ids.device
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
@@ -119,7 +119,7 @@ class PatchingRuntime:
             for s in r.senders:
                 self.kept_out[s].add(row)
         self.active_from = len(self.steps)
-        self.rows_only: set[int] = set()  # MLP steps whose state is kept at the final read's rows only
+        self.rows_only: set[int] = set()  # MLP and norm steps whose state is kept at the final read's rows only
         self.plan: dict[int, FullPrecisionUnits] = {}
         self.outputs = list(self.clean)
         self.inputs: list[torch.Tensor | None] = [None] * len(edges.receivers)
@@ -139,7 +139,7 @@ class PatchingRuntime:
                 self.final_row = row
                 self.row_step.append(len(self.steps))
                 continue
-            k = step_index[r.name if r.kind is ReceiverKind.MLP else names.attention(r.layer)]
+            k = step_index[names.attention(r.layer) if r.is_attention_input else r.name]
             self.row_step.append(k)
             units = self.step_rows[k].setdefault(r.role or r.kind, [])
             unit = 0 if r.unit is None else r.unit
@@ -172,11 +172,11 @@ class PatchingRuntime:
         return 0.0 if self.counter is None else self.counter.seconds
 
     def _kernels(self, compile: bool) -> tuple[dict[int, Callable], dict[int, Callable], Callable]:
-        """MLPs and attention cores by step, and the final read + metric: eager, or compiled once per component
-        structure with weights as inputs (every layer's MLP shares one graph). Per-head projections and norms
-        stay eager: their shapes change with the number of heads a query reaches."""
-        mlps = {k: getattr(self.graph, s.name) for k, s in enumerate(self.steps) if s.kind is StepKind.MLP}
-        cores = {k: getattr(self.graph, s.name).core for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
+        """MLPs and post-attention norms, attention cores by step, and the final read + metric: eager, or compiled
+        once per component structure with weights as inputs (every layer's MLP shares one graph). Per-head
+        projections and norms stay eager: their shapes change with the number of heads a query reaches."""
+        mlps = {k: getattr(self.graph, s.module) for k, s in enumerate(self.steps) if s.kind is not StepKind.ATTENTION}
+        cores = {k: getattr(self.graph, s.module).core for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
         if not compile:
             return mlps, cores, self._final_metric
         inner = [m.component if isinstance(m, StreamShaped) else m for m in mlps.values()]
@@ -206,8 +206,8 @@ class PatchingRuntime:
         self._final_clean = self._rows(clean_final)
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
         self._rows_prelude_aux = self._aux_for_rows(task)
-        self._token_wise_mlps = {k for k, step in enumerate(self.steps)
-                                 if step.kind is StepKind.MLP and token_wise and self._token_wise_mlp(k)}
+        self._token_wise_components = {k for k, step in enumerate(self.steps)
+                                 if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
@@ -221,7 +221,7 @@ class PatchingRuntime:
         for k, step in enumerate(self.steps):
             read = sum(totals[c] for c in step.reads)
             reads.append(read)
-            block = getattr(self.graph, step.name)
+            block = getattr(self.graph, step.module)
             if step.kind is StepKind.ATTENTION:
                 heads = block.from_stream(read, *self._aux(step.aux))
                 outputs.extend(heads.unbind(2))
@@ -257,8 +257,8 @@ class PatchingRuntime:
     def _row_aux(self, k: int) -> list[torch.Tensor]:
         return [self._rows_prelude_aux[i] for i in self.steps[k].aux]
 
-    def _token_wise_mlp(self, k: int) -> bool:
-        """Whether step k's MLP acts per token, so that it can run on the final read's rows alone."""
+    def _token_wise_component(self, k: int) -> bool:
+        """Whether step k's MLP or norm acts per token, so that it can run on the final read's rows alone."""
         if self._rows_prelude_aux is None:
             return False
         x = self.clean_reads[k]
@@ -266,7 +266,7 @@ class PatchingRuntime:
             rows = self._components[k](self._rows(x).unsqueeze(1), *self._row_aux(k)).squeeze(1)
         except RuntimeError:
             return False
-        full = self.clean[self.step_senders[k][0]]  # the MLP's clean output, computed from this same read
+        full = self.clean[self.step_senders[k][0]]  # its clean output, computed from this same read
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
             torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5))
 
@@ -423,15 +423,15 @@ class PatchingRuntime:
         return self._as_read_by(row, self.corrupt_minus_clean[sender] + self.clean[sender] - self.outputs[sender], sender)
 
     def _update_rows_only(self) -> None:
-        """Move MLPs whose kept edges all go to the final read or to row-only MLPs to row-only state (for good:
-        kept edges only ever disappear). Their other rows are never read again."""
+        """Move MLPs and norms whose kept edges all go to the final read or to row-only ones to row-only state (for
+        good: kept edges only ever disappear). Their other rows are never read again."""
         for k in reversed(range(self.active_from, len(self.steps))):
-            if k in self.rows_only or k not in self._token_wise_mlps:
+            if k in self.rows_only or k not in self._token_wise_components:
                 continue
             sender = self.step_senders[k][0]
             if all(self._reads_rows(r) for r in self.kept_out[sender]):
                 self.rows_only.add(k)
-                row = self.step_rows[k][ReceiverKind.MLP][0]
+                row = next(iter(self.step_rows[k].values()))[0]  # the component's one receiver
                 self.inputs[row] = self._rows(self.inputs[row])
                 self.outputs[sender] = self._rows(self.outputs[sender])
 
@@ -549,7 +549,7 @@ class PatchingRuntime:
                    old_units: FullPrecisionUnits | None, activating: bool, pending: _Pending) -> dict[int, torch.Tensor]:
         """Recompute the projections of attention step k that new inputs or a precision change reach (all of them
         when the step starts running), and the outputs of the heads whose value can differ from the state's."""
-        block: AttentionBlock = getattr(self.graph, self.steps[k].name)
+        block: AttentionBlock = getattr(self.graph, self.steps[k].module)
         layout = self._layouts[k]
         rows = self.step_rows[k]
         dirty: dict[Role, set[int]] = {role: set() for role in ROLES}

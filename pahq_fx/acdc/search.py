@@ -221,7 +221,8 @@ def search(
         groups=_kv_groups(edges),
         precision_note=session.precision_note,
         task_check=session.task_check.to_json(),
-        architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp}
+        architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp,
+                            "output_norm": layer.has_output_norm}
                            for layer in edges.head_graph.layers),
     )
 

@@ -62,6 +62,9 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
         if s.read is not embed and s.read not in leaves:
             leaves[s.read] = residual.decompose(s.read, stop)
     leaves[embed] = [embed]
+    for s in sites:
+        if s.output_norm is not None:  # a post-attention norm reads the block output alone
+            leaves[s.contribution] = [s.contribution]
     return ModelLayout(
         values=facts.values,
         lead=facts.lead,
@@ -94,7 +97,7 @@ def _find_mlps(
     expert adds both branches before the residual add), they are one MLP: ``join`` is the node that sums them,
     for the caller to keep whole (in ``stop``) and search again."""
     embed = sites[0].read
-    known = {embed} | {s.contribution for s in sites}
+    known = {embed} | {s.residual_contribution for s in sites}
     stop = known | joins  # where decomposing a read ends: known components, and sums kept whole
     leaves: dict[fx.Node, list[fx.Node]] = {}
     mlp_contributions: list[fx.Node] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import first_with_shape, input_nodes
+from ..graph_utils import ancestors, descendants, first_with_shape, input_nodes
 from .graph_facts import GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, aten
 from .probes import HeadProbe
@@ -161,7 +161,7 @@ class AttentionMatcher:
         read = self.residual.find_read(normed_node, f"attention call {attention.name}", itself=True)
         out_linear = self._output_linear(attention)
         z = first_with_shape(out_linear.input, self.facts.values, self.facts.lead, up=True)
-        contribution, scale = self._contribution(attention, out_linear)
+        contribution, scale, output_norm = self._contribution(attention, out_linear)
         role_features, group_of_head = self.probe.role_features(attention, outputs)
         return AttentionSite(
             layer=layer,
@@ -177,12 +177,14 @@ class AttentionMatcher:
             role_features=role_features,
             z_features=self.probe.z_features(attention, z),
             kv_group_of_head=group_of_head,
+            output_norm=output_norm,
         )
 
-    def _contribution(self, attention: AttentionCall, out_linear: Linear) -> tuple[fx.Node, float]:
-        """The node the attention block adds to the residual stream, and a constant factor applied on the way
-        (Granite's residual multiplier). Anything else between output projection and residual add (a norm of the
-        attention output, as in Gemma 2 or OLMo 2) makes per-head contributions non-additive: rejected."""
+    def _contribution(self, attention: AttentionCall, out_linear: Linear) -> tuple[fx.Node, float, fx.Node | None]:
+        """The attention block's output (the sum of its heads), a constant factor applied on the way (Granite's
+        residual multiplier), and the post-attention norm's output where the block output is normalised before
+        the residual add (Gemma 2, OLMo 2; else None). Anything else between output projection and residual add
+        makes per-head contributions non-additive: rejected."""
         node = first_with_shape(out_linear.node, self.facts.values, self.facts.lead, up=False)
         scale = 1.0
         while not any(self.facts.is_residual_add(u) for u in node.users):
@@ -193,9 +195,40 @@ class AttentionMatcher:
                 scale = scale * other if user.target is aten.mul.Tensor else scale / other
                 node = user
                 continue
+            norm = self._output_norm(node)
+            if norm is not None:
+                return node, scale, norm
             via = ", ".join(f"{u.target} ({u.name})" for u in users) or "nothing"
             raise UnsupportedArchitectureError(
-                f"attention call {attention.name}: its output reaches the residual stream through {via}, not an "
-                "addition; per-head contributions would not be additive (post-attention norms are not supported)"
+                f"attention call {attention.name}: its output reaches the residual stream through {via}, neither an "
+                "addition nor a function of the attention output alone (a post-attention norm); per-head "
+                "contributions would not be additive"
             )
-        return node, scale
+        return node, scale, None
+
+    def _output_norm(self, block_output: fx.Node) -> fx.Node | None:
+        """The node that a function of ``block_output`` alone (a post-attention norm) adds to the residual stream,
+        or None. Every node between them must read only ``block_output``, each other and constants, and all of
+        ``block_output`` must flow into them: then the norm is a component of its own, reading the heads' sum."""
+        after = descendants([block_output])
+        shape = self.facts.values[block_output].shape
+        for node in sorted(after, key=self.facts.order.__getitem__):
+            if not any(self._adds_to_stream(u, node, after) for u in node.users):
+                continue
+            region = after & (ancestors([node]) | {node})
+            inside = region | {block_output}
+            if self.facts.values[node].shape != shape or not all(
+                p in inside for n in region for p in input_nodes(n) if p in self.facts.activations
+            ):
+                return None
+            if any(u not in inside for n in inside - {node} for u in n.users):
+                return None
+            return node
+        return None
+
+    def _adds_to_stream(self, add: fx.Node, node: fx.Node, after: set[fx.Node]) -> bool:
+        """Whether ``add`` is a residual add of ``node`` and a stream that does not come from the block output."""
+        if not self.facts.is_residual_add(add):
+            return False
+        others = [a for a in add.args[:2] if a is not node]
+        return len(others) == 1 and others[0] not in after

@@ -59,6 +59,12 @@ class AttentionSite:
     role_features: dict[Role, list[list[int]]]
     z_features: list[list[int]]
     kv_group_of_head: tuple[int, ...]
+    output_norm: fx.Node | None = None  # a post-attention norm's output: what the block adds to the residual stream
+
+    @property
+    def residual_contribution(self) -> fx.Node:
+        """What the block adds to the residual stream: its output, or its post-attention norm's output."""
+        return self.contribution if self.output_norm is None else self.output_norm
 
     @property
     def n_heads(self) -> int:

@@ -109,7 +109,11 @@ class HeadProbe:
         query: list[list[int]] = [[] for _ in range(n_heads)]
         for f, heads in hits[Role.QUERY].items():
             if len(heads) != 1:
-                raise UnsupportedArchitectureError(f"attention call {attention.name}: query feature {f} mixes heads {sorted(heads)}")
+                raise UnsupportedArchitectureError(
+                    f"attention call {attention.name}: query feature {f} mixes heads {sorted(heads)}: something between the "
+                    "projection and the attention combines heads (a norm over all heads' queries, as in OLMo 2 and "
+                    "OLMoE), so a head's query is not a function of its own input; not supported"
+                )
             query[heads.pop()].append(f)
         per_role: dict[Role, dict[frozenset[int], list[int]]] = {Role.KEY: {}, Role.VALUE: {}}
         for role in (Role.KEY, Role.VALUE):
