@@ -146,7 +146,9 @@ def _check_carried_on(read: fx.Node, part: fx.Node) -> None:
         raise UnsupportedArchitectureError(
             f"the residual stream at {read.name} is not carried on by an addition: all of it flows into {part.name} "
             f"({part.target}), which later layers read instead. Blocks that normalise the residual sum after each add "
-            "(post-layer-norm, as in BERT, GPT-1 or OPT-350m) make per-component contributions non-additive; not supported"
+            "(post-layer-norm, as in BERT, GPT-1 or OPT-350m) make per-component contributions non-additive; not supported. "
+            "(A sum inside an MLP that is normalised before the residual add, such as shared and routed experts under "
+            "a post-MLP norm in AFMoE, reads the same to this check and is not supported either.)"
         )
 
 
