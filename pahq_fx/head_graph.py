@@ -19,7 +19,9 @@ class LayerInfo:
     """One attention layer, its post-attention norm (if any) and the MLP that follows it (if any).
 
     With a post-attention norm (Gemma 2, OLMo 2) the heads' outputs are summed and normalised before the
-    residual add, so the heads send only to the norm node ``a{L}.out``, and it sends to the residual stream."""
+    residual add, so the heads send only to the norm node ``a{L}.out``, and it sends to the residual stream.
+    ``coupled_roles`` are the attention inputs normalised across heads (OLMo 2's query and key norms): a change
+    of one head's (or group's) input there changes every head of the layer."""
 
     index: int
     n_heads: int
@@ -29,11 +31,20 @@ class LayerInfo:
     attention_reads: tuple[str, ...]
     mlp_reads: tuple[str, ...]
     has_output_norm: bool = False
+    coupled_roles: frozenset[Role] = frozenset()
 
     @property
     def grouped(self) -> bool:
         """Whether key/value inputs belong to groups shared by several query heads."""
         return self.n_kv_groups != self.n_heads
+
+    def heads_fed_by(self, role: Role, unit: int) -> list[int]:
+        """The heads whose output the ``role`` input of ``unit`` (a head, or a key/value group) changes."""
+        if role in self.coupled_roles:
+            return list(range(self.n_heads))
+        if role is Role.QUERY:
+            return [unit]
+        return [h for h in range(self.n_heads) if self.kv_group_of_head[h] == unit]
 
     def head_name(self, head: int) -> str:
         return names.head(self.index, head)
@@ -98,6 +109,8 @@ class HeadGraph:
         for layer in self.layers:
             gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
             norm = f"; heads summed and normed in {layer.output_norm_name}" if layer.has_output_norm else ""
+            if layer.coupled_roles:
+                norm = f"; {'/'.join(r.name.lower() for r in Role if r in layer.coupled_roles)} normed across heads" + norm
             mlp = f"; MLP {layer.mlp_name} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
             lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}")
         lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")

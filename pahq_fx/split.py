@@ -527,6 +527,7 @@ def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, 
                 kv_group_of_head=site.kv_group_of_head,
                 has_mlp=mlp in reads,
                 has_output_norm=site.output_norm is not None,
+                coupled_roles=site.coupled_roles,
                 attention_reads=reads[names.attention(site.layer)],
                 mlp_reads=reads.get(mlp, ()),
             )

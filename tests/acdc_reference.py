@@ -118,12 +118,13 @@ class ReferenceACDC:
                 name = layer.output_norm_name
                 out.append((name, self.senders_of(steps[name].reads), [name]))
             senders = self.senders_of(steps[f"a{layer.index}"].reads)
+            every_head = [layer.head_name(h) for h in range(layer.n_heads)]
             for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):
                     heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
-                    out.append((layer.kv_name(g, role), senders, heads))
+                    out.append((layer.kv_name(g, role), senders, every_head if role in layer.coupled_roles else heads))
             for h in reversed(range(layer.n_heads)):
-                out.append((layer.query_name(h), senders, [layer.head_name(h)]))
+                out.append((layer.query_name(h), senders, every_head if Role.QUERY in layer.coupled_roles else [layer.head_name(h)]))
         return out
 
     def run(self, threshold):

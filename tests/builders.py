@@ -15,12 +15,15 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     OPTConfig,
     OPTForCausalLM,
 )
 
 FAMILIES = ("gpt2", "neox", "llama")
-RUNTIME_FAMILIES = FAMILIES + ("opt", "gemma2")  # Gemma 2: post-attention norms, so heads send to a{L}.out
+# Gemma 2: post-attention norms, so heads send to a{L}.out; OLMo 2 also norms queries and keys across heads.
+RUNTIME_FAMILIES = FAMILIES + ("opt", "gemma2", "olmo2")
 VOCAB = 40
 MAX_POS = 16
 
@@ -70,6 +73,12 @@ def build(spec: Spec) -> torch.nn.Module:
                               vocab_size=VOCAB, max_position_embeddings=MAX_POS, head_dim=spec.head_dim,
                               sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = Gemma2ForCausalLM(config)
+    elif spec.family == "olmo2":
+        config = Olmo2Config(num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                             num_key_value_heads=spec.kv_heads, hidden_size=d, intermediate_size=2 * d,
+                             vocab_size=VOCAB, max_position_embeddings=MAX_POS, bos_token_id=0, eos_token_id=0,
+                             pad_token_id=0)
+        model = Olmo2ForCausalLM(config)
     else:
         raise ValueError(spec.family)
     with torch.no_grad():
@@ -84,7 +93,7 @@ def specs(draw, families: tuple[str, ...] = FAMILIES) -> Spec:
     family = draw(st.sampled_from(families))
     heads = draw(st.sampled_from([1, 2, 4]))
     kv_heads = heads
-    if family in ("llama", "gemma2"):
+    if family in ("llama", "gemma2", "olmo2"):
         kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     return Spec(
         family=family,

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import pahq_fx
 from pahq_fx import names
+from pahq_fx.names import Role
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
               max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -53,6 +54,10 @@ SUPPORTED = {
         "Gemma3TextConfig", "Gemma3ForCausalLM",
         dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
         2, True),
+    "olmo2 (post-attention norm, q/k norm across heads)": ("Olmo2Config", "Olmo2ForCausalLM",
+                                                           dict(COMMON, num_key_value_heads=2), 2, True),
+    "olmoe (q/k norm across heads, experts)": ("OlmoeConfig", "OlmoeForCausalLM",
+                                               dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2), 2, True),
 }
 
 
@@ -79,19 +84,9 @@ def test_family_splits_exactly(name):
     assert (layer.n_heads, layer.n_kv_groups) == (4, groups)
     assert bool({names.attention(0), names.attention_output(0)} & set(layer.mlp_reads)) is sequential
     assert layer.has_output_norm is ("post-attention norm" in name)
+    assert layer.coupled_roles == ({Role.QUERY, Role.KEY} if "across heads" in name else set())
     fp8 = pahq_fx.transform(model, head=(1, 1), low_precision="fp8", compile=False)
     assert torch.isfinite(fp8(ids)).all()
-
-
-@pytest.mark.parametrize(
-    ("config_class", "model_class", "config"),
-    [("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=2)),
-     ("OlmoeConfig", "OlmoeForCausalLM", dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))],
-)
-def test_norm_over_all_heads_queries_is_rejected_clearly(config_class, model_class, config):
-    model = build(config_class, model_class, config)
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="mixes heads.*norm over all heads' queries"):
-        pahq_fx.transform(model, low_precision="fp32", compile=False)
 
 
 def test_static_trace_rejects_other_shapes_clearly():
@@ -113,7 +108,8 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("qwen2_moe (shared expert beside routed experts)", 0.003),
                                                ("bloom (ALiBi, attention on [batch * heads, ...])", 1e-4),
                                                ("gpt_oss (attention sinks, sliding window, experts)", 0.003),
-                                               ("gemma2 (post-attention norm, soft-capping)", 0.003)])
+                                               ("gemma2 (post-attention norm, soft-capping)", 0.003),
+                                               ("olmo2 (post-attention norm, q/k norm across heads)", 0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 
@@ -187,13 +183,15 @@ def test_attention_sinks_split_exactly_for_random_configurations(heads, data, he
 
 
 @settings(max_examples=6, deadline=None)
-@given(family=st.sampled_from([("Gemma2Config", "Gemma2ForCausalLM"), ("Gemma3TextConfig", "Gemma3ForCausalLM")]),
+@given(family=st.sampled_from([("Gemma2Config", "Gemma2ForCausalLM"), ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                               ("Olmo2Config", "Olmo2ForCausalLM")]),
        heads=st.sampled_from([1, 2, 4]), data=st.data(), head_dim=st.sampled_from([4, 8]), layers=st.integers(1, 3),
        window=st.integers(1, 8), batch=st.integers(1, 3), seq=st.integers(2, 10), seed=st.integers(0, 2**16))
 def test_post_attention_norms_split_exactly_for_random_configurations(family, heads, data, head_dim, layers, window, batch, seq,
                                                                       seed):
-    """Gemma 2 and 3 normalise the sum of a layer's heads before the residual add: the split finds the norm as a
-    component of its own (a{L}.out), reproduces the logits, and heads send to their norm alone."""
+    """Gemma 2 and 3 and OLMo 2 normalise the sum of a layer's heads before the residual add: the split finds the
+    norm as a component of its own (a{L}.out), reproduces the logits, and heads send to their norm alone. OLMo 2
+    also normalises queries and keys across heads: those inputs feed every head of their layer."""
     kv_heads = data.draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     config = dict(COMMON, hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   head_dim=head_dim, num_hidden_layers=layers, sliding_window=window)
@@ -207,6 +205,8 @@ def test_post_attention_norms_split_exactly_for_random_configurations(family, he
     graph = pahq_fx.acdc.EdgeGraph(transformed.head_graph)
     for layer in transformed.head_graph.layers:
         assert layer.has_output_norm
+        olmo = family[0] == "Olmo2Config"
+        assert layer.coupled_roles == {r for r, n in ((Role.QUERY, heads), (Role.KEY, kv_heads)) if olmo and n > 1}
         for h in range(heads):
             sender = graph.sender_index[layer.head_name(h)]
             assert [r.name for r in graph.receivers if sender in r.senders] == [layer.output_norm_name]

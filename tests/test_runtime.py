@@ -143,3 +143,12 @@ def test_a_post_attention_norm_is_in_the_cone_of_its_heads_only():
     runtime.investigate(edges.receivers[rows["a1.h2.q"]])
     runtime.try_remove(rows["a1.h2.q"], [_sender(runtime, "a0.out")])
     assert runtime.last_recomputed == ["a1.h2", "a1.out", "m1", "resid_post"]
+
+
+def test_a_query_into_a_layer_normed_across_heads_recomputes_every_head():
+    """OLMo 2 normalises all heads' queries together: one head's query input changes every head of its layer."""
+    runtime, _ = runtime_and_reference(Spec("olmo2", 2, 4, 2, 8), "fp32")
+    rows, edges = _rows(runtime), runtime.edges
+    runtime.investigate(edges.receivers[rows["a1.h2.q"]])
+    runtime.try_remove(rows["a1.h2.q"], [_sender(runtime, "a0.out")])
+    assert runtime.last_recomputed == ["a1.h0", "a1.h1", "a1.h2", "a1.h3", "a1.out", "m1", "resid_post"]

@@ -104,15 +104,11 @@ class EdgeGraph:
         return [Edge(self.senders[s].name, r.name) for r in self.receivers for s in r.senders]
 
     def feeding_senders(self, receiver: Receiver) -> tuple[int, ...]:
-        """The senders whose output is this receiver's node (a head, a group's heads, a norm, an MLP); none for
-        resid_post."""
+        """The senders whose output is this receiver's node (a head, a group's heads, every head of the layer where
+        the input is normalised across heads, a norm, an MLP); none for resid_post."""
         if receiver.kind is ReceiverKind.RESID_POST:
             return ()
         if not receiver.is_attention_input:
             return (self.sender_index[receiver.name],)
         layer = self.head_graph.layers[receiver.layer]
-        if receiver.role is Role.QUERY:
-            heads = [receiver.unit]
-        else:
-            heads = [h for h in range(layer.n_heads) if layer.kv_group_of_head[h] == receiver.unit]
-        return tuple(self.sender_index[layer.head_name(h)] for h in heads)
+        return tuple(self.sender_index[layer.head_name(h)] for h in layer.heads_fed_by(receiver.role, receiver.unit))

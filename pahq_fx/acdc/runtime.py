@@ -79,7 +79,6 @@ class _AttentionLayout:
         }
         dz = block.z_order.numel() // self.n_heads
         self.z_features = [block.z_order[h * dz : (h + 1) * dz] for h in range(self.n_heads)]
-        self.heads_of_group = [[h for h in range(self.n_heads) if block.kv_group_of_head[h] == g] for g in range(self.n_groups)]
 
 
 class PatchingRuntime:
@@ -561,10 +560,8 @@ class PatchingRuntime:
             for group in {old_units.kv_group, units.kv_group} - {-1}:
                 dirty[Role.KEY].add(group)
                 dirty[Role.VALUE].add(group)
-        heads = set(dirty[Role.QUERY])
-        for role in (Role.KEY, Role.VALUE):
-            for g in dirty[role]:
-                heads.update(layout.heads_of_group[g])
+        layer = self.edges.head_graph.layers[block.layer]
+        heads = {h for role in ROLES for unit in dirty[role] for h in layer.heads_fed_by(role, unit)}
         if activating:
             # All projections are new to the state; FP32 heads reproduce their clean output exactly.
             dirty = {role: set(range(layout.n_heads if role is Role.QUERY else layout.n_groups)) for role in ROLES}

@@ -162,7 +162,7 @@ class AttentionMatcher:
         out_linear = self._output_linear(attention)
         z = first_with_shape(out_linear.input, self.facts.values, self.facts.lead, up=True)
         contribution, scale, output_norm = self._contribution(attention, out_linear)
-        role_features, group_of_head = self.probe.role_features(attention, outputs)
+        roles = self.probe.role_features(attention, outputs)
         return AttentionSite(
             layer=layer,
             read=read,
@@ -174,9 +174,10 @@ class AttentionMatcher:
             output_linear=out_linear,
             contribution=contribution,
             output_scale=scale,
-            role_features=role_features,
+            role_features=roles.features,
             z_features=self.probe.z_features(attention, z),
-            kv_group_of_head=group_of_head,
+            kv_group_of_head=roles.group_of_head,
+            coupled_roles=roles.coupled,
             output_norm=output_norm,
         )
 

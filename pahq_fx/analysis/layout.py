@@ -60,6 +60,7 @@ class AttentionSite:
     z_features: list[list[int]]
     kv_group_of_head: tuple[int, ...]
     output_norm: fx.Node | None = None  # a post-attention norm's output: what the block adds to the residual stream
+    coupled_roles: frozenset[Role] = frozenset()  # roles normalised across heads (OLMo 2's q/k norm)
 
     @property
     def residual_contribution(self) -> fx.Node:

@@ -1,9 +1,10 @@
 """Head layouts by NaN probes: which (role, head) each projection feature feeds, which head each output-projection
 input comes from. Pushing NaNs through the ops in between (reshapes, rotary embeddings, grouped-query repeats)
-means no layout is written per model family."""
+means no layout is written per model family; infinities find the layout under a norm over all heads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,16 @@ from ..graph_utils import ancestors, descendants, extract
 from ..names import Role
 from .graph_facts import GraphFacts
 from .layout import AttentionCall
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    """Which projection features are each head's query, key and value, the key/value group of every query head,
+    and the roles normalised across heads (a change of one head's input there reaches every head of the layer)."""
+
+    features: dict[Role, list[list[int]]]
+    group_of_head: tuple[int, ...]
+    coupled: frozenset[Role] = frozenset()
 
 
 class HeadProbe:
@@ -31,16 +42,39 @@ class HeadProbe:
         """``sub`` on the clean projection outputs with output ``i`` replaced by ``probe``."""
         return self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
 
-    def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
+    def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> RoleLayout:
         """Assign every projection output feature to (role, head) with NaN probes.
 
         Where the ops between projections and attention act position by position (checked), one probe tests one
-        feature per position at once, so a layer costs about ``width / positions`` runs instead of ``width``."""
+        feature per position at once, so a layer costs about ``width / positions`` runs instead of ``width``.
+
+        A norm over all heads' queries or keys (OLMo 2) spreads a NaN to every head through its statistic. Then
+        the probes are repeated with +inf, which such a norm keeps in place (the statistic becomes inf, every other
+        feature is scaled to 0, the probed one becomes NaN); if they give a clean layout, it is used and the roles
+        whose NaNs spread are *coupled*: a change of one head's input there changes every head of the layer."""
         args = attention.inputs
         body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
         sub, extra = extract(self.facts.gm, body, outputs, args, "ProbeProjectionToAttention")
-        clean = [self.facts.values[o].detach().clone() for o in outputs]
         n_heads, k_heads = self.facts.values[args[0]].shape[1], self.facts.values[args[1]].shape[1]
+        hits = self._hits(attention, outputs, sub, extra, float("nan"))
+        try:
+            return RoleLayout(*self._group(attention, hits, n_heads, k_heads))
+        except UnsupportedArchitectureError as nan_error:
+            kept = self._hits(attention, outputs, sub, extra, float("inf"))
+            try:
+                features, group_of_head = self._group(attention, kept, n_heads, k_heads)
+            except UnsupportedArchitectureError:
+                raise nan_error from None
+            coupled = frozenset(role for role in Role if hits[role] != kept[role])
+            if not coupled:
+                raise nan_error from None
+            return RoleLayout(features, group_of_head, coupled)
+
+    def _hits(self, attention: AttentionCall, outputs: list[fx.Node], sub: fx.GraphModule, extra: list[fx.Node],
+              poison: float) -> dict[Role, dict[int, set[int]]]:
+        """For every projection feature, its role and the heads a ``poison`` value there reaches."""
+        args = attention.inputs
+        clean = [self.facts.values[o].detach().clone() for o in outputs]
         hits: dict[Role, dict[int, set[int]]] = {r: {} for r in Role}
         offset = 0
         for i, y in enumerate(clean):
@@ -52,9 +86,9 @@ class HeadProbe:
                 features = list(range(first, min(first + per_probe, width)))
                 probe = y.clone()
                 if per_position:
-                    probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = float("nan")
+                    probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = poison
                 else:
-                    probe[..., first] = float("nan")
+                    probe[..., first] = poison
                 reached = self._reached(sub, extra, clean, i, probe, per_position)
                 for p, f in enumerate(features):
                     touched = [(role, {h for h, hit in enumerate(r[p]) if hit}) for role, r in zip(Role, reached) if any(r[p])]
@@ -67,17 +101,17 @@ class HeadProbe:
                     role, heads = touched[0]
                     hits[role][offset + f] = heads
             offset += width
-        return self._group(attention, hits, n_heads, k_heads)
+        return hits
 
     def _reached(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor,
                  per_position: bool) -> list[list[list[bool]]]:
-        """For each attention input, which heads the probe's NaNs reach: per position ([positions][heads]) or, for a
-        single probed feature, over all positions ([1][heads])."""
+        """For each attention input, which heads the probe reaches (a value that is not finite): per position
+        ([positions][heads]) or, for a single probed feature, over all positions ([1][heads])."""
         results = self._probe_output(sub, extra, clean, i, probe)
         reached = []
         for r in results:
-            nan = torch.isnan(r).any(-1)  # [batch, heads, seq]
-            reached.append((nan.permute(0, 2, 1).flatten(0, 1) if per_position else nan.any(-1).any(0, keepdim=True)).tolist())
+            poisoned = (~torch.isfinite(r)).any(-1)  # [batch, heads, seq]
+            reached.append((poisoned.permute(0, 2, 1).flatten(0, 1) if per_position else poisoned.any(-1).any(0, keepdim=True)).tolist())
         return reached
 
     def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
