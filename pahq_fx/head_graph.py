@@ -20,8 +20,8 @@ class LayerInfo:
 
     With a post-attention norm (Gemma 2, OLMo 2) the heads' outputs are summed and normalised before the
     residual add, so the heads send only to the norm node ``a{L}.out``, and it sends to the residual stream.
-    ``coupled_roles`` are the attention inputs normalised across heads (OLMo 2's query and key norms): a change
-    of one head's (or group's) input there changes every head of the layer."""
+    ``coupled_roles`` are the attention inputs whose change reaches every head of the layer through a norm across
+    heads: OLMo 2's query and key norms, or all three under BitNet's sub-norm before the output projection."""
 
     index: int
     n_heads: int
@@ -110,7 +110,8 @@ class HeadGraph:
             gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
             norm = f"; heads summed and normed in {layer.output_norm_name}" if layer.has_output_norm else ""
             if layer.coupled_roles:
-                norm = f"; {'/'.join(r.name.lower() for r in Role if r in layer.coupled_roles)} normed across heads" + norm
+                roles = "/".join(r.name.lower() for r in Role if r in layer.coupled_roles)
+                norm = f"; {roles} inputs reach every head (a norm across heads)" + norm
             mlp = f"; MLP {layer.mlp_name} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
             lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}")
         lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")

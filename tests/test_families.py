@@ -58,6 +58,8 @@ SUPPORTED = {
                                                            dict(COMMON, num_key_value_heads=2), 2, True),
     "olmoe (q/k norm across heads, experts)": ("OlmoeConfig", "OlmoeForCausalLM",
                                                dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2), 2, True),
+    "bitnet (sub-norm across heads before the output projection)": ("BitNetConfig", "BitNetForCausalLM",
+                                                                    dict(COMMON, num_key_value_heads=2), 2, True),
 }
 
 
@@ -84,9 +86,17 @@ def test_family_splits_exactly(name):
     assert (layer.n_heads, layer.n_kv_groups) == (4, groups)
     assert bool({names.attention(0), names.attention_output(0)} & set(layer.mlp_reads)) is sequential
     assert layer.has_output_norm is ("post-attention norm" in name)
-    assert layer.coupled_roles == ({Role.QUERY, Role.KEY} if "across heads" in name else set())
+    coupled = {Role.QUERY, Role.KEY} if "q/k norm across heads" in name else set(Role) if "sub-norm across" in name else set()
+    assert layer.coupled_roles == coupled
     fp8 = pahq_fx.transform(model, head=(1, 1), low_precision="fp8", compile=False)
     assert torch.isfinite(fp8(ids)).all()
+
+
+def test_components_before_the_first_attention_layer_are_rejected_clearly():
+    """LFM2 may start with a convolution layer: ``embed`` would silently include it and its MLP."""
+    model = build("Lfm2Config", "Lfm2ForCausalLM", dict(COMMON, num_key_value_heads=2, layer_types=["conv", "full_attention"]))
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="before the first attention layer.*folded into embed"):
+        pahq_fx.transform(model, low_precision="fp32", compile=False)
 
 
 def test_static_trace_rejects_other_shapes_clearly():
@@ -109,7 +119,8 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("bloom (ALiBi, attention on [batch * heads, ...])", 1e-4),
                                                ("gpt_oss (attention sinks, sliding window, experts)", 0.003),
                                                ("gemma2 (post-attention norm, soft-capping)", 0.003),
-                                               ("olmo2 (post-attention norm, q/k norm across heads)", 0.003)])
+                                               ("olmo2 (post-attention norm, q/k norm across heads)", 0.003),
+                                               ("bitnet (sub-norm across heads before the output projection)", 0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 

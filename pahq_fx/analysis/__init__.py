@@ -31,7 +31,7 @@ from torch import fx
 from ..errors import UnsupportedArchitectureError
 from ..graph_utils import ancestors, descendants
 from .attention import AttentionMatcher
-from .graph_facts import GraphFacts
+from .graph_facts import ADD_TARGETS, GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, MLPSite, ModelLayout
 from .probes import HeadProbe
 from .residual import ResidualStream
@@ -53,6 +53,7 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
         )
     sites = [matcher.site(i, c) for i, c in enumerate(calls)]
     embed = sites[0].read
+    _check_embedding(facts, embed)
     final_read = residual.find_read(facts.logits, "the logits")
     joins: set[fx.Node] = set()  # sums of MLP branches kept whole (a shared expert beside routed experts)
     while (found := _find_mlps(facts, residual, sites, final_read, joins)).join is not None:
@@ -116,6 +117,8 @@ def _find_mlps(
                 stop.add(part)
                 mlp_contributions.append(part)
                 read_of_part = residual.find_read(part, f"MLP output {part.name}")
+                while _branch_sum(read_of_part, part):  # experts summed inside the MLP, normed after (AFMoE)
+                    read_of_part = residual.find_read(read_of_part, f"MLP output {part.name}")
                 _check_carried_on(read_of_part, part)
                 mlp_reads[part] = residual.stream_shaped(read_of_part)
                 pending.append(mlp_reads[part])
@@ -138,6 +141,37 @@ def _find_mlps(
     return _FoundMLPs(mlps, leaves, stop)
 
 
+def _check_embedding(facts: GraphFacts, embed: fx.Node) -> None:
+    """The stream the first attention layer reads is ``embed``: it must be the embedding alone. A residual add
+    ``x + f(x)`` before it means components run before the first attention layer (a convolution or state-space
+    mixer and its MLP, as in LFM2's or a hybrid's first layers), which ``embed`` would silently absorb. Sums of
+    embeddings (token plus positions computed from the tokens, as in RoBERTa) add terms neither of which is
+    computed from the other, and are the embedding."""
+    upstream = ancestors([embed], within=facts.activations) | {embed}
+    adds = sorted((n for n in upstream if facts.is_residual_add(n) and _adds_to_own_input(n)), key=facts.order.__getitem__)
+    if adds:
+        raise UnsupportedArchitectureError(
+            f"the residual stream that the first attention layer reads ({embed.name}) already has components added "
+            f"to it ({', '.join(n.name for n in adds[:3])}): they run before the first attention layer (a "
+            "convolution or state-space mixer, an MLP) and would be folded into embed; not supported"
+        )
+
+
+def _adds_to_own_input(add: fx.Node) -> bool:
+    """Whether one term of ``add`` is computed from the other: the residual pattern ``x + f(x)``."""
+    a, b = add.args[:2]
+    return a in ancestors([b]) or b in ancestors([a])
+
+
+def _branch_sum(read: fx.Node, part: fx.Node) -> bool:
+    """Whether ``read`` is a sum of two branches of the component ``part`` rather than a residual add: all of it
+    flows into ``part``, and neither term is computed from the other."""
+    if read.target not in ADD_TARGETS or not all(isinstance(a, fx.Node) for a in read.args[:2]):
+        return False
+    inside = ancestors([part]) | {part}
+    return all(u in inside for u in read.users) and not _adds_to_own_input(read)
+
+
 def _check_carried_on(read: fx.Node, part: fx.Node) -> None:
     """A residual sum must flow on by addition. Where all of it flows into the one contribution read from it (a
     norm of the sum, as in post-layer-norm blocks), later layers read a transform of the stream, not a sum."""
@@ -146,9 +180,7 @@ def _check_carried_on(read: fx.Node, part: fx.Node) -> None:
         raise UnsupportedArchitectureError(
             f"the residual stream at {read.name} is not carried on by an addition: all of it flows into {part.name} "
             f"({part.target}), which later layers read instead. Blocks that normalise the residual sum after each add "
-            "(post-layer-norm, as in BERT, GPT-1 or OPT-350m) make per-component contributions non-additive; not supported. "
-            "(A sum inside an MLP that is normalised before the residual add, such as shared and routed experts under "
-            "a post-MLP norm in AFMoE, reads the same to this check and is not supported either.)"
+            "(post-layer-norm, as in BERT, GPT-1 or OPT-350m) make per-component contributions non-additive; not supported"
         )
 
 

@@ -6,6 +6,7 @@ from torch import fx
 
 from ..errors import UnsupportedArchitectureError
 from ..graph_utils import ancestors, descendants, first_with_shape, input_nodes
+from ..names import Role
 from .graph_facts import GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, aten
 from .probes import HeadProbe
@@ -163,6 +164,7 @@ class AttentionMatcher:
         z = first_with_shape(out_linear.input, self.facts.values, self.facts.lead, up=True)
         contribution, scale, output_norm = self._contribution(attention, out_linear)
         roles = self.probe.role_features(attention, outputs)
+        z_features, output_coupled = self.probe.z_features(attention, z)
         return AttentionSite(
             layer=layer,
             read=read,
@@ -175,9 +177,9 @@ class AttentionMatcher:
             contribution=contribution,
             output_scale=scale,
             role_features=roles.features,
-            z_features=self.probe.z_features(attention, z),
+            z_features=z_features,
             kv_group_of_head=roles.group_of_head,
-            coupled_roles=roles.coupled,
+            coupled_roles=frozenset(Role) if output_coupled else roles.coupled,
             output_norm=output_norm,
         )
 

@@ -175,21 +175,33 @@ class HeadProbe:
                 )
         return features, group_of_head
 
-    def z_features(self, attention: AttentionCall, z: fx.Node) -> list[list[int]]:
+    def z_features(self, attention: AttentionCall, z: fx.Node) -> tuple[list[list[int]], bool]:
+        """Which output-projection input features come from each head, and whether a norm over all heads lies
+        between attention and output projection (BitNet's sub-norm): found by infinity probes, as for query and key
+        norms (:meth:`role_features`), and then every head's output depends on every head's inputs."""
         body = descendants([attention.output]) & (ancestors([z]) | {z})
         sub, extra = extract(self.facts.gm, body, [attention.output], [z], "ProbeAttentionToOutput")
+        try:
+            return self._z_owners(attention, z, sub, extra, float("nan")), False
+        except UnsupportedArchitectureError as nan_error:
+            try:
+                return self._z_owners(attention, z, sub, extra, float("inf")), True
+            except UnsupportedArchitectureError:
+                raise nan_error from None
+
+    def _z_owners(self, attention: AttentionCall, z: fx.Node, sub: fx.GraphModule, extra: list[fx.Node],
+                  poison: float) -> list[list[int]]:
         clean = self.facts.values[attention.output]
         owner: dict[int, int] = {}
         for h in range(clean.shape[1]):
             probe = clean.clone()
-            probe[:, h] = float("nan")
-            nan = torch.isnan(self._probe(sub, extra, [probe])).flatten(0, -2).any(0)
-            for f in nan.nonzero().flatten().tolist():
+            probe[:, h] = poison
+            reached = (~torch.isfinite(self._probe(sub, extra, [probe]))).flatten(0, -2).any(0)
+            for f in reached.nonzero().flatten().tolist():
                 if f in owner:
                     raise UnsupportedArchitectureError(f"attention call {attention.name}: output feature {f} mixes heads")
                 owner[f] = h
         width = self.facts.values[z].shape[-1]
         if sorted(owner) != list(range(width)):
             raise UnsupportedArchitectureError(f"attention call {attention.name}: some output-projection inputs come from no head")
-        per_head = [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]
-        return per_head
+        return [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]
