@@ -60,6 +60,10 @@ SUPPORTED = {
                                                dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2), 2, True),
     "bitnet (sub-norm across heads before the output projection)": ("BitNetConfig", "BitNetForCausalLM",
                                                                     dict(COMMON, num_key_value_heads=2), 2, True),
+    "kolibri1 (post-attention norm, experts summed under a post-MLP norm)": (
+        "Kolibri1Config", "Kolibri1ForCausalLM",
+        dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             shared_expert_intermediate_size=16), 2, True),
 }
 
 
