@@ -58,7 +58,8 @@ class AttentionMatcher:
             user = next(iter(probs.users))
             weighted = self._factors(user) if user.target in PRODUCT_FACTORS else None
             if weighted is not None and weighted[0] is probs:
-                views = [self._heads_form(x, up=True) for x in (*factors, weighted[1])]
+                views = [self._heads_form(factors[0], up=True), self._heads_form(factors[1], up=True, transposed=True),
+                         self._heads_form(weighted[1], up=True)]
                 output = self._heads_form(user, up=False)
                 if output is None or any(v is None for v in views):
                     return None
@@ -88,11 +89,18 @@ class AttentionMatcher:
             return factors
         return None
 
-    def _heads_form(self, node: fx.Node, up: bool) -> fx.Node | None:
+    def _heads_form(self, node: fx.Node, up: bool, transposed: bool = False) -> fx.Node | None:
         """``node`` itself if it is [batch, heads, seq, dim], else the nearest such tensor it is a regrouping of (up:
         the ops it comes from; down: the ops its value flows through alone): Bloom's [batch * heads, ...] factors,
         and a key transposed for ``q @ k^T`` (GPT-J), are read where they are still [batch, heads, seq, dim]. Failing
-        that, the nearest [batch, heads, ...] tensor (keys of another length than the queries)."""
+        that, the nearest [batch, heads, ...] tensor (keys of another length than the queries).
+
+        ``transposed``: ``node`` is ``k^T``; where the head dimension equals the sequence length its shape looks
+        right already, so a form reached back through the transpose of the last two dimensions comes first."""
+        if transposed:
+            undone = self._heads_form_through_transpose(node)
+            if undone is not None:
+                return undone
         batch, seq = self.facts.lead
         current: fx.Node | None = node
         nearest: fx.Node | None = None
@@ -108,6 +116,20 @@ class AttentionMatcher:
                 users = list(current.users)
                 current = users[0] if len(users) == 1 and users[0].target in REGROUP_TARGETS else None
         return nearest
+
+    def _heads_form_through_transpose(self, node: fx.Node) -> fx.Node | None:
+        """The first [batch, heads, seq, dim] tensor above a transpose of the last two dimensions, walking up
+        through regroupings from ``node``; None if the walk passes no such transpose."""
+        batch, seq = self.facts.lead
+        current: fx.Node | None = node
+        undone = False
+        while current is not None and current.target in REGROUP_TARGETS:
+            undone = undone or _swaps_last_two(current, self.facts.values[current].dim())
+            current = self.facts.single_activation_input(current)
+            value = None if current is None else self.facts.values[current]
+            if undone and value is not None and value.dim() == 4 and value.shape[0] == batch and value.shape[2] == seq:
+                return current
+        return None
 
     def _projections(self, attention: AttentionCall) -> list[Linear]:
         found: dict[fx.Node, Linear] = {}
@@ -235,3 +257,10 @@ class AttentionMatcher:
             return False
         others = [a for a in add.args[:2] if a is not node]
         return len(others) == 1 and others[0] not in after
+
+
+def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
+    """Whether ``node`` is a transpose of its input's last two dimensions (``k.transpose(-1, -2)``)."""
+    if node.target is aten.transpose.int:
+        return {d % ndim for d in node.args[1:3]} == {ndim - 2, ndim - 1}
+    return False
