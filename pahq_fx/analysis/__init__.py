@@ -14,11 +14,16 @@ What is recognised (see README, "What the pass recognises"):
 * the output projection is the first linear op after the attention; its input features are assigned to
   heads, and the projection's query/key/value features to (role, head), by pushing NaN probes through the
   ops in between (reshapes, rotary embeddings, grouped-query repeats, ...), so no layout is written per model
-  family; between output projection and residual add only reshapes and a constant factor are allowed;
+  family; where a norm across heads spreads the NaNs (OLMo 2's q/k norm, BitNet's sub-norm), infinity probes
+  find the layout and the inputs concerned are *coupled* (they reach every head of the layer);
+* between output projection and residual add: reshapes and a constant factor, or a function of the block
+  output alone (a post-attention norm, a component of its own);
+* the first attention layer's read is the embedding: no residual add ``x + f(x)`` may come before it;
 * residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
   token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
-  found the same way and must flow on by addition too (post-layer-norm blocks are refused); two such branches
-  reading one stream and summed before the residual add (a shared expert beside routed experts) are one MLP.
+  found the same way (above sums of its own branches) and must flow on by addition too (post-layer-norm blocks
+  are refused); two such branches reading one stream and summed before the residual add (a shared expert beside
+  routed experts) are one MLP.
 """
 
 from __future__ import annotations
