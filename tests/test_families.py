@@ -64,6 +64,10 @@ SUPPORTED = {
         "Kolibri1Config", "Kolibri1ForCausalLM",
         dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
              shared_expert_intermediate_size=16), 2, True),
+    "afmoe (per-head output gate, post-attention norm, experts under a post-MLP norm)": (
+        "AfmoeConfig", "AfmoeForCausalLM",
+        dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             num_dense_layers=1, layer_types=["sliding_attention", "full_attention"], sliding_window=4), 2, True),
 }
 
 
@@ -124,7 +128,9 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("gpt_oss (attention sinks, sliding window, experts)", 0.003),
                                                ("gemma2 (post-attention norm, soft-capping)", 0.003),
                                                ("olmo2 (post-attention norm, q/k norm across heads)", 0.003),
-                                               ("bitnet (sub-norm across heads before the output projection)", 0.003)])
+                                               ("bitnet (sub-norm across heads before the output projection)", 0.003),
+                                               ("afmoe (per-head output gate, post-attention norm, experts under a post-MLP norm)",
+                                                0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 

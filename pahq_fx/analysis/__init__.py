@@ -7,7 +7,9 @@ What is recognised (see README, "What the pass recognises"):
   softmax -> ``matmul(p, v)`` over [batch, heads, ...], or ``bmm`` / ``baddbmm`` (an ALiBi bias) over
   [batch * heads, ...], read at the [batch, heads, seq, dim] tensors the factors are regrouped from;
 * its projections are the linear ops (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul`` with a
-  constant weight) reached by walking back from the query, key and value; they must all read one input;
+  constant weight) reached by walking back from the query, key and value; they must all read one input; linear
+  ops reading that input and reaching the output projection's input are per-head gates, probed into the
+  query projections of the heads whose outputs they reach;
 * the *read* of a component (its residual-stream input) is the nearest dominator of its input that is a
   residual ``add`` or flows into one outside the component; the ops between read and projections are the
   norm, applied per head after the split;

@@ -151,6 +151,15 @@ class AttentionMatcher:
             stack.extend(input_nodes(n))
         return sorted(found.values(), key=lambda l: self.facts.order[l.node])
 
+    def _gates(self, normed: fx.Node, projections: list[Linear], z: fx.Node) -> list[Linear]:
+        """Linear ops besides the query/key/value projections that read the same input and reach the output
+        projection's input: per-head output gates (AFMoE, Laguna). The probes assign their features to heads."""
+        known = {p.node for p in projections}
+        between = descendants([normed]) & ancestors([z])
+        gates = [self.facts.linear(n) for n in between if n not in known]
+        return [g for g in gates if g is not None
+                and first_with_shape(g.input, self.facts.values, self.facts.lead, up=True) is normed]
+
     def _output_linear(self, attention: AttentionCall) -> Linear:
         frontier, seen = [attention.output], set()
         while frontier:
@@ -180,13 +189,15 @@ class AttentionMatcher:
                 "compressed keys and values, is not supported)"
             )
         normed_node = normed.pop()
-        outputs = [first_with_shape(p.node, self.facts.values, self.facts.lead, up=False) for p in projections]
         read = self.residual.find_read(normed_node, f"attention call {attention.name}", itself=True)
         out_linear = self._output_linear(attention)
         z = first_with_shape(out_linear.input, self.facts.values, self.facts.lead, up=True)
+        gates = self._gates(normed_node, projections, z)
+        projections = sorted(projections + gates, key=lambda l: self.facts.order[l.node])
+        outputs = [first_with_shape(p.node, self.facts.values, self.facts.lead, up=False) for p in projections]
         contribution, scale, output_norm = self._contribution(attention, out_linear)
-        roles = self.probe.role_features(attention, outputs)
         z_features, output_coupled = self.probe.z_features(attention, z)
+        roles = self.probe.role_features(attention, outputs, (z, z_features) if gates else None)
         return AttentionSite(
             layer=layer,
             read=read,

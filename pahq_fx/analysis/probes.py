@@ -42,7 +42,8 @@ class HeadProbe:
         """``sub`` on the clean projection outputs with output ``i`` replaced by ``probe``."""
         return self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
 
-    def role_features(self, attention: AttentionCall, outputs: list[fx.Node]) -> RoleLayout:
+    def role_features(self, attention: AttentionCall, outputs: list[fx.Node],
+                      gate_target: tuple[fx.Node, list[list[int]]] | None = None) -> RoleLayout:
         """Assign every projection output feature to (role, head) with NaN probes.
 
         Where the ops between projections and attention act position by position (checked), one probe tests one
@@ -51,16 +52,21 @@ class HeadProbe:
         A norm over all heads' queries or keys (OLMo 2) spreads a NaN to every head through its statistic. Then
         the probes are repeated with +inf, which such a norm keeps in place (the statistic becomes inf, every other
         feature is scaled to 0, the probed one becomes NaN); if they give a clean layout, it is used and the roles
-        whose NaNs spread are *coupled*: a change of one head's input there changes every head of the layer."""
-        args = attention.inputs
+        whose NaNs spread are *coupled*: a change of one head's input there changes every head of the layer.
+
+        ``gate_target``: the output projection's input and its features per head, where projections gate the
+        attention output (AFMoE): a feature that reaches no attention input but one head's output features is part
+        of that head's query projection (it is computed from the same input, per head)."""
+        args = attention.inputs + ([gate_target[0]] if gate_target else [])
         body = (ancestors(args) | set(args)) & (descendants(outputs) | set(outputs))
         sub, extra = extract(self.facts.gm, body, outputs, args, "ProbeProjectionToAttention")
         n_heads, k_heads = self.facts.values[args[0]].shape[1], self.facts.values[args[1]].shape[1]
-        hits = self._hits(attention, outputs, sub, extra, float("nan"))
+        owner = {} if gate_target is None else {f: h for h, fs in enumerate(gate_target[1]) for f in fs}
+        hits = self._hits(attention, outputs, sub, extra, float("nan"), owner)
         try:
             return RoleLayout(*self._group(attention, hits, n_heads, k_heads))
         except UnsupportedArchitectureError as nan_error:
-            kept = self._hits(attention, outputs, sub, extra, float("inf"))
+            kept = self._hits(attention, outputs, sub, extra, float("inf"), owner)
             try:
                 features, group_of_head = self._group(attention, kept, n_heads, k_heads)
             except UnsupportedArchitectureError:
@@ -71,8 +77,9 @@ class HeadProbe:
             return RoleLayout(features, group_of_head, coupled)
 
     def _hits(self, attention: AttentionCall, outputs: list[fx.Node], sub: fx.GraphModule, extra: list[fx.Node],
-              poison: float) -> dict[Role, dict[int, set[int]]]:
-        """For every projection feature, its role and the heads a ``poison`` value there reaches."""
+              poison: float, gate_owner: dict[int, int]) -> dict[Role, dict[int, set[int]]]:
+        """For every projection feature, its role and the heads a ``poison`` value there reaches (``gate_owner``:
+        the head of every output-projection input feature, where gates are probed)."""
         args = attention.inputs
         clean = [self.facts.values[o].detach().clone() for o in outputs]
         hits: dict[Role, dict[int, set[int]]] = {r: {} for r in Role}
@@ -89,9 +96,11 @@ class HeadProbe:
                     probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = poison
                 else:
                     probe[..., first] = poison
-                reached = self._reached(sub, extra, clean, i, probe, per_position)
+                reached = self._reached(sub, extra, clean, i, probe, per_position, gate_owner)
                 for p, f in enumerate(features):
                     touched = [(role, {h for h, hit in enumerate(r[p]) if hit}) for role, r in zip(Role, reached) if any(r[p])]
+                    if not touched and len(reached) > len(Role) and sum(reached[-1][p]) == 1:  # a gate of one head
+                        touched = [(Role.QUERY, {reached[-1][p].index(True)})]
                     if len(touched) != 1:
                         where = ", ".join(r.value for r, _ in touched) or "no attention input"
                         raise UnsupportedArchitectureError(
@@ -104,14 +113,23 @@ class HeadProbe:
         return hits
 
     def _reached(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor,
-                 per_position: bool) -> list[list[list[bool]]]:
-        """For each attention input, which heads the probe reaches (a value that is not finite): per position
-        ([positions][heads]) or, for a single probed feature, over all positions ([1][heads])."""
+                 per_position: bool, gate_owner: dict[int, int]) -> list[list[list[bool]]]:
+        """For each attention input (and the output projection's input, where gates are probed), which heads the
+        probe reaches (a value that is not finite): per position ([positions][heads]) or, for a single probed
+        feature, over all positions ([1][heads])."""
         results = self._probe_output(sub, extra, clean, i, probe)
         reached = []
-        for r in results:
+        for r in results[: len(Role)]:
             poisoned = (~torch.isfinite(r)).any(-1)  # [batch, heads, seq]
             reached.append((poisoned.permute(0, 2, 1).flatten(0, 1) if per_position else poisoned.any(-1).any(0, keepdim=True)).tolist())
+        if len(results) > len(Role):  # the output projection's input, [batch, seq, features]: features to heads
+            poisoned = (~torch.isfinite(results[-1])).flatten(0, -2)
+            poisoned = poisoned if per_position else poisoned.any(0, keepdim=True)
+            heads = 1 + max(gate_owner.values())
+            by_head = torch.zeros(poisoned.shape[0], heads, dtype=torch.bool)
+            for f, h in gate_owner.items():
+                by_head[:, h] |= poisoned[:, f]
+            reached.append(by_head.tolist())
         return reached
 
     def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
@@ -134,7 +152,8 @@ class HeadProbe:
                 probe = clean[i].clone()
                 probe.view(positions, -1)[poisoned] = float("nan")
                 for r in self._probe_output(sub, extra, clean, i, probe):
-                    nan = torch.isnan(r).any(-1).any(1).flatten()  # [batch * seq], row-major like the probe
+                    nan = torch.isnan(r).any(-1)  # [batch, heads, seq], or [batch, seq] for the output projection's input
+                    nan = (nan.any(1) if nan.dim() == 3 else nan).flatten()  # [batch * seq], row-major like the probe
                     if nan.any() and not torch.equal(nan, poisoned):  # no NaN at all: this input does not read output i
                         return False
         return True
