@@ -101,13 +101,12 @@ class AttentionMatcher:
             undone = self._heads_form_through_transpose(node)
             if undone is not None:
                 return undone
-        batch, seq = self.facts.lead
         current: fx.Node | None = node
         nearest: fx.Node | None = None
         while current is not None:
             value = self.facts.values[current]
-            if value.dim() == 4 and value.shape[0] == batch:
-                if value.shape[2] == seq:
+            if value.dim() == 4 and value.shape[0] == self.facts.lead[0]:
+                if self._is_heads_form(current):
                     return current
                 nearest = nearest or current
             if up:
@@ -120,16 +119,19 @@ class AttentionMatcher:
     def _heads_form_through_transpose(self, node: fx.Node) -> fx.Node | None:
         """The first [batch, heads, seq, dim] tensor above a transpose of the last two dimensions, walking up
         through regroupings from ``node``; None if the walk passes no such transpose."""
-        batch, seq = self.facts.lead
         current: fx.Node | None = node
         undone = False
         while current is not None and current.target in REGROUP_TARGETS:
             undone = undone or _swaps_last_two(current, self.facts.values[current].dim())
             current = self.facts.single_activation_input(current)
-            value = None if current is None else self.facts.values[current]
-            if undone and value is not None and value.dim() == 4 and value.shape[0] == batch and value.shape[2] == seq:
+            if undone and current is not None and self._is_heads_form(current):
                 return current
         return None
+
+    def _is_heads_form(self, node: fx.Node) -> bool:
+        """Whether ``node`` has the shape [batch, heads, seq, dim]."""
+        value = self.facts.values[node]
+        return value.dim() == 4 and (value.shape[0], value.shape[2]) == self.facts.lead
 
     def _projections(self, attention: AttentionCall) -> list[Linear]:
         found: dict[fx.Node, Linear] = {}
