@@ -1,8 +1,8 @@
-"""The documented description of a split model: layers, heads, key/value groups, MLPs, canonical names.
+"""The documented description of a split model: layers, heads, key/value groups, whole components, canonical names.
 
 This is what later work (ACDC, the CLI's ``inspect``) drives; it holds no tensors and no graph nodes.
-Canonical names follow ``docs/acdc.md``: senders ``embed``, ``a{L}.h{H}``, ``a{L}.out``, ``m{L}``; receivers
-``a{L}.h{H}.q``, ``a{L}.h{H}.k|v`` (``a{L}.g{G}.k|v`` under grouped-query attention), ``a{L}.out``, ``m{L}``,
+Canonical names follow ``docs/acdc.md``: senders ``embed``, ``a{L}.h{H}``, ``a{L}.out``, ``m{L}[.{K}]``; receivers
+``a{L}.h{H}.q``, ``a{L}.h{H}.k|v`` (``a{L}.g{G}.k|v`` under grouped-query attention), ``a{L}.out``, ``m{L}[.{K}]``,
 ``resid_post``.
 """
 
@@ -15,8 +15,19 @@ from .names import Role
 
 
 @dataclass(frozen=True)
+class Component:
+    """A whole component that reads the residual stream and writes it, without heads: an MLP, or a hybrid's
+    convolution or state-space mixer. ``reads`` are the contributions its input sums."""
+
+    name: str
+    reads: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class LayerInfo:
-    """One attention layer, its post-attention norm (if any) and the MLP that follows it (if any).
+    """One attention layer, its post-attention norm (if any) and the whole components that follow it before the
+    next attention layer: its MLP (``m{L}``), and in hybrids the mixers and MLPs of the layers without attention
+    (``m{L}.1``, ``m{L}.2``, ...).
 
     With a post-attention norm (Gemma 2, OLMo 2) the heads' outputs are summed and normalised before the
     residual add, so the heads send only to the norm node ``a{L}.out``, and it sends to the residual stream.
@@ -27,11 +38,15 @@ class LayerInfo:
     n_heads: int
     n_kv_groups: int
     kv_group_of_head: tuple[int, ...]
-    has_mlp: bool
     attention_reads: tuple[str, ...]
-    mlp_reads: tuple[str, ...]
+    components: tuple[Component, ...] = ()
     has_output_norm: bool = False
     coupled_roles: frozenset[Role] = frozenset()
+
+    @property
+    def has_mlp(self) -> bool:
+        """Whether a whole component (an MLP) follows the attention layer."""
+        return bool(self.components)
 
     @property
     def grouped(self) -> bool:
@@ -60,10 +75,6 @@ class LayerInfo:
         return names.attention_input(self.kv_unit_name(group), role)
 
     @property
-    def mlp_name(self) -> str:
-        return names.mlp(self.index)
-
-    @property
     def output_norm_name(self) -> str:
         return names.attention_output(self.index)
 
@@ -75,6 +86,7 @@ class HeadGraph:
     layers: tuple[LayerInfo, ...]
     final_reads: tuple[str, ...]
     d_model: int
+    leading: tuple[Component, ...] = ()  # whole components before the first attention layer (a hybrid's mixers)
 
     @property
     def n_layers(self) -> int:
@@ -82,37 +94,36 @@ class HeadGraph:
 
     def senders(self) -> list[str]:
         """Sender names in topological order (embedding first)."""
-        out = [names.EMBED]
+        out = [names.EMBED] + [c.name for c in self.leading]
         for layer in self.layers:
             out += [layer.head_name(h) for h in range(layer.n_heads)]
             if layer.has_output_norm:
                 out.append(layer.output_norm_name)
-            if layer.has_mlp:
-                out.append(layer.mlp_name)
+            out += [c.name for c in layer.components]
         return out
 
     def receivers(self) -> list[str]:
         """Receiver names in topological order (``resid_post`` last)."""
-        out: list[str] = []
+        out = [c.name for c in self.leading]
         for layer in self.layers:
             out += [layer.query_name(h) for h in range(layer.n_heads)]
             out += [layer.kv_name(g, Role.KEY) for g in range(layer.n_kv_groups)]
             out += [layer.kv_name(g, Role.VALUE) for g in range(layer.n_kv_groups)]
             if layer.has_output_norm:
                 out.append(layer.output_norm_name)
-            if layer.has_mlp:
-                out.append(layer.mlp_name)
+            out += [c.name for c in layer.components]
         return out + [names.RESID_POST]
 
     def describe(self) -> str:
         lines = [f"{self.n_layers} attention layers, d_model={self.d_model}"]
+        lines += [f"  before layer 0: {c.name} reads {'+'.join(c.reads)}" for c in self.leading]
         for layer in self.layers:
             gqa = f", {layer.n_kv_groups} key/value groups {layer.kv_group_of_head}" if layer.grouped else ""
             norm = f"; heads summed and normed in {layer.output_norm_name}" if layer.has_output_norm else ""
             if layer.coupled_roles:
                 roles = "/".join(r.name.lower() for r in Role if r in layer.coupled_roles)
                 norm = f"; {roles} inputs reach every head (a norm across heads)" + norm
-            mlp = f"; MLP {layer.mlp_name} reads {'+'.join(layer.mlp_reads)}" if layer.has_mlp else ""
+            mlp = "".join(f"; {c.name} reads {'+'.join(c.reads)}" for c in layer.components)
             lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}")
         lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")
         lines.append(f"  {len(self.senders())} senders, {len(self.receivers())} receivers")

@@ -1,10 +1,12 @@
 """The canonical node names of the per-head graph (docs/acdc.md), built and parsed in one place.
 
 Senders: ``embed``, ``a{L}.h{H}`` (a head's output), ``a{L}.out`` (a post-attention norm's output), ``m{L}``
-(an MLP's output); ``a{L}.g{G}`` is the node of a key/value group. Receivers: ``a{L}.h{H}.q``,
+(an MLP's output, or any other whole component: the first one after attention layer ``L``; ``m{L}.{K}`` the
+``K``-th after it where a hybrid runs several, ``m-1`` and ``m-1.{K}`` those before the first attention layer);
+``a{L}.g{G}`` is the node of a key/value group. Receivers: ``a{L}.h{H}.q``,
 ``a{L}.h{H}.k`` / ``.v`` (``a{L}.g{G}.k`` / ``.v`` for a key/value group under grouped-query attention),
-``a{L}.out`` (a post-attention norm's input: the sum of its layer's heads), ``m{L}`` (an MLP's input) and
-``resid_post``. The contributions that steps of the split model write are ``embed``, ``a{L}``, ``a{L}.out`` and
+``a{L}.out`` (a post-attention norm's input: the sum of its layer's heads), ``m{L}[.{K}]`` (a whole component's
+input) and ``resid_post``. The contributions that steps of the split model write are ``embed``, ``a{L}``, ``a{L}.out`` and
 ``m{L}``.
 """
 
@@ -48,8 +50,13 @@ def attention_output(layer: int) -> str:
     return f"a{layer}.out"
 
 
-def mlp(layer: int) -> str:
-    return f"m{layer}"
+def mlp(layer: int, position: int = 0) -> str:
+    """A whole component (an MLP, or a hybrid's convolution or state-space mixer): the ``position``-th after
+    attention layer ``layer`` (``-1``: before the first attention layer). The first is ``m{L}``, as in every model
+    that runs one MLP per layer; later ones ``m{L}.{K}``."""
+    if layer < -1 or position < 0:
+        raise ValueError(f"component after attention layer {layer}, position {position}: layer must be >= -1, position >= 0")
+    return f"m{layer}" if position == 0 else f"m{layer}.{position}"
 
 
 def head(layer: int, index: int) -> str:
@@ -67,7 +74,8 @@ def attention_input(unit: str, role: Role) -> str:
 
 @dataclass(frozen=True)
 class Name:
-    """A parsed canonical name. ``index`` is the head or key/value group; ``role`` is set for attention inputs."""
+    """A parsed canonical name. ``index`` is the head or key/value group, or a whole component's position after its
+    attention layer; ``role`` is set for attention inputs."""
 
     kind: NodeKind
     layer: int | None = None
@@ -82,13 +90,13 @@ class Name:
         if self.kind is NodeKind.KV_GROUP:
             return kv_group(self.layer, self.index)
         if self.kind is NodeKind.MLP:
-            return mlp(self.layer)
+            return mlp(self.layer, self.index or 0)
         if self.kind is NodeKind.ATTENTION_OUTPUT:
             return attention_output(self.layer)
         return EMBED if self.kind is NodeKind.EMBED else RESID_POST
 
 
-_PATTERN = re.compile(r"^(?:(embed|resid_post)|m(\d+)|a(\d+)\.out|a(\d+)\.([hg])(\d+)(?:\.([qkv]))?)$")
+_PATTERN = re.compile(r"^(?:(embed|resid_post)|m(-1|\d+)(?:\.([1-9]\d*))?|a(\d+)\.out|a(\d+)\.([hg])(\d+)(?:\.([qkv]))?)$")
 
 
 def parse(name: str) -> Name:
@@ -96,13 +104,14 @@ def parse(name: str) -> Name:
     match = _PATTERN.match(name)
     if match is None:
         raise ValueError(
-            f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, a{{L}}.out, m{{L}}, resid_post)"
+            f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, a{{L}}.out, m{{L}}[.{{K}}], "
+            "resid_post)"
         )
-    special, mlp_layer, output_layer, layer, unit, index, role = match.groups()
+    special, mlp_layer, position, output_layer, layer, unit, index, role = match.groups()
     if special:
         return Name(NodeKind.EMBED if special == EMBED else NodeKind.RESID_POST)
     if mlp_layer is not None:
-        return Name(NodeKind.MLP, int(mlp_layer))
+        return Name(NodeKind.MLP, int(mlp_layer), int(position) if position else None)
     if output_layer is not None:
         return Name(NodeKind.ATTENTION_OUTPUT, int(output_layer))
     kind = NodeKind.HEAD if unit == "h" else NodeKind.KV_GROUP
@@ -111,6 +120,12 @@ def parse(name: str) -> Name:
     return Name(kind, int(layer), int(index), Role(role) if role else None)
 
 
+def identifier(name: str) -> str:
+    """A node name as a Python identifier, for module attributes and generated code: ``a0.out`` -> ``a0_out``,
+    ``m-1.2`` -> ``m_1_2``."""
+    return re.sub(r"\W", "_", name)
+
+
 def node_of(receiver: str) -> str:
-    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``a1.out``, ``m1`` and ``resid_post`` unchanged."""
+    """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``a1.out``, ``m1``, ``m1.2`` and ``resid_post`` unchanged."""
     return parse(receiver).node

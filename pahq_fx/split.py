@@ -28,7 +28,7 @@ from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError
 from .graph_utils import ancestors, descendants, extract
-from .head_graph import HeadGraph, LayerInfo
+from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
 
@@ -185,8 +185,9 @@ class Step:
 
     @property
     def module(self) -> str:
-        """The attribute of the split GraphModule that runs this step (module names cannot hold dots)."""
-        return self.name.replace(".", "_")
+        """The attribute of the split GraphModule that runs this step: the name as an identifier (``a0.out`` ->
+        ``a0_out``, ``m-1.2`` -> ``m_1_2``), since module names cannot hold dots and generated code needs identifiers."""
+        return names.identifier(self.name)
 
 
 class OutputHome(enum.Enum):
@@ -366,7 +367,7 @@ def _contribution_names(layout: ModelLayout) -> dict[fx.Node, str]:
     out = {layout.embed: names.EMBED}
     out.update({s.contribution: names.attention(s.layer) for s in layout.sites})
     out.update({s.output_norm: names.attention_output(s.layer) for s in layout.sites if s.output_norm is not None})
-    out.update({m.contribution: names.mlp(m.layer) for m in layout.mlps})
+    out.update({m.contribution: names.mlp(m.layer, m.position) for m in layout.mlps})
     return out
 
 
@@ -484,10 +485,10 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
             block, aux = builder.attention(site, core_extras[site.layer])
             kind, read = StepKind.ATTENTION, site.read
         else:
-            # An MLP reads the residual stream; a post-attention norm reads its block's output (the heads' sum).
+            # A whole component reads the residual stream; a post-attention norm reads its block's output (the heads' sum).
             kind, read = (StepKind.MLP, site.read) if isinstance(site, MLPSite) else (StepKind.OUTPUT_NORM, site.contribution)
             prefix = "MLP" if kind is StepKind.MLP else "OutputNorm"
-            component, aux = builder.component(builder.between([read], contribution), [read], contribution, f"{prefix}_{name.replace('.', '_')}")
+            component, aux = builder.component(builder.between([read], contribution), [read], contribution, f"{prefix}_{names.identifier(name)}")
             block = component if layout.values[contribution].shape == layout.values[read].shape else StreamShaped(component)
         step = Step(kind, name, tuple(contribution_names[l] for l in layout.leaves[read]), aux)
         blocks[step.module] = block
@@ -516,21 +517,23 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
 
 def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, ...]) -> HeadGraph:
     reads = {s.name: s.reads for s in steps}
-    layers = []
-    for site in layout.sites:
-        mlp = names.mlp(site.layer)
-        layers.append(
-            LayerInfo(
-                index=site.layer,
-                n_heads=site.n_heads,
-                n_kv_groups=site.n_kv_groups,
-                kv_group_of_head=site.kv_group_of_head,
-                has_mlp=mlp in reads,
-                has_output_norm=site.output_norm is not None,
-                coupled_roles=site.coupled_roles,
-                attention_reads=reads[names.attention(site.layer)],
-                mlp_reads=reads.get(mlp, ()),
-            )
+
+    def components_after(layer: int) -> tuple[Component, ...]:
+        after = sorted((m for m in layout.mlps if m.layer == layer), key=lambda m: m.position)
+        return tuple(Component(names.mlp(layer, m.position), reads[names.mlp(layer, m.position)]) for m in after)
+
+    layers = tuple(
+        LayerInfo(
+            index=site.layer,
+            n_heads=site.n_heads,
+            n_kv_groups=site.n_kv_groups,
+            kv_group_of_head=site.kv_group_of_head,
+            attention_reads=reads[names.attention(site.layer)],
+            components=components_after(site.layer),
+            has_output_norm=site.output_norm is not None,
+            coupled_roles=site.coupled_roles,
         )
+        for site in layout.sites
+    )
     d_model = int(layout.values[layout.embed].shape[-1])
-    return HeadGraph(layers=tuple(layers), final_reads=final_reads, d_model=d_model)
+    return HeadGraph(layers=layers, final_reads=final_reads, d_model=d_model, leading=components_after(-1))

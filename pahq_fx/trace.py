@@ -99,13 +99,23 @@ def _inference_setup(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1)
-    try:
-        return torch.export.export(module, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
-    except Exception:  # noqa: BLE001 - some models specialise shapes; fall back to the static trace
-        return torch.export.export(module, (example,), strict=False)
+def _export(module: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1)
+        seq = torch.export.Dim("seq", min=1)
+        with contextlib.suppress(Exception):  # some models specialise shapes: the static trace below
+            return torch.export.export(module, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
+    return torch.export.export(module, (example,), strict=False)
+
+
+def _hidden_writes(graph: fx.Graph) -> bool:
+    """Whether the graph writes tensors in place where data flow does not show it: an in-place op whose result
+    nothing reads (``buffer[..., i] = x``, as Qwen3-Next's gated delta rule fills its output chunk by chunk), so
+    later reads of the buffer do not depend on the write in the graph. The passes follow data flow, so such a
+    graph is functionalised first. In-place ops whose result is read on (Falcon's residual ``add_``, routers'
+    ``div_``) are seen and kept, as are graphs without any (most), which skip the functionalisation's cost."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               and not n.users for n in graph.nodes)
 
 
 def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
@@ -120,7 +130,7 @@ def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def trace(model: nn.Module, example_inputs: ExampleInputs | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic_shapes: bool = True) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule.
 
     ``model`` is a Hugging Face causal LM (anything with a ``config``: it is called with
@@ -129,14 +139,19 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None) -> fx.G
     ``input_ids`` as a tensor, a tuple ``(input_ids,)`` or a dict / ``BatchEncoding`` (:func:`input_ids_from`).
     The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
     holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence
-    dimensions stayed dynamic (``meta["dynamic_shapes"]``).
+    dimensions stayed dynamic (``meta["dynamic_shapes"]``). ``dynamic_shapes=False`` traces at the example's shape
+    without first trying dynamic dimensions: for a model already known to specialise them, whose failed dynamic
+    attempt can cost more than the trace itself (Qwen3-Next's unrolled recurrence).
     """
     example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
     with _inference_setup(model), torch.no_grad():
         module = LogitsOnly(model) if hasattr(model, "config") else model
-        program = _export(module, example_inputs)
+        program = _export(module, example_inputs, dynamic_shapes)
+        dynamic = bool(program.range_constraints)  # export's own answer: functionalising re-derives constraints
+        if _hidden_writes(program.graph):
+            program = program.run_decompositions({})
     gm = program.module()
     _strip_inference_no_ops(gm)
     gm.meta[graph_meta.EXAMPLE_INPUT_IDS] = example_inputs
-    gm.meta[graph_meta.DYNAMIC_SHAPES] = bool(program.range_constraints)
+    gm.meta[graph_meta.DYNAMIC_SHAPES] = dynamic
     return gm

@@ -50,16 +50,36 @@ class NotBuilt(Exception):
     """The tiny model could not be built or run by Hugging Face itself."""
 
 
+def _set_size(config: transformers.PretrainedConfig, key: str, value: object) -> None:
+    """Set a size the config has; derived ones (read-only properties, per-layer attributes) stay as it computes them."""
+    try:
+        if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
+            setattr(config, key, value)
+    except Exception:  # noqa: BLE001, S110 - a property without setter or a per-layer attribute: keep the derived value
+        pass
+
+
+def _schedule(layer_types: list[str]) -> list[str]:
+    """The first two layer types, or for a hybrid whose first two layers have no softmax attention (Qwen3-Next's
+    three linear-attention layers before each full one) a mixer, an attention layer and a mixer again."""
+    first = layer_types[: SIZES["num_hidden_layers"]]
+    softmax = [t for t in layer_types if "attention" in t and "linear" not in t]
+    if not softmax or any(t in softmax for t in first):
+        return first
+    other = next(t for t in layer_types if t not in softmax)
+    return [other, softmax[0], other]
+
+
 def tiny_model(model_type: str) -> torch.nn.Module:
     try:
         config = CONFIG_MAPPING[model_type]()
         if hasattr(config, "text_config") or hasattr(config, "vision_config"):
             raise NotBuilt("multimodal config")
         for key, value in SIZES.items():
-            if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
-                setattr(config, key, value)
+            _set_size(config, key, value)
         if getattr(config, "layer_types", None) is not None:
-            config.layer_types = list(config.layer_types[: SIZES["num_hidden_layers"]])
+            _set_size(config, "layer_types", _schedule(list(config.layer_types)))
+            _set_size(config, "num_hidden_layers", len(config.layer_types))
         torch.manual_seed(0)
         model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(config).eval()
         with torch.no_grad():  # larger weights than the init's, as in the tests: effects well above round-off

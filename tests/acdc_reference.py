@@ -23,11 +23,16 @@ def _is_attention(contribution):
     return contribution.startswith("a") and contribution[1:].isdigit()
 
 
+def _layer_of(contribution):
+    """The attention layer a contribution belongs to or follows: ``a3``, ``a3.out``, ``m3``, ``m3.1`` -> 3; ``m-1`` -> -1."""
+    return int(contribution[1:].split(".")[0])
+
+
 class ReferenceACDC:
     def __init__(self, model, clean, corrupted, mask, precision="fp32"):
         traced = trace(model, clean[:2])
-        if not traced.meta["dynamic_shapes"]:  # a model that traces with static shapes only runs at the traced shape
-            traced = trace(model, clean)
+        if not traced.meta["dynamic_shapes"] and clean.shape[0] > 2:  # static shapes: a trace at the task's own shape
+            traced = trace(model, clean, dynamic_shapes=False)
         self.gm = lower_precision(split_heads(traced), precision)
         self.hg = self.gm.meta["head_graph"]
         self.structure = self.gm.meta["structure"]
@@ -57,10 +62,7 @@ class ReferenceACDC:
         return [name]
 
     def senders_of(self, reads):
-        order = ["embed"]
-        for layer in self.hg.layers:
-            order += [layer.head_name(h) for h in range(layer.n_heads)]
-            order += ([layer.output_norm_name] if layer.has_output_norm else []) + ([layer.mlp_name] if layer.has_mlp else [])
+        order = ["embed"] + [s for step in self.structure.steps for s in self.components(step.name)]
         upstream = {s for c in reads for s in self.components(c)}
         return [s for s in reversed(order) if s in upstream]
 
@@ -81,7 +83,7 @@ class ReferenceACDC:
         aux = out[1:]
         outputs = {"embed": out[0]}
         for k, step in enumerate(self.structure.steps):
-            block = getattr(self.gm, step.name.replace(".", "_"))
+            block = getattr(self.gm, step.module)
             args = [aux[i] for i in step.aux]
             if k < start:
                 outputs.update({name: self.clean_outputs[name] for name in self.components(step.name)})
@@ -110,14 +112,15 @@ class ReferenceACDC:
     def receivers(self):
         """(receiver, its senders nearest first, the nodes whose outputs it feeds), output backwards."""
         out = [("resid_post", self.senders_of(self.structure.final_reads), [])]
-        for layer in reversed(self.hg.layers):
-            steps = {s.name: s for s in self.structure.steps}
-            if layer.has_mlp:
-                out.append((layer.mlp_name, self.senders_of(steps[layer.mlp_name].reads), [layer.mlp_name]))
-            if layer.has_output_norm:
-                name = layer.output_norm_name
-                out.append((name, self.senders_of(steps[name].reads), [name]))
-            senders = self.senders_of(steps[f"a{layer.index}"].reads)
+        # From the output backwards, layer by layer; within a layer its whole components and norm (last first), then
+        # its heads' inputs, whatever order a parallel block computes them in.
+        order = sorted(enumerate(self.structure.steps), key=lambda p: (-_layer_of(p[1].name), p[1].kind is StepKind.ATTENTION, -p[0]))
+        for _, step in order:
+            if step.kind is not StepKind.ATTENTION:  # an MLP, a hybrid's mixer, a post-attention norm
+                out.append((step.name, self.senders_of(step.reads), [step.name]))
+                continue
+            layer = self.hg.layers[int(step.name[1:])]
+            senders = self.senders_of(step.reads)
             every_head = [layer.head_name(h) for h in range(layer.n_heads)]
             for role in (Role.VALUE, Role.KEY):
                 for g in reversed(range(layer.n_kv_groups)):

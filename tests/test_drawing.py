@@ -20,11 +20,14 @@ from tests.test_cli import run
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.sampled_from([(1, 1, True), (4, 4, True), (4, 2, False), (8, 1, True), (6, 3, True)]), min_size=1, max_size=5))
-def test_layout_puts_layers_in_rows_and_heads_in_order(layers):
-    at = _Positions([_Layer(*layer) for layer in layers])
-    rows = [at.row(NodeKind.EMBED, None)]
-    for index, (heads, groups, _) in enumerate(layers):
+@given(st.lists(st.sampled_from([(1, 1, 1), (4, 4, 1), (4, 2, 0), (8, 1, 1), (6, 3, 3)]), min_size=1, max_size=5),
+       st.integers(0, 4))
+def test_layout_puts_layers_in_rows_and_heads_in_order(layers, leading):
+    """Heads in order within their layer's row, whole components (a hybrid's several) in order within theirs,
+    the rows in the residual stream's order."""
+    at = _Positions([_Layer(*layer) for layer in layers], leading)
+    rows = [at.row(NodeKind.EMBED, None)] + ([at.row(NodeKind.MLP, -1)] if leading else [])
+    for index, (heads, groups, components) in enumerate(layers):
         rows += [at.row(NodeKind.HEAD, index), at.row(NodeKind.MLP, index)]
         xs = [at.head_x(index, h) for h in range(heads)]
         assert xs == sorted(xs) and len(set(xs)) == heads
@@ -33,8 +36,13 @@ def test_layout_puts_layers_in_rows_and_heads_in_order(layers):
             members = [at.head_x(index, h) for h in range(heads) if h * groups // heads == g]
             assert min(members) <= at.group_x(index, g) <= max(members)
             assert at.receiver(names.attention_input(names.kv_group(index, g), names.Role.KEY))[1] < rows[-2]
+    for layer in range(-1, len(layers)):
+        spots = [at.node(names.mlp(layer, k)) for k in range(at.components_after(layer))]
+        assert [x for x, _ in spots] == sorted({x for x, _ in spots}) and all(-0.5 <= x <= at.width - 0.5 for x, _ in spots)
+        assert {y for _, y in spots} <= {at.row(NodeKind.MLP, layer)}
     rows.append(at.row(NodeKind.RESID_POST, None))
     assert rows == sorted(rows) and len(set(rows)) == len(rows), "embed at the bottom, resid_post at the top"
+    assert at.rows > max(rows)
     for role in names.Role:
         assert at.receiver(names.attention_input(names.head(0, 0), role))[1] < at.row(NodeKind.HEAD, 0)
     offsets = [at.receiver(names.attention_input(names.head(0, 0), r))[0] for r in names.Role]

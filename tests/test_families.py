@@ -68,6 +68,10 @@ SUPPORTED = {
         "AfmoeConfig", "AfmoeForCausalLM",
         dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
              num_dense_layers=1, layer_types=["sliding_attention", "full_attention"], sliding_window=4), 2, True),
+    "lfm2 (hybrid: convolution layers before and after attention)": (
+        "Lfm2Config", "Lfm2ForCausalLM",
+        dict(COMMON, num_key_value_heads=2, num_hidden_layers=4, layer_types=["conv", "full_attention", "full_attention", "conv"]),
+        2, True),
 }
 
 
@@ -92,7 +96,7 @@ def test_family_splits_exactly(name):
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
     layer = transformed.head_graph.layers[0]
     assert (layer.n_heads, layer.n_kv_groups) == (4, groups)
-    assert bool({names.attention(0), names.attention_output(0)} & set(layer.mlp_reads)) is sequential
+    assert bool({names.attention(0), names.attention_output(0)} & set(layer.components[0].reads)) is sequential
     assert layer.has_output_norm is ("post-attention norm" in name)
     coupled = {Role.QUERY, Role.KEY} if "q/k norm across heads" in name else set(Role) if "sub-norm across" in name else set()
     assert layer.coupled_roles == coupled
@@ -100,11 +104,61 @@ def test_family_splits_exactly(name):
     assert torch.isfinite(fp8(ids)).all()
 
 
-def test_components_before_the_first_attention_layer_are_rejected_clearly():
-    """LFM2 may start with a convolution layer: ``embed`` would silently include it and its MLP."""
-    model = build("Lfm2Config", "Lfm2ForCausalLM", dict(COMMON, num_key_value_heads=2, layer_types=["conv", "full_attention"]))
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="before the first attention layer.*folded into embed"):
-        pahq_fx.transform(model, low_precision="fp32", compile=False)
+@settings(max_examples=6, deadline=None)
+@given(schedule=st.lists(st.sampled_from(["conv", "full_attention"]), min_size=2, max_size=4).filter(lambda s: "full_attention" in s),
+       heads_and_groups=st.sampled_from([(4, 2), (4, 4), (2, 1)]), batch=st.integers(1, 3), seq=st.integers(2, 9),
+       seed=st.integers(0, 2**16))
+def test_hybrid_layer_schedules_split_exactly(schedule, heads_and_groups, batch, seq, seed):
+    """LFM2 runs convolution layers before, between and after its attention layers: each convolution and each MLP
+    is a whole component of its own, named after the attention layer it follows (``m-1...`` before the first),
+    in the order the model runs them, and the split reproduces the logits."""
+    heads, kv_heads = heads_and_groups
+    model = build("Lfm2Config", "Lfm2ForCausalLM", dict(COMMON, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                                         num_hidden_layers=len(schedule), layer_types=schedule))
+    ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    transformed = pahq_fx.transform(model, head=(0, heads - 1), example_inputs=ids, low_precision="fp32", compile=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
+    graph = transformed.head_graph
+    first = schedule.index("full_attention")
+    assert len(graph.leading) == 2 * first  # a convolution and an MLP per layer before the first attention layer
+    attention_at = [i for i, kind in enumerate(schedule) if kind == "full_attention"]
+    assert graph.n_layers == len(attention_at)
+    for layer, start in zip(graph.layers, attention_at, strict=True):
+        end = next((i for i in attention_at if i > start), len(schedule))
+        assert [c.name for c in layer.components] == [names.mlp(layer.index, k) for k in range(1 + 2 * (end - start - 1))]
+    every = [graph.leading, *(layer.components for layer in graph.layers)]
+    for components in every:  # each reads everything before it: the components before it and the layer's heads
+        for k, component in enumerate(components[1:], 1):
+            assert components[k - 1].name in component.reads
+    assert (graph.leading[-1].name if graph.leading else names.EMBED) in graph.layers[0].attention_reads
+    assert names.EMBED in graph.layers[0].attention_reads
+
+
+def test_hybrid_with_gated_linear_attention_discovers_the_reference_circuit():
+    """Qwen3-Next (and Qwen3.5): a gated delta rule layer, written in place chunk by chunk (so the graph is
+    functionalised), before a softmax attention layer whose per-head output gate is half of its query projection.
+    The mixer and its MLP are components ``m-1`` and ``m-1.1``; the circuit equals the reference's."""
+    from tests.acdc_reference import ReferenceACDC
+
+    model = build("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                  dict(COMMON, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=8, linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]))
+    generator = torch.Generator().manual_seed(2)  # two prompts: the shape the model is traced at (its shapes are static)
+    task = pahq_fx.Task(torch.randint(0, 64, (2, 6), generator=generator), torch.randint(0, 64, (2, 6), generator=generator))
+    reference = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.forward(task.clean_input_ids, set(), None)[1],
+                                   model(input_ids=task.clean_input_ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    graph = reference.hg
+    assert [c.name for c in graph.leading] == ["m-1", "m-1.1"] and graph.n_layers == 1
+    assert graph.layers[0].attention_reads == (names.EMBED, "m-1", "m-1.1")
+    expected, effects = reference.run(0.003)
+    assert len(expected) > 1 and all(abs(e - 0.003) > 1e-6 for e in effects.values())
+    circuit = pahq_fx.discover(model, task, threshold=0.003, precision="fp32", progress=False, compile=False)
+    assert circuit.edge_set() == expected
 
 
 def test_static_trace_rejects_other_shapes_clearly():
@@ -130,7 +184,8 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("olmo2 (post-attention norm, q/k norm across heads)", 0.003),
                                                ("bitnet (sub-norm across heads before the output projection)", 0.003),
                                                ("afmoe (per-head output gate, post-attention norm, experts under a post-MLP norm)",
-                                                0.003)])
+                                                0.003),
+                                               ("lfm2 (hybrid: convolution layers before and after attention)", 0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 

@@ -31,7 +31,7 @@ def test_head_graph_matches_config(spec):
         assert layer.n_kv_groups == spec.kv_heads
         assert layer.kv_group_of_head == tuple(h // (spec.heads // spec.kv_heads) for h in range(spec.heads))
         parallel = spec.family == "neox" and spec.parallel
-        assert (f"a{layer.index}" in layer.mlp_reads) is not parallel
+        assert (f"a{layer.index}" in layer.components[0].reads) is not parallel
     senders, receivers = graph.senders(), graph.receivers()
     assert len(senders) == 1 + spec.layers * (spec.heads + 1)
     assert len(receivers) == spec.layers * (spec.heads + 2 * spec.kv_heads + 1) + 1

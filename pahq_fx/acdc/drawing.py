@@ -31,56 +31,76 @@ MLP_COLOUR = "#fff2c2"
 class _Layer:
     heads: int
     kv_groups: int
-    mlp: bool
+    components: int  # whole components after the layer's attention: its MLP, a hybrid's mixers and MLPs
     output_norm: bool = False
 
     def group_of(self, head: int) -> int:
         return head * self.kv_groups // self.heads
 
 
-def _architecture(circuit: Circuit) -> list[_Layer]:
-    """The model's layers as the circuit recorded them; for older circuit files, what the edge names show."""
-    if circuit.architecture:
-        return [_Layer(int(a["heads"]), int(a["kv_groups"]), bool(a["mlp"]), bool(a.get("output_norm", False)))
-                for a in circuit.architecture]
+def _architecture(circuit: Circuit) -> tuple[list[_Layer], int]:
+    """The model's layers as the circuit recorded them (for older circuit files, what the edge names show), and the
+    number of whole components before the first attention layer."""
+    seen: dict[int, int] = {}  # components by the attention layer they follow, as far as the edge names show
     layers: dict[int, dict[str, int]] = {}
     for edge in (*circuit.edges, *circuit.removed):
         for name in (edge.sender, edge.receiver):
             parsed = names.parse(name)
-            if parsed.layer is None:
+            if parsed.kind is NodeKind.MLP:
+                seen[parsed.layer] = max(seen.get(parsed.layer, 0), (parsed.index or 0) + 1)
+            if parsed.layer is None or parsed.layer < 0:
                 continue
-            layer = layers.setdefault(parsed.layer, {"heads": 0, "groups": 0, "mlp": 0, "output_norm": 0})
+            layer = layers.setdefault(parsed.layer, {"heads": 0, "groups": 0, "output_norm": 0})
             if parsed.kind is NodeKind.HEAD:
                 layer["heads"] = max(layer["heads"], parsed.index + 1)
             elif parsed.kind is NodeKind.KV_GROUP:
                 layer["groups"] = max(layer["groups"], parsed.index + 1)
-            else:
-                layer["output_norm" if parsed.kind is NodeKind.ATTENTION_OUTPUT else "mlp"] = 1
+            elif parsed.kind is NodeKind.ATTENTION_OUTPUT:
+                layer["output_norm"] = 1
+    leading = max(seen.get(-1, 0), int(circuit.architecture[0].get("leading", 0)) if circuit.architecture else 0)
+    if circuit.architecture:
+        return [_Layer(int(a["heads"]), int(a["kv_groups"]), max(int(a.get("components", a["mlp"])), seen.get(i, 0)),
+                       bool(a.get("output_norm", False))) for i, a in enumerate(circuit.architecture)], leading
     for group, heads in circuit.groups.items():
-        layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "mlp": 0, "output_norm": 0})
+        layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "output_norm": 0})
         layer["heads"] = max([layer["heads"], *(names.parse(h).index + 1 for h in heads)])
-    n = max(layers, default=-1) + 1
+    n = max([*layers, *seen], default=-1) + 1
     out = []
     for index in range(n):
-        layer = layers.get(index, {"heads": 1, "groups": 0, "mlp": 0, "output_norm": 0})
+        layer = layers.get(index, {"heads": 1, "groups": 0, "output_norm": 0})
         heads = max(layer["heads"], 1)
-        out.append(_Layer(heads, layer["groups"] or heads, bool(layer["mlp"]), bool(layer["output_norm"])))
-    return out
+        out.append(_Layer(heads, layer["groups"] or heads, seen.get(index, 0), bool(layer["output_norm"])))
+    return out, leading
 
 
 class _Positions:
-    """Where every node sits: x by head index (centred), y by the row of its component."""
+    """Where every node sits: x by head or component index (centred), y by the row of its component; the
+    components before the first attention layer take a row of their own above the embedding."""
 
-    def __init__(self, layers: list[_Layer]) -> None:
+    def __init__(self, layers: list[_Layer], leading: int) -> None:
         self.layers = layers
-        self.width = max([4, *(layer.heads for layer in layers)])
+        self.leading = leading
+        self.offset = 1.0 if leading else 0.0
+        self.width = max([4, *(layer.heads for layer in layers), *(layer.components for layer in layers), leading])
+
+    @property
+    def rows(self) -> int:
+        return int(2 * len(self.layers) + 2 + self.offset)
 
     def row(self, kind: NodeKind, layer: int | None) -> float:
         if kind is NodeKind.EMBED:
             return 0.0
         if kind is NodeKind.RESID_POST:
-            return 2.0 * len(self.layers) + 1
-        return 2.0 * layer + {NodeKind.MLP: 2.0, NodeKind.ATTENTION_OUTPUT: 1.5}.get(kind, 1.0)
+            return 2.0 * len(self.layers) + 1 + self.offset
+        return 2.0 * layer + self.offset + {NodeKind.MLP: 2.0, NodeKind.ATTENTION_OUTPUT: 1.5}.get(kind, 1.0)
+
+    def components_after(self, layer: int) -> int:
+        return self.leading if layer < 0 else self.layers[layer].components
+
+    def component_x(self, layer: int, position: int) -> float:
+        """One component centred; several (a hybrid's mixers and MLPs) spread over the width in order."""
+        count = self.components_after(layer)
+        return self.centre() if count <= 1 else (position + 0.5) * self.width / count - 0.5
 
     def head_x(self, layer: int, head: int) -> float:
         """Heads of a layer spread evenly over the width, whatever their number."""
@@ -101,6 +121,8 @@ class _Positions:
             return self.head_x(parsed.layer, parsed.index), y
         if parsed.kind is NodeKind.KV_GROUP:
             return self.group_x(parsed.layer, parsed.index), self.row(NodeKind.HEAD, parsed.layer) - BOX_H / 2 - 0.18
+        if parsed.kind is NodeKind.MLP:
+            return self.component_x(parsed.layer, parsed.index or 0), y
         return self.centre(), y
 
     def sender(self, name: str) -> tuple[float, float]:
@@ -126,10 +148,10 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
     for path in paths:
         if path.suffix.lower() not in (".png", ".svg"):
             raise ValueError(f"draw the circuit as .png or .svg, not {path.suffix or 'a file without suffix'}")
-    layers = _architecture(circuit)
-    at = _Positions(layers)
+    layers, leading = _architecture(circuit)
+    at = _Positions(layers, leading)
     used = set(circuit.nodes)
-    rows = 2 * len(layers) + 2
+    rows = at.rows
     figure = Figure(figsize=(max(6.0, 1.05 * at.width + 1.5), max(4.0, 0.95 * rows + 1.2)))
     axes = figure.add_subplot()
     axes.set_axis_off()
@@ -141,6 +163,14 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
         axes.text(x, y, label, ha="center", va="center", fontsize=7.5, color="#111111" if strong else "#aaaaaa", zorder=4)
 
     box(at.centre(), 0.0, names.EMBED, USED if names.EMBED in used else UNUSED, names.EMBED in used, width=1.2)
+
+    def components(layer: int) -> None:
+        width = min(1.0, 0.9 * at.width / max(at.components_after(layer), 1))
+        for position in range(at.components_after(layer)):
+            name = names.mlp(layer, position)
+            box(*at.node(name), name, MLP_COLOUR if name in used else UNUSED, name in used, width=width)
+
+    components(-1)
     box(at.centre(), at.row(NodeKind.RESID_POST, None), names.RESID_POST, USED, True, width=1.4)
     for index, layer in enumerate(layers):
         y = at.row(NodeKind.HEAD, index)
@@ -161,9 +191,7 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
         if layer.output_norm:
             name = names.attention_output(index)
             box(at.centre(), at.row(NodeKind.ATTENTION_OUTPUT, index), name, USED if name in used else UNUSED, name in used, width=0.9)
-        if layer.mlp:
-            name = names.mlp(index)
-            box(at.centre(), at.row(NodeKind.MLP, index), name, MLP_COLOUR if name in used else UNUSED, name in used, width=1.0)
+        components(index)
 
     effects = [e.effect for e in circuit.edges if math.isfinite(e.effect)]
     largest = max([abs(e) for e in effects] + [1e-12])

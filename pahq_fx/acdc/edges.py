@@ -1,9 +1,10 @@
 """The ACDC graph over a split model: senders, receivers, edges, and the deterministic visiting order.
 
 Order (documented in docs/acdc.md): receivers from the output backwards -- ``resid_post``,
-then for each layer from last to first: its MLP, its post-attention norm, then its value inputs, key inputs and
-query inputs, each from the last head (or key/value group) to the first. Within a receiver, senders from the nearest upstream
-to the embedding.
+then for each layer from last to first: its whole components (MLP; a hybrid's later mixers and MLPs) from the last
+to the first, its post-attention norm, then its value inputs, key inputs and query inputs, each from the last head
+(or key/value group) to the first; last, the components before the first attention layer, from the last to the
+first. Within a receiver, senders from the nearest upstream to the embedding.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import enum
 from dataclasses import dataclass
 
 from .. import names
-from ..head_graph import HeadGraph
+from ..head_graph import Component, HeadGraph
 from ..names import Role
 
 
@@ -29,7 +30,7 @@ class ReceiverKind(enum.Enum):
 class Sender:
     name: str
     index: int
-    component: str  # the contribution it belongs to: embed, a{L} (heads), a{L}.out, m{L}
+    component: str  # the contribution it belongs to: embed, a{L} (heads), a{L}.out, m{L}[.{K}]
     head: int | None = None
 
 
@@ -61,13 +62,15 @@ class EdgeGraph:
         self.senders: list[Sender] = []
         self._by_component: dict[str, list[int]] = {}
         self._add_sender(names.EMBED, names.EMBED)
+        for component in head_graph.leading:
+            self._add_sender(component.name, component.name)
         for layer in head_graph.layers:
             for h in range(layer.n_heads):
                 self._add_sender(layer.head_name(h), names.attention(layer.index), h)
             if layer.has_output_norm:
                 self._add_sender(layer.output_norm_name, layer.output_norm_name)
-            if layer.has_mlp:
-                self._add_sender(layer.mlp_name, layer.mlp_name)
+            for component in layer.components:
+                self._add_sender(component.name, component.name)
         self.sender_index = {s.name: s.index for s in self.senders}
         self.receivers = self._receivers()
         self.receiver_index = {r.name: i for i, r in enumerate(self.receivers)}
@@ -87,8 +90,7 @@ class EdgeGraph:
         out = [Receiver(names.RESID_POST, ReceiverKind.RESID_POST, None, None, self.senders_of(hg.final_reads))]
         attention = ReceiverKind.ATTENTION_INPUT
         for layer in reversed(hg.layers):
-            if layer.has_mlp:
-                out.append(Receiver(layer.mlp_name, ReceiverKind.MLP, layer.index, None, self.senders_of(layer.mlp_reads)))
+            out += self._component_receivers(layer.components, layer.index)
             if layer.has_output_norm:
                 heads = self.senders_of((names.attention(layer.index),))
                 out.append(Receiver(layer.output_norm_name, ReceiverKind.OUTPUT_NORM, layer.index, None, heads))
@@ -98,14 +100,18 @@ class EdgeGraph:
                     out.append(Receiver(layer.kv_name(g, role), attention, layer.index, g, senders, role))
             for h in reversed(range(layer.n_heads)):
                 out.append(Receiver(layer.query_name(h), attention, layer.index, h, senders, Role.QUERY))
-        return out
+        return out + self._component_receivers(hg.leading, -1)
+
+    def _component_receivers(self, components: tuple[Component, ...], layer: int) -> list[Receiver]:
+        """Whole components' receivers, last first (``layer``: the attention layer they follow, -1 before the first)."""
+        return [Receiver(c.name, ReceiverKind.MLP, layer, None, self.senders_of(c.reads)) for c in reversed(components)]
 
     def edges(self) -> list[Edge]:
         return [Edge(self.senders[s].name, r.name) for r in self.receivers for s in r.senders]
 
     def feeding_senders(self, receiver: Receiver) -> tuple[int, ...]:
         """The senders whose output is this receiver's node (a head, a group's heads, every head of the layer where
-        the input is normalised across heads, a norm, an MLP); none for resid_post."""
+        the input is normalised across heads, a norm, a whole component); none for resid_post."""
         if receiver.kind is ReceiverKind.RESID_POST:
             return ()
         if not receiver.is_attention_input:

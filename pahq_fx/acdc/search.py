@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import names
+from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, auto_format, parse_format
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
@@ -221,10 +222,19 @@ def search(
         groups=_kv_groups(edges),
         precision_note=session.precision_note,
         task_check=session.task_check.to_json(),
-        architecture=tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp,
-                            "output_norm": layer.has_output_norm}
-                           for layer in edges.head_graph.layers),
+        architecture=_architecture(edges.head_graph),
     )
+
+
+def _architecture(head_graph: HeadGraph) -> tuple[dict[str, Any], ...]:
+    """Per attention layer, what the circuit file records for drawing it: heads, key/value groups, post-attention
+    norm, the number of whole components after it (``mlp``: any), and on the first layer those before it."""
+    layers = tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp,
+                    "components": len(layer.components), "output_norm": layer.has_output_norm}
+                   for layer in head_graph.layers)
+    if head_graph.leading:
+        layers[0]["leading"] = len(head_graph.leading)
+    return layers
 
 
 def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver, threshold: float, abs_threshold: bool,

@@ -57,7 +57,7 @@ def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModul
     small = trace(model, example_inputs=input_ids[:2])
     if graph_meta.dynamic_shapes(small) or input_ids.shape[0] <= 2:
         return small
-    return trace(model, example_inputs=input_ids)
+    return trace(model, example_inputs=input_ids, dynamic_shapes=False)
 
 
 def build_runtime(

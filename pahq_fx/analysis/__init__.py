@@ -20,12 +20,14 @@ What is recognised (see README, "What the pass recognises"):
   find the layout and the inputs concerned are *coupled* (they reach every head of the layer);
 * between output projection and residual add: reshapes and a constant factor, or a function of the block
   output alone (a post-attention norm, a component of its own);
-* the first attention layer's read is the embedding: no residual add ``x + f(x)`` may come before it;
+* the embedding is the first attention layer's read, or, where residual adds ``x + f(x)`` come before it (a
+  hybrid's convolution or state-space layers), the ``x`` of the first of them;
 * residual reads are decomposed into sums of contributions through ``add`` ops (and casts and reshapes of the
-  token dimensions); a contribution that is not an attention output nor the embedding is an MLP, whose read is
-  found the same way (above sums of its own branches) and must flow on by addition too (post-layer-norm blocks
-  are refused); two such branches reading one stream and summed before the residual add (a shared expert beside
-  routed experts) are one MLP.
+  token dimensions); a contribution that is not an attention output nor the embedding is a whole component (an
+  MLP, or a hybrid's mixer), whose read is found the same way (above sums of its own branches) and must flow on
+  by addition too (post-layer-norm blocks are refused); two such branches reading one stream and summed before
+  the residual add (a shared expert beside routed experts) are one MLP. Several components may follow one
+  attention layer, and come before the first one.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import ancestors, descendants
+from ..graph_utils import SHAPE_OPS, ancestors, descendants
 from .attention import AttentionMatcher
 from .graph_facts import ADD_TARGETS, GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, MLPSite, ModelLayout
 from .probes import HeadProbe
-from .residual import ResidualStream
+from .residual import CAST_OPS, ResidualStream
 
 __all__ = ["AttentionCall", "AttentionSite", "Linear", "MLPSite", "ModelLayout", "analyse"]
 
@@ -59,11 +61,10 @@ def analyse(gm: fx.GraphModule, example: torch.Tensor) -> ModelLayout:
             "(or bmm / baddbmm over [batch * heads, seq, dim])"
         )
     sites = [matcher.site(i, c) for i, c in enumerate(calls)]
-    embed = sites[0].read
-    _check_embedding(facts, embed)
+    embed = _embedding(facts, residual, sites[0].read)
     final_read = residual.find_read(facts.logits, "the logits")
     joins: set[fx.Node] = set()  # sums of MLP branches kept whole (a shared expert beside routed experts)
-    while (found := _find_mlps(facts, residual, sites, final_read, joins)).join is not None:
+    while (found := _find_mlps(facts, residual, sites, embed, final_read, joins)).join is not None:
         joins.add(found.join)
     mlps, leaves, stop = found.mlps, found.leaves, found.stop
     for s in sites:
@@ -97,14 +98,19 @@ class _FoundMLPs:
 
 
 def _find_mlps(
-    facts: GraphFacts, residual: ResidualStream, sites: list[AttentionSite], final_read: fx.Node, joins: set[fx.Node]
+    facts: GraphFacts,
+    residual: ResidualStream,
+    sites: list[AttentionSite],
+    embed: fx.Node,
+    final_read: fx.Node,
+    joins: set[fx.Node],
 ) -> _FoundMLPs:
-    """The MLPs: every contribution to a residual read that is neither an attention output nor the embedding.
+    """The whole components: every contribution to a residual read that is neither an attention output nor the
+    embedding, each with the attention layer it follows and its position among the components after that layer.
 
-    Where two contributions after one attention layer read the same stream (a mixture of experts with a shared
-    expert adds both branches before the residual add), they are one MLP: ``join`` is the node that sums them,
-    for the caller to keep whole (in ``stop``) and search again."""
-    embed = sites[0].read
+    Where two contributions after one attention layer read the same stream and are summed before the residual add
+    (a mixture of experts with a shared expert), they are one MLP: ``join`` is the node that sums them, for the
+    caller to keep whole (in ``stop``) and search again."""
     known = {embed} | {s.residual_contribution for s in sites}
     stop = known | joins  # where decomposing a read ends: known components, and sums kept whole
     leaves: dict[fx.Node, list[fx.Node]] = {}
@@ -134,34 +140,31 @@ def _find_mlps(
     for c in sorted(mlp_contributions, key=facts.order.__getitem__):
         read = mlp_reads[c]
         upstream = ancestors([read]) | {read}
-        layer = max((s.layer for s in sites if s.read in upstream), default=0)
-        other = next((m for m in mlps if m.layer == layer), None)
-        if other is not None:
-            join = _sum_of(facts, residual, other.contribution, c, stop) if other.read is read else None
-            if join is None:
-                raise UnsupportedArchitectureError(
-                    f"two MLPs found after attention layer {layer} ({other.contribution.name}, {c.name}), not two "
-                    "branches of one MLP summed before the residual add"
-                )
-            return _FoundMLPs(mlps, leaves, stop, join)
-        mlps.append(MLPSite(layer=layer, read=read, contribution=c))
+        layer = max((s.layer for s in sites if s.read in upstream), default=-1)
+        for other in (m for m in mlps if m.layer == layer and m.read is read):
+            join = _sum_of(facts, residual, other.contribution, c, stop)
+            if join is not None:
+                return _FoundMLPs(mlps, leaves, stop, join)
+        position = sum(m.layer == layer for m in mlps)
+        mlps.append(MLPSite(layer=layer, read=read, contribution=c, position=position))
     return _FoundMLPs(mlps, leaves, stop)
 
 
-def _check_embedding(facts: GraphFacts, embed: fx.Node) -> None:
-    """The stream the first attention layer reads is ``embed``: it must be the embedding alone. A residual add
-    ``x + f(x)`` before it means components run before the first attention layer (a convolution or state-space
-    mixer and its MLP, as in LFM2's or a hybrid's first layers), which ``embed`` would silently absorb. Sums of
-    embeddings (token plus positions computed from the tokens, as in RoBERTa) add terms neither of which is
-    computed from the other, and are the embedding."""
-    upstream = ancestors([embed], within=facts.activations) | {embed}
-    adds = sorted((n for n in upstream if facts.is_residual_add(n) and _adds_to_own_input(n)), key=facts.order.__getitem__)
-    if adds:
-        raise UnsupportedArchitectureError(
-            f"the residual stream that the first attention layer reads ({embed.name}) already has components added "
-            f"to it ({', '.join(n.name for n in adds[:3])}): they run before the first attention layer (a "
-            "convolution or state-space mixer, an MLP) and would be folded into embed; not supported"
-        )
+def _embedding(facts: GraphFacts, residual: ResidualStream, first_read: fx.Node) -> fx.Node:
+    """The embedding: the stream the first attention layer reads, unless residual adds ``x + f(x)`` come before it
+    (a hybrid's convolution or state-space layers, an MLP), whose ``f(x)`` are then components of their own: the
+    stream is followed back through them (and identity casts and token reshapes, as reads are decomposed) to where
+    it starts. Sums of embeddings (token plus positions computed from the tokens, as in RoBERTa) add terms neither
+    of which is computed from the other, and are the embedding."""
+    node, through_component = first_read, False
+    while True:
+        if facts.is_residual_add(node) and _adds_to_own_input(node):
+            a, b = node.args[:2]
+            node, through_component = (a if a in ancestors([b]) else b), True
+        elif node.target in SHAPE_OPS | CAST_OPS and residual.token_reshape(node.args[0], node):
+            node = node.args[0]
+        else:
+            return node if through_component else first_read
 
 
 def _adds_to_own_input(add: fx.Node) -> bool:

@@ -162,6 +162,14 @@ class AttentionMatcher:
         return [g for g in gates if g is not None
                 and first_with_shape(g.input, self.facts.values, self.facts.lead, up=True) is normed]
 
+    @staticmethod
+    def _reaches_output_around_attention(attention: AttentionCall, outputs: list[fx.Node], z: fx.Node) -> bool:
+        """Whether a projection output reaches the output projection's input besides through the attention: a gate
+        computed from part of a projection (Qwen3-Next and Qwen3.5 compute each head's gate with its query)."""
+        through = ancestors(attention.inputs) | set(attention.inputs) | descendants([attention.output]) | {attention.output}
+        through |= descendants(attention.inputs) & ancestors([attention.output])  # eager attention's scores and softmax
+        return bool(descendants(outputs) & ancestors([z]) - through)
+
     def _output_linear(self, attention: AttentionCall) -> Linear:
         frontier, seen = [attention.output], set()
         while frontier:
@@ -199,7 +207,8 @@ class AttentionMatcher:
         outputs = [first_with_shape(p.node, self.facts.values, self.facts.lead, up=False) for p in projections]
         contribution, scale, output_norm = self._contribution(attention, out_linear)
         z_features, output_coupled = self.probe.z_features(attention, z)
-        roles = self.probe.role_features(attention, outputs, (z, z_features) if gates else None)
+        gated = bool(gates) or self._reaches_output_around_attention(attention, outputs, z)
+        roles = self.probe.role_features(attention, outputs, (z, z_features) if gated else None)
         return AttentionSite(
             layer=layer,
             read=read,

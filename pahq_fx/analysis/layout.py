@@ -78,11 +78,14 @@ class AttentionSite:
 
 @dataclass
 class MLPSite:
-    """An MLP (any residual contribution that is not attention or embedding)."""
+    """A whole component: any residual contribution that is not attention or embedding (an MLP, a hybrid's
+    convolution or state-space mixer). ``layer`` is the attention layer it follows (-1: before the first),
+    ``position`` its place among the components that follow that layer."""
 
     layer: int
     read: fx.Node
     contribution: fx.Node
+    position: int = 0
 
 
 @dataclass
