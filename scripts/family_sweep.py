@@ -3,7 +3,8 @@
     python scripts/family_sweep.py                 # every family (about 25 minutes on 2 CPU cores)
     python scripts/family_sweep.py llama gpt_oss   # some
 
-For each family: build a 2-layer, 4-head model from the config class's defaults with small sizes, transform it
+For each family: build a 2-layer, 4-head model from the config class's defaults with small sizes (a hybrid whose
+first two layers have no softmax attention: 3 layers, one of them attention), transform it
 in FP32 and compare with the Hugging Face logits, then run ``discover`` (FP32) and the naive reference of the
 tests (tests/acdc_reference.py) on a random task and compare the circuits. Prints a table and writes JSON
 (``--out``). Outcomes:
@@ -105,7 +106,7 @@ def check(model_type: str) -> dict:
     try:
         with torch.no_grad():
             expected = model(input_ids=ids, use_cache=False).logits
-        transformed = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, low_precision="fp32", compile=False)
+        transformed = pahq_fx.transform(model, head=(0, 1), example_inputs=ids, low_precision="fp32", compile=False)
         error = (transformed(ids) - expected).abs().max().item()
         layer = transformed.head_graph.layers[0]
         shape = f"{layer.n_heads} heads, {layer.n_kv_groups} kv groups"
@@ -118,6 +119,8 @@ def check(model_type: str) -> dict:
                                    allow_weak_task=True)
     except PahqError as refusal:
         return {"outcome": "refused", "detail": f"{type(refusal).__name__}: {refusal}"}
+    except TimeoutError:
+        raise
     except Exception as error:  # noqa: BLE001 - reported as a bug in the table
         return {"outcome": "ERROR", "detail": f"{type(error).__name__}: {error}"}
     same = circuit.edge_set() == reference
