@@ -195,8 +195,8 @@ class PatchingRuntime:
         self._final_aux = self._aux(self.structure.final_aux)
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
         corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
-        # In place, one copy at a time; an output that is a broadcast view (a bias expanded to the stream) gets its own memory.
-        self.corrupt_minus_clean = [(c if c.is_contiguous() else c.contiguous()).sub_(k) for c, k in zip(corrupted, self.clean)]
+        # In place, one copy at a time; contiguous() gives a broadcast view (a bias expanded to the stream) its own memory.
+        self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean)]
         full = self._unembed_all(clean_final)
         self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
         token_wise = self._token_wise_unembedding(clean_final, full)
