@@ -4,7 +4,8 @@
     python scripts/family_sweep.py llama gpt_oss   # some
 
 For each family: build a 2-layer, 4-head model from the config class's defaults with small sizes (a hybrid whose
-first two layers have no softmax attention: 3 layers, one of them attention), transform it
+first two layers have no softmax attention: 3 layers, one of them attention; a hybrid whose schedule derives from a
+period and offset, Jamba's, or from block types, RecurrentGemma's: a mixer layer, then attention), transform it
 in FP32 and compare with the Hugging Face logits, then run ``discover`` (FP32) and the naive reference of the
 tests (tests/acdc_reference.py) on a random task and compare the circuits. Prints a table and writes JSON
 (``--out``). Outcomes:
@@ -42,7 +43,9 @@ SIZES = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value
              intermediate_size=64, ffn_dim=64, head_dim=8, max_position_embeddings=64, n_positions=64,
              bos_token_id=0, eos_token_id=0, pad_token_id=0, moe_intermediate_size=16, shared_expert_intermediate_size=16,
              num_experts=4, num_local_experts=4, num_experts_per_tok=2, rotary_dim=4,
-             d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64)
+             d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+             mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, mamba_dt_rank=4, mamba_d_ssm=64,
+             lru_width=32, attn_layer_indices=[1], attn_layer_period=2, attn_layer_offset=1, block_types=["recurrent", "attention"])
 THRESHOLD = 1e-3
 OUTCOMES = ("exact", "MISMATCH", "refused", "ERROR", "timed out", "not built")
 
@@ -62,13 +65,14 @@ def _set_size(config: transformers.PretrainedConfig, key: str, value: object) ->
 
 def _schedule(layer_types: list[str]) -> list[str]:
     """The first two layer types, or for a hybrid whose first two layers have no softmax attention (Qwen3-Next's
-    three linear-attention layers before each full one) a mixer, an attention layer and a mixer again."""
+    three linear-attention layers before each full one) a mixer, an attention layer and a mixer again; the attention
+    layer is ``full_attention`` where the default schedule has none (Granite 4's, all Mamba by default)."""
     first = layer_types[: SIZES["num_hidden_layers"]]
-    softmax = [t for t in layer_types if "attention" in t and "linear" not in t]
-    if not softmax or any(t in softmax for t in first):
+    softmax = [t for t in layer_types if ("attention" in t or t == "hybrid") and "linear" not in t]
+    if any(t in softmax for t in first):
         return first
     other = next(t for t in layer_types if t not in softmax)
-    return [other, softmax[0], other]
+    return [other, softmax[0] if softmax else "full_attention", other]
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:

@@ -72,6 +72,14 @@ SUPPORTED = {
         "Lfm2Config", "Lfm2ForCausalLM",
         dict(COMMON, num_key_value_heads=2, num_hidden_layers=4, layer_types=["conv", "full_attention", "full_attention", "conv"]),
         2, True),
+    "jamba (hybrid: Mamba layers, traced at static shapes, attention every other layer)": (
+        "JambaConfig", "JambaForCausalLM",
+        dict(COMMON, num_key_value_heads=2, num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+             mamba_dt_rank=4, num_experts=1), 2, True),
+    "falcon_h1 (hybrid: a Mamba mixer beside the attention, computed before the heads)": (
+        "FalconH1Config", "FalconH1ForCausalLM",
+        dict(COMMON, num_key_value_heads=2, head_dim=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4,
+             mamba_n_groups=1), 2, False),
 }
 
 
@@ -90,7 +98,7 @@ def test_family_splits_exactly(name):
     config_class, model_class, config, groups, sequential = SUPPORTED[name]
     model = build(config_class, model_class, config)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    transformed = pahq_fx.transform(model, head=(1, 1), low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, low_precision="fp32", compile=False)
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
@@ -100,7 +108,7 @@ def test_family_splits_exactly(name):
     assert layer.has_output_norm is ("post-attention norm" in name)
     coupled = {Role.QUERY, Role.KEY} if "q/k norm across heads" in name else set(Role) if "sub-norm across" in name else set()
     assert layer.coupled_roles == coupled
-    fp8 = pahq_fx.transform(model, head=(1, 1), low_precision="fp8", compile=False)
+    fp8 = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, low_precision="fp8", compile=False)
     assert torch.isfinite(fp8(ids)).all()
 
 
@@ -185,7 +193,11 @@ def test_static_trace_rejects_other_shapes_clearly():
                                                ("bitnet (sub-norm across heads before the output projection)", 0.003),
                                                ("afmoe (per-head output gate, post-attention norm, experts under a post-MLP norm)",
                                                 0.003),
-                                               ("lfm2 (hybrid: convolution layers before and after attention)", 0.003)])
+                                               ("lfm2 (hybrid: convolution layers before and after attention)", 0.003),
+                                               ("jamba (hybrid: Mamba layers, traced at static shapes, attention every other layer)",
+                                                0.003),
+                                               ("falcon_h1 (hybrid: a Mamba mixer beside the attention, computed before the heads)",
+                                                0.003)])
 def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
     from tests.acdc_reference import ReferenceACDC
 

@@ -214,8 +214,9 @@ class PatchingRuntime:
         return x.flatten(0, 1).index_select(0, self.final_rows)
 
     def _full_run(self, embed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Every sender's FP32 output, every step's read, and the final read, for one input."""
-        outputs = [embed]
+        """Every sender's FP32 output (by sender index: a component that runs before its layer's heads, as Falcon-H1's
+        Mamba mixer beside the attention, still follows them), every step's read, and the final read, for one input."""
+        outputs: list[torch.Tensor] = [embed] * len(self.edges.senders)
         totals = {names.EMBED: embed}
         reads = []
         for k, step in enumerate(self.steps):
@@ -224,11 +225,12 @@ class PatchingRuntime:
             block = getattr(self.graph, step.module)
             if step.kind is StepKind.ATTENTION:
                 heads = block.from_stream(read, *self._aux(step.aux))
-                outputs.extend(heads.unbind(2))
+                for sender, head in zip(self.step_senders[k], heads.unbind(2), strict=True):
+                    outputs[sender] = head
                 totals[step.name] = block.combine(heads)
             else:
                 out = block(read, *self._aux(step.aux))
-                outputs.append(out)
+                outputs[self.step_senders[k][0]] = out
                 totals[step.name] = out
         final = sum(totals[c] for c in self.structure.final_reads)
         return outputs, reads, final
@@ -242,7 +244,7 @@ class PatchingRuntime:
         try:
             rows = x.flatten(0, 1).index_select(0, self.positions).unsqueeze(0)
             return bool(torch.allclose(self.graph.unembed(rows, *self._final_aux).squeeze(0), full, rtol=1e-5, atol=1e-5))
-        except RuntimeError:
+        except (RuntimeError, IndexError):  # a graph specialised to the sequence length: the whole batch goes through
             return False
 
     def _aux_for_rows(self, task: Task) -> tuple | None:
@@ -264,7 +266,7 @@ class PatchingRuntime:
         x = self.clean_reads[k]
         try:
             rows = self._components[k](self._rows(x).unsqueeze(1), *self._row_aux(k)).squeeze(1)
-        except RuntimeError:
+        except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)
             return False
         full = self.clean[self.step_senders[k][0]]  # its clean output, computed from this same read
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
