@@ -62,13 +62,9 @@ class ReferenceACDC:
         return [name]
 
     def senders_of(self, reads):
-        # docs/acdc.md's sender order: per layer its heads, its post-attention norm, its whole components, whatever
+        # docs/acdc.md's sender order (per layer its heads, its post-attention norm, its whole components), whatever
         # order the graph computes them in (Falcon-H1 runs its Mamba mixer before the heads beside it).
-        order = ["embed", *(c.name for c in self.hg.leading)]
-        for layer in self.hg.layers:
-            order += [layer.head_name(h) for h in range(layer.n_heads)]
-            order += [layer.output_norm_name] if layer.has_output_norm else []
-            order += [c.name for c in layer.components]
+        order = self.hg.senders()
         upstream = {s for c in reads for s in self.components(c)}
         return [s for s in reversed(order) if s in upstream]
 
