@@ -5,7 +5,8 @@
 
 For each format, ``pahq_fx.transform(model, head=(last layer, 0), low_precision=fmt, compile=False)`` on the task's
 clean batch: the seconds to trace, split and lower (setup, split into trace and split + lower), and the median
-eager forward, as a ratio to the Hugging Face model's eager forward measured alternately in the same process.
+forward, as a ratio to the Hugging Face model's forward measured alternately in the same process (on CUDA where
+there is one; ``--compile`` compiles both with ``torch.compile`` first).
 Prints a table, writes JSON.
 """
 
@@ -29,20 +30,24 @@ from acdc import add_model_arguments, load_model_and_task, results_path  # share
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def measure(model, ids: torch.Tensor, fmt: str, repeats: int) -> dict:
+def measure(model, ids: torch.Tensor, fmt: str, repeats: int, compile: bool) -> dict:
     from pahq_fx import passes
 
     start = time.perf_counter()
-    traced = passes.trace(model, ids[:2])
+    traced = passes.trace(model, ids)
     trace_s = time.perf_counter() - start
     graph = passes.lower_precision(passes.split_heads(traced), fmt)
     split_s = time.perf_counter() - start - trace_s
     layers = len(graph.meta["head_graph"].layers)
     passes.set_head(graph, (layers - 1, 0))
+    if compile:
+        model, graph = torch.compile(model), torch.compile(graph)
     hf, ours = [], []
     for _ in range(2):
         model(input_ids=ids, use_cache=False)
@@ -60,13 +65,16 @@ def main() -> None:
     add_model_arguments(parser, model="gpt2-induction-8h", n=48)
     parser.add_argument("--formats", default="fp32,bf16,fp8")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both the HF model and ours")
     args = parser.parse_args()
     args.out = results_path(args, "forward")
 
     model, task = load_model_and_task(args)
-    ids = task.clean_input_ids
-    rows = [measure(model, ids, fmt, args.repeats) for fmt in args.formats.split(",")]
-    print(f"model {args.model}, batch {tuple(ids.shape)}, eager, CPU threads {torch.get_num_threads()}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ids = model.to(device), task.clean_input_ids.to(device)
+    rows = [measure(model, ids, fmt, args.repeats, args.compile) for fmt in args.formats.split(",")]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    print(f"model {args.model}, batch {tuple(ids.shape)}, {'compiled' if args.compile else 'eager'}, {where}")
     print("| format | trace s | split + lower s | HF forward ms | transformed forward ms | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -47,7 +47,7 @@ class PerHeadLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("full_precision_head", torch.tensor(NO_HEAD, dtype=torch.long))
+        self.register_buffer("full_precision_head", torch.tensor(NO_HEAD, dtype=torch.long, device=weight.device))
 
     @property
     def n_heads(self) -> int:
@@ -307,7 +307,7 @@ def _per_role_linear(site: AttentionSite, role: Role, weight: torch.Tensor, bias
     return PerHeadLinear(w, b)
 
 
-def _scatter_indices(site: AttentionSite, widths: list[int]) -> list[torch.Tensor]:
+def _scatter_indices(site: AttentionSite, widths: list[int], device: torch.device) -> list[torch.Tensor]:
     """For each projection output, where each of its features sits in the concatenated per-head outputs."""
     position = {}
     for role in Role:
@@ -316,7 +316,7 @@ def _scatter_indices(site: AttentionSite, widths: list[int]) -> list[torch.Tenso
                 position[f] = len(position)
     indices, offset = [], 0
     for width in widths:
-        indices.append(torch.tensor([position[offset + j] for j in range(width)], dtype=torch.long))
+        indices.append(torch.tensor([position[offset + j] for j in range(width)], dtype=torch.long, device=device))
         offset += width
     return indices
 
@@ -355,9 +355,9 @@ class _Builder:
         w_o = site.output_linear.weight * site.output_scale
         o_bias = None if site.output_linear.bias is None else site.output_linear.bias * site.output_scale
         o = PerHeadLinear(torch.stack([w_o[:, f] for f in site.z_features]), None)
-        z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long)
+        z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long, device=weight.device)
         block = AttentionBlock(
-            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths), core, z_order, o, o_bias,
+            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths, weight.device), core, z_order, o, o_bias,
             site.kv_group_of_head, len(extras),
         )
         return block, norm_aux + core_aux

@@ -80,7 +80,7 @@ class Task:
         digest = hashlib.sha256()
         for label, t in sorted(self._tensors().items()):
             digest.update(label.encode())
-            digest.update(t.to(torch.int64).contiguous().numpy().tobytes())
+            digest.update(t.to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
