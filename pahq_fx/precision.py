@@ -77,22 +77,22 @@ AUTO = "auto"
 
 
 def auto_format(device: torch.device) -> tuple[Format, str]:
-    """The honest default on ``device``, and why: FP8 where FP8 matmuls are native (CUDA sm >= 8.9), bf16 on other
-    CUDA GPUs with bf16, FP32 elsewhere. On a CPU the heads a query recomputes are too small for bf16 to pay even
-    where bf16 matmul is native, and every precision plan switch recomputes heads that FP32 never has to: per query,
-    bf16 was never faster than FP32 at any model width measured, and up to 3x slower (README, "Which format on a
-    CPU")."""
+    """The honest default on ``device``, and why: the format measured fastest per query, which is FP32 on every
+    device measured so far. A query recomputes a few heads, whose per-head matmuls are too small for a
+    low-precision kernel to repay its casts (and, for FP8, quantizing each head's activations), and every
+    precision plan switch recomputes heads that FP32 never has to. On a CPU bf16 was never faster than FP32 at any
+    model width measured, and up to 3x slower; on an H100 (sm 9.0) FP8 cost 1.8x FP32 per query on a 2-layer
+    model and 7-10x on GPT-2 small's shape, bf16 1.5-2.6x (README, "Which format on a CPU", "On a GPU").
+    ``precision="fp8"`` (or bf16, fp16) still runs the other heads in that format."""
+    advice = "precision='fp8' or 'bf16' runs the other heads in that format all the same"
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        if capability >= (8, 9):
-            return Format.FP8_E4M3, f"CUDA sm {capability[0]}.{capability[1]} has FP8 tensor cores"
-        if torch.cuda.is_bf16_supported():
-            return Format.BF16, f"CUDA sm {capability[0]}.{capability[1]}: no FP8 tensor cores, native bf16"
-        return Format.FP32, f"CUDA sm {capability[0]}.{capability[1]}: neither FP8 nor bf16 tensor cores"
+        return Format.FP32, (f"CUDA sm {capability[0]}.{capability[1]}: FP32 was measured fastest per query on an "
+                             f"H100 (FP8 1.8-10x and bf16 1.5-2.6x slower at the model sizes measured); {advice}")
     if device.type == "cpu":
         return Format.FP32, ("cpu: FP32 is the fastest format for this runtime on CPUs (bf16 and FP8 measured "
                              "slower per query); precision='bf16' runs the other heads in bf16 all the same")
-    return Format.FP32, f"{device.type}: no native FP8 or bf16 matmul"
+    return Format.FP32, f"{device.type}: no low-precision format measured faster than FP32; {advice}"
 
 
 def parse_format(value: str | Format) -> Format:
@@ -193,7 +193,7 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         self.config = config
         self.exact = False
         n, out_features, in_features = self.weight.shape
-        self.register_buffer("head_ids", torch.arange(n))
+        self.register_buffer("head_ids", torch.arange(n, device=self.weight.device))
         fmt = config.low_precision
         if fmt.is_fp8:
             self.kernel = fp8_kernel_for(self.weight.device, in_features, out_features)

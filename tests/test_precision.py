@@ -91,18 +91,34 @@ def test_fp8_rejects_one_wide_inputs():
         LowPrecisionPerHeadLinear(PerHeadLinear(torch.randn(2, 3, 1), None), PrecisionConfig("fp8"))
 
 
-@pytest.mark.parametrize(
-    ("capability", "bf16", "expected"),
-    [((9, 0), True, "fp8"), ((8, 9), True, "fp8"), ((8, 0), True, "bf16"), ((7, 0), False, "fp32")],
-)
-def test_auto_format_on_cuda_follows_the_tensor_cores(monkeypatch, capability, bf16, expected):
+@pytest.mark.parametrize(("capability", "bf16"), [((9, 0), True), ((8, 9), True), ((8, 0), True), ((7, 0), False)])
+def test_auto_format_on_cuda_is_the_measured_fastest_and_names_the_device(monkeypatch, capability, bf16):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     fmt, reason = auto_format(torch.device("cuda"))
-    assert fmt.value == expected and f"sm {capability[0]}.{capability[1]}" in reason
+    assert fmt is Format.FP32 and f"sm {capability[0]}.{capability[1]}" in reason
+    assert "precision='fp8'" in reason
 
 
 def test_auto_format_on_a_cpu_is_fp32_and_says_how_to_get_bf16():
     fmt, reason = auto_format(torch.device("cpu"))
     assert fmt is Format.FP32
     assert "precision='bf16'" in reason
+
+
+def test_compile_auto_runs_eagerly_on_cuda_too():
+    from pahq_fx.acdc.setup import resolve_compile
+
+    compile, note = resolve_compile("auto", torch.device("cuda"))
+    assert compile is False and note.startswith("eager (compile='auto'") and "H100" in note
+    assert resolve_compile(True, torch.device("cuda")) == (True, "compiled (compile=True)")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_per_head_buffers_live_on_the_weights_device(fmt):
+    """The head selector and head ids index tensors on the weights' device; made on the CPU they broke every forward
+    of a model on CUDA. The meta device stands in for a second device here."""
+    source = PerHeadLinear(torch.randn(3, 4, 8, device="meta"), None)
+    lowered = LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt))
+    assert source.full_precision_head.device.type == "meta"
+    assert {b.device.type for b in lowered.buffers()} == {"meta"}

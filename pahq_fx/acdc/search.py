@@ -57,10 +57,10 @@ def discover(
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
-    ``precision``: ``auto`` (FP8 on CUDA sm >= 8.9, bf16 where matmuls are natively bf16, else FP32), ``fp32``,
-    ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for every query the receiver's head runs in FP32 and the
-    other heads in that format. ``compile``: ``auto`` compiles on CUDA and runs eagerly elsewhere (on a CPU the
-    compile time is not repaid), ``True`` forces it. See docs/acdc.md for the algorithm, docs/runtime.md for
+    ``precision``: ``auto`` (the format measured fastest per query on the device: FP32 on CPUs and on an H100,
+    see :func:`~pahq_fx.precision.auto_format`), ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for
+    every query the receiver's head runs in FP32 and the other heads in that format. ``compile``: ``auto`` runs
+    eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. See docs/acdc.md for the algorithm, docs/runtime.md for
     the runtime.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
