@@ -200,6 +200,14 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
             self.low_weights = nn.ParameterList(
                 nn.Parameter(_float8_weight(self.weight[h], config, self.kernel), requires_grad=False) for h in range(n)
             )
+            # Heads that read one input (the forward's queries, keys and values) take one FP8 matmul over the stacked
+            # weights instead of one per head, each quantizing the same input again. With per-row scales every output
+            # feature and every token row keeps its own scale, so the values are the per-head matmuls'; a per-tensor
+            # scale over all heads would differ from each head's own, so that granularity stays per head.
+            self.stacked_low_weight = None
+            if config.granularity is Granularity.PER_ROW:
+                stacked = _float8_weight(self.weight.flatten(0, 1), config, self.kernel)
+                self.stacked_low_weight = nn.Parameter(stacked, requires_grad=False)
         else:
             self.kernel = Kernel.HALF
             self.register_buffer("low_weight", self.weight.detach().to(fmt.dtype))
@@ -239,10 +247,22 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         return torch.stack(columns, dim=-2)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
-        """Every head reading ``x`` [..., in]: in FP32 when exact, otherwise under the plan, as ``forward``."""
+        """Every head reading ``x`` [..., in]: in FP32 when exact, otherwise under the plan, as ``forward`` on copies
+        of ``x``, with one low-precision matmul over the stacked weights where the format allows."""
         if self.exact:
             return super().shared(x)
-        return self(x.unsqueeze(-2).expand(*x.shape[:-1], self.n_heads, x.shape[-1]))
+        copies = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_heads, x.shape[-1])
+        if self.config.low_precision.is_fp8:
+            if self.stacked_low_weight is None:
+                return self(copies)
+            low = F.linear(x, self.stacked_low_weight)
+        else:
+            low = F.linear(x.to(self.low_weight.dtype), self.low_weight.flatten(0, 1)).to(x.dtype)
+        low = low.unflatten(-1, (self.n_heads, -1))
+        if self.bias is not None:
+            low = low + self.bias
+        selected = (self.head_ids == self.full_precision_head).unsqueeze(-1)
+        return torch.where(selected, self.full_precision(copies), low)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:

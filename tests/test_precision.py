@@ -122,3 +122,30 @@ def test_per_head_buffers_live_on_the_weights_device(fmt):
     lowered = LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt))
     assert source.full_precision_head.device.type == "meta"
     assert {b.device.type for b in lowered.buffers()} == {"meta"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.integers(1, 4),
+    out_features=st.sampled_from([8, 16]),
+    in_features=st.sampled_from([8, 32]),
+    fmt=st.sampled_from(["fp8", "fp8_e5m2", "bf16", "fp16"]),
+    granularity=st.sampled_from(["per_row", "per_tensor"]),
+    bias=st.booleans(),
+    data=st.data(),
+)
+def test_shared_input_equals_the_per_head_copies(heads, out_features, in_features, fmt, granularity, bias, data):
+    """``shared`` (one matmul over the stacked weights where the format allows) gives ``forward`` on per-head copies:
+    the same low-precision values to round-off and the selected head in FP32, exactly."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    source = PerHeadLinear(torch.randn(heads, out_features, in_features), torch.randn(heads, out_features) if bias else None)
+    lowered = LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt, granularity))
+    selected = data.draw(st.integers(-1, heads - 1))
+    lowered.full_precision_head.fill_(selected)
+    x = torch.randn(2, 5, in_features) * data.draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    shared = lowered.shared(x)
+    copies = lowered(x.unsqueeze(-2).expand(2, 5, heads, in_features))
+    assert shared.shape == copies.shape == (2, 5, heads, out_features)
+    assert sqnr_db(copies, shared) > 100
+    if selected >= 0:
+        assert torch.equal(shared[..., selected, :], source.fp32_unit(x, selected))
