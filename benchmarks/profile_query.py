@@ -15,6 +15,12 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
+def query(runtime, row: int, sender: int) -> None:
+    """One edge query, undone: the runtime's state is the same after it."""
+    runtime.try_remove(row, [sender])
+    runtime.rollback()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -49,14 +55,10 @@ def main() -> None:
         row, embed = edges.receiver_index["a0.h0.q"], edges.sender_index["embed"]
         runtime.investigate(edges.receivers[row])
 
-        def query() -> None:
-            runtime.try_remove(row, [embed])
-            runtime.rollback()
-
-        query()
+        query(runtime, row, embed)
         with profile(activities=activities) as prof:
             for _ in range(args.queries):
-                query()
+                query(runtime, row, embed)
             if device == "cuda":
                 torch.cuda.synchronize()
         events = prof.key_averages()

@@ -186,9 +186,12 @@ def is_float8_tensor(t: torch.Tensor) -> bool:
 
 
 class LowPrecisionPerHeadLinear(PerHeadLinear):
-    """All heads in a low-precision format; the head named by ``full_precision_head`` recomputed in FP32."""
+    """All heads in a low-precision format; the head named by ``full_precision_head`` recomputed in FP32.
 
-    def __init__(self, source: PerHeadLinear, config: PrecisionConfig) -> None:
+    ``shared_input``: whether the heads may read one input together (:meth:`shared`; the queries, keys and values
+    of a forward, not the output projection), which keeps a stacked FP8 copy of the weights for it."""
+
+    def __init__(self, source: PerHeadLinear, config: PrecisionConfig, shared_input: bool = True) -> None:
         super().__init__(source.weight, source.bias)
         self.config = config
         self.exact = False
@@ -205,7 +208,7 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
             # feature and every token row keeps its own scale, so the values are the per-head matmuls'; a per-tensor
             # scale over all heads would differ from each head's own, so that granularity stays per head.
             self.stacked_low_weight = None
-            if config.granularity is Granularity.PER_ROW:
+            if shared_input and config.granularity is Granularity.PER_ROW:
                 stacked = _float8_weight(self.weight.flatten(0, 1), config, self.kernel)
                 self.stacked_low_weight = nn.Parameter(stacked, requires_grad=False)
         else:
@@ -324,7 +327,7 @@ def lower_precision(
             for name in PROJECTIONS:
                 linear = getattr(block, name)
                 source = PerHeadLinear(linear.weight, linear.bias) if isinstance(linear, LowPrecisionPerHeadLinear) else linear
-                lowered = LowPrecisionPerHeadLinear(source, config)
+                lowered = LowPrecisionPerHeadLinear(source, config, shared_input=name != "o")
                 setattr(block, name, lowered)
                 kernels[lowered.kernel.value] = None
                 total += lowered.weight.shape[0]
