@@ -81,14 +81,15 @@ def auto_format(device: torch.device) -> tuple[Format, str]:
     device measured so far. A query recomputes a few heads, whose per-head matmuls are too small for a
     low-precision kernel to repay its casts (and, for FP8, quantizing each head's activations), and every
     precision plan switch recomputes heads that FP32 never has to. On a CPU bf16 was never faster than FP32 at any
-    model width measured, and up to 3x slower; on an H100 (sm 9.0) FP8 cost 1.8x FP32 per query on a 2-layer
-    model and 7-10x on GPT-2 small's shape, bf16 1.5-2.6x (README, "Which format on a CPU", "On a GPU").
+    model width measured, and up to 3x slower; on an H100 (sm 9.0) FP8 cost 1.8x FP32 per query in a whole run on
+    a 2-layer model and 2-11x on single queries at GPT-2 small's shape, bf16 2.6x in that whole run and 0.7-2.3x on
+    those single queries (README, "Which format on a CPU", "On a GPU").
     ``precision="fp8"`` (or bf16, fp16) still runs the other heads in that format."""
     advice = "precision='fp8' or 'bf16' runs the other heads in that format all the same"
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        return Format.FP32, (f"CUDA sm {capability[0]}.{capability[1]}: FP32 was measured fastest per query on an "
-                             f"H100 (FP8 1.8-10x and bf16 1.5-2.6x slower at the model sizes measured); {advice}")
+        return Format.FP32, (f"CUDA sm {capability[0]}.{capability[1]}: FP32 was measured fastest per query in whole "
+                             f"runs on an H100 (FP8 1.8x, bf16 2.6x slower on a 2-layer model); {advice}")
     if device.type == "cpu":
         return Format.FP32, ("cpu: FP32 is the fastest format for this runtime on CPUs (bf16 and FP8 measured "
                              "slower per query); precision='bf16' runs the other heads in bf16 all the same")
