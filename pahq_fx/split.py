@@ -520,7 +520,8 @@ def _head_graph(layout: ModelLayout, steps: list[Step], final_reads: tuple[str, 
 
     def components_after(layer: int) -> tuple[Component, ...]:
         after = sorted((m for m in layout.mlps if m.layer == layer), key=lambda m: m.position)
-        return tuple(Component(names.mlp(layer, m.position), reads[names.mlp(layer, m.position)]) for m in after)
+        component_names = [names.mlp(layer, m.position) for m in after]
+        return tuple(Component(name, reads[name]) for name in component_names)
 
     layers = tuple(
         LayerInfo(
