@@ -187,12 +187,9 @@ def is_float8_tensor(t: torch.Tensor) -> bool:
 
 
 class LowPrecisionPerHeadLinear(PerHeadLinear):
-    """All heads in a low-precision format; the head named by ``full_precision_head`` recomputed in FP32.
+    """All heads in a low-precision format; the head named by ``full_precision_head`` recomputed in FP32."""
 
-    ``shared_input``: whether the heads may read one input together (:meth:`shared`; the queries, keys and values
-    of a forward, not the output projection), which keeps a stacked FP8 copy of the weights for it."""
-
-    def __init__(self, source: PerHeadLinear, config: PrecisionConfig, shared_input: bool = True) -> None:
+    def __init__(self, source: PerHeadLinear, config: PrecisionConfig) -> None:
         super().__init__(source.weight, source.bias)
         self.config = config
         self.exact = False
@@ -201,17 +198,19 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         fmt = config.low_precision
         if fmt.is_fp8:
             self.kernel = fp8_kernel_for(self.weight.device, in_features, out_features)
-            self.low_weights = nn.ParameterList(
-                nn.Parameter(_float8_weight(self.weight[h], config, self.kernel), requires_grad=False) for h in range(n)
-            )
             # Heads that read one input (the forward's queries, keys and values) take one FP8 matmul over the stacked
             # weights instead of one per head, each quantizing the same input again. With per-row scales every output
-            # feature and every token row keeps its own scale, so the values are the per-head matmuls'; a per-tensor
-            # scale over all heads would differ from each head's own, so that granularity stays per head.
+            # feature keeps its own scale, so the weights are quantized once, stacked, and each head's are a slice
+            # of them (the same values as quantizing it alone); a per-tensor scale over all heads would differ from
+            # each head's own, so that granularity is quantized per head and has no stacked matmul.
             self.stacked_low_weight = None
-            if shared_input and config.granularity is Granularity.PER_ROW:
+            if config.granularity is Granularity.PER_ROW:
                 stacked = _float8_weight(self.weight.flatten(0, 1), config, self.kernel)
                 self.stacked_low_weight = nn.Parameter(stacked, requires_grad=False)
+                per_head = [stacked[h * out_features : (h + 1) * out_features] for h in range(n)]
+            else:
+                per_head = [_float8_weight(self.weight[h], config, self.kernel) for h in range(n)]
+            self.low_weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in per_head)
         else:
             self.kernel = Kernel.HALF
             self.register_buffer("low_weight", self.weight.detach().to(fmt.dtype))
@@ -263,16 +262,17 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         else:
             low = F.linear(x.to(self.low_weight.dtype), self.low_weight.flatten(0, 1)).to(x.dtype)
         low = low.unflatten(-1, (self.n_heads, -1))
-        if self.bias is not None:
-            low = low + self.bias
-        selected = (self.head_ids == self.full_precision_head).unsqueeze(-1)
-        return torch.where(selected, self.full_precision(copies), low)
+        return self._under_plan(copies, low if self.bias is None else low + self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return super().forward(x)
+        return self._under_plan(x, self.low_precision(x))
+
+    def _under_plan(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """Every head's ``low``-precision output, but the selected head's recomputed in FP32 from ``x`` [..., heads, in]."""
         selected = (self.head_ids == self.full_precision_head).unsqueeze(-1)
-        return torch.where(selected, self.full_precision(x), self.low_precision(x))
+        return torch.where(selected, self.full_precision(x), low)
 
     def extra_repr(self) -> str:
         h, o, i = self.weight.shape
@@ -328,7 +328,7 @@ def lower_precision(
             for name in PROJECTIONS:
                 linear = getattr(block, name)
                 source = PerHeadLinear(linear.weight, linear.bias) if isinstance(linear, LowPrecisionPerHeadLinear) else linear
-                lowered = LowPrecisionPerHeadLinear(source, config, shared_input=name != "o")
+                lowered = LowPrecisionPerHeadLinear(source, config)
                 setattr(block, name, lowered)
                 kernels[lowered.kernel.value] = None
                 total += lowered.weight.shape[0]
