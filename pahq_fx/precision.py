@@ -230,22 +230,24 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         b_h = None if self.bias is None else self.bias.index_select(0, index).squeeze(0)
         return F.linear(x_h, w_h, b_h).unsqueeze(-2)
 
-    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD) -> torch.Tensor:
-        """The listed heads only, [..., len(units), in] -> [..., len(units), out]: ``full_precision_unit`` in FP32
-        (``F.linear``, the same computation as :meth:`full_precision`), every other listed head in the format."""
+    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False) -> torch.Tensor:
+        """The listed heads only, [..., len(units), in] -> [..., len(units), out] (with ``shared_input``, one input
+        [..., in] that every listed head reads): ``full_precision_unit`` in FP32 (``F.linear``, the same computation
+        as :meth:`full_precision`), every other listed head in the format."""
         if self.exact:
-            return super().units(x, units, full_precision_unit)
+            return super().units(x, units, full_precision_unit, shared_input)
         fp8 = self.config.low_precision.is_fp8
         low = x if fp8 else x.to(self.low_weight.dtype)  # one cast for every listed head
         columns = []
         for i, unit in enumerate(units):
+            x_i, low_i = (x, low) if shared_input else (x[..., i, :], low[..., i, :])
             if unit == full_precision_unit:
-                columns.append(self.fp32_unit(x[..., i, :], unit))
+                columns.append(self.fp32_unit(x_i, unit))
                 continue
             if fp8:
-                y = F.linear(low[..., i, :], self.low_weights[unit])
+                y = F.linear(low_i, self.low_weights[unit])
             else:
-                y = F.linear(low[..., i, :], self.low_weight[unit]).to(x.dtype)
+                y = F.linear(low_i, self.low_weight[unit]).to(x.dtype)
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
 

@@ -63,16 +63,25 @@ class PerHeadLinear(nn.Module):
         bias = None if self.bias is None else self.bias.flatten()
         return torch.nn.functional.linear(x, self.weight.flatten(0, 1), bias).unflatten(-1, (self.n_heads, -1))
 
-    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD) -> torch.Tensor:
-        """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out].
+    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False) -> torch.Tensor:
+        """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out]; with
+        ``shared_input``, ``x`` is one input [..., in] that every listed head reads, projected by one matrix
+        multiply over their stacked weights rather than once per head on copies of it.
 
         Every head runs in FP32 here; the low-precision subclass keeps ``full_precision_unit`` in FP32 and runs
         the others in its format. Lets a runtime recompute the few heads a change reaches.
         """
-        if len(units) == self.n_heads and units == list(range(self.n_heads)):
-            return self(x)
+        all_heads = units == list(range(self.n_heads))
         if len(units) == 1:
-            return self.fp32_unit(x[..., 0, :], units[0]).unsqueeze(-2)
+            return self.fp32_unit(x if shared_input else x[..., 0, :], units[0]).unsqueeze(-2)
+        if shared_input:
+            if all_heads:
+                return self.shared(x)
+            index = torch.tensor(units, device=self.weight.device)
+            bias = None if self.bias is None else self.bias.index_select(0, index).flatten()
+            return torch.nn.functional.linear(x, self.weight.index_select(0, index).flatten(0, 1), bias).unflatten(-1, (len(units), -1))
+        if all_heads:
+            return self(x)
         index = torch.tensor(units, device=self.weight.device)
         y = torch.einsum("...hi,hoi->...ho", x, self.weight.index_select(0, index))
         return y if self.bias is None else y + self.bias.index_select(0, index)

@@ -44,10 +44,10 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
     calls: list[tuple[int, str, list[int], int]] = []
     original = LowPrecisionPerHeadLinear.units
 
-    def recording_units(self, x, units, full_precision_unit=-1):
+    def recording_units(self, x, units, full_precision_unit=-1, shared_input=False):
         layer, role = self.site
         calls.append((layer, role, list(units), full_precision_unit))
-        return original(self, x, units, full_precision_unit)
+        return original(self, x, units, full_precision_unit, shared_input)
 
     monkeypatch.setattr(LowPrecisionPerHeadLinear, "units", recording_units)
     original_lower = pahq_fx.pipeline.lower_precision

@@ -149,3 +149,28 @@ def test_shared_input_equals_the_per_head_copies(heads, out_features, in_feature
     assert sqnr_db(copies, shared) > 100
     if selected >= 0:
         assert torch.equal(shared[..., selected, :], source.fp32_unit(x, selected))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    heads=st.integers(1, 5),
+    fmt=st.sampled_from(["fp32", "fp8", "bf16", "fp16"]),
+    bias=st.booleans(),
+    data=st.data(),
+)
+def test_units_of_one_shared_input_equal_the_units_of_its_copies(heads, fmt, bias, data):
+    """``units(..., shared_input=True)`` (one input every listed head reads, one matmul over their stacked weights in
+    FP32) gives what ``units`` gives on per-head copies of that input: FP32 to round-off, low-precision heads to
+    their own round-off, the FP32 unit exactly."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    source = PerHeadLinear(torch.randn(heads, 16, 32), torch.randn(heads, 16) if bias else None)
+    projection = source if fmt == "fp32" else LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt))
+    units = sorted(data.draw(st.sets(st.integers(0, heads - 1), min_size=1)))
+    fp32_unit = data.draw(st.sampled_from([-1, *units]))
+    x = torch.randn(2, 5, 32)
+    shared = projection.units(x, units, fp32_unit, shared_input=True)
+    copies = projection.units(x.unsqueeze(-2).expand(2, 5, len(units), 32).contiguous(), units, fp32_unit)
+    assert shared.shape == copies.shape == (2, 5, len(units), 16)
+    assert sqnr_db(copies, shared) > 100
+    if fp32_unit >= 0:
+        assert torch.equal(shared[..., units.index(fp32_unit), :], source.fp32_unit(x, fp32_unit))

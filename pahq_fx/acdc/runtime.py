@@ -547,6 +547,38 @@ class PatchingRuntime:
             x = x + self._as_read_by(row, deltas[s], s)
         return x
 
+    def _projections(self, block: AttentionBlock, rows: dict[Role, list[int]], order: dict[Role, list[int]],
+                     units: FullPrecisionUnits, norm_aux: list[torch.Tensor], new_inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """The listed units' projections, by role, [B, T, units, width]. Receivers often hold one shared input tensor
+        (every q/k/v input of a layer in a dense circuit, :meth:`_step_inputs`): each distinct input is normed once
+        (the norm acts per position), and a role whose units all read one input projects it with one matrix
+        multiply over their stacked weights instead of once per unit on copies of it."""
+        slot: dict[int, int] = {}
+        distinct: list[torch.Tensor] = []
+        slots: dict[Role, list[int]] = {}
+        for role in ROLES:
+            slots[role] = []
+            for u in order[role]:
+                x = new_inputs.get(rows[role][u], self.inputs[rows[role][u]])
+                if id(x) not in slot:
+                    slot[id(x)] = len(distinct)
+                    distinct.append(x)
+                slots[role].append(slot[id(x)])
+        stacked = torch.stack(distinct, dim=2) if len(distinct) > 1 else distinct[0].unsqueeze(2)
+        normed = block.norm(stacked, *norm_aux)
+        parts = []
+        for role in ROLES:
+            if not order[role]:
+                continue
+            fp32 = units.query_head if role is Role.QUERY else units.kv_group
+            projection = getattr(block, role.value)
+            if len(set(slots[role])) == 1:
+                parts.append(projection.units(normed[:, :, slots[role][0]], order[role], fp32, shared_input=True))
+            else:
+                x = normed.index_select(2, torch.tensor(slots[role], device=normed.device))
+                parts.append(projection.units(x, order[role], fp32))
+        return parts
+
     def _attention(self, k: int, new_inputs: dict[int, torch.Tensor], changed: list[int], units: FullPrecisionUnits,
                    old_units: FullPrecisionUnits | None, activating: bool, pending: _Pending) -> dict[int, torch.Tensor]:
         """Recompute the projections of attention step k that new inputs or a precision change reach (all of them
@@ -573,17 +605,9 @@ class PatchingRuntime:
         senders = self.step_senders[k]
         heads = {h for h in heads if self.kept_out[senders[h]]}  # a dead head's output reaches nothing
         order = {role: sorted(dirty[role]) for role in ROLES}
-        inputs = [new_inputs.get(rows[role][u], self.inputs[rows[role][u]]) for role in ROLES for u in order[role]]
         aux = self._aux(self.steps[k].aux)
         norm_aux, core_aux = aux[: block.n_norm_aux], aux[block.n_norm_aux :]
-        normed = block.norm(torch.stack(inputs, dim=2), *norm_aux)
-        sizes = [len(order[role]) for role in ROLES]
-        parts = []
-        for role, x in zip(ROLES, normed.split(sizes, dim=2)):
-            if order[role]:
-                fp32 = units.query_head if role is Role.QUERY else units.kv_group
-                parts.append(getattr(block, role.value).units(x, order[role], fp32).flatten(-2))
-        values = torch.cat(parts, dim=-1)
+        values = torch.cat([part.flatten(-2) for part in self._projections(block, rows, order, units, norm_aux, new_inputs)], dim=-1)
         if activating:
             projections = values
         else:
