@@ -236,6 +236,8 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         as :meth:`full_precision`), every other listed head in the format."""
         if self.exact:
             return super().units(x, units, full_precision_unit, shared_input)
+        if shared_input and len(units) > 1 and self._stacks(units):
+            return self._shared_units(x, units, full_precision_unit)
         fp8 = self.config.low_precision.is_fp8
         low = x if fp8 else x.to(self.low_weight.dtype)  # one cast for every listed head
         columns = []
@@ -250,6 +252,27 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
                 y = F.linear(low_i, self.low_weight[unit]).to(x.dtype)
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
+
+    def _stacks(self, units: list[int]) -> bool:
+        """Whether the listed units' low-precision weights can be one matmul: half formats always (a row selection of
+        ``low_weight``), per-row FP8 for all heads (its stacked weights; a row selection of a Float8 tensor is not one)."""
+        if not self.config.low_precision.is_fp8:
+            return True
+        return self.stacked_low_weight is not None and units == list(range(self.n_heads))
+
+    def _shared_units(self, x: torch.Tensor, units: list[int], full_precision_unit: int) -> torch.Tensor:
+        """:meth:`units` of one input [..., in] that every listed unit reads, the low-precision ones in one matmul."""
+        if self.config.low_precision.is_fp8:
+            low = F.linear(x, self.stacked_low_weight)
+        else:
+            index = torch.tensor(units, device=self.weight.device)
+            low = F.linear(x.to(self.low_weight.dtype), self.low_weight.index_select(0, index).flatten(0, 1)).to(x.dtype)
+        low = low.unflatten(-1, (len(units), -1))
+        if self.bias is not None:
+            low = low + self.bias.index_select(0, torch.tensor(units, device=self.weight.device))
+        if full_precision_unit in units:
+            low[..., units.index(full_precision_unit), :] = self.fp32_unit(x, full_precision_unit)
+        return low
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """Every head reading ``x`` [..., in]: in FP32 when exact, otherwise under the plan, as ``forward`` on copies

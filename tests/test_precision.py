@@ -155,16 +155,17 @@ def test_shared_input_equals_the_per_head_copies(heads, out_features, in_feature
 @given(
     heads=st.integers(1, 5),
     fmt=st.sampled_from(["fp32", "fp8", "bf16", "fp16"]),
+    granularity=st.sampled_from(["per_row", "per_tensor"]),
     bias=st.booleans(),
     data=st.data(),
 )
-def test_units_of_one_shared_input_equal_the_units_of_its_copies(heads, fmt, bias, data):
-    """``units(..., shared_input=True)`` (one input every listed head reads, one matmul over their stacked weights in
-    FP32) gives what ``units`` gives on per-head copies of that input: FP32 to round-off, low-precision heads to
+def test_units_of_one_shared_input_equal_the_units_of_its_copies(heads, fmt, granularity, bias, data):
+    """``units(..., shared_input=True)`` (one input every listed head reads, one matmul over their stacked weights
+    where the format allows) gives what ``units`` gives on per-head copies of that input: FP32 to round-off, low-precision heads to
     their own round-off, the FP32 unit exactly."""
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     source = PerHeadLinear(torch.randn(heads, 16, 32), torch.randn(heads, 16) if bias else None)
-    projection = source if fmt == "fp32" else LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt))
+    projection = source if fmt == "fp32" else LowPrecisionPerHeadLinear(source, PrecisionConfig(fmt, granularity))
     units = sorted(data.draw(st.sets(st.integers(0, heads - 1), min_size=1)))
     fp32_unit = data.draw(st.sampled_from([-1, *units]))
     x = torch.randn(2, 5, 32)
