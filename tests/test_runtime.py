@@ -152,3 +152,22 @@ def test_a_query_into_a_layer_normed_across_heads_recomputes_every_head():
     runtime.investigate(edges.receivers[rows["a1.h2.q"]])
     runtime.try_remove(rows["a1.h2.q"], [_sender(runtime, "a0.out")])
     assert runtime.last_recomputed == ["a1.h0", "a1.h1", "a1.h2", "a1.h3", "a1.out", "m1", "resid_post"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(heads=st.integers(2, 5), data=st.data())
+def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_once(heads, data):
+    """``_Deltas.terms``: one summed term per attention step whose recomputed heads all reach the receiver, the single
+    changes of the others, and the same total as adding every change on its own."""
+    from pahq_fx.acdc.runtime import _Deltas
+
+    deltas = _Deltas()
+    changes = {s: torch.randn(2, 3, 4) for s in range(heads)}
+    deltas.add_heads(0, changes)
+    deltas.add(heads, torch.randn(2, 3, 4))  # an MLP after the heads
+    reaching = data.draw(st.lists(st.sampled_from(range(heads + 1)), min_size=1, unique=True).map(sorted))
+    terms = deltas.terms(reaching)
+    every_head = set(range(heads)) <= set(reaching)
+    assert len(terms) == (len(reaching) - heads + 1 if every_head else len(reaching))
+    total = sum(d for _, d in terms)
+    assert torch.allclose(total, sum(deltas.by_sender[s] for s in reaching), atol=1e-6)

@@ -20,6 +20,8 @@ token-wise.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -52,6 +54,52 @@ class _Pending:
     active_from: int | None = None
     plan: dict[int, FullPrecisionUnits] | None = None
     recomputed: list[str] = field(default_factory=list)
+
+
+class _Deltas:
+    """Output changes of one query's recomputed senders (``new - state``), and of the heads of each attention step
+    together: a receiver that every recomputed head of a step reaches (every later receiver, in a dense circuit)
+    adds their summed change once, computed once per query, instead of one change per head."""
+
+    def __init__(self) -> None:
+        self.by_sender: dict[int, torch.Tensor] = {}
+        self._group_of: dict[int, int] = {}  # sender -> attention step, for steps with several recomputed heads
+        self._groups: dict[int, list[int]] = {}  # step -> its recomputed heads' senders
+        self._sums: dict[int, torch.Tensor] = {}
+
+    def add(self, sender: int, change: torch.Tensor) -> None:
+        self.by_sender[sender] = change
+
+    def add_heads(self, step: int, changes: dict[int, torch.Tensor]) -> None:
+        """The changes of an attention step's recomputed heads, by sender."""
+        self.by_sender.update(changes)
+        if len(changes) > 1:
+            self._groups[step] = list(changes)
+            self._group_of.update(dict.fromkeys(changes, step))
+
+    def __iter__(self):
+        return iter(self.by_sender)
+
+    def terms(self, reaching: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """(a sender standing for the term, change) for each term a receiver reached by ``reaching`` adds, in
+        ``reaching``'s order: a step's summed change where all of its recomputed heads reach, single changes
+        otherwise."""
+        reached, terms, done = set(reaching), [], set()
+        for s in reaching:
+            step = self._group_of.get(s)
+            if step is None:
+                terms.append((s, self.by_sender[s]))
+            elif step not in done and reached.issuperset(self._groups[step]):
+                done.add(step)
+                terms.append((s, self._sum(step)))
+            elif step not in done:
+                terms.append((s, self.by_sender[s]))
+        return terms
+
+    def _sum(self, step: int) -> torch.Tensor:
+        if step not in self._sums:
+            self._sums[step] = functools.reduce(operator.add, (self.by_sender[s] for s in self._groups[step]))
+        return self._sums[step]
 
 
 def _stream_shaped(fn: Callable) -> Callable:
@@ -457,7 +505,7 @@ class PatchingRuntime:
         current_plan = plan if plan is not None else self.plan
         if new_from < self.active_from:
             pending.active_from = new_from
-        deltas: dict[int, torch.Tensor] = {}
+        deltas = _Deltas()
         first = min([self.row_step[r] for r in changes if r != self.final_row] + [new_from if new_from < self.active_from else len(self.steps)]
                     + list(plan_changes))
         for k in range(first, len(self.steps)):
@@ -471,22 +519,23 @@ class PatchingRuntime:
                     continue
                 outputs = self._attention(k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units,
                                           activating, pending)
+                pending.outputs.update(outputs)
+                deltas.add_heads(k, {s: out - self.outputs[s] for s, out in outputs.items()})
             else:
                 if not changed:
                     continue
                 x, sender = new_inputs[changed[0]], self.step_senders[k][0]
                 pending.recomputed.append(step.name)
                 if k in self.rows_only:
-                    outputs = {sender: self._components[k](x.unsqueeze(1), *self._row_aux(k)).squeeze(1)}
+                    out = self._components[k](x.unsqueeze(1), *self._row_aux(k)).squeeze(1)
                 else:
-                    outputs = {sender: self._components[k](x, *self._aux(step.aux))}
-            for s, out in outputs.items():
-                pending.outputs[s] = out
-                deltas[s] = out - self.outputs[s]
+                    out = self._components[k](x, *self._aux(step.aux))
+                pending.outputs[sender] = out
+                deltas.add(sender, out - self.outputs[sender])
         final_change = changes.get(self.final_row)
         reaching = [s for s in deltas if s in kept_in[self.final_row]]
         if reaching:
-            total = sum(self._as_read_by(self.final_row, deltas[s], s) for s in reaching)
+            total = sum(self._as_read_by(self.final_row, d, s) for s, d in deltas.terms(reaching))
             final_change = total if final_change is None else final_change + total
         if final_change is None:
             pending.metric = self.metric
@@ -497,7 +546,7 @@ class PatchingRuntime:
         self.last_recomputed = pending.recomputed
         return pending
 
-    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor],
+    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], deltas: _Deltas,
                      kept_in: list[set[int]], activating: bool) -> tuple[dict[int, torch.Tensor], list[int]]:
         """New inputs of step k's receivers that ``changes`` or upstream deltas reach (all of them when the step
         starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
@@ -505,7 +554,7 @@ class PatchingRuntime:
         new_inputs, changed = {}, []
         # Receivers whose input is the same sum (same base, same deltas; a step's receivers share one shape) share
         # one tensor: in a dense circuit every q/k/v input of a layer is the same sum, computed and stored once. Bit
-        # for bit what each would get alone (same additions, same order); nothing modifies an input in place.
+        # for bit what each would get alone (same terms, same order); nothing modifies an input in place.
         built: dict[tuple, torch.Tensor] = {}
         for rows in self.step_rows[k].values():
             for row in rows:
@@ -531,10 +580,11 @@ class PatchingRuntime:
                     changed.append(row)
         return new_inputs, changed
 
-    def _input_sum(self, k: int, row: int, activating: bool, reaching: list[int], deltas: dict[int, torch.Tensor],
+    def _input_sum(self, k: int, row: int, activating: bool, reaching: list[int], deltas: _Deltas,
                    change: torch.Tensor | None) -> torch.Tensor:
         """Receiver ``row``'s new input: its base (the clean read plus its removed edges' corruption when step k starts
-        running, its state input otherwise), then its own change, then the deltas reaching it, in that order."""
+        running, its state input otherwise), then its own change, then the deltas reaching it (:meth:`_Deltas.terms`), in
+        that order."""
         if activating:
             x = self.clean_reads[k]
             for s in self.removed_from[row]:
@@ -543,8 +593,8 @@ class PatchingRuntime:
             x = self.inputs[row]
         if change is not None:
             x = x + change
-        for s in reaching:
-            x = x + self._as_read_by(row, deltas[s], s)
+        for s, d in deltas.terms(reaching):
+            x = x + self._as_read_by(row, d, s)
         return x
 
     def _projections(self, block: AttentionBlock, rows: dict[Role, list[int]], order: dict[Role, list[int]],
