@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import graph_meta
+from . import graph_meta, trace_cache
 from .errors import InvalidInputsError
 
 aten = torch.ops.aten
@@ -142,16 +142,32 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     dimensions stayed dynamic (``meta["dynamic_shapes"]``). ``dynamic_shapes=False`` traces at the example's shape
     without first trying dynamic dimensions: for a model already known to specialise them, whose failed dynamic
     attempt can cost more than the trace itself (Qwen3-Next's unrolled recurrence).
+
+    Traces of Hugging Face models are cached on disk (:mod:`pahq_fx.trace_cache`; ``PAHQ_FX_TRACE_CACHE=off``
+    turns it off): a model traced before, in any process, is loaded instead of exported again, once it reproduces
+    the model's logits on the example.
     """
     example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
     with _inference_setup(model), torch.no_grad():
-        module = LogitsOnly(model) if hasattr(model, "config") else model
-        program = _export(module, example_inputs, dynamic_shapes)
-        dynamic = bool(program.range_constraints)  # export's own answer: functionalising re-derives constraints
-        if _hidden_writes(program.graph):
-            program = program.run_decompositions({})
-    gm = program.module()
-    _strip_inference_no_ops(gm)
+        entry = trace_cache.key(model, example_inputs, dynamic_shapes)
+        cached = None if entry is None else trace_cache.load(model, example_inputs, entry)
+        if cached is not None:
+            gm, dynamic = cached
+        else:
+            gm, dynamic = _trace_afresh(model, example_inputs, dynamic_shapes)
+            if entry is not None:
+                trace_cache.store(gm, model, entry, dynamic)
     gm.meta[graph_meta.EXAMPLE_INPUT_IDS] = example_inputs
     gm.meta[graph_meta.DYNAMIC_SHAPES] = dynamic
     return gm
+
+
+def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, dynamic_shapes: bool) -> tuple[fx.GraphModule, bool]:
+    module = LogitsOnly(model) if hasattr(model, "config") else model
+    program = _export(module, example_inputs, dynamic_shapes)
+    dynamic = bool(program.range_constraints)  # export's own answer: functionalising re-derives constraints
+    if _hidden_writes(program.graph):
+        program = program.run_decompositions({})
+    gm = program.module()
+    _strip_inference_no_ops(gm)
+    return gm, dynamic

@@ -1,11 +1,14 @@
 """Tracing keeps the model as it was and yields logits for any batch and sequence length."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pahq_fx.passes import trace
-from tests.builders import build, reference_logits, specs, token_ids
+from pahq_fx import trace as trace_module
+from pahq_fx import trace_cache
+from pahq_fx.passes import split_heads, trace
+from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 
 @settings(max_examples=6, deadline=None)
@@ -23,3 +26,56 @@ def test_trace_does_not_mutate_model(spec, train_mode):
     ids = token_ids(3, 8, seed=7)
     torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
     assert gm.meta["dynamic_shapes"]
+
+
+def _fresh_trace_forbidden(*args, **kwargs):
+    raise AssertionError("traced afresh: the cache should have answered")
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(families=RUNTIME_FAMILIES), dynamic=st.booleans())
+def test_a_model_traced_before_is_loaded_from_the_cache_and_splits_the_same(spec, dynamic, tmp_path_factory):
+    """The second trace of a model (another instance, another example of the same shape) comes from the cache
+    without exporting, binds the second model's own weights, and splits into the same per-head model."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(trace_cache.ENV, str(tmp_path_factory.mktemp("cache")))
+        first = trace(build(spec), token_ids(2, 5), dynamic_shapes=dynamic)
+        other_weights = build(Spec(**{**spec.__dict__, "seed": spec.seed + 1}))
+        patch.setattr(trace_module, "_trace_afresh", _fresh_trace_forbidden)
+        second = trace(other_weights, token_ids(2, 5, seed=3), dynamic_shapes=dynamic)
+    assert second.meta["dynamic_shapes"] == first.meta["dynamic_shapes"]
+    ids = token_ids(3, 8, seed=7) if second.meta["dynamic_shapes"] else token_ids(2, 5, seed=7)
+    expected = reference_logits(other_weights, ids)
+    torch.testing.assert_close(second(ids), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_heads(second)(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_entry_that_does_not_reproduce_the_model_is_traced_afresh(tmp_path, monkeypatch):
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path))
+    model = build(Spec("llama", 2, 4, 2, 8))
+    trace(model, token_ids(2, 5))
+    (entry,) = tmp_path.glob("*.pt")
+    entry.write_bytes(b"not a pickle")
+    calls = []
+    original = trace_module._trace_afresh
+    monkeypatch.setattr(trace_module, "_trace_afresh", lambda *a: calls.append(1) or original(*a))
+    gm = trace(model, token_ids(2, 5))
+    assert calls == [1] and entry.stat().st_size > 100  # traced again and the entry written anew
+    torch.testing.assert_close(gm(token_ids(3, 8)), reference_logits(model, token_ids(3, 8)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cache_key_follows_what_the_graph_depends_on(tmp_path, monkeypatch):
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path))
+    model, ids = build(Spec("gpt2", 2, 2, 2, 4)), token_ids(2, 5)
+    key = trace_cache.key(model, ids, True)
+    assert key == trace_cache.key(build(Spec("gpt2", 2, 2, 2, 4, seed=9)), token_ids(2, 5, seed=4), True)
+    assert key != trace_cache.key(model, token_ids(2, 6), True)  # the example's shape
+    assert key != trace_cache.key(model, ids, False)  # the trace mode
+    assert key != trace_cache.key(build(Spec("gpt2", 3, 2, 2, 4)), ids, True)  # the config
+    handle = model.transformer.h[0].register_forward_hook(lambda *a: None)
+    assert trace_cache.key(model, ids, True) is None  # a hook the key cannot see: not cached
+    handle.remove()
+    monkeypatch.setenv(trace_cache.ENV, "off")
+    assert trace_cache.key(model, ids, True) is None
+    trace(model, ids)
+    assert not list(tmp_path.iterdir())

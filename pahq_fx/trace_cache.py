@@ -1,0 +1,192 @@
+"""A disk cache of traced graphs: a process that traces a model traced before (same modeling code, config, parameter
+layout, example shape and library versions) skips ``torch.export``, which is most of a run's setup on small models
+(1-2 s cold on the shipped ones) and tens of seconds on models whose recurrences the export unrolls.
+
+A traced graph does not depend on the weights' values (the export runs on fake tensors), so an entry holds the graph
+node by node, its own constants, and the model's parameters and buffers by name only; loading binds them to the model
+at hand. An entry is used only after it reproduces the model's own logits on the example; anything else (a missing,
+unreadable or stale entry) reads as a miss and the model is traced afresh. Only Hugging Face-style models (a config
+that serialises itself) without hooks or an instance-level ``forward`` are cached: for other modules the key could
+not see everything the graph depends on.
+
+``PAHQ_FX_TRACE_CACHE``: the cache directory (default ``$XDG_CACHE_HOME/pahq_fx/traces``, else
+``~/.cache/pahq_fx/traces``), or ``off``. Entries are pickles, read with ``weights_only=False``: keep the directory
+as private as the code you run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+ENV = "PAHQ_FX_TRACE_CACHE"
+FORMAT = 1  # bump when what an entry holds, or what the trace does before storing it, changes
+
+
+def cache_dir() -> Path | None:
+    """Where entries live, or None when the cache is off."""
+    setting = os.environ.get(ENV, "")
+    if setting.lower() in {"off", "0", "false", "no"}:
+        return None
+    if setting:
+        return Path(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pahq_fx" / "traces"
+
+
+def _cacheable(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_json_string"):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
+
+
+def _source_digest(cls: type) -> str:
+    """The source files of the model's class and its bases: edited modeling code is a new key."""
+    digest = hashlib.sha256()
+    for base in cls.__mro__:
+        with contextlib.suppress(TypeError, OSError):
+            digest.update(Path(inspect.getsourcefile(base)).read_bytes())
+    return digest.hexdigest()
+
+
+def key(model: nn.Module, example: torch.Tensor, dynamic: bool) -> str | None:
+    """The entry's name for this model, example and trace mode; None where the model is not cached."""
+    if cache_dir() is None or not _cacheable(model):
+        return None
+    import transformers
+
+    from . import __version__
+
+    storages: dict[int, str] = {}
+    layout = []
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        first = storages.setdefault(t.untyped_storage().data_ptr(), name)  # tied weights name their first holder
+        layout.append((name, tuple(t.shape), str(t.dtype), str(t.device), first))
+    config = model.config
+    parts = [FORMAT, __version__, torch.__version__, transformers.__version__, type(model).__module__,
+             type(model).__qualname__, _source_digest(type(model)), config.to_json_string(use_diff=False),
+             getattr(config, "_attn_implementation", None), layout, tuple(example.shape), str(example.dtype),
+             str(example.device), dynamic]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _model_tensors(model: nn.Module) -> dict[int, str]:
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {t.untyped_storage().data_ptr(): name for name, t in reversed(named)}
+
+
+@dataclass(frozen=True)
+class _NodeRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class _OpRef:
+    """An ATen operator overload by name (the overload objects themselves do not pickle)."""
+
+    namespace: str
+    name: str
+    overload: str
+
+    def resolve(self) -> torch._ops.OpOverload:
+        return getattr(getattr(getattr(torch.ops, self.namespace), self.name), self.overload)
+
+
+def _portable_target(target: Any) -> Any:
+    if isinstance(target, torch._ops.OpOverload):
+        namespace, name = target._schema.name.split("::")
+        return _OpRef(namespace, name, target._overloadname)
+    return target
+
+
+def _graph_records(graph: fx.Graph) -> list[tuple]:
+    """The graph node by node, nodes named rather than referenced: exactly the graph, rebuilt by :func:`_graph_of`
+    (FX's own pickling re-traces the generated code instead, which folds every computation that does not depend on
+    the input into a constant: a different graph)."""
+    return [(n.op, n.name, _portable_target(n.target), fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
+             fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name))) for n in graph.nodes]
+
+
+def _graph_of(records: list[tuple], codegen: Any) -> fx.Graph:
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+
+    def node_of(value: Any) -> Any:
+        if isinstance(value, _NodeRef):
+            return nodes[value.name]
+        if isinstance(value, (list, tuple)):
+            return type(value)(node_of(v) for v in value)
+        if isinstance(value, dict):
+            return {k: node_of(v) for k, v in value.items()}
+        return value
+
+    for op, name, target, args, kwargs in records:
+        target = target.resolve() if isinstance(target, _OpRef) else target
+        nodes[name] = graph.create_node(op, target, node_of(args), node_of(kwargs), name=name)
+    graph._codegen = codegen
+    return graph
+
+
+def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: bool) -> None:
+    """Write ``gm`` (a traced graph of ``model``) as ``entry``; a graph that cannot be written is simply not cached."""
+    directory = cache_dir()
+    if directory is None:
+        return
+    owners = _model_tensors(model)
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    tensors = {t: _attribute(gm, t) for t in targets}
+    aliases = {t: owners[v.untyped_storage().data_ptr()] for t, v in tensors.items()
+               if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in owners}
+    constants = {t: v for t, v in tensors.items() if t not in aliases}
+    buffer = io.BytesIO()
+    try:
+        torch.save({"graph": _graph_records(gm.graph), "codegen": gm.graph._codegen, "aliases": aliases,
+                    "constants": constants, "dynamic": dynamic}, buffer)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False) as handle:
+            handle.write(buffer.getvalue())
+        os.replace(handle.name, directory / f"{entry}.pt")
+    except Exception:  # noqa: BLE001 - an unpicklable graph (higher-order ops) or an unwritable directory: no entry
+        return
+
+
+def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphModule, bool] | None:
+    """(graph, dynamic) of ``entry`` bound to ``model``'s tensors, if it exists and reproduces the model's logits on
+    ``example``; None otherwise."""
+    directory = cache_dir()
+    path = None if directory is None else directory / f"{entry}.pt"
+    if path is None or not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location=example.device, weights_only=False)
+        tensors = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+        root = {**saved["constants"], **{t: tensors[name] for t, name in saved["aliases"].items()}}
+        gm = fx.GraphModule(root, _graph_of(saved["graph"], saved["codegen"]))
+        expected = model(input_ids=example, use_cache=False)
+        expected = expected.logits if hasattr(expected, "logits") else expected[0]
+        got = gm(example)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            return None
+        return gm, bool(saved["dynamic"])
+    except Exception:  # noqa: BLE001 - unreadable, stale or foreign: a miss
+        return None
+
+
+def _attribute(root: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
