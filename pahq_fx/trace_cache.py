@@ -31,7 +31,6 @@ import torch
 from torch import fx, nn
 
 ENV = "PAHQ_FX_TRACE_CACHE"
-FORMAT = 1  # bump when what an entry holds, or what the trace does before storing it, changes
 
 
 def cache_dir() -> Path | None:
@@ -54,11 +53,15 @@ def _cacheable(model: nn.Module) -> bool:
 
 
 def _source_digest(cls: type) -> str:
-    """The source files of the model's class and its bases: edited modeling code is a new key."""
+    """The source files of the model's class and its bases, and of the trace and this cache: edited modeling code,
+    or a change to what the trace does or what an entry holds, is a new key."""
     digest = hashlib.sha256()
+    files = [Path(__file__), Path(__file__).with_name("trace.py")]
     for base in cls.__mro__:
         with contextlib.suppress(TypeError, OSError):
-            digest.update(Path(inspect.getsourcefile(base)).read_bytes())
+            files.append(Path(inspect.getsourcefile(base)))
+    for file in files:
+        digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
@@ -76,7 +79,7 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: bool) -> str | None:
         first = storages.setdefault(t.untyped_storage().data_ptr(), name)  # tied weights name their first holder
         layout.append((name, tuple(t.shape), str(t.dtype), str(t.device), first))
     config = model.config
-    parts = [FORMAT, __version__, torch.__version__, transformers.__version__, type(model).__module__,
+    parts = [__version__, torch.__version__, transformers.__version__, type(model).__module__,
              type(model).__qualname__, _source_digest(type(model)), config.to_json_string(use_diff=False),
              getattr(config, "_attn_implementation", None), layout, tuple(example.shape), str(example.dtype),
              str(example.device), dynamic]
