@@ -16,7 +16,6 @@ as private as the code you run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import io
@@ -56,12 +55,12 @@ def _source_digest(cls: type) -> str:
     """The source files of the model's class and its bases, and of the trace and this cache: edited modeling code,
     or a change to what the trace does or what an entry holds, is a new key."""
     digest = hashlib.sha256()
-    files = [Path(__file__), Path(__file__).with_name("trace.py")]
+    digest.update(Path(__file__).read_bytes() + Path(__file__).with_name("trace.py").read_bytes())
     for base in cls.__mro__:
-        with contextlib.suppress(TypeError, OSError):
-            files.append(Path(inspect.getsourcefile(base)))
-    for file in files:
-        digest.update(file.read_bytes())
+        try:
+            digest.update(Path(inspect.getsourcefile(base)).read_bytes())
+        except (TypeError, OSError):  # a builtin base, or a class defined in a notebook: named by its qualname only
+            digest.update(base.__qualname__.encode())
     return digest.hexdigest()
 
 

@@ -79,3 +79,15 @@ def test_the_cache_key_follows_what_the_graph_depends_on(tmp_path, monkeypatch):
     assert trace_cache.key(model, ids, True) is None
     trace(model, ids)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_class_without_a_readable_source_file_is_still_traced_and_cached(tmp_path, monkeypatch):
+    """A class defined in a notebook has no source file to hash: its key names it instead, and tracing goes on."""
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path))
+    model = build(Spec("gpt2", 1, 2, 2, 4))
+    original = trace_cache.inspect.getsourcefile
+    monkeypatch.setattr(trace_cache.inspect, "getsourcefile",
+                        lambda obj: "<ipython-input-1>" if obj is type(model) else original(obj))
+    gm = trace(model, token_ids(2, 5))
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    torch.testing.assert_close(gm(token_ids(3, 8)), reference_logits(model, token_ids(3, 8)), rtol=1e-5, atol=1e-5)
