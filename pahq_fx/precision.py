@@ -262,14 +262,14 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
 
     def _shared_units(self, x: torch.Tensor, units: list[int], full_precision_unit: int) -> torch.Tensor:
         """:meth:`units` of one input [..., in] that every listed unit reads, the low-precision ones in one matmul."""
+        index = torch.tensor(units, device=self.weight.device)
         if self.config.low_precision.is_fp8:
             low = F.linear(x, self.stacked_low_weight)
         else:
-            index = torch.tensor(units, device=self.weight.device)
             low = F.linear(x.to(self.low_weight.dtype), self.low_weight.index_select(0, index).flatten(0, 1)).to(x.dtype)
         low = low.unflatten(-1, (len(units), -1))
         if self.bias is not None:
-            low = low + self.bias.index_select(0, torch.tensor(units, device=self.weight.device))
+            low = low + self.bias.index_select(0, index)
         if full_precision_unit in units:
             low[..., units.index(full_precision_unit), :] = self.fp32_unit(x, full_precision_unit)
         return low

@@ -71,18 +71,14 @@ class PerHeadLinear(nn.Module):
         Every head runs in FP32 here; the low-precision subclass keeps ``full_precision_unit`` in FP32 and runs
         the others in its format. Lets a runtime recompute the few heads a change reaches.
         """
-        all_heads = units == list(range(self.n_heads))
         if len(units) == 1:
             return self.fp32_unit(x if shared_input else x[..., 0, :], units[0]).unsqueeze(-2)
+        if units == list(range(self.n_heads)):
+            return self.shared(x) if shared_input else self(x)
+        index = torch.tensor(units, device=self.weight.device)
         if shared_input:
-            if all_heads:
-                return self.shared(x)
-            index = torch.tensor(units, device=self.weight.device)
             bias = None if self.bias is None else self.bias.index_select(0, index).flatten()
             return torch.nn.functional.linear(x, self.weight.index_select(0, index).flatten(0, 1), bias).unflatten(-1, (len(units), -1))
-        if all_heads:
-            return self(x)
-        index = torch.tensor(units, device=self.weight.device)
         y = torch.einsum("...hi,hoi->...ho", x, self.weight.index_select(0, index))
         return y if self.bias is None else y + self.bias.index_select(0, index)
 
