@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from .errors import UnsupportedArchitectureError
+from .graph_utils import attribute
 
 
 class CountingBackend:
@@ -40,11 +41,8 @@ def _lift_weights(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor
         env[node] = graph.placeholder(f"x{i}")
     constants = []
     for node in (n for n in nodes if n.op == "get_attr"):
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
         env[node] = graph.placeholder(f"w{len(constants)}")
-        constants.append(value)
+        constants.append(attribute(gm, node.target))
     index = {node: i for i, node in enumerate(nodes)}
     signature = [tuple((c.shape, c.dtype) for c in constants)]
     for node in nodes:

@@ -32,6 +32,13 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
+def attribute(root: torch.nn.Module, target: str) -> Any:
+    """What a ``get_attr`` node with this dotted ``target`` reads from ``root``."""
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
 def record_values(gm: fx.GraphModule, *args: Any) -> dict[fx.Node, Any]:
     """Run ``gm`` on ``args`` and return the value every node produced."""
     values: dict[fx.Node, Any] = {}

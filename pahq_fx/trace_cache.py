@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .graph_utils import attribute
+
 ENV = "PAHQ_FX_TRACE_CACHE"
 
 
@@ -72,11 +74,9 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: bool) -> str | None:
 
     from . import __version__
 
-    storages: dict[int, str] = {}
-    layout = []
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        first = storages.setdefault(t.untyped_storage().data_ptr(), name)  # tied weights name their first holder
-        layout.append((name, tuple(t.shape), str(t.dtype), str(t.device), first))
+    holders = _first_holders(model)  # tied weights name their first holder
+    layout = [(name, tuple(t.shape), str(t.dtype), str(t.device), holders[t.untyped_storage().data_ptr()])
+              for name, t in _named_tensors(model)]
     config = model.config
     parts = [__version__, torch.__version__, transformers.__version__, type(model).__module__,
              type(model).__qualname__, _source_digest(type(model)), config.to_json_string(use_diff=False),
@@ -85,9 +85,14 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: bool) -> str | None:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def _model_tensors(model: nn.Module) -> dict[int, str]:
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return {t.untyped_storage().data_ptr(): name for name, t in reversed(named)}
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``model`` under every name it has (tied weights under each)."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _first_holders(model: nn.Module) -> dict[int, str]:
+    """The first name of each of ``model``'s storages."""
+    return {t.untyped_storage().data_ptr(): name for name, t in reversed(_named_tensors(model))}
 
 
 @dataclass(frozen=True)
@@ -127,17 +132,12 @@ def _graph_of(records: list[tuple], codegen: Any) -> fx.Graph:
     nodes: dict[str, fx.Node] = {}
 
     def node_of(value: Any) -> Any:
-        if isinstance(value, _NodeRef):
-            return nodes[value.name]
-        if isinstance(value, (list, tuple)):
-            return type(value)(node_of(v) for v in value)
-        if isinstance(value, dict):
-            return {k: node_of(v) for k, v in value.items()}
-        return value
+        return nodes[value.name] if isinstance(value, _NodeRef) else value
 
     for op, name, target, args, kwargs in records:
         target = target.resolve() if isinstance(target, _OpRef) else target
-        nodes[name] = graph.create_node(op, target, node_of(args), node_of(kwargs), name=name)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), node_of)
+        nodes[name] = graph.create_node(op, target, args, kwargs, name=name)
     graph._codegen = codegen
     return graph
 
@@ -147,9 +147,8 @@ def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: bool) -> No
     directory = cache_dir()
     if directory is None:
         return
-    owners = _model_tensors(model)
-    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    tensors = {t: _attribute(gm, t) for t in targets}
+    owners = _first_holders(model)
+    tensors = {n.target: attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     aliases = {t: owners[v.untyped_storage().data_ptr()] for t, v in tensors.items()
                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in owners}
     constants = {t: v for t, v in tensors.items() if t not in aliases}
@@ -176,11 +175,12 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             saved = torch.load(path, map_location=example.device, weights_only=False)
-        tensors = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+        from .trace import LogitsOnly  # the trace's own call of the model (trace imports this module)
+
+        tensors = dict(_named_tensors(model))
         root = {**saved["constants"], **{t: tensors[name] for t, name in saved["aliases"].items()}}
         gm = fx.GraphModule(root, _graph_of(saved["graph"], saved["codegen"]))
-        expected = model(input_ids=example, use_cache=False)
-        expected = expected.logits if hasattr(expected, "logits") else expected[0]
+        expected = LogitsOnly(model)(example)
         got = gm(example)
         scale = float(expected.abs().max().clamp_min(1.0))
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale):
@@ -189,8 +189,3 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
     except Exception:  # noqa: BLE001 - unreadable, stale or foreign: a miss
         return None
 
-
-def _attribute(root: nn.Module, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
