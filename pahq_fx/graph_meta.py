@@ -1,6 +1,6 @@
 """Typed access to what the passes leave in ``GraphModule.meta``, each reader naming the pass that writes it.
 
-``trace`` writes the example input ids and whether shapes stayed dynamic; ``split_heads`` the
+``trace`` writes the example input ids and which of their dimensions stayed dynamic; ``split_heads`` the
 :class:`~pahq_fx.head_graph.HeadGraph` and the :class:`~pahq_fx.split.Structure`; ``lower_precision`` the
 :class:`~pahq_fx.precision.PrecisionReport`. A missing key means a pass was skipped: the error says which.
 """
@@ -20,14 +20,14 @@ if TYPE_CHECKING:
     from .split import Structure
 
 EXAMPLE_INPUT_IDS = "example_input_ids"
-DYNAMIC_SHAPES = "dynamic_shapes"
+DYNAMIC_DIMS = "dynamic_dims"
 HEAD_GRAPH = "head_graph"
 STRUCTURE = "structure"
 PRECISION = "precision"
 
 _WRITTEN_BY = {
     EXAMPLE_INPUT_IDS: "pahq_fx.passes.trace",
-    DYNAMIC_SHAPES: "pahq_fx.passes.trace",
+    DYNAMIC_DIMS: "pahq_fx.passes.trace",
     HEAD_GRAPH: "pahq_fx.passes.split_heads",
     STRUCTURE: "pahq_fx.passes.split_heads",
     PRECISION: "pahq_fx.passes.lower_precision",
@@ -44,9 +44,17 @@ def example_input_ids(gm: fx.GraphModule) -> torch.Tensor:
     return _read(gm, EXAMPLE_INPUT_IDS)
 
 
-def dynamic_shapes(gm: fx.GraphModule) -> bool:
-    """Whether batch and sequence length stayed dynamic in the trace (a graph without the key is assumed dynamic)."""
-    return bool(gm.meta.get(DYNAMIC_SHAPES, True))
+def dynamic_dims(gm: fx.GraphModule) -> tuple[int, ...]:
+    """The ``input_ids`` dimensions (0: batch, 1: sequence) that stayed dynamic in the trace; a graph without the key
+    is assumed dynamic in both."""
+    return tuple(gm.meta.get(DYNAMIC_DIMS, (0, 1)))
+
+
+def accepts_shape(gm: fx.GraphModule, shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether ``input_ids`` of ``shape`` can run on ``gm``: each dimension that is not dynamic has the example's size."""
+    traced = example_input_ids(gm).shape
+    dims = dynamic_dims(gm)
+    return len(shape) == len(traced) and all(d in dims or shape[d] == traced[d] for d in range(len(traced)))
 
 
 def head_graph(gm: fx.GraphModule) -> HeadGraph:

@@ -429,11 +429,12 @@ def _drop_identity_reshapes(gm: fx.GraphModule, layout: ModelLayout) -> None:
     gm.recompile()
 
 
-def _other_shape(example: torch.Tensor) -> torch.Tensor:
-    """Different batch and sequence sizes than the example, to check the split does not hard-code them."""
+def _other_shape(example: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Other sizes than the example's in the dynamic dimensions ``dims``, to check the split does not hard-code them."""
     batch, seq = example.shape
-    other_seq = seq - 1 if seq > 2 else seq + 1
-    return example.repeat(2, 2)[: batch + 1, :other_seq]
+    other_batch = batch + 1 if 0 in dims else batch
+    other_seq = (seq - 1 if seq > 2 else seq + 1) if 1 in dims else seq
+    return example.repeat(2, 2)[:other_batch, :other_seq]
 
 
 def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch.Tensor) -> None:
@@ -508,15 +509,15 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     final_reads = tuple(contribution_names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
     _check_equivalent(gm, model, example)
-    if graph_meta.dynamic_shapes(gm):
-        _check_equivalent(gm, model, _other_shape(example))
+    if graph_meta.dynamic_dims(gm):
+        _check_equivalent(gm, model, _other_shape(example, graph_meta.dynamic_dims(gm)))
     model.requires_grad_(False)
     graph = _LeafTracer().trace(model)
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
     result.meta[graph_meta.HEAD_GRAPH] = _head_graph(layout, steps, final_reads)
     result.meta[graph_meta.STRUCTURE] = Structure(tuple(steps), final_reads, final_aux)
     result.meta[graph_meta.EXAMPLE_INPUT_IDS] = example
-    result.meta[graph_meta.DYNAMIC_SHAPES] = graph_meta.dynamic_shapes(gm)
+    result.meta[graph_meta.DYNAMIC_DIMS] = graph_meta.dynamic_dims(gm)
     return result
 
 

@@ -2,7 +2,7 @@
 
 One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
 with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
-model allows it. The model is put in eval mode and on the SDPA attention kernel for the duration of the
+model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export). The model is put in eval mode and on the SDPA attention kernel for the duration of the
 trace (both so that the attention call is one recognisable op), and restored afterwards: tracing does not
 mutate the model.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -99,13 +99,31 @@ def _inference_setup(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _export(module: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
-    if dynamic:
-        batch = torch.export.Dim("batch", min=1)
-        seq = torch.export.Dim("seq", min=1)
-        with contextlib.suppress(Exception):  # some models specialise shapes: the static trace below
-            return torch.export.export(module, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
-    return torch.export.export(module, (example,), strict=False)
+DynamicShapes = bool | Literal["batch"]
+
+_DIM_NAMES = ("batch", "seq")
+
+
+def dynamic_dims_of(dynamic_shapes: DynamicShapes) -> tuple[int, ...]:
+    """The ``input_ids`` dimensions to keep dynamic: ``True`` batch and sequence, ``"batch"`` the batch, ``False`` none."""
+    if dynamic_shapes is True or dynamic_shapes is False:
+        return (0, 1) if dynamic_shapes else ()
+    if dynamic_shapes == "batch":
+        return (0,)
+    raise InvalidInputsError(f"dynamic_shapes must be True, False or 'batch', got {dynamic_shapes!r}")
+
+
+def _export(module: nn.Module, example: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.export.ExportedProgram, tuple[int, ...]]:
+    """The program and the dimensions it kept dynamic: ``dims``; else, for the batch alone, batch and sequence
+    (export's guards can fail to simplify with a fixed length where they do with a symbolic one: Llama 4's
+    chunked attention); else none, as some models specialise shapes."""
+    attempts = [dims, (0, 1)] if dims == (0,) else [dims] if dims else []
+    for attempt in attempts:
+        shapes = {"input_ids": {d: torch.export.Dim(_DIM_NAMES[d], min=1) for d in attempt}}
+        with contextlib.suppress(Exception):
+            program = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=False)
+            return program, attempt if program.range_constraints else ()
+    return torch.export.export(module, (example,), strict=False), ()
 
 
 def _hidden_writes(graph: fx.Graph) -> bool:
@@ -130,7 +148,7 @@ def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic_shapes: bool = True) -> fx.GraphModule:
+def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic_shapes: DynamicShapes = True) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule.
 
     ``model`` is a Hugging Face causal LM (anything with a ``config``: it is called with
@@ -138,36 +156,40 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     of tensors among which the logits: see :func:`pahq_fx.analysis.analyse`). ``example_inputs`` is
     ``input_ids`` as a tensor, a tuple ``(input_ids,)`` or a dict / ``BatchEncoding`` (:func:`input_ids_from`).
     The result takes ``input_ids`` [batch, seq] and returns logits [batch, seq, vocab]. Its ``meta``
-    holds the example input used (``meta["example_input_ids"]``) and whether the batch and sequence
-    dimensions stayed dynamic (``meta["dynamic_shapes"]``). ``dynamic_shapes=False`` traces at the example's shape
-    without first trying dynamic dimensions: for a model already known to specialise them, whose failed dynamic
-    attempt can cost more than the trace itself (Qwen3-Next's unrolled recurrence).
+    holds the example input used (``meta["example_input_ids"]``) and the dimensions that stayed dynamic
+    (``meta["dynamic_dims"]``: ``(0, 1)``, ``(0,)`` or ``()``). ``dynamic_shapes="batch"`` keeps the sequence
+    length at the example's: where every input has one length (ACDC's tasks), that trace costs about half of a
+    dynamic one. ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
+    for a model already known to specialise them, whose failed dynamic attempt can cost more than the trace itself
+    (Qwen3-Next's unrolled recurrence). A model whose batch-only trace fails is traced with both dimensions
+    dynamic; one that specialises a dimension it was asked to keep dynamic is traced at the example's shape.
 
     Traces of Hugging Face models are cached on disk (:mod:`pahq_fx.trace_cache`; ``PAHQ_FX_TRACE_CACHE=off``
     turns it off): a model traced before, in any process, is loaded instead of exported again, once it reproduces
     the model's logits on the example.
     """
+    requested = dynamic_dims_of(dynamic_shapes)
     example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
     with _inference_setup(model), torch.no_grad():
-        entry = trace_cache.key(model, example_inputs, dynamic_shapes)
+        entry = trace_cache.key(model, example_inputs, requested)
         cached = None if entry is None else trace_cache.load(model, example_inputs, entry)
         if cached is not None:
-            gm, dynamic = cached
+            gm, dims = cached
         else:
-            gm, dynamic = _trace_afresh(model, example_inputs, dynamic_shapes)
+            gm, dims = _trace_afresh(model, example_inputs, requested)
             if entry is not None:
-                trace_cache.store(gm, model, entry, dynamic)
+                trace_cache.store(gm, model, entry, dims)
     gm.meta[graph_meta.EXAMPLE_INPUT_IDS] = example_inputs
-    gm.meta[graph_meta.DYNAMIC_SHAPES] = dynamic
+    gm.meta[graph_meta.DYNAMIC_DIMS] = dims
     return gm
 
 
-def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, dynamic_shapes: bool) -> tuple[fx.GraphModule, bool]:
+def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
+    """(graph, the dimensions export kept dynamic)."""
     module = LogitsOnly(model) if hasattr(model, "config") else model
-    program = _export(module, example_inputs, dynamic_shapes)
-    dynamic = bool(program.range_constraints)  # export's own answer: functionalising re-derives constraints
+    program, dims = _export(module, example_inputs, requested)  # before functionalising, which re-derives constraints
     if _hidden_writes(program.graph):
         program = program.run_decompositions({})
     gm = program.module()
     _strip_inference_no_ops(gm)
-    return gm, dynamic
+    return gm, dims

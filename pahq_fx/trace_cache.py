@@ -66,7 +66,7 @@ def _source_digest(cls: type) -> str:
     return digest.hexdigest()
 
 
-def key(model: nn.Module, example: torch.Tensor, dynamic: bool) -> str | None:
+def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> str | None:
     """The entry's name for this model, example and trace mode; None where the model is not cached."""
     if cache_dir() is None or not _cacheable(model):
         return None
@@ -142,7 +142,7 @@ def _graph_of(records: list[tuple], codegen: Any) -> fx.Graph:
     return graph
 
 
-def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: bool) -> None:
+def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: tuple[int, ...]) -> None:
     """Write ``gm`` (a traced graph of ``model``) as ``entry``; a graph that cannot be written is simply not cached."""
     directory = cache_dir()
     if directory is None:
@@ -164,8 +164,8 @@ def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: bool) -> No
         return
 
 
-def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphModule, bool] | None:
-    """(graph, dynamic) of ``entry`` bound to ``model``'s tensors, if it exists and reproduces the model's logits on
+def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphModule, tuple[int, ...]] | None:
+    """(graph, dynamic dimensions) of ``entry`` bound to ``model``'s tensors, if it exists and reproduces the model's logits on
     ``example``; None otherwise."""
     directory = cache_dir()
     path = None if directory is None else directory / f"{entry}.pt"
@@ -185,7 +185,7 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
         scale = float(expected.abs().max().clamp_min(1.0))
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale):
             return None
-        return gm, bool(saved["dynamic"])
+        return gm, tuple(saved["dynamic"])
     except Exception:  # noqa: BLE001 - unreadable, stale or foreign: a miss
         return None
 

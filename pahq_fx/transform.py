@@ -58,10 +58,11 @@ class PahqModel(nn.Module):
 
     def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
         input_ids = input_ids_from(input_ids, "input")
-        traced = graph_meta.example_input_ids(self.graph).shape
-        if not graph_meta.dynamic_shapes(self.graph) and input_ids.shape != traced:
+        if not graph_meta.accepts_shape(self.graph, input_ids.shape):
+            traced = tuple(graph_meta.example_input_ids(self.graph).shape)
+            fixed = "static shapes" if not graph_meta.dynamic_dims(self.graph) else "a fixed sequence length"
             raise UnsupportedArchitectureError(
-                f"this model could only be traced with static shapes {tuple(traced)}, and input_ids have shape "
+                f"this model was traced with {fixed} at {traced}, and input_ids have shape "
                 f"{tuple(input_ids.shape)}; pass example_inputs of the shape you will use to transform()"
             )
         return self._runner(input_ids)

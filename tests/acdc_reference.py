@@ -30,8 +30,8 @@ def _layer_of(contribution):
 
 class ReferenceACDC:
     def __init__(self, model, clean, corrupted, mask, precision="fp32"):
-        traced = trace(model, clean[:2])
-        if not traced.meta["dynamic_shapes"] and clean.shape[0] > 2:  # static shapes: a trace at the task's own shape
+        traced = trace(model, clean[:2], dynamic_shapes="batch")  # every prompt has the task's length
+        if not traced.meta["dynamic_dims"] and clean.shape[0] > 2:  # static shapes: a trace at the task's own shape
             traced = trace(model, clean, dynamic_shapes=False)
         self.gm = lower_precision(split_heads(traced), precision)
         self.hg = self.gm.meta["head_graph"]

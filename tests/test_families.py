@@ -177,7 +177,7 @@ def test_static_trace_rejects_other_shapes_clearly():
     transformed = pahq_fx.transform(model, example_inputs=ids, low_precision="fp32", compile=False)
     with torch.no_grad():
         torch.testing.assert_close(transformed(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
-    if not transformed.graph.meta["dynamic_shapes"]:
+    if not transformed.graph.meta["dynamic_dims"]:
         with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="static shapes"):
             transformed(torch.randint(0, 64, (2, 9)))
 
@@ -224,15 +224,37 @@ def test_post_layer_norm_is_rejected_clearly(config_class, model_class, config):
         pahq_fx.transform(model, low_precision="fp32", compile=False)
 
 
+def test_a_batch_only_trace_that_export_cannot_keep_is_traced_with_both_dimensions_dynamic():
+    """Llama 4's chunked attention leaves a guard that export cannot simplify at a fixed length: the batch-only trace
+    (ACDC's) falls back to a dynamic batch and sequence rather than to the example's shape."""
+    model = build("Llama4TextConfig", "Llama4ForCausalLM",
+                  dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=64, intermediate_size_mlp=64, head_dim=8, max_position_embeddings=64,
+                       num_local_experts=4, num_experts_per_tok=1, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    traced = pahq_fx.passes.trace(model, torch.randint(0, 64, (2, 6)), dynamic_shapes="batch")
+    assert traced.meta["dynamic_dims"] == (0, 1)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def _specialises_batch(module, args, kwargs):
+    """A forward pre-hook that branches on the batch size: export cannot keep that dimension dynamic."""
+    if kwargs["input_ids"].shape[0] > 2:
+        kwargs["input_ids"] = kwargs["input_ids"].clone()
+    return args, kwargs
+
+
 def test_discovery_on_a_model_that_traces_with_static_shapes_only():
     """``discover`` traces such a model at the task's own shape (four prompts here, not the two it probes with)."""
     from tests.acdc_reference import ReferenceACDC
 
-    model = build("MptConfig", "MptForCausalLM", dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2,
-                                                       max_seq_len=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    model = build("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=32,
+                                                        bos_token_id=0, eos_token_id=0))
+    model.register_forward_pre_hook(_specialises_batch, with_kwargs=True)
     generator = torch.Generator().manual_seed(2)
     task = pahq_fx.Task(torch.randint(0, 64, (4, 6), generator=generator), torch.randint(0, 64, (4, 6), generator=generator))
-    assert not pahq_fx.passes.trace(model, task.clean_input_ids[:2]).meta["dynamic_shapes"]
+    assert not pahq_fx.passes.trace(model, task.clean_input_ids[:2], dynamic_shapes="batch").meta["dynamic_dims"]
     expected, _ = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask).run(0.003)
     assert len(expected) > 1
     circuit = pahq_fx.discover(model, task, threshold=0.003, precision="fp32", progress=False, compile=False)

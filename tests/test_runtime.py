@@ -7,16 +7,21 @@ from hypothesis import strategies as st
 
 import pahq_fx
 from pahq_fx.acdc import EdgeGraph, Metric
+from pahq_fx.acdc.row_batch import RowBatch
 from pahq_fx.acdc.runtime import PatchingRuntime
 from pahq_fx.passes import lower_precision, split_heads, trace
+from pahq_fx.split import StepKind
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_ids
 
 
-def runtime_and_reference(spec: Spec, precision: str, seed: int = 0) -> tuple[PatchingRuntime, ReferenceACDC]:
+def runtime_and_reference(spec: Spec, precision: str, seed: int = 0, dynamic_shapes: bool | str = True
+                          ) -> tuple[PatchingRuntime, ReferenceACDC]:
+    """``dynamic_shapes="batch"`` (ACDC's trace) packs the metric rows into sequences of the task's length, ``True``
+    runs them one token each (:class:`~pahq_fx.acdc.row_batch.RowBatch`)."""
     model = build(spec)
     task = pahq_fx.Task(token_ids(3, 6, seed=seed), token_ids(3, 6, seed=seed + 1))
-    graph = lower_precision(split_heads(trace(model, task.clean_input_ids)), precision)
+    graph = lower_precision(split_heads(trace(model, task.clean_input_ids, dynamic_shapes=dynamic_shapes)), precision)
     runtime = PatchingRuntime(graph, EdgeGraph(graph.meta["head_graph"]), task, Metric.KL)
     reference = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask, precision)
     return runtime, reference
@@ -49,11 +54,13 @@ def assert_state_matches(runtime: PatchingRuntime, reference: ReferenceACDC, met
 
 
 @settings(max_examples=12, deadline=None)
-@given(spec=specs(RUNTIME_FAMILIES), precision=st.sampled_from(["fp32", "fp32", "bf16", "fp8"]), data=st.data())
-def test_state_equals_dense_evaluation_after_any_flips(spec, precision, data):
-    """Random receivers in visiting order, random flips committed or rolled back, plan switches between them."""
+@given(spec=specs(RUNTIME_FAMILIES), precision=st.sampled_from(["fp32", "fp32", "bf16", "fp8"]),
+       dynamic_shapes=st.sampled_from([True, "batch"]), data=st.data())
+def test_state_equals_dense_evaluation_after_any_flips(spec, precision, dynamic_shapes, data):
+    """Random receivers in visiting order, random flips committed or rolled back, plan switches between them, on
+    a trace with a dynamic sequence length and on one with the task's length fixed."""
     spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
-    runtime, reference = runtime_and_reference(spec, precision, seed=data.draw(st.integers(0, 100)))
+    runtime, reference = runtime_and_reference(spec, precision, seed=data.draw(st.integers(0, 100)), dynamic_shapes=dynamic_shapes)
     low = precision != "fp32"
     receivers = runtime.edges.receivers
     visited = data.draw(st.integers(1, len(receivers)))
@@ -171,3 +178,25 @@ def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_on
     assert len(terms) == (len(reaching) - heads + 1 if every_head else len(reaching))
     total = sum(d for _, d in terms)
     assert torch.allclose(total, sum(deltas.by_sender[s] for s in reaching), atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), seq=st.integers(1, 9), width=st.integers(1, 5))
+def test_a_row_batch_packs_rows_into_whole_sequences_and_unpacks_them_unchanged(rows, seq, width):
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows * seq))
+    batch = RowBatch(rows, seq)
+    packed = batch.pack(x)
+    assert packed.shape == (-(-rows // seq), seq, width) == (*batch.shape, width)
+    assert torch.equal(batch.unpack(packed), x)
+    assert (packed.flatten(0, 1)[rows:] == x[-1]).all()  # the padding repeats the last row
+
+
+@pytest.mark.parametrize("dynamic_shapes", [True, "batch"])
+def test_the_metric_rows_alone_go_through_the_unembedding_and_the_last_mlp_whatever_the_trace(dynamic_shapes):
+    """With the sequence length dynamic or fixed, the unembedding and every MLP are found token-wise, so a query
+    reaching only them runs the metric's rows (3 here, of 18 positions), not the whole batch."""
+    runtime, _ = runtime_and_reference(Spec("gpt2", 2, 2, 2, 8), "fp32", dynamic_shapes=dynamic_shapes)
+    assert torch.equal(runtime.final_rows, runtime.positions) and len(runtime.final_rows) == 3
+    assert runtime.row_batch.shape == ((3, 1) if dynamic_shapes is True else (1, 6))
+    mlps = {k for k, step in enumerate(runtime.steps) if step.kind is not StepKind.ATTENTION}
+    assert mlps and runtime._token_wise_components == mlps

@@ -7,7 +7,11 @@ from hypothesis import strategies as st
 
 from pahq_fx import trace as trace_module
 from pahq_fx import trace_cache
+from pahq_fx.errors import InvalidInputsError, UnsupportedArchitectureError
 from pahq_fx.passes import split_heads, trace
+from pahq_fx.pipeline import lower_split
+from pahq_fx.precision import PrecisionConfig
+from pahq_fx.transform import PahqModel
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 
@@ -25,7 +29,28 @@ def test_trace_does_not_mutate_model(spec, train_mode):
     model.eval()
     ids = token_ids(3, 8, seed=7)
     torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
-    assert gm.meta["dynamic_shapes"]
+    assert gm.meta["dynamic_dims"] == (0, 1)
+
+
+@settings(max_examples=6, deadline=None)
+@given(spec=specs(families=RUNTIME_FAMILIES), batch=st.integers(1, 5), seq=st.integers(2, 8))
+def test_a_batch_only_trace_runs_any_batch_at_the_example_length_and_refuses_other_lengths(spec, batch, seq):
+    """ACDC's trace (``dynamic_shapes="batch"``): its graph and the transformed model on it take any batch at the
+    example's sequence length, and the transformed model names the fixed length for any other."""
+    model = build(spec).eval()
+    gm = trace(model, token_ids(2, seq), dynamic_shapes="batch")
+    assert gm.meta["dynamic_dims"] == (0,)
+    ids = token_ids(batch, seq, seed=7)
+    torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
+    transformed = PahqModel(lower_split(gm, PrecisionConfig("fp32")), None, compiled=False, inner="inductor")
+    torch.testing.assert_close(transformed(ids), reference_logits(model, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UnsupportedArchitectureError, match=f"fixed sequence length at \\(2, {seq}\\)"):
+        transformed(token_ids(batch, seq + 1))
+
+
+def test_dynamic_shapes_takes_only_its_three_values():
+    with pytest.raises(InvalidInputsError, match="dynamic_shapes must be True, False or 'batch'"):
+        trace(build(Spec("gpt2", 1, 2, 2, 8)), token_ids(2, 5), dynamic_shapes="seq")
 
 
 def _fresh_trace_forbidden(*args, **kwargs):
@@ -33,7 +58,7 @@ def _fresh_trace_forbidden(*args, **kwargs):
 
 
 @settings(max_examples=8, deadline=None)
-@given(spec=specs(families=RUNTIME_FAMILIES), dynamic=st.booleans())
+@given(spec=specs(families=RUNTIME_FAMILIES), dynamic=st.sampled_from([True, "batch", False]))
 def test_a_model_traced_before_is_loaded_from_the_cache_and_splits_the_same(spec, dynamic, tmp_path_factory):
     """The second trace of a model (another instance, another example of the same shape) comes from the cache
     without exporting, binds the second model's own weights, and splits into the same per-head model."""
@@ -43,8 +68,8 @@ def test_a_model_traced_before_is_loaded_from_the_cache_and_splits_the_same(spec
         other_weights = build(Spec(**{**spec.__dict__, "seed": spec.seed + 1}))
         patch.setattr(trace_module, "_trace_afresh", _fresh_trace_forbidden)
         second = trace(other_weights, token_ids(2, 5, seed=3), dynamic_shapes=dynamic)
-    assert second.meta["dynamic_shapes"] == first.meta["dynamic_shapes"]
-    ids = token_ids(3, 8, seed=7) if second.meta["dynamic_shapes"] else token_ids(2, 5, seed=7)
+    assert second.meta["dynamic_dims"] == first.meta["dynamic_dims"]
+    ids = token_ids(3 if 0 in second.meta["dynamic_dims"] else 2, 8 if 1 in second.meta["dynamic_dims"] else 5, seed=7)
     expected = reference_logits(other_weights, ids)
     torch.testing.assert_close(second(ids), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split_heads(second)(ids), expected, rtol=1e-4, atol=1e-4)

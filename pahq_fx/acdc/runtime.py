@@ -36,6 +36,7 @@ from ..precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import Metric, metric_value
+from .row_batch import RowBatch
 from .task import Task
 
 ROLES = tuple(Role)
@@ -247,13 +248,18 @@ class PatchingRuntime:
         self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean)]
         full = self._unembed_all(clean_final)
         self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
-        token_wise = self._token_wise_unembedding(clean_final, full)
         batch, seq = clean_final.shape[:2]
+        dims = graph_meta.dynamic_dims(self.graph)
+        metric_rows = RowBatch.for_trace(len(self.positions), dims, seq)
+        metric_aux = self._prelude_aux(task, metric_rows)
+        self._row_final_aux = self._final_aux if metric_aux is None else [metric_aux[i] for i in self.structure.final_aux]
+        token_wise = self._token_wise_unembedding(clean_final, full, metric_rows)
+        self.row_batch = metric_rows if token_wise else RowBatch.for_trace(batch * seq, dims, seq)
         self.final_rows = self.positions if token_wise else torch.arange(batch * seq, device=clean_final.device)
         self._final_shape = None if token_wise else clean_final.shape
         self._final_clean = self._rows(clean_final)
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
-        self._rows_prelude_aux = self._aux_for_rows(task)
+        self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(task, self.row_batch)
         self._token_wise_components = {k for k, step in enumerate(self.steps)
                                  if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)}
 
@@ -287,18 +293,18 @@ class PatchingRuntime:
         logits = self.graph.unembed(x, *self._final_aux)
         return logits.flatten(0, 1).index_select(0, self.positions)
 
-    def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor) -> bool:
+    def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor, rows: RowBatch) -> bool:
         """Whether the final norm and unembedding act per token, so only the metric rows need to go through them."""
         try:
-            rows = x.flatten(0, 1).index_select(0, self.positions).unsqueeze(0)
-            return bool(torch.allclose(self.graph.unembed(rows, *self._final_aux).squeeze(0), full, rtol=1e-5, atol=1e-5))
-        except (RuntimeError, IndexError):  # a graph specialised to the sequence length: the whole batch goes through
+            got = rows.unpack(self.graph.unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux))
+            return got.shape == full.shape and bool(torch.allclose(got, full, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, IndexError):  # a graph specialised to the batch shape: the whole batch goes through
             return False
 
-    def _aux_for_rows(self, task: Task) -> tuple | None:
-        """The prelude's auxiliary values (sizes, masks) for a [rows, 1] batch: what a component computed on the
+    def _prelude_aux(self, task: Task, rows: RowBatch) -> tuple | None:
+        """The prelude's auxiliary values (sizes, masks) for the shape of ``rows``: what a component computed on the
         final read's rows alone needs (MLPs that flatten the stream take the batch and sequence sizes)."""
-        ids = task.clean_input_ids.new_zeros(len(self.final_rows), 1)
+        ids = task.clean_input_ids.new_zeros(rows.shape)
         try:
             return tuple(self.graph.prelude(ids)[1:])
         except Exception:  # noqa: BLE001 - a static trace cannot run at another shape: no row-only components
@@ -313,7 +319,7 @@ class PatchingRuntime:
             return False
         x = self.clean_reads[k]
         try:
-            rows = self._components[k](self._rows(x).unsqueeze(1), *self._row_aux(k)).squeeze(1)
+            rows = self.row_batch.unpack(self._components[k](self.row_batch.pack(self._rows(x)), *self._row_aux(k)))
         except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)
             return False
         full = self.clean[self.step_senders[k][0]]  # its clean output, computed from this same read
@@ -322,7 +328,7 @@ class PatchingRuntime:
 
     def _final_metric(self, final_rows: torch.Tensor) -> torch.Tensor:
         if self._final_shape is None:
-            logits = self.graph.unembed(final_rows.unsqueeze(0), *self._final_aux).squeeze(0)
+            logits = self.row_batch.unpack(self.graph.unembed(self.row_batch.pack(final_rows), *self._row_final_aux))
         else:
             logits = self._unembed_all(final_rows.view(self._final_shape))
         return metric_value(self.metric_kind, logits, self.clean_logprobs, self.correct, self.incorrect)
@@ -527,7 +533,7 @@ class PatchingRuntime:
                 x, sender = new_inputs[changed[0]], self.step_senders[k][0]
                 pending.recomputed.append(step.name)
                 if k in self.rows_only:
-                    out = self._components[k](x.unsqueeze(1), *self._row_aux(k)).squeeze(1)
+                    out = self.row_batch.unpack(self._components[k](self.row_batch.pack(x), *self._row_aux(k)))
                 else:
                     out = self._components[k](x, *self._aux(step.aux))
                 pending.outputs[sender] = out

@@ -55,9 +55,10 @@ def check_vocabulary(model: nn.Module, task: Task) -> None:
 
 def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModule:
     """The traced model, traced and probed on two prompts (the split's probes cost in proportion to the example)
-    unless its shapes came out static, in which case it is traced at the task's own shape."""
-    small = trace(model, example_inputs=input_ids[:2])
-    if graph_meta.dynamic_shapes(small) or input_ids.shape[0] <= 2:
+    with a dynamic batch, unless the batch came out static, in which case it is traced at the task's own shape.
+    The sequence length stays the task's: every query runs it, and a fixed length halves the export."""
+    small = trace(model, example_inputs=input_ids[:2], dynamic_shapes="batch")
+    if graph_meta.dynamic_dims(small) or input_ids.shape[0] <= 2:
         return small
     return trace(model, example_inputs=input_ids, dynamic_shapes=False)
 
