@@ -2,9 +2,9 @@
 
 One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
 with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
-model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export). The model is put in eval mode and on the SDPA attention kernel for the duration of the
-trace (both so that the attention call is one recognisable op), and restored afterwards: tracing does not
-mutate the model.
+model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export).
+The model is put in eval mode and on the SDPA attention kernel for the duration of the trace (both so that the
+attention call is one recognisable op), and restored afterwards: tracing does not mutate the model.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ DynamicShapes = bool | Literal["batch"]
 _DIM_NAMES = ("batch", "seq")
 
 
-def dynamic_dims_of(dynamic_shapes: DynamicShapes) -> tuple[int, ...]:
+def _dynamic_dims_of(dynamic_shapes: DynamicShapes) -> tuple[int, ...]:
     """The ``input_ids`` dimensions to keep dynamic: ``True`` batch and sequence, ``"batch"`` the batch, ``False`` none."""
     if dynamic_shapes is True or dynamic_shapes is False:
         return (0, 1) if dynamic_shapes else ()
@@ -178,7 +178,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     turns it off): a model traced before, in any process, is loaded instead of exported again, once it reproduces
     the model's logits on the example.
     """
-    requested = dynamic_dims_of(dynamic_shapes)
+    requested = _dynamic_dims_of(dynamic_shapes)
     example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
     with _inference_setup(model), torch.no_grad():
         entry = trace_cache.key(model, example_inputs, requested)
