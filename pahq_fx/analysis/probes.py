@@ -96,7 +96,7 @@ class HeadProbe:
                     probe.view(positions, width)[torch.arange(len(features)), torch.tensor(features)] = poison
                 else:
                     probe[..., first] = poison
-                reached = self._reached(sub, extra, clean, i, probe, per_position, gate_owner)
+                reached = self._reached(sub, extra, clean, i, probe, per_position, gate_owner, len(features))
                 for p, f in enumerate(features):
                     touched = [(role, {h for h, hit in enumerate(r[p]) if hit}) for role, r in zip(Role, reached) if any(r[p])]
                     if not touched and len(reached) > len(Role) and sum(reached[-1][p]) == 1:  # a gate of one head
@@ -113,18 +113,19 @@ class HeadProbe:
         return hits
 
     def _reached(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor,
-                 per_position: bool, gate_owner: dict[int, int]) -> list[list[list[bool]]]:
+                 per_position: bool, gate_owner: dict[int, int], probed: int) -> list[list[list[bool]]]:
         """For each attention input (and the output projection's input, where gates are probed), which heads the
-        probe reaches (a value that is not finite): per position ([positions][heads]) or, for a single probed
-        feature, over all positions ([1][heads])."""
+        probe reaches (a value that is not finite): per position for the ``probed`` positions that carry a probed
+        feature ([probed][heads]; reading every position into Python cost a quarter of a split traced at a whole
+        task's shape) or, for a single probed feature, over all positions ([1][heads])."""
         results = self._probe_output(sub, extra, clean, i, probe)
         reached = []
         for r in results[: len(Role)]:
             poisoned = (~torch.isfinite(r)).any(-1)  # [batch, heads, seq]
-            reached.append((poisoned.permute(0, 2, 1).flatten(0, 1) if per_position else poisoned.any(-1).any(0, keepdim=True)).tolist())
+            reached.append((poisoned.permute(0, 2, 1).flatten(0, 1)[:probed] if per_position else poisoned.any(-1).any(0, keepdim=True)).tolist())
         if len(results) > len(Role):  # the output projection's input, [batch, seq, features]: features to heads
             poisoned = (~torch.isfinite(results[-1])).flatten(0, -2)
-            poisoned = poisoned if per_position else poisoned.any(0, keepdim=True)
+            poisoned = poisoned[:probed] if per_position else poisoned.any(0, keepdim=True)
             heads = 1 + max(gate_owner.values())
             by_head = torch.zeros(poisoned.shape[0], heads, dtype=torch.bool)
             for f, h in gate_owner.items():
