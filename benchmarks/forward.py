@@ -42,7 +42,7 @@ def measure(model, ids: torch.Tensor, fmt: str, repeats: int, compile: bool) -> 
     start = time.perf_counter()
     traced = passes.trace(model, ids)
     trace_s = time.perf_counter() - start
-    graph = passes.lower_precision(passes.split_heads(traced), fmt)
+    graph = passes.lower_precision(passes.split_heads(passes.fuse_activations(traced)), fmt)
     split_s = time.perf_counter() - start - trace_s
     layers = len(graph.meta["head_graph"].layers)
     passes.set_head(graph, (layers - 1, 0))

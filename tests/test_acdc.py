@@ -186,9 +186,22 @@ def test_checkpoint_of_another_run_is_refused_and_a_finished_run_removes_its_own
     assert not checkpoint.exists()
 
 
+def _effects(circuit) -> dict:
+    return {(e.sender, e.receiver): e.effect for e in (*circuit.edges, *circuit.removed)}
+
+
+def _assert_same_decisions_but_ties(first, second, threshold: float) -> None:
+    """The same circuit, except edges whose effect is within 1% of the threshold in both runs: compiled kernels
+    round differently from eager ones (FP8 activation scales, fused GELU), so such a decision is a tie."""
+    one, other = _effects(first), _effects(second)
+    for edge in first.edge_set() ^ second.edge_set():
+        assert abs(one[edge] - threshold) <= 0.01 * threshold and abs(other[edge] - threshold) <= 0.01 * threshold, (
+            edge, one[edge], other[edge])
+
+
 def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind():
     """One graph per component kind and shape (attention core; MLP on every row and on the metric rows; final read):
-    a 2- and a 6-layer model compile as many."""
+    a 6-layer model compiles no more than a 2-layer one."""
     task = make_task(8)
     compilations = {}
     for layers in (2, 6):
@@ -197,11 +210,13 @@ def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind()
         torch._dynamo.reset()  # count this run's compilations, not what an earlier run left in dynamo's cache
         compiled = pahq_fx.discover(model, task, threshold=1e-4, precision="fp8", progress=False, compile=True)
         assert len(compiled.nodes) > 2 * layers, "too few nodes left for every component kind to run"
-        assert compiled.edge_set() == eager.edge_set()
+        _assert_same_decisions_but_ties(eager, compiled, threshold=1e-4)
         assert eager.stats.compilations == 0 and eager.stats.execution.startswith("eager")
         assert compiled.stats.execution.startswith("compiled") and compiled.stats.compile_s > 0
         compilations[layers] = compiled.stats.compilations
-    assert compilations[2] == compilations[6] <= 4, compilations
+    # A kind compiles where a query first runs it: the MLP on every row only where a query's cone reaches an
+    # attention layer's keys and values through it, which the circuit decides. Depth must add none.
+    assert 3 <= compilations[6] <= compilations[2] <= 4, compilations
 
 
 def test_auto_defaults_name_their_choice_on_this_device():

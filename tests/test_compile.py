@@ -33,7 +33,7 @@ def test_standalone_passes_and_backend_match_transform():
     ids = token_ids(2, 6)
     expected = pahq_fx.transform(model, head=(1, 0), compile=False)(ids)
 
-    gm = passes.split_heads(passes.trace(model))
+    gm = passes.split_heads(passes.fuse_activations(passes.trace(model)))
     gm = passes.lower_precision(gm, "fp8", "per_row")
     passes.set_head(gm, (1, 0))
     assert isinstance(gm, torch.fx.GraphModule)
