@@ -38,11 +38,13 @@ def _seconds(fn) -> float:
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, fmt: str, repeats: int, compile: bool) -> dict:
     from pahq_fx import passes
+    from pahq_fx.pipeline import lower_split
+    from pahq_fx.precision import PrecisionConfig
 
     start = time.perf_counter()
     traced = passes.trace(model, ids)
     trace_s = time.perf_counter() - start
-    graph = passes.lower_precision(passes.split_heads(passes.fuse_activations(traced)), fmt)
+    graph = lower_split(traced, PrecisionConfig(fmt))
     split_s = time.perf_counter() - start - trace_s
     layers = len(graph.meta["head_graph"].layers)
     passes.set_head(graph, (layers - 1, 0))

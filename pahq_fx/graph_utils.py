@@ -5,8 +5,6 @@ Nothing here knows about attention or transformers; :mod:`pahq_fx.analysis` buil
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,15 +30,6 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     seen: dict[fx.Node, None] = {}
     map_arg((node.args, node.kwargs), lambda n: seen.setdefault(n, None))
     return list(seen)
-
-
-def with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule sharing ``gm``'s weights but with its own copy of the graph, so a pass leaves ``gm`` as it was."""
-    with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        own = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    own.meta.update(gm.meta)
-    return own
 
 
 def attribute(root: torch.nn.Module, target: str) -> Any:

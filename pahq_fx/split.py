@@ -13,9 +13,11 @@ the contributions upstream of it; ``logits = unembed(final read)``.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from torch import fx, nn
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError
-from .graph_utils import ancestors, descendants, extract, with_own_graph
+from .graph_utils import ancestors, descendants, extract
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
@@ -455,6 +457,15 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             )
 
 
+def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s weights but with its own copy of the graph, so the pass leaves ``gm`` as it was."""
+    with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        own = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    own.meta.update(gm.meta)
+    return own
+
+
 def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None) -> fx.GraphModule:
     """Split every attention block of a traced causal LM (see :func:`pahq_fx.trace`) into per-head subgraphs.
 
@@ -463,7 +474,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     left as it was: the pass rewrites a copy of its graph (sharing its weights).
     """
     example = input_ids_from(example_inputs) if example_inputs is not None else graph_meta.example_input_ids(gm)
-    gm = with_own_graph(gm)
+    gm = _with_own_graph(gm)
     layout = analyse(gm, example)
     _drop_identity_reshapes(gm, layout)
     contribution_names = _contribution_names(layout)

@@ -10,6 +10,7 @@ attention call is one recognisable op), and restored afterwards: tracing does no
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -142,8 +143,6 @@ def _lean_export() -> Iterator[None]:
     and the naive reference trace many times per process). The cache alone had taken a second export from 1.1
     to 0.7 s.
     """
-    import gc
-
     import torch._dynamo.config
     import torch.fx.config
 
