@@ -122,12 +122,14 @@ def extract(
     inputs: Sequence[fx.Node],
     outputs: Sequence[fx.Node],
     name: str,
+    always_tuple: bool = False,
 ) -> tuple[fx.GraphModule, list[fx.Node]]:
     """Copy ``nodes`` of ``gm`` into a new GraphModule.
 
     ``inputs`` become the first placeholders; every other value the nodes read from outside the set
     (other than parameters, which are copied as attributes) becomes an extra placeholder. Returns the
-    module and the list of those extra outside nodes, in placeholder order.
+    module and the list of those extra outside nodes, in placeholder order. The module returns its one output
+    as such, unless ``always_tuple`` (for callers that index the outputs, however many there are).
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -154,7 +156,7 @@ def extract(
     for n in order:
         env[n] = graph.node_copy(n, lookup)
     out = tuple(lookup(o) for o in outputs)
-    graph.output(out[0] if len(out) == 1 else out)
+    graph.output(out[0] if len(out) == 1 and not always_tuple else out)
     graph.eliminate_dead_code()
     module = fx.GraphModule(gm, graph, class_name=name)
     return module, extra

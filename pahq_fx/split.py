@@ -505,7 +505,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     unembed, final_aux = builder.component(unembed_nodes, [layout.final_read], [layout.logits, *unembed_extras], "Unembed")
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     outputs = [layout.embed, *builder.aux]
-    prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude")
+    prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude", always_tuple=True)
     final_reads = tuple(contribution_names[l] for l in layout.leaves[layout.final_read])
     model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
     _check_equivalent(gm, model, example)

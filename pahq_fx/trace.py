@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import graph_meta, trace_cache
+from .causal_attention import mask_free_attention
 from .errors import InvalidInputsError
 
 aten = torch.ops.aten
@@ -114,18 +115,24 @@ def _dynamic_dims_of(dynamic_shapes: DynamicShapes) -> tuple[int, ...]:
     raise InvalidInputsError(f"dynamic_shapes must be True, False or 'batch', got {dynamic_shapes!r}")
 
 
-def _export(module: nn.Module, example: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.export.ExportedProgram, tuple[int, ...]]:
+def _export(module: nn.Module, model: nn.Module, example: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.export.ExportedProgram, tuple[int, ...]]:
     """The program and the dimensions it kept dynamic: ``dims``; else, for the batch alone, batch and sequence
     (export's guards can fail to simplify with a fixed length where they do with a symbolic one: Llama 4's
-    chunked attention); else none, as some models specialise shapes."""
+    chunked attention); else none, as some models specialise shapes. Where the sequence length is fixed, a causal
+    mask is left to SDPA's ``is_causal`` when that is exact (:mod:`pahq_fx.causal_attention`)."""
     attempts = [dims, (0, 1)] if dims == (0,) else [dims] if dims else []
     with _lean_export():
         for attempt in attempts:
             shapes = {"input_ids": {d: torch.export.Dim(_DIM_NAMES[d], min=1) for d in attempt}}
-            with contextlib.suppress(Exception):
+            with _attention_for(model, example, attempt), contextlib.suppress(Exception):
                 program = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=False)
                 return program, attempt if program.range_constraints else ()
-        return torch.export.export(module, (example,), strict=False), ()
+        with _attention_for(model, example, ()):
+            return torch.export.export(module, (example,), strict=False), ()
+
+
+def _attention_for(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if 1 in dynamic else mask_free_attention(model, example)
 
 
 @contextlib.contextmanager
@@ -219,7 +226,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
 def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """(graph, the dimensions export kept dynamic)."""
     module = LogitsOnly(model) if hasattr(model, "config") else model
-    program, dims = _export(module, example_inputs, requested)  # before functionalising, which re-derives constraints
+    program, dims = _export(module, model, example_inputs, requested)  # before functionalising, which re-derives constraints
     if _hidden_writes(program.graph):
         program = program.run_decompositions({})
     gm = program.module()

@@ -57,7 +57,8 @@ def _source_digest(cls: type) -> str:
     """The source files of the model's class and its bases, and of the trace and this cache: edited modeling code,
     or a change to what the trace does or what an entry holds, is a new key."""
     digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes() + Path(__file__).with_name("trace.py").read_bytes())
+    for module in ("trace_cache.py", "trace.py", "causal_attention.py"):
+        digest.update(Path(__file__).with_name(module).read_bytes())
     for base in cls.__mro__:
         try:
             digest.update(Path(inspect.getsourcefile(base)).read_bytes())
