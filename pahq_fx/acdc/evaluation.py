@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import PahqError, TaskError
 from ..precision import Format, all_heads_fp32
 from .edges import EdgeGraph
-from .metrics import Metric, metric_value
+from .metrics import CleanDistribution, Metric, metric_value
 from .runtime import PatchingRuntime
 from .setup import build_runtime, parse_metric
 from .task import Task
@@ -130,14 +130,14 @@ def check_task(model: nn.Module, task: Task, metric: str | Metric) -> TaskCheck:
     clean = model(input_ids=task.clean_input_ids, use_cache=False).logits[mask].float()
     corrupted = model(input_ids=task.corrupted_input_ids, use_cache=False).logits[mask].float()
     correct, incorrect = task.answers_at_metric_positions()
-    clean_logprobs = torch.log_softmax(clean, dim=-1)
+    reference = CleanDistribution.of(clean)
     accuracy = None
     if task.has_answers:
         preferred = clean.gather(-1, correct.view(-1, 1)) > clean.gather(-1, incorrect.view(-1, 1))
         accuracy = float(preferred.float().mean())
     return TaskCheck(
         metric=metric.value,
-        full_model=float(metric_value(metric, clean, clean_logprobs, correct, incorrect)),
-        every_edge_patched=float(metric_value(metric, corrupted, clean_logprobs, correct, incorrect)),
+        full_model=float(metric_value(metric, clean, reference, correct, incorrect)),
+        every_edge_patched=float(metric_value(metric, corrupted, reference, correct, incorrect)),
         clean_accuracy=accuracy,
     )

@@ -47,11 +47,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Times of ``repeats`` eager forwards of the original model on ``input_ids`` (after one warm-up): the unit of
-    forward-equivalents is their median."""
+def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5, warm_up: bool = True) -> list[float]:
+    """Times of ``repeats`` eager forwards of the original model on ``input_ids``, after one untimed warm-up unless
+    the caller has just run the model (``warm_up=False``): the unit of forward-equivalents is their median."""
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + warm_up):
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         start = time.perf_counter()
@@ -59,4 +59,4 @@ def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: in
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         times.append(time.perf_counter() - start)
-    return times[1:]
+    return times[warm_up:]

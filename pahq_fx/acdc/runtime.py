@@ -35,7 +35,7 @@ from ..names import Role
 from ..precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
-from .metrics import Metric, metric_value
+from .metrics import CleanDistribution, Metric, metric_value
 from .row_batch import RowBatch
 from .task import Task
 
@@ -247,7 +247,7 @@ class PatchingRuntime:
         # In place, one copy at a time; contiguous() gives a broadcast view (a bias expanded to the stream) its own memory.
         self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean)]
         full = self._unembed_all(clean_final)
-        self.clean_logprobs = torch.log_softmax(full.float(), dim=-1)
+        self.clean_distribution = CleanDistribution.of(full)
         batch, seq = clean_final.shape[:2]
         dims = graph_meta.dynamic_dims(self.graph)
         metric_rows = RowBatch.for_trace(len(self.positions), dims, seq)
@@ -331,7 +331,7 @@ class PatchingRuntime:
             logits = self.row_batch.unpack(self.graph.unembed(self.row_batch.pack(final_rows), *self._row_final_aux))
         else:
             logits = self._unembed_all(final_rows.view(self._final_shape))
-        return metric_value(self.metric_kind, logits, self.clean_logprobs, self.correct, self.incorrect)
+        return metric_value(self.metric_kind, logits, self.clean_distribution, self.correct, self.incorrect)
 
     def state_bytes(self) -> int:
         """Bytes held by the state and the caches (distinct tensors counted once)."""

@@ -129,7 +129,7 @@ def prepare(
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")
         print(f"WARNING: {task_check.warning()}", file=sys.stderr)
         warnings.warn(task_check.warning(), stacklevel=3)
-    forward_samples = eager_forward_seconds(model, task.clean_input_ids)
+    forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
     runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
     return Session(model, task, parsed_metric, fmt, precision_note, execution, runtime, edges, model_identity(model),
@@ -201,8 +201,9 @@ def search(
     )
     queries = runtime.queries
     per_query = search_s / max(queries - loop_queries, 1)
-    # Forwards timed before and after the search: the machine's speed may drift during a long run.
-    forward_s = statistics.median(session.forward_samples + eager_forward_seconds(session.model, session.task.clean_input_ids))
+    # Forwards timed before and after the search (five in all): the machine's speed may drift during a long run.
+    after = eager_forward_seconds(session.model, session.task.clean_input_ids, repeats=2, warm_up=False)
+    forward_s = statistics.median(session.forward_samples + after)
     task = session.task
     return Circuit(
         edges=kept_edges,
