@@ -103,3 +103,18 @@ def test_a_boolean_mask_is_causal_only_when_it_is_the_lower_triangle(q, kv_extra
     changed = mask.clone().flatten()
     changed[flip % changed.numel()] ^= True
     assert not _is_causal_pattern(changed.view(mask.shape))
+
+
+def test_a_model_whose_eager_forward_fails_is_traced_with_its_mask():
+    """The checks run the model eagerly; where that fails but the export does not (Dots3-Note's attention indexes
+    the mask that transformers skips outside a trace), the masked trace goes on."""
+    model = build(Spec("gpt2", 1, 2, 2, 8))
+
+    def export_only(module, args, kwargs):
+        if not torch.compiler.is_exporting():
+            raise RuntimeError("this model runs under torch.export only")
+
+    model.register_forward_pre_hook(export_only, with_kwargs=True)
+    gm = trace(model, token_ids(2, 5), dynamic_shapes="batch")
+    assert gm.meta["dynamic_dims"] == (0,)
+    assert all(m is not None for m in _attention_masks(gm))
