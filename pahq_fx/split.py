@@ -91,6 +91,28 @@ class PerHeadLinear(nn.Module):
         return f"heads={h}, in={i}, out={o}, format=fp32"
 
 
+Span = tuple[int, int] | None
+
+
+def contiguous_span(index: torch.Tensor) -> Span:
+    """``(start, length)`` where ``index`` is the range ``start, start + 1, ...``; None otherwise."""
+    if index.numel() == 0:
+        return None
+    start = int(index[0])
+    return (start, index.numel()) if torch.equal(index.cpu(), torch.arange(start, start + index.numel())) else None
+
+
+def select_features(x: torch.Tensor, index: torch.Tensor, span: Span) -> torch.Tensor:
+    """``x.index_select(-1, index)``, as a view without a copy where the features are one contiguous range (the
+    usual layout: a fused qkv projection's features in head order)."""
+    return x.narrow(-1, *span) if span is not None else x.index_select(-1, index)
+
+
+def _writes_in_place(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes)
+
+
 class AttentionBlock(nn.Module):
     """One attention layer split per head. ``forward`` returns per-head output contributions."""
 
@@ -122,8 +144,11 @@ class AttentionBlock(nn.Module):
         for i, index in enumerate(scatter):
             self.register_buffer(f"scatter_{i}", index)
         self.n_projections = len(scatter)
+        # Views of the projections only for a core that writes nothing in place: it could write into them.
+        self.scatter_spans = tuple(None if _writes_in_place(core) else contiguous_span(index) for index in scatter)
         self.core = core
         self.register_buffer("z_order", z_order)
+        self.z_span = contiguous_span(z_order)
         self.o_bias = None if o_bias is None else nn.Parameter(o_bias.detach().clone(), requires_grad=False)
 
     def project(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *norm_aux) -> tuple[torch.Tensor, ...]:
@@ -148,14 +173,19 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
         flat = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
-        outputs = [flat.index_select(-1, getattr(self, f"scatter_{i}")) for i in range(self.n_projections)]
+        outputs = self.scatter(flat)
         z = self.core(*outputs, *core_aux)
         extras: tuple[torch.Tensor, ...] = ()
         if self.n_extra_outputs:
             z, extras = z[0], tuple(z[1:])
-        z_heads = z.index_select(-1, self.z_order).unflatten(-1, (self.n_heads, -1))
+        z_heads = select_features(z, self.z_order, self.z_span).unflatten(-1, (self.n_heads, -1))
         heads = self.o(z_heads)
         return (heads, extras) if extra_outputs else heads
+
+    def scatter(self, projections: torch.Tensor) -> list[torch.Tensor]:
+        """The concatenated per-head projections [..., features] laid out as the core's inputs (the projection
+        outputs of the traced graph)."""
+        return [select_features(projections, getattr(self, f"scatter_{i}"), span) for i, span in enumerate(self.scatter_spans)]
 
     def from_stream(self, read: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
         """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d].

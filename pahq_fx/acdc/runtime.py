@@ -126,8 +126,18 @@ class _AttentionLayout:
                    for u in range(self.n_heads if role is Role.QUERY else self.n_groups)]
             for role in ROLES
         }
-        dz = block.z_order.numel() // self.n_heads
-        self.z_features = [block.z_order[h * dz : (h + 1) * dz] for h in range(self.n_heads)]
+        self.dz = block.z_order.numel() // self.n_heads
+        self.z_features = [block.z_order[h * self.dz : (h + 1) * self.dz] for h in range(self.n_heads)]
+        self.z_in_head_order = block.z_span == (0, block.z_order.numel())
+
+    def z_of(self, z: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """The core output's features of ``heads`` (sorted), [..., len(heads), dz]: a view where they are
+        consecutive heads of a core output in head order."""
+        if self.z_in_head_order and heads[-1] - heads[0] == len(heads) - 1:
+            selected = z.narrow(-1, heads[0] * self.dz, len(heads) * self.dz)
+        else:
+            selected = z.index_select(-1, torch.cat([self.z_features[h] for h in heads]))
+        return selected.unflatten(-1, (len(heads), -1))
 
 
 class PatchingRuntime:
@@ -673,9 +683,8 @@ class PatchingRuntime:
         if not heads:
             return {}
         heads = sorted(heads)
-        z = self._cores[k](*(projections.index_select(-1, getattr(block, f"scatter_{i}")) for i in range(block.n_projections)),
-                       *core_aux)
-        z_heads = z.index_select(-1, torch.cat([layout.z_features[h] for h in heads])).unflatten(-1, (len(heads), -1))
+        z = self._cores[k](*block.scatter(projections), *core_aux)
+        z_heads = layout.z_of(z, heads)
         out = block.o.units(z_heads, heads, units.query_head)
         pending.recomputed.extend(names.head(block.layer, h) for h in heads)
         return {senders[h]: out[:, :, i] for i, h in enumerate(heads)}
