@@ -32,6 +32,11 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether the node is an ATen op that mutates one of its inputs (``add_``, ``copy_``, ``index_put_``)."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
 def attribute(root: torch.nn.Module, target: str) -> Any:
     """What a ``get_attr`` node with this dotted ``target`` reads from ``root``."""
     for part in target.split("."):

@@ -27,7 +27,7 @@ from torch import fx, nn
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError
-from .graph_utils import ancestors, descendants, extract
+from .graph_utils import ancestors, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
@@ -108,11 +108,6 @@ def select_features(x: torch.Tensor, index: torch.Tensor, span: Span) -> torch.T
     return x.narrow(-1, *span) if span is not None else x.index_select(-1, index)
 
 
-def _writes_in_place(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in gm.graph.nodes)
-
-
 class AttentionBlock(nn.Module):
     """One attention layer split per head. ``forward`` returns per-head output contributions."""
 
@@ -145,7 +140,8 @@ class AttentionBlock(nn.Module):
             self.register_buffer(f"scatter_{i}", index)
         self.n_projections = len(scatter)
         # Views of the projections only for a core that writes nothing in place: it could write into them.
-        self.scatter_spans = tuple(None if _writes_in_place(core) else contiguous_span(index) for index in scatter)
+        core_writes = any(writes_in_place(n) for n in core.graph.nodes)
+        self.scatter_spans = tuple(None if core_writes else contiguous_span(index) for index in scatter)
         self.core = core
         self.register_buffer("z_order", z_order)
         self.z_span = contiguous_span(z_order)

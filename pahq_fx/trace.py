@@ -20,6 +20,7 @@ from torch import fx, nn
 from . import graph_meta, trace_cache
 from .causal_attention import mask_free_attention
 from .errors import InvalidInputsError
+from .graph_utils import writes_in_place
 
 aten = torch.ops.aten
 
@@ -171,8 +172,7 @@ def _hidden_writes(graph: fx.Graph) -> bool:
     later reads of the buffer do not depend on the write in the graph. The passes follow data flow, so such a
     graph is functionalised first. In-place ops whose result is read on (Falcon's residual ``add_``, routers'
     ``div_``) are seen and kept, as are graphs without any (most), which skip the functionalisation's cost."""
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               and not n.users for n in graph.nodes)
+    return any(writes_in_place(n) and not n.users for n in graph.nodes)
 
 
 def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
