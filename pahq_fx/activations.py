@@ -1,9 +1,12 @@
-"""The activation-fusion pass: a chain of pointwise ops that computes GELU of one tensor -> ``aten.gelu``.
+"""The activation-fusion pass: a chain of pointwise ops that computes GELU of one tensor -> one GELU op.
 
 Many families write their activation out in Python (GPT-2's ``gelu_new``: ``0.5 * x * (1 + tanh(sqrt(2 / pi)
 * (x + 0.044715 * x ** 3)))``), which the trace records as eight pointwise ops, each a full pass over the MLP's
 hidden activations. ``aten.gelu`` computes the same function in one pass: on this CPU, 3.4 ms instead of 7.7 ms on
-a [3120, 512] tensor, the hidden activations of the 8-head model on 48 prompts of 65 tokens.
+a [3120, 512] tensor, the hidden activations of the 8-head model on 48 prompts of 65 tokens. The tanh form is fused
+into :func:`gelu_tanh`, which is ``aten.gelu`` except on float32/float64 CPU tensors without autograd, where ATen's
+vectorised tanh is the slow part (2.8 ms on [3072, 512] here): there it computes ``x * sigmoid(2u)``, which equals
+``0.5 x (1 + tanh(u))``, in 1.2 ms (SQNR against float64 149 dB, against 151 dB for ``aten.gelu``).
 
 The pass recognises activations by value, not by spelling: a region of pointwise ops whose only tensor input is
 one node ``x`` is evaluated in float64 on a grid of probe values, and replaced when it equals a known activation
@@ -38,19 +41,37 @@ _PROBES = torch.cat([torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64), tor
 _TOLERANCE = 1e-6
 
 
+_TWO_SQRT_2_OVER_PI = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, ``0.5 x (1 + tanh(u))`` with ``u = sqrt(2 / pi) (x + 0.044715 x^3)``.
+
+    On a CPU, float32 or float64 and no autograd, as ``x * sigmoid(2u)`` (the same function: ``0.5 (1 + tanh u) =
+    sigmoid(2u)``) with in-place passes over one temporary, 2.4x faster than ``aten.gelu`` there (module docstring).
+    Everywhere else (CUDA's one fused kernel, half-precision inputs that ``aten.gelu`` computes in float32,
+    gradients, and under ``torch.compile``, which fuses either form) it is ``aten.gelu``."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+            or torch.is_grad_enabled() and x.requires_grad):
+        return aten.gelu.default(x, approximate="tanh")
+    inner = x * x
+    inner.mul_(_TWO_SQRT_2_OVER_PI * 0.044715).add_(_TWO_SQRT_2_OVER_PI).mul_(x)
+    return inner.sigmoid_().mul_(x)
+
+
 @dataclass(frozen=True)
 class Activation:
     """A function the pass fuses: its value in float64, and the fused node that replaces a chain computing it."""
 
     name: str
     reference: Callable[[torch.Tensor], torch.Tensor]
-    target: torch._ops.OpOverload
+    target: Callable[..., torch.Tensor]
     kwargs: dict
 
 
 ACTIVATIONS = (
     Activation("gelu_tanh", lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
-               aten.gelu.default, {"approximate": "tanh"}),
+               gelu_tanh, {}),
     Activation("gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), aten.gelu.default, {}),
 )
 
@@ -101,7 +122,7 @@ def _matching(region: frozenset[fx.Node], source: fx.Node, output: fx.Node) -> A
 
 
 def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every written-out GELU in ``gm`` by one ``aten.gelu`` node (see the module docstring).
+    """Replace every written-out GELU in ``gm`` by one node, ``aten.gelu`` or :func:`gelu_tanh` (module docstring).
 
     Rewrites ``gm`` in place and returns it (the pipeline owns the graph that :func:`~pahq_fx.trace.trace`
     returned; copying it would cost more than the pass). A region is fused only where nothing outside it reads
