@@ -22,6 +22,13 @@ class _Parser(argparse.ArgumentParser):
         raise PahqError(f"{self.prog}: {message}")
 
 
+def _stage(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr saying what a long run is doing before its progress bar appears (importing torch and
+    transformers, the trace) and after it (the pictures). Only on a terminal: a log or a pipe gets the results alone."""
+    if not args.no_progress and sys.stderr.isatty():
+        print(f"pahq-fx: {message}", file=sys.stderr, flush=True)
+
+
 def _load_model(name: str):
     from .zoo import load
 
@@ -109,6 +116,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
 def cmd_discover(args: argparse.Namespace) -> None:
     from .acdc import Circuit, discover
 
+    _stage(args, f"loading {args.model}")
     model, tokenizer = _load_model(args.model)
     task = _load_task(args.task, tokenizer, args.n, args.seed)
     previous = Circuit.load(args.compare) if args.compare else None
@@ -117,6 +125,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     checkpoint = out / "checkpoint.json"
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
+    _stage(args, "checking the task, then tracing, splitting and caching the model")
     circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
                        checkpoint=checkpoint, progress=not args.no_progress,
                        compile=False if args.no_compile else True if args.compile else "auto",
@@ -124,6 +133,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     circuit.save(out / "circuit.json")
     (out / "circuit.dot").write_text(circuit.to_dot())
     pictures = ["circuit.png", "circuit.svg"]
+    _stage(args, "drawing the circuit")
     circuit.draw(*(out / name for name in pictures))
     agreement = circuit.jaccard(previous) if previous is not None else None
     data, markdown = _report(circuit, agreement, args.model)
@@ -149,10 +159,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
 
+    _stage(args, f"loading {args.model}")
     model, tokenizer = _load_model(args.model)
     task = _load_task(args.task, tokenizer, args.n, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(model, task, _thresholds(args.thresholds), metric=args.metric, precision=args.precision,
                    reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
                    compile=False if args.no_compile else True if args.compile else "auto")

@@ -1,5 +1,6 @@
 """The pahq-fx command end to end in a subprocess, and every error path (one line, exit code 2)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import pahq_fx
+from pahq_fx import cli
 
 SCRIPT = Path(sys.executable).with_name("pahq-fx")
 
@@ -23,6 +25,7 @@ def test_discover_writes_circuit_and_report(tmp_path):
                  "--precision", "fp8", "--out", str(first), "--no-compile")
     assert result.returncode == 0, result.stderr
     assert "ACDC" in result.stderr  # the progress bar
+    assert "pahq-fx: loading" not in result.stderr  # stage lines go to a terminal only
     circuit = pahq_fx.Circuit.load(first / "circuit.json")
     assert circuit.precision == "fp8" and circuit.edges
     assert (first / "circuit.dot").read_text().count("[label=") == len(circuit.edges)
@@ -75,3 +78,25 @@ def test_errors_are_one_line(args, message, tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, monkeypatch):
+    """On a terminal the long silent parts (loading, which imports torch and transformers; the task check and the
+    trace; drawing) are announced in order around the progress bar; ``--no-progress`` keeps them quiet too."""
+    args = ["discover", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--threshold", "0.05"]
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main([*args, "--out", str(tmp_path / "shown")]) == 0
+    text = terminal.getvalue()
+    stages = [text.index(line) for line in ("pahq-fx: loading gpt2-induction", "pahq-fx: checking the task", "ACDC",
+                                            "pahq-fx: drawing the circuit")]
+    assert stages == sorted(stages), text
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert cli.main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "pahq-fx:" not in quiet.getvalue() and "ACDC" not in quiet.getvalue()
