@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -80,10 +81,18 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> st
               for name, t in _named_tensors(model)]
     config = model.config
     parts = [__version__, torch.__version__, transformers.__version__, type(model).__module__,
-             type(model).__qualname__, _source_digest(type(model)), config.to_json_string(use_diff=False),
+             type(model).__qualname__, _source_digest(type(model)), _config_fields(config),
              getattr(config, "_attn_implementation", None), layout, tuple(example.shape), str(example.dtype),
              str(example.device), dynamic]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _config_fields(config: Any) -> str:
+    """The config as the key sees it: every field but the folder it was loaded from, which the trace does not depend
+    on. So the checkpoints of one training run, saved in folders of their own, share one entry."""
+    fields = json.loads(config.to_json_string(use_diff=False))
+    fields.pop("_name_or_path", None)
+    return json.dumps(fields, sort_keys=True)
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -106,6 +106,23 @@ def test_the_cache_key_follows_what_the_graph_depends_on(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_checkpoints_of_one_architecture_in_folders_of_their_own_share_an_entry(tmp_path, monkeypatch):
+    """A training run's checkpoints differ in weights and in the folder they load from, neither of which the graph
+    depends on: the second checkpoint is loaded from the cache and computes with its own weights."""
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path / "cache"))
+    checkpoints = []
+    for step in (0, 1):
+        folder = tmp_path / f"step-{step}"
+        build(Spec("llama", 2, 4, 2, 8, seed=step)).save_pretrained(folder)
+        checkpoints.append(type(build(Spec("llama", 1, 2, 2, 4))).from_pretrained(folder).eval())
+    assert checkpoints[0].config._name_or_path != checkpoints[1].config._name_or_path
+    trace(checkpoints[0], token_ids(2, 5))
+    monkeypatch.setattr(trace_module, "_trace_afresh", _fresh_trace_forbidden)
+    second = trace(checkpoints[1], token_ids(2, 5))
+    ids = token_ids(3, 8, seed=2)
+    torch.testing.assert_close(second(ids), reference_logits(checkpoints[1], ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_class_without_a_readable_source_file_is_still_traced_and_cached(tmp_path, monkeypatch):
     """A class defined in a notebook has no source file to hash: its key names it instead, and tracing goes on."""
     monkeypatch.setenv(trace_cache.ENV, str(tmp_path))
