@@ -539,6 +539,9 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
         _check_equivalent(gm, model, _other_shape(example, graph_meta.dynamic_dims(gm)))
     model.requires_grad_(False)
     graph = _LeafTracer().trace(model)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # a postponed annotation: as a string in the code's globals it cannot be pickled
+            node.type = None
     result = fx.GraphModule(model, graph, class_name="PerHeadGraph")
     result.meta[graph_meta.HEAD_GRAPH] = _head_graph(layout, steps, final_reads)
     result.meta[graph_meta.STRUCTURE] = Structure(tuple(steps), final_reads, final_aux)

@@ -142,3 +142,18 @@ def test_probes_packed_by_position_find_the_layout_of_one_feature_at_a_time(spec
     assert packed.keys() == one_at_a_time.keys() and packed
     for name in packed:
         assert torch.equal(packed[name], one_at_a_time[name]), name
+
+
+@pytest.mark.parametrize("low_precision", ["fp32", "fp8"])
+def test_the_per_head_graph_survives_torch_save_and_load(low_precision, tmp_path):
+    """Saved with ``torch.save`` and loaded again (FX traces a GraphModule's code anew on load), the per-head graph of
+    a GPT-2, whose fused GELU is the ``pahq_fx::gelu_tanh`` operator, gives the same logits bit for bit."""
+    model = build(Spec("gpt2", 2, 2, 2, 8))
+    graph = pahq_fx.transform(model, low_precision=low_precision, compile=False).graph
+    ids = token_ids(2, 6, seed=3)
+    torch.save(graph, tmp_path / "graph.pt")
+    loaded = torch.load(tmp_path / "graph.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), graph(ids))
+    targets = {n.target for m in loaded.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes}
+    assert torch.ops.pahq_fx.gelu_tanh.default in targets
