@@ -75,7 +75,7 @@ class Activation:
 
     name: str
     reference: Callable[[torch.Tensor], torch.Tensor]
-    target: Callable[..., torch.Tensor]
+    target: torch._ops.OpOverload
     kwargs: dict
 
 
@@ -132,12 +132,12 @@ def _matching(region: frozenset[fx.Node], source: fx.Node, output: fx.Node) -> A
 
 
 def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every written-out GELU in ``gm`` by one node, ``aten.gelu`` or :func:`gelu_tanh` (module docstring).
+    """Replace every written-out GELU in ``gm`` by one node, ``aten.gelu`` or :data:`gelu_tanh` (module docstring).
 
     Rewrites ``gm`` in place and returns it (the pipeline owns the graph that :func:`~pahq_fx.trace.trace`
     returned; copying it would cost more than the pass). A region is fused only where nothing outside it reads
     its intermediate values. ``meta["fused_activations"]`` counts the fusions by activation name. A tanh GELU that
-    the model already calls as one op becomes :func:`gelu_tanh` as well (not counted: nothing was fused).
+    the model already calls as one op becomes :data:`gelu_tanh` as well (not counted: nothing was fused).
     """
     regions = _unary_regions(gm.graph)
     fused: dict[str, int] = {}
@@ -168,12 +168,11 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _retarget_tanh_gelu(graph: fx.Graph) -> int:
     """The model's own ``aten.gelu(approximate="tanh")`` nodes (``gelu_pytorch_tanh``: Gemma, GPT-BigCode) run as
-    :func:`gelu_tanh` too, so that every tanh GELU of the graph takes the faster CPU path; how many."""
+    :data:`gelu_tanh` too, so that every tanh GELU of the graph takes the faster CPU path; how many."""
     count = 0
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is aten.gelu.default and len(node.args) == 1:
-            approximate = node.kwargs.get("approximate", "none")
-            if approximate == "tanh" and set(node.kwargs) == {"approximate"}:
-                node.target, node.kwargs = gelu_tanh, {}
-                count += 1
+        if (node.op == "call_function" and node.target is aten.gelu.default and len(node.args) == 1
+                and node.kwargs == {"approximate": "tanh"}):
+            node.target, node.kwargs = gelu_tanh, {}
+            count += 1
     return count
