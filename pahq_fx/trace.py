@@ -176,9 +176,9 @@ def _hidden_writes(graph: fx.Graph) -> bool:
 
 
 def _strip_inference_no_ops(gm: fx.GraphModule) -> None:
-    """Remove export's runtime guards and metadata asserts, and eval-mode dropout."""
+    """Remove export's metadata asserts and eval-mode dropout."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" or node.op == "call_function" and node.target in _NO_OP_TARGETS:
+        if node.op == "call_function" and node.target in _NO_OP_TARGETS:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is aten.dropout.default and node.args[2] is False:
             node.replace_all_uses_with(node.args[0])
@@ -229,6 +229,6 @@ def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tup
     program, dims = _export(module, model, example_inputs, requested)  # before functionalising, which re-derives constraints
     if _hidden_writes(program.graph):
         program = program.run_decompositions({})
-    gm = program.module()
+    gm = program.module(check_guards=False)  # no input-guard submodule: it would only be removed again
     _strip_inference_no_ops(gm)
     return gm, dims
