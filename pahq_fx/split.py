@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
-from .errors import UnsupportedArchitectureError
+from .errors import UnsupportedArchitectureError, UnsupportedFormatError
 from .graph_utils import ancestors, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
@@ -483,6 +483,22 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             )
 
 
+def check_float32_weights(module: nn.Module) -> None:
+    """Refuse a model whose weights are in a half-precision or 8-bit float format, naming it and the remedy.
+
+    The investigated head, the FP32 layers of ACDC's plan and the split's check against the original all compute in
+    float32, and the low-precision formats are the pass's to apply (``low_precision=...``): a model loaded in bf16
+    would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message."""
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in [*module.parameters(), *module.buffers()]
+                  if t.is_floating_point() and t.element_size() < 4})
+    if low:
+        raise UnsupportedFormatError(
+            f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "
+            "other heads itself (low_precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
+            "call model.float() first (bf16 and fp16 weights convert to float32 exactly)"
+        )
+
+
 def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule sharing ``gm``'s weights but with its own copy of the graph, so the pass leaves ``gm`` as it was."""
     with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
@@ -499,6 +515,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names). ``gm`` is
     left as it was: the pass rewrites a copy of its graph (sharing its weights).
     """
+    check_float32_weights(gm)
     example = input_ids_from(example_inputs) if example_inputs is not None else graph_meta.example_input_ids(gm)
     gm = _with_own_graph(gm)
     layout = analyse(gm, example)

@@ -13,6 +13,7 @@ from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
 from .pipeline import build
 from .precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
+from .split import check_float32_weights
 from .trace import ExampleInputs, input_ids_from
 
 
@@ -92,5 +93,6 @@ def transform(
     sequence length stay dynamic where the model allows it. ``low_precision`` is one of ``fp8`` (e4m3),
     ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
     """
-    graph = build(model, example_inputs, PrecisionConfig(low_precision, granularity))
-    return PahqModel(graph, head, compile, inner)
+    config = PrecisionConfig(low_precision, granularity)
+    check_float32_weights(model)  # before the trace, which can take a while on a large model
+    return PahqModel(build(model, example_inputs, config), head, compile, inner)

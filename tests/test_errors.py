@@ -107,3 +107,20 @@ def test_quantization_that_did_not_happen_is_an_error(monkeypatch):
     monkeypatch.setattr(precision, "_float8_weight", lambda weight, config, kernel: weight.clone())
     with pytest.raises(pahq_fx.QuantizationError, match="quantized 0 of 8 per-head weights"):
         pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), low_precision="fp8", compile=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_refused_with_the_remedy(dtype):
+    model = build(Spec("llama", 2, 4, 2, 8)).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    message = f"the model's weights are {name}: .*dtype=torch.float32 or call model.float"
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):
+        pahq_fx.transform(model, compile=False)
+    ids = torch.randint(0, model.config.vocab_size, (4, 6))
+    task = pahq_fx.Task(ids, ids.flip(0), torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):
+        pahq_fx.discover(model, task, threshold=0.1, progress=False, allow_weak_task=True)
+    traced = pahq_fx.passes.trace(model, ids[:2])  # the pass itself refuses too (as torch.compile's backend reaches it)
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):
+        pahq_fx.passes.split_heads(traced)
+    assert pahq_fx.transform(model.float(), compile=False, low_precision="fp32")(ids).dtype == torch.float32

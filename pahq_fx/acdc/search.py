@@ -17,6 +17,7 @@ from torch import nn
 from .. import names
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, auto_format, parse_format
+from ..split import check_float32_weights
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
@@ -119,6 +120,7 @@ def prepare(
     """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
     forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
     parsed_metric = parse_metric(metric, task)
+    check_float32_weights(model)  # before the task check and the trace
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
     compiled, execution = resolve_compile(compile, device)
