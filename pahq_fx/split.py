@@ -27,7 +27,7 @@ from torch import fx, nn
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError, UnsupportedFormatError
-from .graph_utils import ancestors, descendants, extract, writes_in_place
+from .graph_utils import ancestors, attribute, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
@@ -488,9 +488,15 @@ def check_float32_weights(module: nn.Module) -> None:
 
     The investigated head, the FP32 layers of ACDC's plan and the split's check against the original all compute in
     float32, and the low-precision formats are the pass's to apply (``low_precision=...``): a model loaded in bf16
-    would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message."""
-    low = sorted({str(t.dtype).removeprefix("torch.") for t in [*module.parameters(), *module.buffers()]
-                  if t.is_floating_point() and t.element_size() < 4})
+    would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message.
+    Of a GraphModule, the tensors its graph reads (``torch.compile``'s backend hands weights over as constants);
+    of any other module, its parameters and buffers."""
+    if isinstance(module, fx.GraphModule):
+        tensors = [attribute(module, n.target) for n in module.graph.nodes if n.op == "get_attr"]
+    else:
+        tensors = [*module.parameters(), *module.buffers()]
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() < 4})
     if low:
         raise UnsupportedFormatError(
             f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "

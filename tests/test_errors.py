@@ -120,7 +120,10 @@ def test_half_precision_model_is_refused_with_the_remedy(dtype):
     task = pahq_fx.Task(ids, ids.flip(0), torch.ones_like(ids, dtype=torch.bool))
     with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):
         pahq_fx.discover(model, task, threshold=0.1, progress=False, allow_weak_task=True)
-    traced = pahq_fx.passes.trace(model, ids[:2])  # the pass itself refuses too (as torch.compile's backend reaches it)
+    traced = pahq_fx.passes.trace(model, ids[:2])
     with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):
         pahq_fx.passes.split_heads(traced)
+    compiled = torch.compile(model, backend=pahq_fx.backend(head=(0, 1), inner="eager"))
+    with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):  # weights reach it as the graph's constants
+        compiled(ids)
     assert pahq_fx.transform(model.float(), compile=False, low_precision="fp32")(ids).dtype == torch.float32
