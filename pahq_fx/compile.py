@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from .errors import UnsupportedArchitectureError
 from .graph_utils import attribute
+from .split import check_float32_weights
 
 
 class CountingBackend:
@@ -176,6 +177,7 @@ def backend(
         def build(args: tuple[Any, ...]) -> Callable:
             # Dynamo hands the backend fake tensors; the passes need real values, so build on first call.
             ids = args[token_index]
+            check_float32_weights(a for a in args if isinstance(a, nn.Parameter))  # the graph reads them as constants
             wrapped = _GraphAsModel(gm, list(args), token_index)
             split = build_graph(wrapped, ids, config)
             set_head(split, head)

@@ -18,6 +18,7 @@ import enum
 import functools
 import operator
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import fx, nn
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import UnsupportedArchitectureError, UnsupportedFormatError
-from .graph_utils import ancestors, attribute, descendants, extract, writes_in_place
+from .graph_utils import ancestors, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
 from .trace import ExampleInputs, input_ids_from
@@ -483,20 +484,14 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             )
 
 
-def check_float32_weights(module: nn.Module) -> None:
-    """Refuse a model whose weights are in a half-precision or 8-bit float format, naming it and the remedy.
+def check_float32_weights(weights: Iterable[torch.Tensor]) -> None:
+    """Refuse weights (a model's parameters) in a half-precision or 8-bit float format, naming it and the remedy.
 
     The investigated head, the FP32 layers of ACDC's plan and the split's check against the original all compute in
     float32, and the low-precision formats are the pass's to apply (``low_precision=...``): a model loaded in bf16
     would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message.
-    Of a GraphModule, the tensors its graph reads (``torch.compile``'s backend hands weights over as constants);
-    of any other module, its parameters and buffers."""
-    if isinstance(module, fx.GraphModule):
-        tensors = [attribute(module, n.target) for n in module.graph.nodes if n.op == "get_attr"]
-    else:
-        tensors = [*module.parameters(), *module.buffers()]
-    low = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
-                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() < 4})
+    Buffers are not weights: a float32 model may keep one in bf16 on purpose (RecurrentGemma's embedding scale)."""
+    low = sorted({str(w.dtype).removeprefix("torch.") for w in weights if w.is_floating_point() and w.element_size() < 4})
     if low:
         raise UnsupportedFormatError(
             f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "
@@ -521,7 +516,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names). ``gm`` is
     left as it was: the pass rewrites a copy of its graph (sharing its weights).
     """
-    check_float32_weights(gm)
+    check_float32_weights(gm.parameters())
     example = input_ids_from(example_inputs) if example_inputs is not None else graph_meta.example_input_ids(gm)
     gm = _with_own_graph(gm)
     layout = analyse(gm, example)

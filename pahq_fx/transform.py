@@ -94,5 +94,5 @@ def transform(
     ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
     """
     config = PrecisionConfig(low_precision, granularity)
-    check_float32_weights(model)  # before the trace, which can take a while on a large model
+    check_float32_weights(model.parameters())  # before the trace, which can take a while on a large model
     return PahqModel(build(model, example_inputs, config), head, compile, inner)

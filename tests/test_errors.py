@@ -127,3 +127,18 @@ def test_half_precision_model_is_refused_with_the_remedy(dtype):
     with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):  # weights reach it as the graph's constants
         compiled(ids)
     assert pahq_fx.transform(model.float(), compile=False, low_precision="fp32")(ids).dtype == torch.float32
+
+
+def test_a_float32_model_with_a_half_precision_buffer_is_not_refused():
+    """Buffers are not weights: RecurrentGemma keeps its embedding scale in bf16 on purpose, in a float32 model."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    config = RecurrentGemmaConfig(num_hidden_layers=2, vocab_size=64, hidden_size=32, lru_width=32, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, intermediate_size=64, attention_window_size=16,
+                                  block_types=["recurrent", "attention"])
+    model = RecurrentGemmaForCausalLM(config).eval()
+    assert model.model.normalizer.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 6))
+    pahq = pahq_fx.transform(model, head=(0, 0), low_precision="fp32", compile=False, example_inputs=ids)
+    with torch.no_grad():
+        torch.testing.assert_close(pahq(ids), model(input_ids=ids, use_cache=False).logits)

@@ -120,7 +120,7 @@ def prepare(
     """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
     forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
     parsed_metric = parse_metric(metric, task)
-    check_float32_weights(model)  # before the task check and the trace
+    check_float32_weights(model.parameters())  # before the task check and the trace
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
     compiled, execution = resolve_compile(compile, device)
