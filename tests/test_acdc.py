@@ -1,5 +1,6 @@
 """ACDC on the per-head graph: exact against a simple reference, PAHQ plan per receiver, thresholds, resume."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 import pahq_fx
 from pahq_fx.acdc import checkpoint as checkpoint_module
+from pahq_fx.acdc.circuit import CircuitEdge
 from pahq_fx.precision import LowPrecisionPerHeadLinear, attention_blocks
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import Spec, build, keep_only_head, specs, token_ids
@@ -248,6 +250,10 @@ def test_circuit_roundtrip_dot_and_evaluate(tmp_path):
     assert faith.empty_circuit >= faith.circuit - 1e-6
     assert circuit.stats.queries > 0 and circuit.stats.peak_memory_mb > 0
     assert set(circuit.versions) >= {"torch", "torchao", "transformers", "pahq_fx"}
+    grouped = dataclasses.replace(loaded, edges=(CircuitEdge("embed", "a0.g0.k", 1.0),))  # GPT-2 has no key/value groups
+    with pytest.raises(pahq_fx.PahqError, match=r"the circuit \(found on LlamaForCausalLM\) has 1 edge that this model "
+                                                 r"\(GPT2LMHeadModel\) does not have: \[\('embed', 'a0.g0.k'\)\]"):
+        grouped.evaluate(build(Spec("gpt2", 2, 2, 2, 8)), task)
 
 
 def test_logit_difference_metric_needs_answers():

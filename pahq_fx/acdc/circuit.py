@@ -146,7 +146,7 @@ class Circuit:
 
     def evaluate(self, model: Any, task: Any) -> Faithfulness:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
-        return evaluate_circuit(self.edge_set(), model, task, self.metric)
+        return evaluate_circuit(self.edge_set(), model, task, self.metric, found_on=self.model)
 
     def summary(self) -> str:
         s = self.stats

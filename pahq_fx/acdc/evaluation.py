@@ -39,20 +39,31 @@ class Faithfulness:
                 f"every edge patched {self.empty_circuit:.4g} (normalised faithfulness {self.normalised:.3f})")
 
 
-def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl") -> Faithfulness:
+def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl",
+                     found_on: dict[str, Any] | None = None) -> Faithfulness:
     """Run the circuit given by its kept (sender, receiver) edges alone in FP32, and compare with the full model
-    and with nothing kept."""
+    and with nothing kept. ``found_on`` (a :class:`Circuit`'s ``model``) names where the circuit came from in the
+    error that edges this model lacks raise."""
     metric = parse_metric(metric, task)
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
-    return evaluate_edges(runtime, edges, kept)
+    this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"
+    known = found_on or {}
+    circuit = f"the circuit (found on {_described(known['class'], known.get('name', ''))})" if known.get("class") else "the circuit"
+    return evaluate_edges(runtime, edges, kept, circuit=circuit, model=this)
 
 
-def evaluate_edges(runtime: PatchingRuntime, edges: EdgeGraph, kept: set[tuple[str, str]]) -> Faithfulness:
+def _described(cls: str, name: str) -> str:
+    return f"{cls} {name!r}" if name and name != cls else cls
+
+
+def evaluate_edges(runtime: PatchingRuntime, edges: EdgeGraph, kept: set[tuple[str, str]], *,
+                   circuit: str = "the circuit", model: str = "this model") -> Faithfulness:
     """:func:`evaluate_circuit` on an existing runtime, which it resets; every head in FP32 whatever its format."""
     names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
     unknown = kept - set(names)
     if unknown:
-        raise PahqError(f"the circuit has edges this model does not: {sorted(unknown)[:5]}")
+        count = f"{len(unknown)} edge" + ("s" if len(unknown) > 1 else "")
+        raise PahqError(f"{circuit} has {count} that {model} does not have: {sorted(unknown)[:5]}")
     with torch.no_grad(), all_heads_fp32(runtime.graph):
         runtime.reset()
         full_model = runtime.run_from(0)
