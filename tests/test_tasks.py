@@ -66,3 +66,21 @@ def test_unknown_task_and_multi_token_words():
         make_task("ioi2", TOKENIZER)
     with pytest.raises(pahq_fx.TaskError, match="not a single known token"):
         single_token_ids(TOKENIZER, ["Zebediah"])
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_a_tokenizer_with_only_special_tokens_is_named_as_the_problem(name, tmp_path):
+    """What AutoTokenizer gives for a checkpoint folder without tokenizer files: every word would read as unknown."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab={"<|endoftext|>": 0}, unk_token="<|endoftext|>")),
+                                    unk_token="<|endoftext|>", eos_token="<|endoftext|>")
+    message = r"the tokenizer \(\w+\) has no tokens besides its 1 special one\(s\): .*tokenizer files"
+    with pytest.raises(pahq_fx.TaskError, match=message):
+        make_task(name, empty)
+    lines = tmp_path / "task.jsonl"
+    lines.write_text('{"clean": "When Alice went", "corrupted": "When Peter went"}\n')
+    with pytest.raises(pahq_fx.TaskError, match=message):
+        pahq_fx.Task.from_jsonl(lines, empty)

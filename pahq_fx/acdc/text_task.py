@@ -37,11 +37,27 @@ class _Example:
     incorrect: int | None
 
 
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse a tokenizer that has nothing but special tokens. ``AutoTokenizer`` returns one for a checkpoint folder
+    without tokenizer files (transformers 5 builds an empty tokenizer of the model's family), and every word would
+    then read as unknown, which would blame the task's words instead of the missing files."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if len(tokenizer) <= len(special):
+        origin = getattr(tokenizer, "name_or_path", "")
+        described = type(tokenizer).__name__ + (f", from {origin}" if origin else "")
+        raise TaskError(
+            f"the tokenizer ({described}) has no tokens besides its {len(special)} special "
+            "one(s): the checkpoint folder holds no tokenizer files. Save the tokenizer beside the model "
+            "(tokenizer.save_pretrained(folder)), or give a task already tokenized (.safetensors)"
+        )
+
+
 def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -> Task:
     """Read a JSON Lines task file (module docstring) into a :class:`Task`; every problem is a :class:`TaskError`."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
+    check_tokenizer(tokenizer)
     examples: list[_Example] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():

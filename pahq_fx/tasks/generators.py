@@ -1,8 +1,8 @@
 """Task generators: clean/corrupted prompt pairs, metric positions and answer tokens, deterministic per seed.
 
 Tokenizer-agnostic: prompts are built from words, and every word that matters (names, years, parameter names)
-must be a single token of the given tokenizer, which is checked. Induction needs no words at all: it samples
-token ids from a range.
+must be a single token of the given tokenizer, which is checked. Induction samples its tokens from a fixed word list
+(``vocab.INDUCTION_TOKENS``), checked the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..acdc.task import Task
+from ..acdc.text_task import check_tokenizer
 from ..errors import TaskError
 from . import vocab
 
@@ -132,6 +133,7 @@ def make_task(name: str, tokenizer, n: int = 32, seed: int = 0, **options) -> Ta
         raise TaskError(f"unknown task {name!r}; choose one of {', '.join(GENERATORS)} or give a task file")
     if n < 1:
         raise TaskError(f"a task needs at least one example, got n={n}")
+    check_tokenizer(tokenizer)
     try:
         return GENERATORS[name](tokenizer, n=n, seed=seed, **options)
     except TypeError as error:
