@@ -40,6 +40,32 @@ class LogitsOnly(nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
+class TensorOutputs(nn.Module):
+    """Calls a module that is not a Hugging Face model on ``input_ids`` alone, keeping the tensors of a tuple it
+    returns: nanoGPT returns ``(logits, None)`` without targets, and a ``None`` is nothing the passes can split."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.model(input_ids)
+        if not isinstance(out, (tuple, list)):
+            return out
+        tensors = tuple(t for t in out if t is not None)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+
+def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of ``model`` on ``input_ids``, called the way :func:`trace` calls it: a Hugging Face model (one
+    with a ``config``) through :class:`LogitsOnly`, any other module on ``input_ids`` alone (the first element where it
+    returns a tuple, as nanoGPT's ``(logits, loss)``)."""
+    if hasattr(model, "config"):
+        return LogitsOnly(model)(input_ids)
+    out = model(input_ids)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 ExampleInputs = torch.Tensor | tuple | list | Mapping[str, Any]
 
 
@@ -124,7 +150,8 @@ def _export(module: nn.Module, model: nn.Module, example: torch.Tensor, dims: tu
     attempts = [dims, (0, 1)] if dims == (0,) else [dims] if dims else []
     with _lean_export():
         for attempt in attempts:
-            shapes = {"input_ids": {d: torch.export.Dim(_DIM_NAMES[d], min=1) for d in attempt}}
+            # By position, not by name: a plain module's forward may call its input anything (nanoGPT's ``idx``).
+            shapes = ({d: torch.export.Dim(_DIM_NAMES[d], min=1) for d in attempt},)
             with _attention_for(model, example, attempt), contextlib.suppress(Exception):
                 program = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=False)
                 return program, attempt if program.range_constraints else ()
@@ -225,7 +252,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
 
 def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """(graph, the dimensions export kept dynamic)."""
-    module = LogitsOnly(model) if hasattr(model, "config") else model
+    module = LogitsOnly(model) if hasattr(model, "config") else TensorOutputs(model)
     program, dims = _export(module, model, example_inputs, requested)  # before functionalising, which re-derives constraints
     if _hidden_writes(program.graph):
         program = program.run_decompositions({})

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import PahqError, TaskError
 from ..precision import Format, all_heads_fp32
+from ..trace import model_logits
 from .edges import EdgeGraph
 from .metrics import CleanDistribution, Metric, metric_value
 from .runtime import PatchingRuntime
@@ -138,8 +139,8 @@ def check_task(model: nn.Module, task: Task, metric: str | Metric) -> TaskCheck:
     """Two eager forwards of the original model: clean and corrupted (every edge patched is the corrupted run)."""
     metric = parse_metric(metric, task)
     mask = task.metric_mask
-    clean = model(input_ids=task.clean_input_ids, use_cache=False).logits[mask].float()
-    corrupted = model(input_ids=task.corrupted_input_ids, use_cache=False).logits[mask].float()
+    clean = model_logits(model, task.clean_input_ids)[mask].float()
+    corrupted = model_logits(model, task.corrupted_input_ids)[mask].float()
     correct, incorrect = task.answers_at_metric_positions()
     reference = CleanDistribution.of(clean)
     accuracy = None

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..trace import model_logits
+
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """Class, name and a fingerprint of the weights (to recognise the model in checkpoints and reports)."""
@@ -55,7 +57,7 @@ def eager_forward_seconds(model: nn.Module, input_ids: torch.Tensor, repeats: in
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         start = time.perf_counter()
-        model(input_ids=input_ids, use_cache=False)
+        model_logits(model, input_ids)
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         times.append(time.perf_counter() - start)
