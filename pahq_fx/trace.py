@@ -56,14 +56,16 @@ class TensorOutputs(nn.Module):
         return tensors[0] if len(tensors) == 1 else tensors
 
 
+def as_traced(model: nn.Module) -> nn.Module:
+    """``model`` called the way :func:`trace` calls it: a Hugging Face model (one with a ``config``) through
+    :class:`LogitsOnly`, any other module through :class:`TensorOutputs`."""
+    return LogitsOnly(model) if hasattr(model, "config") else TensorOutputs(model)
+
+
 def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The logits of ``model`` on ``input_ids``, called the way :func:`trace` calls it: a Hugging Face model (one
-    with a ``config``) through :class:`LogitsOnly`, any other module on ``input_ids`` alone (the first element where it
-    returns a tuple, as nanoGPT's ``(logits, loss)``)."""
-    if hasattr(model, "config"):
-        return LogitsOnly(model)(input_ids)
-    out = model(input_ids)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The logits of ``model`` on ``input_ids`` (:func:`as_traced`; the first tensor where it returns several)."""
+    out = as_traced(model)(input_ids)
+    return out[0] if isinstance(out, tuple) else out
 
 
 ExampleInputs = torch.Tensor | tuple | list | Mapping[str, Any]
@@ -252,8 +254,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
 
 def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """(graph, the dimensions export kept dynamic)."""
-    module = LogitsOnly(model) if hasattr(model, "config") else TensorOutputs(model)
-    program, dims = _export(module, model, example_inputs, requested)  # before functionalising, which re-derives constraints
+    program, dims = _export(as_traced(model), model, example_inputs, requested)  # before functionalising, which re-derives constraints
     if _hidden_writes(program.graph):
         program = program.run_decompositions({})
     gm = program.module(check_guards=False)  # no input-guard submodule: it would only be removed again
