@@ -118,8 +118,10 @@ def test_transform_runs_the_fused_activation():
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), scale=st.floats(1e-3, 30.0),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
 def test_gelu_tanh_is_aten_gelu_to_round_off(shape, scale, dtype, seed):
-    """The CPU sigmoid form (float32/64) agrees with ``aten.gelu(approximate="tanh")`` to round-off; other dtypes
-    run ``aten.gelu`` itself, bit for bit."""
+    """The CPU sigmoid form (float32/64) agrees with ``aten.gelu(approximate="tanh")`` in float64 to a few ulps of the
+    input's magnitude; other dtypes run ``aten.gelu`` itself, bit for bit. (Not SQNR: where every input is far below
+    zero, float64's ``aten.gelu`` rounds to exactly 0 and the sigmoid form keeps the true ~1e-38, which SQNR against
+    a zero signal calls -inf dB.)"""
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
     want = torch.nn.functional.gelu(x, approximate="tanh")
     got = gelu_tanh(x)
@@ -128,7 +130,8 @@ def test_gelu_tanh_is_aten_gelu_to_round_off(shape, scale, dtype, seed):
         assert torch.equal(got, want)
     else:
         exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
-        assert sqnr_db(exact, got.double()) >= (ROUND_OFF_DB if dtype is torch.float32 else 250.0)
+        error = float((got.double() - exact).abs().max())
+        assert error <= 4 * torch.finfo(dtype).eps * float(x.abs().max())
 
 
 def test_gelu_tanh_keeps_the_edges_and_the_gradient():
