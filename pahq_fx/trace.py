@@ -2,7 +2,8 @@
 
 One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
 with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
-model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export).
+model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export; that
+graph is traced at a fixed batch and made batch-generic, :mod:`pahq_fx.batch_generic`, which costs a third less).
 The model is put in eval mode and on the SDPA attention kernel for the duration of the trace (both so that the
 attention call is one recognisable op), and restored afterwards: tracing does not mutate the model.
 """
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from . import graph_meta, trace_cache
+from . import batch_generic, graph_meta, trace_cache
 from .causal_attention import mask_free_attention
 from .errors import InvalidInputsError
 from .graph_utils import writes_in_place
@@ -227,7 +228,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     holds the example input used (``meta["example_input_ids"]``) and the dimensions that stayed dynamic
     (``meta["dynamic_dims"]``: ``(0, 1)``, ``(0,)`` or ``()``). ``dynamic_shapes="batch"`` keeps the sequence
     length at the example's: where every input has one length (ACDC's tasks), that trace costs about half of a
-    dynamic one. ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
+    dynamic one (it is a fixed-batch trace made batch-generic and checked against the model at two other batch sizes;
+    a model it does not reproduce is exported with a dynamic batch). ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
     for a model already known to specialise them, whose failed dynamic attempt can cost more than the trace itself
     (Qwen3-Next's unrolled recurrence). A model whose batch-only trace fails is traced with both dimensions
     dynamic; one that specialises a dimension it was asked to keep dynamic is traced at the example's shape.
@@ -253,10 +255,50 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
 
 
 def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
-    """(graph, the dimensions export kept dynamic)."""
-    program, dims = _export(as_traced(model), model, example_inputs, requested)  # before functionalising, which re-derives constraints
-    if _hidden_writes(program.graph):
+    """(graph, the dimensions that stayed dynamic). A dynamic batch alone comes from a trace at a fixed batch made
+    batch-generic (:mod:`pahq_fx.batch_generic`) where that reproduces the model; otherwise from export's own
+    dynamic shapes."""
+    if requested == (0,):
+        generic = _batch_generic_trace(model, example_inputs)
+        if generic is not None:
+            return generic, requested
+    program, dims = _export(as_traced(model), model, example_inputs, requested)
+    return _module_of(program), dims
+
+
+def _module_of(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    if _hidden_writes(program.graph):  # checked before functionalising, which re-derives constraints
         program = program.run_decompositions({})
     gm = program.module(check_guards=False)  # no input-guard submodule: it would only be removed again
     _strip_inference_no_ops(gm)
-    return gm, dims
+    return gm
+
+
+def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
+    """The model traced at a fixed batch size and made batch-generic, or None where that fails or does not
+    reproduce the model's logits at batch sizes other than the traced one (one row, and the example's rows)."""
+    batch = batch_generic.tracing_batch(model, example)
+    if batch is None:
+        return None
+    with _lean_export(), _attention_for(model, example, ()):
+        try:
+            program = torch.export.export(as_traced(model), (batch_generic.tiled(example, batch),), strict=False)
+        except Exception:  # noqa: BLE001 - export's dynamic path then decides, and reports its own errors
+            return None
+    gm = _module_of(program)
+    batch_generic.generalise(gm, batch)
+    checks = (example[:1], batch_generic.tiled(example, 2) if example.shape[0] < 2 else example)
+    return gm if all(_reproduces(model, gm, ids) for ids in checks) else None
+
+
+def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -> bool:
+    """Whether ``gm`` gives the model's outputs on ``input_ids``, to float32 round-off (False where either fails:
+    a size the generalisation missed, or a model that runs only under export, as Dots3-Note's attention)."""
+    try:
+        got, want = gm(input_ids), as_traced(model)(input_ids)
+    except Exception:  # noqa: BLE001
+        return False
+    got_flat, want_flat = (list(x) if isinstance(x, tuple) else [x] for x in (got, want))
+    return len(got_flat) == len(want_flat) and all(
+        g.shape == w.shape and bool(torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1e-6))))
+        for g, w in zip(got_flat, want_flat))

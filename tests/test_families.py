@@ -224,14 +224,37 @@ def test_post_layer_norm_is_rejected_clearly(config_class, model_class, config):
         pahq_fx.transform(model, low_precision="fp32", compile=False)
 
 
-def test_a_batch_only_trace_that_export_cannot_keep_is_traced_with_both_dimensions_dynamic():
-    """Llama 4's chunked attention leaves a guard that export cannot simplify at a fixed length: the batch-only trace
-    (ACDC's) falls back to a dynamic batch and sequence rather than to the example's shape."""
-    model = build("Llama4TextConfig", "Llama4ForCausalLM",
-                  dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                       intermediate_size=64, intermediate_size_mlp=64, head_dim=8, max_position_embeddings=64,
-                       num_local_experts=4, num_experts_per_tok=1, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+def _llama4() -> torch.nn.Module:
+    return build("Llama4TextConfig", "Llama4ForCausalLM",
+                 dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=64, intermediate_size_mlp=64, head_dim=8, max_position_embeddings=64,
+                      num_local_experts=4, num_experts_per_tok=1, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def test_a_model_that_export_cannot_keep_batch_dynamic_at_a_fixed_length_gets_a_batch_generic_trace():
+    """Llama 4's chunked attention leaves a guard that export cannot simplify with a dynamic batch at a fixed length;
+    the trace at a fixed batch made batch-generic (pahq_fx.batch_generic) has no such guard."""
+    model = _llama4()
     traced = pahq_fx.passes.trace(model, torch.randint(0, 64, (2, 6)), dynamic_shapes="batch")
+    assert traced.meta["dynamic_dims"] == (0,)
+    for batch in (1, 5):
+        ids = torch.randint(0, 64, (batch, 6), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(traced(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_only_trace_that_export_cannot_keep_is_traced_with_both_dimensions_dynamic():
+    """Where the batch-generic trace cannot be checked (a model that runs only under export) and export's batch-only
+    trace fails (Llama 4's guard), the trace falls back to a dynamic batch and sequence, not to the example's shape."""
+    model = _llama4()
+
+    def export_only(module, args, kwargs):
+        if not torch.compiler.is_exporting():
+            raise RuntimeError("this model runs under torch.export only")
+
+    hook = model.register_forward_pre_hook(export_only, with_kwargs=True)
+    traced = pahq_fx.passes.trace(model, torch.randint(0, 64, (2, 6)), dynamic_shapes="batch")
+    hook.remove()
     assert traced.meta["dynamic_dims"] == (0, 1)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -239,9 +262,11 @@ def test_a_batch_only_trace_that_export_cannot_keep_is_traced_with_both_dimensio
 
 
 def _specialises_batch(module, args, kwargs):
-    """A forward pre-hook that branches on the batch size: export cannot keep that dimension dynamic."""
+    """A forward pre-hook that branches on the batch size, changing the result (above two prompts the prompts are
+    rotated): export cannot keep that dimension dynamic, and a trace at another batch made batch-generic does not
+    reproduce the model at two."""
     if kwargs["input_ids"].shape[0] > 2:
-        kwargs["input_ids"] = kwargs["input_ids"].clone()
+        kwargs["input_ids"] = kwargs["input_ids"].roll(1, 0)
     return args, kwargs
 
 
