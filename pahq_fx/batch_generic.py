@@ -4,9 +4,10 @@
 relations for each view, each norm's decomposition, each matmul): on the 8-head GPT-2 about a third of the export.
 A causal LM's graph uses its batch size only as a size (views, expands, new tensors), so a trace at a fixed batch
 size ``B`` can be made batch-generic afterwards: every integer argument that is a positive multiple ``k * B`` becomes
-``sym_size(input_ids, 0) * k``, the same nodes a dynamic export writes. ``B`` is a prime that divides no integer of
-the model's config nor the example's shape, so that a literal of the model itself is not mistaken for the batch;
-the caller checks the result against the model at other batch sizes and traces dynamically where it differs.
+``sym_size(input_ids, 0) * k``, the same nodes a dynamic export writes. ``B`` is chosen so that a literal of the
+model itself is not mistaken for the batch (:func:`tracing_batch`: Qwen3-Next's unrolled recurrence spells out
+every index of its 64-token chunk); the caller checks the result against the model at two other batch sizes and
+traces dynamically where it differs.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-# Primes between 60 and 110 other than 73, a factor of the int64 maximum that slices use as "to the end".
-TRACING_BATCHES = (61, 67, 71, 79, 83, 89, 97, 101, 103, 107, 109)
-_SLICE_END = 2**63 - 1
+# Integers of a config up to this bound may be loop bounds (chunk sizes, windows, kernel widths) whose indices the
+# graph spells out; the tracing batch is larger than all of them. Larger config values (vocabularies, theta) are
+# only sizes: the batch must not divide them.
+_LOOP_BOUND = 8192
+_SLICE_END = 2**63 - 1  # what slices use for "to the end"
 
 
 def _integers(value: Any) -> Iterator[int]:
@@ -39,15 +42,23 @@ def _integers(value: Any) -> Iterator[int]:
             yield from _integers(item)
 
 
-def tracing_batch(model: nn.Module, example: torch.Tensor) -> int | None:
-    """A batch size to trace at whose multiples no integer of the model's config or the example's shape is; None if
-    every candidate collides."""
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def tracing_batch(model: nn.Module, example: torch.Tensor) -> int:
+    """The batch size to trace at: a prime larger than the example's length and every config integer up to
+    ``_LOOP_BOUND`` (so that no index or size of the model equals it) that divides none of the config's integers
+    (so that no product of them is a multiple of it)."""
     config = getattr(model, "config", None)
     known = [*example.shape, _SLICE_END]
     if config is not None and hasattr(config, "to_dict"):
         known.extend(_integers(config.to_dict()))
     known = [abs(i) for i in known if i]
-    return next((b for b in TRACING_BATCHES if all(i % b for i in known)), None)
+    batch = max([example.shape[1], *(i for i in known if i <= _LOOP_BOUND)]) + 1
+    while not _is_prime(batch) or any(i % batch == 0 for i in known):
+        batch += 1
+    return batch
 
 
 def tiled(example: torch.Tensor, batch: int) -> torch.Tensor:

@@ -278,8 +278,6 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
     """The model traced at a fixed batch size and made batch-generic, or None where that fails or does not
     reproduce the model's logits at batch sizes other than the traced one (one row, and the example's rows)."""
     batch = batch_generic.tracing_batch(model, example)
-    if batch is None:
-        return None
     with _lean_export(), _attention_for(model, example, ()):
         try:
             program = torch.export.export(as_traced(model), (batch_generic.tiled(example, batch),), strict=False)

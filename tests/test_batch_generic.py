@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx
+from transformers import PretrainedConfig
 
 from pahq_fx import batch_generic
 from pahq_fx.passes import trace
@@ -44,18 +45,47 @@ def test_a_batch_only_trace_is_one_fixed_batch_export_exact_at_every_batch(expor
         torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
-@given(known=st.lists(st.integers(-10**6, 10**6), max_size=30))
-def test_the_tracing_batch_divides_no_integer_of_the_config_or_the_example(known):
-    """Collisions are avoided, not just unlikely: a config holding the first candidates' multiples moves past them."""
+@given(known=st.lists(st.integers(-10**6, 10**6), max_size=30), seq=st.integers(1, 300))
+def test_the_tracing_batch_exceeds_every_small_integer_of_the_config_and_divides_none(known, seq):
+    """No index or size of the model can equal it, and no product of its sizes can be a multiple of it."""
     model = build(Spec("gpt2", 1, 2, 2, 8))
     for i, value in enumerate(known):
         setattr(model.config, f"extra_{i}", value)
-    model.config.nested_extra = {"sizes": [batch_generic.TRACING_BATCHES[0] * 3]}
-    example = token_ids(2, 5)
+    model.config.nested_extra = {"chunk_sizes": [64, 2 * 67]}
+    example = token_ids(2, seq)
     batch = batch_generic.tracing_batch(model, example)
-    assert batch in batch_generic.TRACING_BATCHES[1:]
-    assert all(v % batch for v in (*known, *example.shape, *model.config.to_dict().values(), 2**63 - 1)
-               if type(v) is int and v)
+    assert all(batch % d for d in range(2, batch))
+    integers = [abs(v) for v in (*known, 64, 2 * 67, *example.shape, *model.config.to_dict().values(), 2**63 - 1)
+                if type(v) is int and v]
+    assert all(v % batch for v in integers)
+    assert batch > max(v for v in integers if v <= 8192)
+
+
+class _ChunkLoop(torch.nn.Module):
+    """Fills a 64-slot state slot by slot, as Qwen3-Next's chunked recurrence does: its graph spells out every index
+    0..63, so a tracing batch among them would be taken for the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = PretrainedConfig(chunk_size=64)
+        self.embed = torch.nn.Embedding(40, 8)
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> tuple[torch.Tensor]:
+        x = self.embed(input_ids)
+        state = x.new_zeros(x.shape[0], 64, 8)
+        for i in range(64):
+            state[:, i] = x.mean(1) * (i + 1) + state[:, i - 1]
+        return (x + state.sum(1, keepdim=True),)
+
+
+def test_a_model_that_spells_out_loop_indices_gets_a_batch_generic_trace(exports):
+    module = _ChunkLoop().eval()
+    gm = trace(module, token_ids(2, 5), dynamic_shapes="batch")
+    assert gm.meta["dynamic_dims"] == (0,) and len(exports) == 1 and exports[0][1] is None
+    for batch in (1, 3, 4):
+        ids = token_ids(batch, 5, seed=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids), module(ids)[0])
 
 
 class _Flattening(torch.nn.Module):
@@ -70,7 +100,7 @@ class _Flattening(torch.nn.Module):
 
 @given(batch=st.integers(1, 9))
 def test_generalise_makes_every_batch_literal_symbolic(batch):
-    traced_at = batch_generic.TRACING_BATCHES[0]
+    traced_at = 61
     module = _Flattening()
     gm = torch.export.export(module, (torch.randn(traced_at, 3, 4),), strict=False).module(check_guards=False)
     replaced = batch_generic.generalise(gm, traced_at)
@@ -83,5 +113,5 @@ def test_generalise_makes_every_batch_literal_symbolic(batch):
 def test_a_graph_without_batch_literals_is_left_as_it_is():
     gm = fx.symbolic_trace(torch.nn.Linear(4, 5))
     before = gm.code
-    assert batch_generic.generalise(gm, batch_generic.TRACING_BATCHES[0]) == 0
+    assert batch_generic.generalise(gm, 61) == 0
     assert gm.code == before
