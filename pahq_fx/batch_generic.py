@@ -74,8 +74,8 @@ def generalise(gm: fx.GraphModule, batch: int) -> int:
         size = graph.call_function(aten.sym_size.int, (input_ids, 0))
     replaced = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node is size:
-            continue
+        if node.op != "call_function" or node is size or node.target is operator.getitem:
+            continue  # a tuple's index is a position among a fixed number of outputs, never a size
 
         def symbolic(value: Any, node: fx.Node = node) -> Any:
             nonlocal replaced
