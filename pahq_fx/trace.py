@@ -243,7 +243,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     with _inference_setup(model), torch.no_grad():
         entry = trace_cache.key(model, example_inputs, requested)
         cached = None if entry is None else trace_cache.load(model, example_inputs, entry)
-        if cached is not None:
+        if cached is not None and _reproduces(model, cached[0], example_inputs):
             gm, dims = cached
         else:
             gm, dims = _trace_afresh(model, example_inputs, requested)
@@ -291,7 +291,8 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
 
 def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -> bool:
     """Whether ``gm`` gives the model's outputs on ``input_ids``, to float32 round-off (False where either fails:
-    a size the generalisation missed, or a model that runs only under export, as Dots3-Note's attention)."""
+    a stale cache entry, a size the batch generalisation missed, or a model that runs only under export, as
+    Dots3-Note's attention)."""
     try:
         got, want = gm(input_ids), as_traced(model)(input_ids)
     except Exception:  # noqa: BLE001
