@@ -70,16 +70,13 @@ def _switched(model: nn.Module, implementation: str) -> bool:
     return getattr(model.config, "_attn_implementation", None) == implementation
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def _mask_free_is_exact(model: nn.Module, input_ids: torch.Tensor) -> bool:
     """Steps 1 and 2 of the module's docstring; leaves the model on :data:`CAUSAL_SDPA` when it answers True."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .trace import model_logits  # the trace's own call of the model (trace imports this module)
 
     recorder = _MaskRecorder()
     AttentionInterface.register(_MASK_PROBE, recorder)
@@ -87,10 +84,10 @@ def _mask_free_is_exact(model: nn.Module, input_ids: torch.Tensor) -> bool:
     AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
     if not _switched(model, _MASK_PROBE):
         return False
-    masked = _logits(model, input_ids)
+    masked = model_logits(model, input_ids)
     if not recorder.calls or not all(recorder.calls) or not _switched(model, CAUSAL_SDPA):
         return False
-    unmasked = _logits(model, input_ids)
+    unmasked = model_logits(model, input_ids)
     tolerance = 64 * torch.finfo(masked.dtype).eps * float(masked.abs().max())
     return masked.shape == unmasked.shape and bool(((masked - unmasked).abs() <= tolerance).all())
 
