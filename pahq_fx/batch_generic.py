@@ -7,7 +7,8 @@ size ``B`` can be made batch-generic afterwards: every integer argument that is 
 ``sym_size(input_ids, 0) * k``, the same nodes a dynamic export writes. ``B`` is chosen so that a literal of the
 model itself is not mistaken for the batch (:func:`tracing_batch`: Qwen3-Next's unrolled recurrence spells out
 every index of its 64-token chunk); the caller checks the result against the model at two other batch sizes and
-traces dynamically where it differs.
+traces dynamically where it differs. A fixed shape also lets the trace skip export itself (``make_fx`` at export's
+ATen level, :func:`pahq_fx.trace._fixed_shape_graph`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
 with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
-model allows it (or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export; that
-graph is traced at a fixed batch and made batch-generic, :mod:`pahq_fx.batch_generic`, which costs a third less).
+model allows it. Or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export. That
+graph is traced at a fixed batch and made batch-generic (:mod:`pahq_fx.batch_generic`), by ``make_fx`` at export's
+own ATen level without the rest of export (its imports, program and verifier): about a third of the export's time.
 The model is put in eval mode and on the SDPA attention kernel for the duration of the trace (both so that the
 attention call is one recognisable op), and restored afterwards: tracing does not mutate the model.
 """
@@ -168,7 +169,7 @@ def _attention_for(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, 
 
 @contextlib.contextmanager
 def _lean_export() -> Iterator[None]:
-    """Export without three costs that buy nothing here:
+    """Export (or ``make_fx``) without three costs that buy nothing here:
 
     - fake-tensor dispatch caching: a trace meets most op signatures once or twice, so filling the cache costs
       more than it saves;
@@ -229,7 +230,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     (``meta["dynamic_dims"]``: ``(0, 1)``, ``(0,)`` or ``()``). ``dynamic_shapes="batch"`` keeps the sequence
     length at the example's: where every input has one length (ACDC's tasks), that trace costs about half of a
     dynamic one (it is a fixed-batch trace made batch-generic and checked against the model at two other batch sizes;
-    a model it does not reproduce is exported with a dynamic batch). ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
+    a model it does not reproduce is exported with a dynamic batch; see :func:`_fixed_shape_graph`). ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
     for a model already known to specialise them, whose failed dynamic attempt can cost more than the trace itself
     (Qwen3-Next's unrolled recurrence). A model whose batch-only trace fails is traced with both dimensions
     dynamic; one that specialises a dimension it was asked to keep dynamic is traced at the example's shape.
@@ -280,13 +281,41 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
     batch = batch_generic.tracing_batch(model, example)
     with _lean_export(), _attention_for(model, example, ()):
         try:
-            program = torch.export.export(as_traced(model), (batch_generic.tiled(example, batch),), strict=False)
+            gm = _fixed_batch_graph(model, batch_generic.tiled(example, batch))
         except Exception:  # noqa: BLE001 - export's dynamic path then decides, and reports its own errors
             return None
-    gm = _module_of(program)
     batch_generic.generalise(gm, batch)
     checks = (example[:1], batch_generic.tiled(example, 2) if example.shape[0] < 2 else example)
     return gm if all(_reproduces(model, gm, ids) for ids in checks) else None
+
+
+def _fixed_batch_graph(model: nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
+    """The model traced at the shape of ``input_ids``: by :func:`_fixed_shape_graph`, or by export where that graph
+    writes in place out of data flow's sight (:func:`_hidden_writes`), which export's functionalisation resolves."""
+    gm = _fixed_shape_graph(as_traced(model), input_ids)
+    if _hidden_writes(gm.graph):
+        return _module_of(torch.export.export(as_traced(model), (input_ids,), strict=False))
+    _strip_inference_no_ops(gm)
+    return gm
+
+
+def _fixed_shape_graph(module: nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
+    """``module`` traced at the shape of ``input_ids`` to export's ATen IR (pre-dispatch, fake tensors, the model
+    told it is being exported so that it takes the same code paths), without the rest of export: its imports, its
+    program, verifier and input guards cost more than the trace itself on small models."""
+    from torch._export.utils import _compiling_state_context
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with _compiling_state_context():
+        gm = make_fx(module, pre_dispatch=True, tracing_mode="fake", _allow_non_fake_inputs=True)(input_ids)
+    (traced_input,) = (node for node in gm.graph.nodes if node.op == "placeholder")
+    with gm.graph.inserting_before(traced_input):  # export's name for it, not make_fx's ``arg0_1``
+        input_ids_node = gm.graph.placeholder("input_ids")
+    input_ids_node.meta = dict(traced_input.meta)
+    traced_input.replace_all_uses_with(input_ids_node)
+    gm.graph.erase_node(traced_input)
+    gm.recompile()
+    return gm
 
 
 def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ from torch import fx
 from transformers import PretrainedConfig
 
 from pahq_fx import batch_generic
+from pahq_fx import trace as trace_module
 from pahq_fx.passes import trace
 from pahq_fx.trace_cache import ENV
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
@@ -16,30 +17,36 @@ aten = torch.ops.aten
 
 
 @pytest.fixture
-def exports(monkeypatch):
-    """Every ``torch.export.export`` call of the test, as (batch of the example, dynamic_shapes), trace cache off."""
+def traces(monkeypatch):
+    """Every trace of the test, trace cache off: ("fixed", batch) for a trace at a fixed shape,
+    ("export", batch, dynamic_shapes) for an export."""
     monkeypatch.setenv(ENV, "off")
     calls = []
-    export = torch.export.export
+    fixed, export = trace_module._fixed_shape_graph, torch.export.export
 
-    def recording(module, args, *rest, **kwargs):
-        calls.append((args[0].shape[0], kwargs.get("dynamic_shapes")))
+    def recording_fixed(module, input_ids):
+        calls.append(("fixed", input_ids.shape[0]))
+        return fixed(module, input_ids)
+
+    def recording_export(module, args, *rest, **kwargs):
+        calls.append(("export", args[0].shape[0], kwargs.get("dynamic_shapes")))
         return export(module, args, *rest, **kwargs)
 
-    monkeypatch.setattr(torch.export, "export", recording)
+    monkeypatch.setattr(trace_module, "_fixed_shape_graph", recording_fixed)
+    monkeypatch.setattr(torch.export, "export", recording_export)
     return calls
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=specs(families=RUNTIME_FAMILIES), batches=st.lists(st.integers(1, 7), min_size=1, max_size=3),
        seq=st.integers(2, 8), example_batch=st.integers(1, 3))
-def test_a_batch_only_trace_is_one_fixed_batch_export_exact_at_every_batch(exports, spec, batches, seq, example_batch):
-    exports.clear()
+def test_a_batch_only_trace_is_one_fixed_batch_trace_exact_at_every_batch(traces, spec, batches, seq, example_batch):
+    traces.clear()
     model = build(spec).eval()
     example = token_ids(example_batch, seq)
     gm = trace(model, example, dynamic_shapes="batch")
     assert gm.meta["dynamic_dims"] == (0,)
-    assert exports == [(batch_generic.tracing_batch(model, example), None)]
+    assert traces == [("fixed", batch_generic.tracing_batch(model, example))]
     for batch in batches:
         ids = token_ids(batch, seq, seed=batch)
         torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
@@ -78,10 +85,13 @@ class _ChunkLoop(torch.nn.Module):
         return (x + state.sum(1, keepdim=True),)
 
 
-def test_a_model_that_spells_out_loop_indices_gets_a_batch_generic_trace(exports):
+def test_a_model_that_spells_out_loop_indices_gets_a_batch_generic_trace(traces):
+    """Its slot writes are hidden from data flow, so the fixed-batch graph is exported again (functionalised) at the
+    same batch, never with a dynamic batch."""
     module = _ChunkLoop().eval()
     gm = trace(module, token_ids(2, 5), dynamic_shapes="batch")
-    assert gm.meta["dynamic_dims"] == (0,) and len(exports) == 1 and exports[0][1] is None
+    batch = batch_generic.tracing_batch(module, token_ids(2, 5))
+    assert gm.meta["dynamic_dims"] == (0,) and traces == [("fixed", batch), ("export", batch, None)]
     for batch in (1, 3, 4):
         ids = token_ids(batch, 5, seed=batch)
         with torch.no_grad():
@@ -102,7 +112,7 @@ class _Flattening(torch.nn.Module):
 def test_generalise_makes_every_batch_literal_symbolic(batch):
     traced_at = 61
     module = _Flattening()
-    gm = torch.export.export(module, (torch.randn(traced_at, 3, 4),), strict=False).module(check_guards=False)
+    gm = trace_module._fixed_shape_graph(module, torch.randn(traced_at, 3, 4))
     replaced = batch_generic.generalise(gm, traced_at)
     assert replaced >= 4
     assert any(n.target is aten.sym_size.int for n in gm.graph.nodes)
