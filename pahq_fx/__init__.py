@@ -1,23 +1,41 @@
-"""pahq_fx: per-attention-head quantization (PAHQ) as torch.fx passes, and ACDC circuit discovery on top."""
+"""pahq_fx: per-attention-head quantization (PAHQ) as torch.fx passes, and ACDC circuit discovery on top.
 
-from . import passes
-from .acdc import Circuit, Sweep, Task, discover, sweep
-from .compile import backend
-from .errors import (
-    CheckpointError,
-    InvalidHeadError,
-    InvalidInputsError,
-    PahqError,
-    QuantizationError,
-    TaskError,
-    UnsupportedArchitectureError,
-    UnsupportedFormatError,
-)
-from .head_graph import HeadGraph, LayerInfo
-from .precision import Format, Granularity, PrecisionConfig
-from .transform import PahqModel, transform
+The names below are imported on first use (PEP 562), so that ``import pahq_fx.cli`` does not import torch and
+transformers: ``pahq-fx --help`` and a mistyped argument answer at once instead of after two seconds of imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_PUBLIC = {
+    "Circuit": ".acdc",
+    "Sweep": ".acdc",
+    "Task": ".acdc",
+    "discover": ".acdc",
+    "sweep": ".acdc",
+    "backend": ".compile",
+    "CheckpointError": ".errors",
+    "InvalidHeadError": ".errors",
+    "InvalidInputsError": ".errors",
+    "PahqError": ".errors",
+    "QuantizationError": ".errors",
+    "TaskError": ".errors",
+    "UnsupportedArchitectureError": ".errors",
+    "UnsupportedFormatError": ".errors",
+    "HeadGraph": ".head_graph",
+    "LayerInfo": ".head_graph",
+    "Format": ".precision",
+    "Granularity": ".precision",
+    "PrecisionConfig": ".precision",
+    "PahqModel": ".front_door",
+    "transform": ".front_door",
+}
+_SUBMODULES = ("passes",)
 
 __all__ = [
     "CheckpointError",
@@ -43,3 +61,36 @@ __all__ = [
     "sweep",
     "transform",
 ]
+
+if TYPE_CHECKING:
+    from . import passes
+    from .acdc import Circuit, Sweep, Task, discover, sweep
+    from .compile import backend
+    from .errors import (
+        CheckpointError,
+        InvalidHeadError,
+        InvalidInputsError,
+        PahqError,
+        QuantizationError,
+        TaskError,
+        UnsupportedArchitectureError,
+        UnsupportedFormatError,
+    )
+    from .front_door import PahqModel, transform
+    from .head_graph import HeadGraph, LayerInfo
+    from .precision import Format, Granularity, PrecisionConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value: Any = importlib.import_module(f".{name}", __name__)
+    elif name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

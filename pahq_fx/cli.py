@@ -9,12 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from .acdc.metrics import Metric
 from .errors import PahqError
-from .precision import AUTO, Format
 
-PRECISIONS = (AUTO, *(f.value for f in Format))
-METRICS = tuple(m.value for m in Metric)
+# Spelled out so that parsing (and --help) imports no torch; tests/test_cli.py checks them against Format and Metric.
+PRECISIONS = ("auto", "fp32", "fp8", "fp8_e5m2", "bf16", "fp16")
+METRICS = ("kl", "logit_diff", "prob_diff")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,7 +173,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .transform import transform
+    from .front_door import transform
 
     model, _ = _load_model(args.model)
     transformed = transform(model, low_precision="fp32", compile=False)
@@ -224,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--task", required=True, help="task name, .jsonl prompt pairs or .safetensors task")
     w.add_argument("--thresholds", required=True, help="comma-separated, e.g. 0.001,0.003,0.01,0.03")
     w.add_argument("--out", required=True, help="output folder: tau=<t>/circuit.json, summary.md/.json, plots")
-    w.add_argument("--precision", default=AUTO, choices=PRECISIONS)
+    w.add_argument("--precision", default="auto", choices=PRECISIONS)
     w.add_argument("--metric", default="kl", choices=METRICS)
     w.add_argument("--reference", help="circuit.json to score ROC/AUC against, or 'fp32' (sweep in FP32 too)")
     w.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
@@ -263,8 +262,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        _quiet_libraries()
         args = build_parser().parse_args(argv)
+        _quiet_libraries()
         args.run(args)
     except PahqError as error:
         print(f"pahq-fx: error: {error}", file=sys.stderr)

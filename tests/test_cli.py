@@ -2,6 +2,7 @@
 
 import io
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,32 @@ def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, mon
     monkeypatch.setattr(sys, "stderr", quiet)
     assert cli.main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "pahq-fx:" not in quiet.getvalue() and "ACDC" not in quiet.getvalue()
+
+
+def test_the_parser_choices_are_the_formats_and_metrics():
+    from pahq_fx.acdc.metrics import Metric
+    from pahq_fx.precision import AUTO, Format
+
+    assert cli.PRECISIONS == (AUTO, *(f.value for f in Format))
+    assert cli.METRICS == tuple(m.value for m in Metric)
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """``pahq-fx --help`` and a mistyped argument answer without the two seconds torch and transformers take."""
+    check = ("import sys\nfrom pahq_fx import cli\ntry:\n    cli.build_parser().parse_args(['discover', '--help'])\n"
+             "except SystemExit:\n    pass\nassert cli.main(['frobnicate']) == 2\nprint(sorted(m for m in sys.modules"
+             " if m.split('.')[0] in ('torch', 'transformers', 'torchao')))")
+    result = subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_public_name_resolves():
+    """The package imports its names on first use: each of ``__all__`` must still be there."""
+    assert set(pahq_fx.__all__) == {*pahq_fx._PUBLIC, *pahq_fx._SUBMODULES}
+    # importing a submodule binds its name on the package, hiding a lazy name it shares (pahq_fx.transform)
+    assert not set(pahq_fx._PUBLIC) & {m.name for m in pkgutil.iter_modules(pahq_fx.__path__)}
+    for name in pahq_fx.__all__:
+        assert getattr(pahq_fx, name) is not None
+    assert set(pahq_fx.__all__) <= set(dir(pahq_fx))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pahq_fx.nope  # noqa: B018

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from pahq_fx import trace as trace_module
 from pahq_fx import trace_cache
 from pahq_fx.errors import InvalidInputsError, UnsupportedArchitectureError
+from pahq_fx.front_door import PahqModel
 from pahq_fx.passes import split_heads, trace
 from pahq_fx.pipeline import lower_split
 from pahq_fx.precision import PrecisionConfig
-from pahq_fx.transform import PahqModel
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 

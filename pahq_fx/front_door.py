@@ -1,4 +1,4 @@
-"""``pahq_fx.transform``: the front door that runs trace -> split -> precision -> compile."""
+"""``pahq_fx.transform``, the front door: trace -> split -> precision -> compile."""
 
 from __future__ import annotations
 
