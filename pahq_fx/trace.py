@@ -306,7 +306,7 @@ def _fixed_shape_graph(module: nn.Module, input_ids: torch.Tensor) -> fx.GraphMo
     from torch._export.utils import _compiling_state_context
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with _compiling_state_context():
+    with _compiling_state_context(), _attributes_kept(module):
         gm = make_fx(module, pre_dispatch=True, tracing_mode="fake", _allow_non_fake_inputs=True)(input_ids)
     (traced_input,) = (node for node in gm.graph.nodes if node.op == "placeholder")
     with gm.graph.inserting_before(traced_input):  # export's name for it, not make_fx's ``arg0_1``
@@ -316,6 +316,23 @@ def _fixed_shape_graph(module: nn.Module, input_ids: torch.Tensor) -> fx.GraphMo
     gm.graph.erase_node(traced_input)
     gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Every submodule's attributes, parameters, buffers and children as they were before, afterwards (as export
+    keeps them): a forward that assigns a tensor attribute, such as a cache built on first use, would otherwise leave
+    one of the trace's fake tensors in the model."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers, children in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for live, before in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
+                live.clear()
+                live.update(before)
 
 
 def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -> bool:

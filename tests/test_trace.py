@@ -15,21 +15,52 @@ from pahq_fx.precision import PrecisionConfig
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 
-@settings(max_examples=6, deadline=None)
-@given(spec=specs(), train_mode=st.booleans())
-def test_trace_does_not_mutate_model(spec, train_mode):
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(), train_mode=st.booleans(), dynamic=st.sampled_from([True, "batch"]))
+def test_trace_does_not_mutate_model(spec, train_mode, dynamic):
+    """Export's dynamic trace, and the batch-only trace (make_fx at a fixed batch, made batch-generic)."""
     model = build(spec).train(train_mode)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     impl = model.config._attn_implementation
-    gm = trace(model, token_ids(2, 5))
+    gm = trace(model, token_ids(2, 5), dynamic_shapes=dynamic)
     assert model.training == train_mode
     assert model.config._attn_implementation == impl
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     model.eval()
-    ids = token_ids(3, 8, seed=7)
+    ids = token_ids(3, 8 if dynamic is True else 5, seed=7)
     torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
-    assert gm.meta["dynamic_dims"] == (0, 1)
+    assert gm.meta["dynamic_dims"] == ((0, 1) if dynamic is True else (0,))
+
+
+class _CachedScale(torch.nn.Module):
+    """Builds a tensor attribute on its first call, as lazily cached rotary tables do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.out = torch.nn.Linear(16, 50)
+        self.scale: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            self.scale = torch.linspace(0.5, 2.0, 16)
+        return self.out(self.embed(input_ids) * self.scale)
+
+
+def test_a_fixed_shape_trace_leaves_no_fake_tensor_in_the_model(monkeypatch):
+    """make_fx runs the forward on fake tensors: an attribute the forward assigns is put back as it was, or the
+    model would keep a fake tensor that breaks (or silently feeds) every later eager call."""
+    monkeypatch.setenv(trace_cache.ENV, "off")
+    module = _CachedScale().eval()
+    gm = trace_module._fixed_shape_graph(module, token_ids(3, 5) % 50)
+    assert module.scale is None
+    gm = trace(module, token_ids(2, 5) % 50, dynamic_shapes="batch")
+    assert gm.meta["dynamic_dims"] == (0,)
+    assert type(module.scale) is torch.Tensor
+    ids = token_ids(4, 5, seed=3) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), module(ids))
 
 
 @settings(max_examples=6, deadline=None)
