@@ -286,3 +286,16 @@ def test_fp8_and_bf16_circuits_agree_with_fp32_on_trained_models(model_name, tas
         jaccard = circuits[precision].jaccard(circuits["fp32"])
         print(f"{model_name}: {precision} vs fp32 edge Jaccard {jaccard:.3f}")
         assert jaccard >= 0.9
+
+
+def test_a_float64_model_is_searched_exactly_and_its_report_says_so():
+    """"fp32" leaves a float64 model's unlowered heads in float64: the circuit is the float64 reference's, and the
+    precision note says what fp32 meant; a float32 model's note does not mention it."""
+    model = build(Spec("llama", 2, 4, 2, 8)).double()
+    task = make_task(3)
+    expected, _ = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask).run(1e-3)
+    circuit = pahq_fx.discover(model, task, threshold=1e-3, precision="fp32", progress=False, allow_weak_task=True)
+    assert circuit.edge_set() == expected and len(expected) > 1
+    assert "float64" in circuit.precision_note
+    single = pahq_fx.discover(model.float(), task, threshold=1e-3, precision="fp32", progress=False, allow_weak_task=True)
+    assert "float64" not in single.precision_note
