@@ -491,13 +491,28 @@ def check_float32_weights(weights: Iterable[torch.Tensor]) -> None:
     float32, and the low-precision formats are the pass's to apply (``low_precision=...``): a model loaded in bf16
     would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message.
     Buffers are not weights: a float32 model may keep one in bf16 on purpose (RecurrentGemma's embedding scale)."""
-    low = sorted({str(w.dtype).removeprefix("torch.") for w in weights if w.is_floating_point() and w.element_size() < 4})
+    low = sorted(name for name, width in _float_dtypes(weights).items() if width < 4)
     if low:
         raise UnsupportedFormatError(
             f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "
             "other heads itself (low_precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
             "call model.float() first (bf16 and fp16 weights convert to float32 exactly)"
         )
+
+
+def wide_weights_note(weights: Iterable[torch.Tensor]) -> str:
+    """What "fp32" means for weights (a model's parameters) wider than float32, or "" for none: the pass lowers the
+    formats it is asked for and leaves the rest (the investigated head, the FP32 format) in the model's own dtype."""
+    wide = " and ".join(sorted(name for name, width in _float_dtypes(weights).items() if width > 4))
+    if not wide:
+        return ""
+    return (f"the model's weights are {wide}: the investigated head and every head or layer the format does not lower "
+            f"compute in {wide}, not float32")
+
+
+def _float_dtypes(weights: Iterable[torch.Tensor]) -> dict[str, int]:
+    """Each floating dtype among ``weights``, by name (``bfloat16``), with its width in bytes."""
+    return {str(w.dtype).removeprefix("torch."): w.element_size() for w in weights if w.is_floating_point()}
 
 
 def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:

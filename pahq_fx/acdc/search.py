@@ -17,7 +17,7 @@ from torch import nn
 from .. import names
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, auto_format, parse_format
-from ..split import check_float32_weights
+from ..split import check_float32_weights, wide_weights_note
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
@@ -88,16 +88,6 @@ def discover(
     return dataclasses.replace(circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
 
 
-def _wide_weights_note(model: nn.Module) -> str:
-    """What "fp32" means for a model whose weights are wider than float32: the pass lowers the formats it is asked
-    for and leaves the rest (the investigated head, the FP32 format) in the model's own dtype."""
-    wide = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point() and p.element_size() > 4})
-    if not wide:
-        return ""
-    return (f"the model's weights are {' and '.join(wide)}: the investigated head and every head or layer the format "
-            f"does not lower compute in {' and '.join(wide)}, not float32")
-
-
 @dataclass
 class Session:
     """Everything a search needs that does not depend on the threshold: checked arguments, the task check, the
@@ -133,7 +123,7 @@ def prepare(
     check_float32_weights(model.parameters())  # before the task check and the trace
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
-    precision_note = "; ".join(n for n in (precision_note, _wide_weights_note(model)) if n)
+    precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
     task_check = check_task(model, task, parsed_metric)
