@@ -152,7 +152,7 @@ def _export(module: nn.Module, model: nn.Module, example: torch.Tensor, dims: tu
     chunked attention); else none, as some models specialise shapes. Where the sequence length is fixed, a causal
     mask is left to SDPA's ``is_causal`` when that is exact (:mod:`pahq_fx.causal_attention`)."""
     attempts = [dims, (0, 1)] if dims == (0,) else [dims] if dims else []
-    with _lean_export():
+    with _lean_trace():
         for attempt in attempts:
             # By position, not by name: a plain module's forward may call its input anything (nanoGPT's ``idx``).
             shapes = ({d: torch.export.Dim(_DIM_NAMES[d], min=1) for d in attempt},)
@@ -168,8 +168,8 @@ def _attention_for(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, 
 
 
 @contextlib.contextmanager
-def _lean_export() -> Iterator[None]:
-    """Export (or ``make_fx``) without three costs that buy nothing here:
+def _lean_trace() -> Iterator[None]:
+    """A trace (export or ``make_fx``) without three costs that buy nothing here:
 
     - fake-tensor dispatch caching: a trace meets most op signatures once or twice, so filling the cache costs
       more than it saves;
@@ -279,7 +279,7 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
     """The model traced at a fixed batch size and made batch-generic, or None where that fails or does not
     reproduce the model's logits at batch sizes other than the traced one (one row, and the example's rows)."""
     batch = batch_generic.tracing_batch(model, example)
-    with _lean_export(), _attention_for(model, example, ()):
+    with _lean_trace(), _attention_for(model, example, ()):
         try:
             gm = _fixed_batch_graph(model, batch_generic.tiled(example, batch))
         except Exception:  # noqa: BLE001 - export's dynamic path then decides, and reports its own errors
