@@ -49,7 +49,11 @@ class Checkpoint:
     def due(self) -> bool:
         return self.path is not None and time.perf_counter() >= self._next_write
 
-    def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int) -> None:
+    def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int,
+             groups: list[int] | None = None, predictor: dict[str, Any] | None = None) -> None:
+        """``groups``: for each removed edge, the commit that removed it (edges removed together, by a candidate
+        batch, are replayed together); ``predictor``: the speculation predictor's state, so that a resumed run
+        batches as the uninterrupted one would."""
         if self.path is None:
             return
         start = time.perf_counter()
@@ -61,6 +65,10 @@ class Checkpoint:
             "effects": [[r, s, e] for (r, s), e in sorted(effects.items())],
             "queries": queries,
         }
+        if groups is not None:
+            data["groups"] = groups
+        if predictor is not None:
+            data["predictor"] = predictor
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.path)
@@ -74,9 +82,12 @@ class Checkpoint:
 
 
 def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
-           effects: dict[tuple[int, int], float]) -> None:
+           effects: dict[tuple[int, int], float], groups: dict[tuple[int, int], int] | None = None) -> None:
     """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
-    state as the uninterrupted run; no edge is measured again). A receiver without measured effects was pruned."""
+    state as the uninterrupted run; no edge is measured again): one pass per commit, edges that a candidate batch
+    removed together (``groups``: removed edge -> its commit) in one. A receiver without measured effects was
+    pruned."""
+    groups = groups or {}
     for name in done:
         row = edges.receiver_index[name]
         receiver = edges.receivers[row]
@@ -84,7 +95,10 @@ def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed:
             runtime.remove(row, receiver.senders)
             continue
         runtime.investigate(receiver)
-        for s in receiver.senders:
+        commits: dict[int, list[int]] = {}
+        for i, s in enumerate(receiver.senders):
             if (row, s) in removed:
-                runtime.try_remove(row, [s])
-                runtime.commit()
+                commits.setdefault(groups.get((row, s), -1 - i), []).append(s)
+        for senders in commits.values():
+            runtime.try_remove_group(row, senders)
+            runtime.commit()

@@ -37,6 +37,11 @@ class RunStats:
     forward_equivalents: float = 0.0  # (search seconds per query) / forward_s: docs/runtime.md's measure
     state_bytes: int = 0  # bytes of the runtime's caches and state
     execution: str = ""  # eager or compiled, and why
+    speculation: str = ""  # how edge queries were batched (the predictor), or why they were not
+    evaluated: int = 0  # queries computed: ``queries`` (decided) plus speculative candidates whose result was dropped
+    hit_rate: float | None = None  # share of the predictor's guesses that the decisions confirmed
+    candidates_per_batch: float | None = None
+    near_threshold: int | None = None  # decisions within round-off of the threshold (either way under round-off)
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,15 @@ class Circuit:
             f"(metric={self.metric}, threshold={self.threshold:g}, precision={self.precision}); "
             f"{s.queries} queries in {s.wall_s:.1f}s ({s.setup_s:.1f}s setup, {s.queries_per_second:.1f} queries/s, "
             f"{s.forward_equivalents:.3g} forward-equivalents per query), {s.execution or 'eager'}, "
-            f"{s.compilations} compilations, peak RSS {s.peak_memory_mb:.0f} MB"
+            f"{s.compilations} compilations, peak RSS {s.peak_memory_mb:.0f} MB{self._speculation_summary()}"
         )
+
+    def _speculation_summary(self) -> str:
+        s = self.stats
+        if s.hit_rate is None:
+            return f"; speculation {s.speculation}" if s.speculation else ""
+        return (f"; speculation {s.speculation}: {s.evaluated} queries evaluated for {s.queries} decided, "
+                f"{s.candidates_per_batch:.1f} per batch, predictor hit rate {s.hit_rate:.0%}, "
+                f"{s.near_threshold} decisions within round-off of the threshold")
 
 

@@ -39,14 +39,16 @@ def metric_value(
     correct: torch.Tensor | None,
     incorrect: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``logits`` are [P, vocab] at the metric positions; answers are [P].
+    """``logits`` are [..., P, vocab] at the metric positions (leading dimensions: a batch of patched passes, one
+    value each); answers are [P].
 
     KL: KL(clean || patched), summed over the vocabulary and averaged over positions. Logit and
     probability differences are negated (correct minus incorrect, averaged), so that smaller is better.
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     if metric is Metric.KL:
-        return (clean.probs * (clean.logprobs - logprobs)).sum(-1).mean()
+        return (clean.probs * (clean.logprobs - logprobs)).sum(-1).mean(-1)
     values = logits.float() if metric is Metric.LOGIT_DIFF else logprobs.exp()
-    picked = values.gather(-1, correct.view(-1, 1)) - values.gather(-1, incorrect.view(-1, 1))
-    return -picked.mean()
+    shape = (*values.shape[:-1], 1)
+    picked = values.gather(-1, correct.view(-1, 1).expand(shape)) - values.gather(-1, incorrect.view(-1, 1).expand(shape))
+    return -picked.squeeze(-1).mean(-1)

@@ -51,6 +51,7 @@ class _Pending:
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # attention step -> new per-head projections
     final: torch.Tensor | None = None
     metric: float = 0.0
+    metrics: list[float] = field(default_factory=list)  # a candidate batch's: one per candidate
     removed: tuple[tuple[int, int], ...] = ()
     active_from: int | None = None
     plan: dict[int, FullPrecisionUnits] | None = None
@@ -156,6 +157,15 @@ class PatchingRuntime:
         self._components, self._cores, self._metric = self._kernels(compile)
         self._layouts = {k: _AttentionLayout(getattr(graph, s.module)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
         self.device = task.clean_input_ids.device
+        self._clean_ids = task.clean_input_ids
+        self._compiled = compile
+        self._candidates: int | None = None  # while a candidate batch runs: how many candidates it holds
+        self._candidate_support: bool | None = None
+        self._candidate_removed: list[tuple[tuple[int, int], ...]] = []
+        self.candidate_refusal = ""
+        self._candidate_aux: dict[int, tuple[torch.Tensor, ...]] = {}
+        # per candidate count: the final read's rows as one batch, the prelude's values for it, the final read's values
+        self._candidate_rows: dict[int, tuple[RowBatch, tuple, list[torch.Tensor]]] = {}
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
             self._setup_caches(task)
@@ -168,9 +178,12 @@ class PatchingRuntime:
         """Back to the state right after setup (every edge kept, nothing run, no query counted), keeping the
         traced graph and the clean and corrupted caches: a threshold sweep pays setup once."""
         edges = self.edges
-        self.queries = 0
+        self.queries = 0  # queries decided, as the sequential search counts them
+        self.evaluated = 0  # queries computed, speculative candidates whose result was dropped included
         self.last_recomputed = []
         self.removed_from: list[list[int]] = [[] for _ in edges.receivers]
+        self.commits = 0
+        self.removal_commit: dict[tuple[int, int], int] = {}  # removed edge -> the commit that removed it
         self.kept_in = [set(r.senders) for r in edges.receivers]
         self.kept_out: list[set[int]] = [set() for _ in edges.senders]
         for row, r in enumerate(edges.receivers):
@@ -244,7 +257,9 @@ class PatchingRuntime:
         return mlps, compiled_cores, torch.compile(self._final_metric, backend=self.counter, dynamic=False)
 
     def _aux(self, indices: Iterable[int]) -> list[torch.Tensor]:
-        return [self.aux[i] for i in indices]
+        """The prelude's auxiliary values at the batch that runs now: the task's, or a candidate batch's."""
+        aux = self.aux if self._candidates is None else self._candidate_aux[self._candidates]
+        return [aux[i] for i in indices]
 
     # ----------------------------------------------------------------------------------------------- caches
     def _setup_caches(self, task: Task) -> None:
@@ -261,7 +276,7 @@ class PatchingRuntime:
         batch, seq = clean_final.shape[:2]
         dims = graph_meta.dynamic_dims(self.graph)
         metric_rows = RowBatch.for_trace(len(self.positions), dims, seq)
-        metric_aux = self._prelude_aux(task, metric_rows)
+        metric_aux = self._prelude_aux(metric_rows)
         self._row_final_aux = self._final_aux if metric_aux is None else [metric_aux[i] for i in self.structure.final_aux]
         token_wise = self._token_wise_unembedding(clean_final, full, metric_rows)
         self.row_batch = metric_rows if token_wise else RowBatch.for_trace(batch * seq, dims, seq)
@@ -269,13 +284,13 @@ class PatchingRuntime:
         self._final_shape = None if token_wise else clean_final.shape
         self._final_clean = self._rows(clean_final)
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
-        self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(task, self.row_batch)
+        self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(self.row_batch)
         self._token_wise_components = {k for k, step in enumerate(self.steps)
                                  if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of a [B, T, d] tensor that the final read keeps, [rows, d]."""
-        return x.flatten(0, 1).index_select(0, self.final_rows)
+        """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
+        return x.flatten(-3, -2).index_select(-2, self.final_rows)
 
     def _full_run(self, embed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Every sender's FP32 output (by sender index: a component that runs before its layer's heads, as Falcon-H1's
@@ -311,17 +326,35 @@ class PatchingRuntime:
         except (RuntimeError, IndexError):  # a graph specialised to the batch shape: the whole batch goes through
             return False
 
-    def _prelude_aux(self, task: Task, rows: RowBatch) -> tuple | None:
+    def _prelude_aux(self, rows: RowBatch) -> tuple | None:
         """The prelude's auxiliary values (sizes, masks) for the shape of ``rows``: what a component computed on the
         final read's rows alone needs (MLPs that flatten the stream take the batch and sequence sizes)."""
-        ids = task.clean_input_ids.new_zeros(rows.shape)
+        ids = self._clean_ids.new_zeros(rows.shape)
         try:
             return tuple(self.graph.prelude(ids)[1:])
         except Exception:  # noqa: BLE001 - a static trace cannot run at another shape: no row-only components
             return None
 
     def _row_aux(self, k: int) -> list[torch.Tensor]:
-        return [self._rows_prelude_aux[i] for i in self.steps[k].aux]
+        aux = self._rows_prelude_aux if self._candidates is None else self._candidate_rows[self._candidates][1]
+        return [aux[i] for i in self.steps[k].aux]
+
+    def _row_component(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Step k's token-wise component on the final read's rows, ``x`` [rows, d] (a candidate batch: [K, rows, d])."""
+        if self._candidates is None:
+            return self.row_batch.unpack(self._components[k](self.row_batch.pack(x), *self._row_aux(k)))
+        rows = self._candidate_rows[self._candidates][0]
+        return rows.unpack(self._components[k](rows.pack(x.flatten(0, 1)), *self._row_aux(k))).unflatten(0, (self._candidates, -1))
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """A candidate batch's [K, B, ...] as the [K * B, ...] batch the traced components take; the state's
+        [B, ...] repeated for every candidate. Unchanged outside a candidate batch."""
+        if self._candidates is None:
+            return x
+        return x.flatten(0, 1) if x.dim() == self._clean_ids.dim() + 2 else x.repeat(self._candidates, *([1] * (x.dim() - 1)))
+
+    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._candidates is None else x.unflatten(0, (self._candidates, -1))
 
     def _token_wise_component(self, k: int) -> bool:
         """Whether step k's MLP or norm acts per token, so that it can run on the final read's rows alone."""
@@ -337,10 +370,19 @@ class PatchingRuntime:
             torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5))
 
     def _final_metric(self, final_rows: torch.Tensor) -> torch.Tensor:
+        """The metric of a final read [rows, d] (a candidate batch's [K, rows, d]: one value per candidate)."""
+        k = self._candidates
         if self._final_shape is None:
-            logits = self.row_batch.unpack(self.graph.unembed(self.row_batch.pack(final_rows), *self._row_final_aux))
+            if k is None:
+                rows, aux, flat = self.row_batch, self._row_final_aux, final_rows
+            else:
+                rows, _, aux = self._candidate_rows[k]
+                flat = final_rows.flatten(0, 1)
+            logits = self._unflat(rows.unpack(self.graph.unembed(rows.pack(flat), *aux)))
         else:
-            logits = self._unembed_all(final_rows.view(self._final_shape))
+            stream = final_rows.reshape(-1, *self._final_shape[1:])
+            logits = self._unflat(self.graph.unembed(stream, *self._aux(self.structure.final_aux)))
+            logits = logits.flatten(-3, -2).index_select(-2, self.positions)
         return metric_value(self.metric_kind, logits, self.clean_distribution, self.correct, self.incorrect)
 
     def state_bytes(self) -> int:
@@ -387,8 +429,127 @@ class PatchingRuntime:
     def try_remove_edges(self, removals: dict[int, list[int]]) -> float:
         """The metric with the edges ``{receiver row: senders}`` removed as well; tentative until :meth:`commit`."""
         self.queries += 1
+        self.evaluated += 1
         self._pending = self._remove(removals)
         return self._pending.metric
+
+    # ----------------------------------------------------------------------------------------------- speculation
+    @torch.no_grad()
+    def try_remove_each(self, row: int, senders: list[int], removed_before: list[bool]) -> list[float]:
+        """Candidate queries into one receiver, evaluated together along an extra batch dimension: candidate i
+        removes ``senders[i]`` on top of the state with ``senders[j]`` removed for every earlier j where
+        ``removed_before[j]`` (the decisions a predictor expects). Returns each candidate's metric; nothing is
+        decided until :meth:`keep_candidate`.
+
+        Removing edges into one receiver changes only that receiver's input (its senders lie upstream), so every
+        candidate has the same cone; the candidates' inputs are built in the order the sequential search would
+        build them, bit for bit, and the cone runs once for all of them."""
+        for s in senders:
+            if s not in self.kept_in[row]:
+                raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
+        if self.row_step[row] < self.active_from:
+            raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it first")
+        self.evaluated += len(senders)
+        removed = [(row, s) for s, before in zip(senders, removed_before) if before]
+        self._candidate_removed = [tuple(removed[:sum(removed_before[:i])]) + ((row, s),) for i, s in enumerate(senders)]
+        if len(senders) == 1:
+            return [self._remove_group(row, senders).metric]
+        base = self.final if row == self.final_row else self.inputs[row]
+        inputs, prefix = [], base
+        for s, before in zip(senders, removed_before):
+            inputs.append(prefix + self._removal_change(row, s))
+            if before:
+                prefix = inputs[-1]
+        self._prepare_candidates(len(senders))
+        self._candidates = len(senders)
+        try:
+            self._pending = self._cascade({}, None, None, new_inputs={row: torch.stack(inputs)})
+        finally:
+            self._candidates = None
+        return self._pending.metrics
+
+    def keep_candidate(self, index: int | None, decided: int) -> float:
+        """After :meth:`try_remove_each`, with ``decided`` of its candidates' decisions taken: make candidate
+        ``index``'s removals part of the state (the last candidate whose removal was kept), or keep the state
+        (None). Returns the metric of the state.
+
+        The state is recomputed from candidate ``index``'s input in one pass of the task's own batch, as
+        :meth:`try_remove_group` does, rather than sliced out of the candidate batch: it is then the same, bit for
+        bit, whatever else the batch held, and a checkpoint's replay rebuilds it exactly."""
+        self._pending = None
+        self.queries += decided
+        if index is None:
+            return self.metric
+        removed = self._candidate_removed[index]
+        self._pending = self._remove_group(removed[0][0], [s for _, s in removed])
+        return self.commit()
+
+    @torch.no_grad()
+    def try_remove_group(self, row: int, senders: list[int]) -> float:
+        """The metric with the edges ``senders -> row`` removed as well, the receiver's input built by adding their
+        changes one after the other (as successive removals build it); tentative until :meth:`commit`. A group of
+        one is :meth:`try_remove`."""
+        self._pending = self._remove_group(row, senders)
+        return self._pending.metric
+
+    def _remove_group(self, row: int, senders: list[int]) -> _Pending:
+        for s in senders:
+            if s not in self.kept_in[row]:
+                raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
+        x = self.final if row == self.final_row else self.inputs[row]
+        for s in senders:
+            x = x + self._removal_change(row, s)
+        return self._cascade({}, None, None, removed=tuple((row, s) for s in senders), new_inputs={row: x})
+
+    def batches_candidates(self) -> bool:
+        """Whether candidate batches can run: an eager runtime whose trace takes any batch size, with auxiliary
+        values (masks, positions) that are the task's repeated per candidate."""
+        if self._compiled:
+            self.candidate_refusal = "a compiled runtime runs one query at a time"
+            return False
+        if self._candidate_support is None:
+            try:
+                self._prepare_candidates(2)
+                self._candidate_support = True
+            except (RuntimeError, ValueError, IndexError) as error:
+                self._candidate_support = False
+                self.candidate_refusal = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return self._candidate_support
+
+    def _prepare_candidates(self, k: int) -> None:
+        """The prelude's auxiliary values at k times the task's batch, checked against the task's own."""
+        if k in self._candidate_aux:
+            return
+        aux = tuple(self.graph.prelude(self._clean_ids.repeat(k, 1))[1:])
+        for mine, theirs in zip(self.aux, aux, strict=True):
+            if not isinstance(mine, torch.Tensor):  # a size: the batch's becomes the candidate batch's
+                batch = self._clean_ids.shape[0]
+                if mine != theirs and (mine, theirs) != (batch, k * batch):
+                    raise ValueError(f"an auxiliary value changes with the batch: {mine!r} -> {theirs!r}")
+                continue
+            if theirs.shape == mine.shape:
+                expected = mine
+            elif mine.dim() and theirs.shape == (k * mine.shape[0], *mine.shape[1:]):
+                expected = mine.repeat(k, *([1] * (mine.dim() - 1)))
+            else:
+                raise ValueError(f"an auxiliary value of shape {tuple(mine.shape)} has shape {tuple(theirs.shape)} at {k} candidates")
+            if not torch.equal(expected, theirs):
+                raise ValueError(f"an auxiliary value of shape {tuple(mine.shape)} is not repeated per candidate")
+        rows = RowBatch(k * self.row_batch.rows, self.row_batch.seq)
+        row_aux = self._prelude_aux(rows) if self._rows_prelude_aux is not None else None
+        final_aux = self._final_aux if row_aux is None else [row_aux[i] for i in self.structure.final_aux]
+        self._candidate_aux[k] = aux
+        self._candidate_rows[k] = (rows, row_aux or (), final_aux)
+
+    def candidate_bytes(self, row: int) -> int:
+        """What one candidate of a batch into ``row`` may hold at most: the state of every step from the
+        receiver's on (inputs, outputs, projections) and the final read."""
+        step = self.row_step[row]
+        tensors = [self.outputs[s] for s in range(len(self.edges.senders)) if self.sender_step[s] >= step]
+        tensors += [x for r, x in enumerate(self.inputs) if x is not None and self.row_step[r] >= step]
+        tensors += [p for k, p in self.projections.items() if k >= step]
+        seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*tensors, self.final]}
+        return sum(seen.values())
 
     @torch.no_grad()
     def remove(self, row: int, senders: Iterable[int]) -> None:
@@ -418,6 +579,8 @@ class PatchingRuntime:
         self.projections.update(pending.projections)
         for row, s in pending.removed:
             self._mark_removed(row, [s])
+            self.removal_commit[(row, s)] = self.commits
+        self.commits += 1
         if pending.final is not None:
             self.final = pending.final
         if pending.active_from is not None:
@@ -502,9 +665,11 @@ class PatchingRuntime:
                 self.outputs[sender] = self._rows(self.outputs[sender])
 
     def _cascade(self, changes: dict[int, torch.Tensor], activate_from: int | None, plan: dict[int, FullPrecisionUnits] | None,
-                 removed: tuple[tuple[int, int], ...] = ()) -> _Pending:
-        """Recompute, in step order, every component that ``changes`` (input deltas by receiver row), newly
-        running steps or a new plan reach, following kept edges; the tentative state and metric."""
+                 removed: tuple[tuple[int, int], ...] = (), new_inputs: dict[int, torch.Tensor] | None = None) -> _Pending:
+        """Recompute, in step order, every component that ``changes`` (input deltas by receiver row), ``new_inputs``
+        (inputs given whole, by receiver row), newly running steps or a new plan reach, following kept edges; the
+        tentative state and metric."""
+        given = new_inputs or {}
         pending = _Pending(removed=removed)
         kept_in = self.kept_in
         if removed:
@@ -522,11 +687,11 @@ class PatchingRuntime:
         if new_from < self.active_from:
             pending.active_from = new_from
         deltas = _Deltas()
-        first = min([self.row_step[r] for r in changes if r != self.final_row] + [new_from if new_from < self.active_from else len(self.steps)]
-                    + list(plan_changes))
+        first = min([self.row_step[r] for r in (*changes, *given) if r != self.final_row]
+                    + [new_from if new_from < self.active_from else len(self.steps)] + list(plan_changes))
         for k in range(first, len(self.steps)):
             activating = new_from <= k < self.active_from
-            new_inputs, changed = self._step_inputs(k, changes, deltas, kept_in, activating)
+            new_inputs, changed = self._step_inputs(k, changes, given, deltas, kept_in, activating)
             pending.inputs.update(new_inputs)
             step = self.steps[k]
             if step.kind is StepKind.ATTENTION:
@@ -543,9 +708,9 @@ class PatchingRuntime:
                 x, sender = new_inputs[changed[0]], self.step_senders[k][0]
                 pending.recomputed.append(step.name)
                 if k in self.rows_only:
-                    out = self.row_batch.unpack(self._components[k](self.row_batch.pack(x), *self._row_aux(k)))
+                    out = self._row_component(k, x)
                 else:
-                    out = self._components[k](x, *self._aux(step.aux))
+                    out = self._unflat(self._components[k](self._flat(x), *self._aux(step.aux)))
                 pending.outputs[sender] = out
                 deltas.add(sender, out - self.outputs[sender])
         final_change = changes.get(self.final_row)
@@ -553,19 +718,25 @@ class PatchingRuntime:
         if reaching:
             total = sum(self._as_read_by(self.final_row, d, s) for s, d in deltas.terms(reaching))
             final_change = total if final_change is None else final_change + total
-        if final_change is None:
+        final = given.get(self.final_row)
+        if final_change is not None:
+            final = self.final + final_change if final is None else final + final_change
+        if final is None:
             pending.metric = self.metric
+            pending.metrics = [self.metric] * (self._candidates or 1)
         else:
-            pending.final = self.final + final_change
+            pending.final = final
             pending.recomputed.append(names.RESID_POST)
-            pending.metric = float(self._metric(pending.final))
+            values = self._metric(final) if self._candidates is None else self._final_metric(final)
+            pending.metrics = [float(v) for v in values.reshape(-1)]
+            pending.metric = pending.metrics[0]
         self.last_recomputed = pending.recomputed
         return pending
 
-    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], deltas: _Deltas,
+    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], given: dict[int, torch.Tensor], deltas: _Deltas,
                      kept_in: list[set[int]], activating: bool) -> tuple[dict[int, torch.Tensor], list[int]]:
-        """New inputs of step k's receivers that ``changes`` or upstream deltas reach (all of them when the step
-        starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
+        """New inputs of step k's receivers that ``changes``, ``given`` or upstream deltas reach (all of them when the
+        step starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
         from the one the component's current output was computed from."""
         new_inputs, changed = {}, []
         # Receivers whose input is the same sum (same base, same deltas; a step's receivers share one shape) share
@@ -577,6 +748,10 @@ class PatchingRuntime:
                 if not self.is_live(row):
                     if activating:
                         new_inputs[row] = self.clean_reads[k]  # a placeholder: nothing reads a dead node
+                    continue
+                if row in given:  # the investigated receiver of a candidate batch: no delta reaches it from downstream
+                    new_inputs[row] = given[row]
+                    changed.append(row)
                     continue
                 reaching = [s for s in deltas if s in kept_in[row]]
                 if activating:
@@ -628,7 +803,7 @@ class PatchingRuntime:
                 x = new_inputs.get(rows[role][u], self.inputs[rows[role][u]])
                 if id(x) not in slot:
                     slot[id(x)] = len(distinct)
-                    distinct.append(x)
+                    distinct.append(self._flat(x))
                 slots[role].append(slot[id(x)])
         stacked = torch.stack(distinct, dim=2) if len(distinct) > 1 else distinct[0].unsqueeze(2)
         normed = block.norm(stacked, *norm_aux)
@@ -678,13 +853,13 @@ class PatchingRuntime:
             projections = values
         else:
             index = torch.cat([layout.features[role][u] for role in ROLES for u in order[role]])
-            projections = self.projections[k].index_copy(-1, index, values)
-        pending.projections[k] = projections
+            projections = self._flat(self.projections[k]).index_copy(-1, index, values)
+        pending.projections[k] = self._unflat(projections)
         if not heads:
             return {}
         heads = sorted(heads)
         z = self._cores[k](*block.scatter(projections), *core_aux)
         z_heads = layout.z_of(z, heads)
-        out = block.o.units(z_heads, heads, units.query_head)
+        out = self._unflat(block.o.units(z_heads, heads, units.query_head))
         pending.recomputed.extend(names.head(block.layer, h) for h in heads)
-        return {senders[h]: out[:, :, i] for i, h in enumerate(heads)}
+        return {senders[h]: out.select(-2, i) for i, h in enumerate(heads)}

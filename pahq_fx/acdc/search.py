@@ -26,6 +26,7 @@ from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
+from .speculation import OFF, Prediction, Predictor, candidate_memory, check_speculation, search_receiver
 from .task import Task
 
 
@@ -55,14 +56,17 @@ def discover(
     callback: Callable[[ReceiverDone], None] | None = None,
     allow_weak_task: bool = False,
     faithfulness: bool = False,
+    speculation: str | Predictor = Prediction.ADAPTIVE.value,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
     ``precision``: ``auto`` (the format measured fastest per query on the device: FP32 on CPUs and on an H100,
     see :func:`~pahq_fx.precision.auto_format`), ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for
     every query the receiver's head runs in FP32 and the other heads in that format. ``compile``: ``auto`` runs
-    eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. See docs/acdc.md for the algorithm, docs/runtime.md for
-    the runtime.
+    eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. ``speculation``: how the edges into
+    a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive`` (default), ``kept`` or ``removed``
+    predict the decisions and evaluate several queries in one pass, the same circuit as ``off`` (one query at a
+    time); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for the algorithm, docs/runtime.md for the runtime.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
@@ -74,6 +78,7 @@ def discover(
     ``Circuit.faithfulness``.
     """
     threshold = check_threshold(threshold)
+    check_speculation(speculation)
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
     fingerprint = {
@@ -81,7 +86,8 @@ def discover(
         "metric": session.metric.value, "precision": session.format.value, "granularity": granularity, "abs": abs_threshold,
     }
     store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
-    circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
+    circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback,
+                     speculation=speculation)
     store.finish()
     if not faithfulness:
         return circuit
@@ -147,9 +153,10 @@ def search(
     store: Checkpoint | None = None,
     progress: bool = True,
     callback: Callable[[ReceiverDone], None] | None = None,
+    speculation: str | Predictor = Prediction.ADAPTIVE.value,
 ) -> Circuit:
     """ACDC's greedy search at one threshold, from the runtime's current state (a fresh or reset runtime, or the
-    state ``store`` holds), to a :class:`Circuit`."""
+    state ``store`` holds), to a :class:`Circuit`. ``speculation``: see :func:`discover`."""
     from tqdm.auto import tqdm
 
     runtime, edges = session.runtime, session.edges
@@ -161,9 +168,21 @@ def search(
     if state is not None:
         done = list(state["done"])
         effects = {(r, s): e for r, s, e in state["effects"]}
-        replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
+    predictor = speculation if isinstance(speculation, Predictor) else None
+    if predictor is None and check_speculation(speculation) is not None:
+        predictor = Predictor(check_speculation(speculation))
+    if predictor is not None and not runtime.batches_candidates():
+        predictor = None
+    if state is not None:
+        removed = [(r, s) for r, s in state["removed"]]
+        groups = dict(zip(removed, state["groups"])) if "groups" in state else None
+        replay(runtime, edges, done, set(removed), effects, groups)
         runtime.queries = int(state["queries"])
+        if predictor is not None and "predictor" in state:
+            predictor.restore(state["predictor"])
+    snapshot = None if predictor is None else predictor.state()
     resume_s = time.perf_counter() - start_time
+    memory_limit = candidate_memory(runtime.device)
     bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
     finished_queries = runtime.queries
@@ -173,11 +192,15 @@ def search(
             if receiver.name in done:
                 continue
             unfinished = r_index
-            _search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects)
+            if predictor is None or not runtime.is_live(r_index):
+                _search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects)
+            else:
+                search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects, predictor, memory_limit)
             done.append(receiver.name)
             unfinished, finished_queries = None, runtime.queries
+            snapshot = None if predictor is None else predictor.state()
             if store.due():
-                _save(store, runtime, done, effects, finished_queries, None)
+                _save(store, runtime, done, effects, finished_queries, None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
             bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's own pace
@@ -186,7 +209,7 @@ def search(
                 callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
     except BaseException:
         # Interrupted (Ctrl-C, a callback's exception): keep every finished receiver, whatever the write budget said.
-        _save(store, runtime, done, effects, finished_queries, unfinished)
+        _save(store, runtime, done, effects, finished_queries, unfinished, snapshot)
         raise
     bar.close()
     search_s = time.perf_counter() - loop_start
@@ -219,7 +242,11 @@ def search(
               "seq_len": int(task.clean_input_ids.shape[1])},
         stats=RunStats(setup + search_s, queries, (queries - loop_queries) / max(search_s, 1e-9), peak_memory_mb(runtime.device),
                        runtime.compilations, setup, compile_s=runtime.compile_seconds, forward_s=forward_s,
-                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=session.execution),
+                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=session.execution,
+                       speculation=_speculation_note(speculation, predictor, runtime), evaluated=runtime.evaluated,
+                       hit_rate=None if predictor is None or not predictor.decided else predictor.hit_rate,
+                       candidates_per_batch=None if predictor is None else predictor.evaluated / max(predictor.batches, 1),
+                       near_threshold=None if predictor is None else predictor.near_threshold),
         total_edges=runtime.total_edges,
         versions=library_versions(),
         removed=removed_edges,
@@ -228,6 +255,15 @@ def search(
         task_check=session.task_check.to_json(),
         architecture=_architecture(edges.head_graph),
     )
+
+
+def _speculation_note(speculation: str | Predictor, predictor: Predictor | None, runtime: PatchingRuntime) -> str:
+    """What the report says about batching: the predictor, or why queries ran one at a time."""
+    if predictor is not None:
+        return f"{predictor.kind.value} (up to {predictor.max_candidates} candidates per batch)"
+    if speculation == OFF:
+        return "off (one query at a time)"
+    return f"off: candidate batches unavailable ({runtime.candidate_refusal})"
 
 
 def _architecture(head_graph: HeadGraph) -> tuple[dict[str, Any], ...]:
@@ -259,11 +295,13 @@ def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver,
 
 
 def _save(store: Checkpoint, runtime: PatchingRuntime, done: list[str], effects: dict[tuple[int, int], float],
-          queries: int, unfinished: int | None) -> None:
+          queries: int, unfinished: int | None, predictor: dict[str, Any] | None) -> None:
     """The state after the last finished receiver: the decisions of ``unfinished`` (the receiver being searched, whose
-    removals all go into its own row) are left out, to be taken again on resume."""
+    removals all go into its own row) are left out, to be taken again on resume; ``predictor`` is the predictor's
+    state after that receiver."""
     removed = sorted((row, s) for row, s in runtime.removed if row != unfinished)
-    store.save(done, removed, {k: e for k, e in effects.items() if k[0] != unfinished}, queries)
+    groups = [runtime.removal_commit.get(edge, -1) for edge in removed]
+    store.save(done, removed, {k: e for k, e in effects.items() if k[0] != unfinished}, queries, groups, predictor)
 
 
 def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:
