@@ -411,6 +411,7 @@ class PatchingRuntime:
     def investigate(self, receiver: Receiver) -> float:
         """Move the state to ``receiver``'s start step and precision plan (committed); return the metric ``m0``."""
         self.queries += 1
+        self.evaluated += 1
         self._pending = self._cascade({}, self.start_of(receiver), self._unit_plan(receiver))
         return self.commit()
 
