@@ -56,6 +56,20 @@ def _command(script: str, parts: list[str], path: str, env: str) -> str:
     return f"`{env + ' ' if env else ''}python {script} {' '.join(parts)}`"
 
 
+def _measured(data: dict, env: str) -> tuple[str, str]:
+    """The command's environment variables and a sentence on what the JSON was measured with. JSON written since
+    benchmarks record it (``acdc.measured_with``) is authoritative; older JSON leaves both to the marker and the
+    document's prose."""
+    found = data.get("environment")
+    if not found:
+        return env, ""
+    cache = found.get("PAHQ_FX_TRACE_CACHE")
+    gpu = f", {found['gpu']}" if found.get("gpu") else ""
+    note = (f" Measured with Python {found['python']}, torch {found['torch']}, torchao {found['torchao']}, transformers "
+            f"{found['transformers']} on {found['cpu']} ({found['cpus']} CPUs{gpu}).")
+    return (f"PAHQ_FX_TRACE_CACHE={cache}" if cache else ""), note
+
+
 def _ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: ACDC_ORDER.index(r["config"]) if r["config"] in ACDC_ORDER else len(ACDC_ORDER))
 
@@ -84,8 +98,9 @@ def acdc(files: list[str], env: str) -> str:
                      f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']} | {r['forward_equivalents']:.3f} "
                      f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |")
     device = rows[0].get("device", "cpu")
+    env, note = _measured(data, env)
     return "\n".join(lines) + (f"\n\nDevice {device}; one eager forward of the model {_forward_ms(rows)}; medians of "
-                               f"{data['arguments']['repeats']} fresh processes per configuration. Command: "
+                               f"{data['arguments']['repeats']} fresh processes per configuration.{note} Command: "
                                f"{_acdc_command(data['arguments'], path, env)}")
 
 
@@ -106,7 +121,8 @@ def acdc_models(files: list[str], env: str) -> str:
         same = f"yes ({len(next(iter(edge_sets)))} edges)" if len(edge_sets) == 1 else "no"
         lines.append(f"| `{arguments['model']}`, {arguments['task']} | {_forward_ms(data['results'])} | {' | '.join(cells)} "
                      f"| {by['auto']['queries']} | {wall} | {same} |")
-        commands.append(_acdc_command(arguments, path, env))
+        command_env, note = _measured(data, env)
+        commands.append(_acdc_command(arguments, path, command_env) + note)
     return "\n".join(lines) + "\n\n(forward-equivalents per query.) Commands: " + "; ".join(commands)
 
 
@@ -121,7 +137,8 @@ def formats(files: list[str], env: str) -> str:
         _layers, d_model, heads = (int(x) for x in model.split(":", 1)[1].split("x"))
         fp32, bf16 = by["fp32"]["forward_equivalents"], by["bf16"]["forward_equivalents"]
         lines.append(f"| {model} | {d_model} | {heads} | {d_model // heads} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f} |")
-        commands.append(_acdc_command(data["arguments"], path, env))
+        command_env, note = _measured(data, env)
+        commands.append(_acdc_command(data["arguments"], path, command_env) + note)
     return "\n".join(lines) + "\n\n(forward-equivalents per query.) Commands: " + "; ".join(commands)
 
 
@@ -141,8 +158,9 @@ def query_latency(files: list[str], env: str) -> str:
     parts = [f"--layers {arguments['layers']}", f"--d-model {arguments['d_model']}", f"--heads {arguments['heads']}",
              f"--batch {arguments['batch']}", f"--seq {arguments['seq']}", f"--repeats {arguments['repeats']}",
              f"--formats {arguments['formats']}"] + (["--compile"] if arguments.get("compile") else [])
+    env, note = _measured(data, env)
     return "\n".join(lines) + (f"\n\nDevice {data['device']}; forward-equivalents per query (one eager forward "
-                               f"{forward:.1f} ms){', compiled' if arguments.get('compile') else ', eager'}. Command: "
+                               f"{forward:.1f} ms){', compiled' if arguments.get('compile') else ', eager'}.{note} Command: "
                                f"{_command('benchmarks/query_latency.py', parts, path, env)}")
 
 
@@ -162,7 +180,8 @@ def forward(files: list[str], env: str) -> str:
             parts.append(f"--half {arguments['half']}")
         parts += [f"--n {arguments['n']}", f"--formats {arguments['formats']}", f"--repeats {arguments['repeats']}"]
         parts += ["--compile"] if arguments.get("compile") else []
-        commands.append(_command("benchmarks/forward.py", parts, path, env))
+        command_env, note = _measured(data, env)
+        commands.append(_command("benchmarks/forward.py", parts, path, command_env) + note)
     return "\n".join(lines) + "\n\nCommands: " + "; ".join(commands)
 
 
@@ -182,8 +201,9 @@ def setup_phases(files: list[str], env: str) -> str:
     if arguments.get("half"):
         parts.append(f"--half {arguments['half']}")
     parts += [f"--n {arguments['n']}", f"--threshold {arguments['threshold']:g}", f"--repeats {arguments['repeats']}"]
+    env, note = _measured(data, env)
     return "\n".join(lines) + (f"\n\nOne eager forward {medians['forward'] * 1000:.1f} ms; medians of "
-                               f"{arguments['repeats']} fresh processes, trace cache off. Command: "
+                               f"{arguments['repeats']} fresh processes, trace cache off.{note} Command: "
                                f"{_command('benchmarks/setup_phases.py', parts, path, env)}")
 
 
