@@ -52,6 +52,28 @@ def load_model(spec: str):
     return GPT2LMHeadModel(config).eval(), tokenizer
 
 
+def measured_with() -> dict:
+    """What a result was measured with, recorded in every JSON here (benchmarks/tables.py prints it under the table):
+    versions, the machine, and the trace cache setting, which changes the setup's time."""
+    import platform
+
+    import torch
+    import torchao
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    found = {"python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
+             "transformers": transformers.__version__, "cpu": cpu, "cpus": os.cpu_count(),
+             "PAHQ_FX_TRACE_CACHE": os.environ.get("PAHQ_FX_TRACE_CACHE")}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model: str, n: int) -> None:
     """The arguments every benchmark here shares: the model, its task, and where the JSON goes."""
     parser.add_argument("--model", default=model)
@@ -240,7 +262,8 @@ def main() -> None:
           f"{statistics.median(r['forward_s'] for r in medians) * 1000:.2f} ms")
     print(table(medians))
     Path(args.out).write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items() if k != "one"},
-                                          "results": medians, "runs": runs}, indent=2) + "\n")
+                                          "environment": measured_with(), "results": medians, "runs": runs},
+                                         indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from acdc import add_model_arguments, load_model_and_task, results_path  # shared by the benchmarks
+from acdc import add_model_arguments, load_model_and_task, measured_with, results_path  # shared by the benchmarks
 
 
 def _seconds(fn) -> float:
@@ -82,7 +82,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['format']} | {r['trace_s']:.2f} | {r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} "
               f"| {r['forward_ms']:.1f} | {r['ratio']:.2f} |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "results": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"arguments": vars(args), "environment": measured_with(), "results": rows},
+                                         indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of README's "On a GPU" in one call of a lent machine: the front door on the device (logits
+# The GPU measurements of docs/performance.md's "On a GPU" in one call of a lent machine: the front door on the device (logits
 # against the model's), the transformed model's forward per format, whole ACDC runs with the defaults against fp8 and
 # the naive reference, and a compiled forward last (it did not finish inside a 9-minute call on an H100). Each step's
 # table goes to stdout and its JSON to $OUT (default benchmarks/results), so a call stopped at its limit still

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from acdc import measured_with  # shared by the benchmarks
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -117,8 +121,8 @@ def main() -> None:
         print(f"| {r['format']} | {r['first_queries_s']:.1f} | {r['compilations']} | {r['state_bytes'] / 2**20:.1f} | {cells} "
               f"| {r['sparse_last_layer_ms']:.2f} ({r['sparse_last_layer_ms'] / forward_ms:.3f}) "
               f"| {r['resid_post_ms']:.2f} ({r['resid_post_ms'] / forward_ms:.3f}) |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "device": device, "forward_ms": forward_ms,
-                                          "results": results}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"arguments": vars(args), "environment": measured_with(), "device": device,
+                                          "forward_ms": forward_ms, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from acdc import add_model_arguments, load_model_and_task, results_path  # shared by the benchmarks
+from acdc import add_model_arguments, load_model_and_task, measured_with, results_path  # shared by the benchmarks
 
 PHASES = ("fixed-shape trace", "export imports", "export", "program.module()", "rest of the trace", "fuse_activations", "split_heads",
           "lower_precision", "runtime (clean and corrupted runs)", "setup (discover's)", "search (discover's)")
@@ -114,8 +114,9 @@ def main() -> None:
     for phase in PHASES:
         share = f"{medians[phase] / setup_s:.0%}" if phase != "search (discover's)" else "-"
         print(f"| {phase} | {medians[phase]:.3f} | {share} |")
+    measured = {**measured_with(), "PAHQ_FX_TRACE_CACHE": "off"}  # what every run here sets
     Path(args.out).write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items() if k != "one"},
-                                          "medians": medians, "runs": runs}, indent=2) + "\n")
+                                          "environment": measured, "medians": medians, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

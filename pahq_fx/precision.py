@@ -81,9 +81,8 @@ def auto_format(device: torch.device) -> tuple[Format, str]:
     device measured so far. A query recomputes a few heads, whose per-head matmuls are too small for a
     low-precision kernel to repay its casts (and, for FP8, quantizing each head's activations), and every
     precision plan switch recomputes heads that FP32 never has to. On a CPU bf16 was never faster than FP32 at any
-    model width measured, and up to 3x slower; on an H100 (sm 9.0) FP8 cost 1.8x FP32 per query in a whole run on
-    a 2-layer model and 2-11x on single queries at GPT-2 small's shape, bf16 2.6x in that whole run and 0.7-2.3x on
-    those single queries (docs/performance.md, "Which format on a CPU", "On a GPU").
+    model width measured, and on an H100 FP8 and bf16 were slower per query than FP32 in whole runs (the
+    measurements: docs/performance.md, "Which format on a CPU", "On a GPU").
     ``precision="fp8"`` (or bf16, fp16) still runs the other heads in that format."""
     advice = "precision='fp8' or 'bf16' runs the other heads in that format all the same"
     if device.type == "cuda":

@@ -177,10 +177,8 @@ def _lean_trace() -> Iterator[None]:
     - the cyclic garbage collector, paused while export runs: its full collections walk every object that torch
       and transformers created. The garbage left is collected once the collector runs again.
 
-    Measured on this CPU (8-head model, fresh processes, medians of 8): a first export is unchanged within noise
-    (1.09 s), the second and third in one process go from 0.77 and 1.08 s to 0.66 and 0.68 s (the tests, sweeps
-    and the naive reference trace many times per process). The cache alone had taken a second export from 1.1
-    to 0.7 s.
+    What it saves shows in a process that traces many times (the tests, sweeps, the naive reference); timings of
+    the trace are in docs/performance.md.
     """
     import torch._dynamo.config
     import torch.fx.config

@@ -1,4 +1,4 @@
-"""The examples in examples/ run and print what README says they print."""
+"""The examples in examples/ run and print what their docstrings and docs/api.md say."""
 
 import subprocess
 import sys

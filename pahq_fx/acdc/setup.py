@@ -36,9 +36,9 @@ def check_threshold(threshold: float) -> float:
 
 def resolve_compile(compile: bool | str, device: torch.device) -> tuple[bool, str]:
     """Whether to compile, and the sentence the report shows. ``"auto"`` runs eagerly on every device measured so
-    far: on a CPU compiling is never repaid, and on an H100 it took 2-8 s per run while the compiled queries of the
-    2-layer models were slower than eager ones (a query is many small kernels, bound by their launches); only the
-    dense queries of GPT-2 small's shape ran up to 1.4x faster compiled (docs/performance.md, "On a GPU")."""
+    far: on a CPU compiling is never repaid, and on an H100 the compile time outweighed what compiled queries
+    saved (a query is many small kernels, bound by their launches). The measurements: docs/performance.md,
+    "On a GPU"."""
     if compile == AUTO:
         where = "on an H100" if device.type == "cuda" else f"on {device.type}"
         return False, f"eager (compile='auto': {where} compilation is not repaid)"

@@ -1,6 +1,6 @@
 """Find the attention sites, MLPs and residual stream of a traced causal LM, from the graph alone.
 
-What is recognised (see README, "What the pass recognises"):
+What is recognised (docs/families.md, "What the pass recognises"):
 
 * an attention site is an ``aten.scaled_dot_product_attention`` call, or eager attention:
   ``matmul(q, k^T)`` -> ops with constants (scale, mask, sinks; the scores' own maximum may be subtracted) ->

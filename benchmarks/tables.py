@@ -1,0 +1,245 @@
+"""Regenerate the measurement tables of README.md and docs/performance.md from the JSON in benchmarks/results/.
+
+    python benchmarks/tables.py            # rewrite the tables in place
+    python benchmarks/tables.py --check    # exit 1 if a table differs from what its JSON gives (the tests run this)
+
+A table lives between two marker comments; the opening one names the kind of table, the JSON file(s) it reads and,
+optionally after ``--``, environment variables the command ran with (they are not recorded in the JSON):
+
+    <!-- table: acdc benchmarks/results/acdc_gpt2-induction-8h.json -- PAHQ_FX_TRACE_CACHE=off -->
+    ...generated...
+    <!-- end table -->
+
+Everything between the markers is generated: the table and the command that produced the JSON (rebuilt from the
+JSON's recorded arguments). After a benchmark is rerun and its JSON written to the same path, run this script and
+commit the JSON and the documents together. Standard library only: no torch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("README.md", "docs/performance.md")
+BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
+ACDC_ORDER = ("auto", "fp32", "bf16", "fp16", "fp8", "fp8_e5m2", "naive", "auto-circuit")
+
+
+def _load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _acdc_command(arguments: dict, path: str, env: str) -> str:
+    parts = [f"--model {arguments['model']}", f"--task {arguments['task']}"]
+    if arguments.get("half"):
+        parts.append(f"--half {arguments['half']}")
+    parts += [f"--n {arguments['n']}", f"--threshold {arguments['threshold']:g}", f"--repeats {arguments['repeats']}",
+              f"--configs {arguments['configs']}"]
+    if arguments.get("compile", "auto") != "auto":
+        parts.append(f"--compile {arguments['compile']}")
+    if arguments.get("peer"):
+        parts.append(f"--peer {arguments['peer']}")
+    return _command("benchmarks/acdc.py", parts, path, env)
+
+
+def _command(script: str, parts: list[str], path: str, env: str) -> str:
+    parts = [*parts, f"--out {path}"]
+    return f"`{env + ' ' if env else ''}python {script} {' '.join(parts)}`"
+
+
+def _measured(data: dict, env: str) -> tuple[str, str]:
+    """The command's environment variables and a sentence on what the JSON was measured with. JSON written since
+    benchmarks record it (``acdc.measured_with``) is authoritative; older JSON leaves both to the marker and the
+    document's prose."""
+    found = data.get("environment")
+    if not found:
+        return env, ""
+    cache = found.get("PAHQ_FX_TRACE_CACHE")
+    gpu = f", {found['gpu']}" if found.get("gpu") else ""
+    note = (f" Measured with Python {found['python']}, torch {found['torch']}, torchao {found['torchao']}, transformers "
+            f"{found['transformers']} on {found['cpu']} ({found['cpus']} CPUs{gpu}).")
+    return (f"PAHQ_FX_TRACE_CACHE={cache}" if cache else ""), note
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: ACDC_ORDER.index(r["config"]) if r["config"] in ACDC_ORDER else len(ACDC_ORDER))
+
+
+def _forward_ms(rows: list[dict]) -> str:
+    return f"{statistics.median(r['forward_s'] for r in rows) * 1000:.1f} ms"
+
+
+def acdc(files: list[str], env: str) -> str:
+    """One whole-run benchmark (benchmarks/acdc.py): every configuration, medians over the repeats."""
+    (path,) = files
+    data = _load(path)
+    rows = _ordered(data["results"])
+    by = {r["config"]: r for r in rows}
+    edges = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
+    naive = by.get("naive")
+    reference = "naive" if naive else "fp32" if "fp32" in by else None
+    head = ("| config | precision | wall s | setup s | search s | queries | fwd-equiv / query | peak MB | edges "
+            f"| Jaccard vs {reference or '-'} | wall speed-up vs naive |")
+    lines = [head, "|" + " --- |" * 11]
+    for r in rows:
+        name = r["config"]
+        agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference else "-"
+        speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
+        lines.append(f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
+                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']} | {r['forward_equivalents']:.3f} "
+                     f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |")
+    device = rows[0].get("device", "cpu")
+    env, note = _measured(data, env)
+    return "\n".join(lines) + (f"\n\nDevice {device}; one eager forward of the model {_forward_ms(rows)}; medians of "
+                               f"{data['arguments']['repeats']} fresh processes per configuration.{note} Command: "
+                               f"{_acdc_command(data['arguments'], path, env)}")
+
+
+def acdc_models(files: list[str], env: str) -> str:
+    """Several models' whole runs side by side: forward-equivalents per query of each configuration."""
+    datas = {path: _load(path) for path in files}
+    configs = [c for c in ACDC_ORDER if any(c in {r["config"] for r in d["results"]} for d in datas.values())]
+    head = (f"| model, task | one forward | {' | '.join(configs)} | queries | wall s: auto / naive "
+            "| same circuit in every config |")
+    lines = [head, "|" + " --- |" * (len(configs) + 5)]
+    commands = []
+    for path, data in datas.items():
+        arguments = data["arguments"]
+        by = {r["config"]: r for r in data["results"]}
+        edge_sets = {frozenset(map(tuple, r["edges"])) for r in by.values()}
+        cells = [f"{by[c]['forward_equivalents']:.3f}" if c in by else "-" for c in configs]
+        wall = " / ".join(f"{by[c]['wall_s']:.2f}" if c in by else "-" for c in ("auto", "naive"))
+        same = f"yes ({len(next(iter(edge_sets)))} edges)" if len(edge_sets) == 1 else "no"
+        lines.append(f"| `{arguments['model']}`, {arguments['task']} | {_forward_ms(data['results'])} | {' | '.join(cells)} "
+                     f"| {by['auto']['queries']} | {wall} | {same} |")
+        command_env, note = _measured(data, env)
+        commands.append(_acdc_command(arguments, path, command_env) + note)
+    return "\n".join(lines) + "\n\n(forward-equivalents per query.) Commands: " + "; ".join(commands)
+
+
+def formats(files: list[str], env: str) -> str:
+    """FP32 against bf16 per query on random models of several widths (benchmarks/acdc.py --configs fp32,bf16)."""
+    lines = ["| model | d_model | heads | head width | fp32 | bf16 | bf16 / fp32 |", "|" + " --- |" * 7]
+    commands = []
+    for path in files:
+        data = _load(path)
+        by = {r["config"]: r for r in data["results"]}
+        model = data["arguments"]["model"]
+        _layers, d_model, heads = (int(x) for x in model.split(":", 1)[1].split("x"))
+        fp32, bf16 = by["fp32"]["forward_equivalents"], by["bf16"]["forward_equivalents"]
+        lines.append(f"| {model} | {d_model} | {heads} | {d_model // heads} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f} |")
+        command_env, note = _measured(data, env)
+        commands.append(_acdc_command(data["arguments"], path, command_env) + note)
+    return "\n".join(lines) + "\n\n(forward-equivalents per query.) Commands: " + "; ".join(commands)
+
+
+def query_latency(files: list[str], env: str) -> str:
+    """Per-query latency by the receiver's layer (benchmarks/query_latency.py), in forward-equivalents."""
+    (path,) = files
+    data = _load(path)
+    arguments, forward = data["arguments"], data["forward_ms"]
+    layers = range(arguments["layers"])
+    lines = [f"| format | state MB | {' | '.join(f'layer {i}' for i in layers)} | sparse, last layer | resid_post |",
+             "|" + " --- |" * (arguments["layers"] + 4)]
+    for r in data["results"]:
+        dense = r["dense_ms_by_receiver_layer"]
+        cells = " | ".join(f"{dense[str(i)] / forward:.2f}" for i in layers)
+        lines.append(f"| {r['format']} | {r['state_bytes'] / 2**20:.1f} | {cells} | {r['sparse_last_layer_ms'] / forward:.3f} "
+                     f"| {r['resid_post_ms'] / forward:.3f} |")
+    parts = [f"--layers {arguments['layers']}", f"--d-model {arguments['d_model']}", f"--heads {arguments['heads']}",
+             f"--batch {arguments['batch']}", f"--seq {arguments['seq']}", f"--repeats {arguments['repeats']}",
+             f"--formats {arguments['formats']}"] + (["--compile"] if arguments.get("compile") else [])
+    env, note = _measured(data, env)
+    return "\n".join(lines) + (f"\n\nDevice {data['device']}; forward-equivalents per query (one eager forward "
+                               f"{forward:.1f} ms){', compiled' if arguments.get('compile') else ', eager'}.{note} Command: "
+                               f"{_command('benchmarks/query_latency.py', parts, path, env)}")
+
+
+def forward(files: list[str], env: str) -> str:
+    """The transformed model's own forward against the Hugging Face model's (benchmarks/forward.py)."""
+    lines = ["| model (prompts), format | trace s | split + lower s | HF forward ms | per-head model forward ms | ratio |",
+             "|" + " --- |" * 6]
+    commands = []
+    for path in files:
+        data = _load(path)
+        arguments = data["arguments"]
+        for r in data["results"]:
+            lines.append(f"| {arguments['model']} ({arguments['n']}), {r['format']} | {r['trace_s']:.2f} | "
+                         f"{r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} | {r['forward_ms']:.1f} | {r['ratio']:.2f} |")
+        parts = [f"--model {arguments['model']}", f"--task {arguments['task']}"]
+        if arguments.get("half"):
+            parts.append(f"--half {arguments['half']}")
+        parts += [f"--n {arguments['n']}", f"--formats {arguments['formats']}", f"--repeats {arguments['repeats']}"]
+        parts += ["--compile"] if arguments.get("compile") else []
+        command_env, note = _measured(data, env)
+        commands.append(_command("benchmarks/forward.py", parts, path, command_env) + note)
+    return "\n".join(lines) + "\n\nCommands: " + "; ".join(commands)
+
+
+def setup_phases(files: list[str], env: str) -> str:
+    """Where a first discovery's setup goes (benchmarks/setup_phases.py), medians of fresh processes."""
+    (path,) = files
+    data = _load(path)
+    arguments, medians = data["arguments"], data["medians"]
+    setup = medians["setup (discover's)"]
+    lines = ["| phase | seconds | share of setup |", "| --- | --- | --- |"]
+    for phase, seconds in medians.items():
+        if phase == "forward" or (seconds == 0.0 and phase != "setup (discover's)"):
+            continue
+        share = "-" if phase == "search (discover's)" else f"{seconds / setup:.0%}"
+        lines.append(f"| {phase} | {seconds:.3f} | {share} |")
+    parts = [f"--model {arguments['model']}", f"--task {arguments['task']}"]
+    if arguments.get("half"):
+        parts.append(f"--half {arguments['half']}")
+    parts += [f"--n {arguments['n']}", f"--threshold {arguments['threshold']:g}", f"--repeats {arguments['repeats']}"]
+    env, note = _measured(data, env)
+    return "\n".join(lines) + (f"\n\nOne eager forward {medians['forward'] * 1000:.1f} ms; medians of "
+                               f"{arguments['repeats']} fresh processes, trace cache off.{note} Command: "
+                               f"{_command('benchmarks/setup_phases.py', parts, path, env)}")
+
+
+KINDS = {"acdc": acdc, "acdc-models": acdc_models, "formats": formats, "query-latency": query_latency,
+         "forward": forward, "setup-phases": setup_phases}
+
+
+def render(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        spec, _, env = match.group("spec").partition(" -- ")
+        kind, *files = spec.split()
+        if kind not in KINDS:
+            raise SystemExit(f"unknown table kind {kind!r} (known: {', '.join(KINDS)})")
+        return f"{match.group(1)}{KINDS[kind](files, env.strip())}\n{match.group(4)}"
+
+    return BLOCK.sub(replace, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report tables that differ from their JSON, change nothing")
+    args = parser.parse_args()
+    stale = []
+    for name in DOCUMENTS:
+        path = ROOT / name
+        text = path.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        sys.exit(f"tables differ from benchmarks/results in {', '.join(stale)}: run python benchmarks/tables.py")
+    print(f"{'stale' if stale else 'up to date'}: {', '.join(stale) or ', '.join(DOCUMENTS)}"
+          f"{'' if args.check or not stale else ' (rewritten)'}")
+
+
+if __name__ == "__main__":
+    main()
