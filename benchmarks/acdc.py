@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("auto", "fp32", "fp8", "bf16", "naive")
+CONFIGS = ("auto", "auto-seq", "fp32", "fp32-seq", "fp8", "bf16", "bf16-seq", "naive")
+SEQUENTIAL = "-seq"  # a config's suffix: one query at a time (speculation off)
 PEER = "auto-circuit"
 
 
@@ -137,16 +138,18 @@ def run_one(args: argparse.Namespace) -> dict:
         result["forward_equivalents"] = (wall - setup) / counted["n"] / forward_s
     else:
         compile = {"auto": "auto", "on": True, "off": False}[args.compile]
-        precision = "auto" if args.one == "auto" else args.one
+        precision = args.one.removesuffix(SEQUENTIAL)
         # allow_weak_task: speed is measured on random models too, whose tasks the task check would stop.
         circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=precision, progress=False,
-                                   compile="auto" if args.one == "auto" else compile, allow_weak_task=True)
+                                   compile="auto" if precision == "auto" else compile, allow_weak_task=True,
+                                   speculation="off" if args.one.endswith(SEQUENTIAL) else "adaptive")
         s = circuit.stats
         wall = s.wall_s
         result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": s.queries,
                   "compilations": s.compilations, "setup_s": s.setup_s, "compile_s": s.compile_s, "forward_s": s.forward_s,
                   "forward_equivalents": s.forward_equivalents, "state_bytes": s.state_bytes,
-                  "precision": circuit.precision, "execution": s.execution}
+                  "precision": circuit.precision, "execution": s.execution, "evaluated": s.evaluated,
+                  "hit_rate": s.hit_rate, "candidates_per_batch": s.candidates_per_batch, "near_threshold": s.near_threshold}
     search = wall - result["setup_s"]
     # before the evaluation below, which is not part of the run; the peer's is its own process's
     peak = result.pop("peak_memory_mb_peer", None) or peak_memory_mb(device)
@@ -195,6 +198,10 @@ def run_peer(args: argparse.Namespace, model, task) -> dict:
             "forward_equivalents": peer["search_s"] / peer["queries"] / peer["forward_s"]}
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
@@ -203,9 +210,10 @@ def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
     naive = by.get("naive")
     edge_sets = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
-    head = ("| config | precision | execution | wall s | setup s | search s | compile s | queries | fwd-equiv / query "
-            "| peak MB | state MB | edges | circuit KL | Jaccard vs fp32 | Jaccard vs naive | wall speed-up vs naive |")
-    lines = [head, "|" + " --- |" * 16]
+    head = ("| config | precision | execution | wall s | setup s | search s | compile s | queries | evaluated "
+            "| per batch | hit rate | fwd-equiv / query | peak MB | state MB | edges | circuit KL | Jaccard vs fp32 "
+            "| Jaccard vs naive | wall speed-up vs naive |")
+    lines = [head, "|" + " --- |" * 19]
     for name in (*CONFIGS, PEER):
         if name not in by:
             continue
@@ -215,7 +223,9 @@ def table(rows: list[dict]) -> str:
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
         lines.append(
             f"| {name} | {r['precision']} | {r['execution'].split(' (')[0]} | {r['wall_s']:.2f} | {r['setup_s']:.2f} "
-            f"| {r['search_s']:.2f} | {r['compile_s']:.1f} | {r['queries']} | {r['forward_equivalents']:.3f} "
+            f"| {r['search_s']:.2f} | {r['compile_s']:.1f} | {r['queries']} | {r.get('evaluated') or '-'} "
+            f"| {_number(r.get('candidates_per_batch'), '.1f')} | {_number(r.get('hit_rate'), '.0%')} "
+            f"| {r['forward_equivalents']:.3f} "
             f"| {r['peak_memory_mb']:.0f} | {r['state_bytes'] / 2**20:.1f} | {len(edge_sets[name])} | {r['circuit_kl']:.4f} "
             f"| {vs_fp32} | {vs_naive} "
             f"| {speedup} |"

@@ -453,8 +453,10 @@ class PatchingRuntime:
         self.evaluated += len(senders)
         removed = [(row, s) for s, before in zip(senders, removed_before) if before]
         self._candidate_removed = [tuple(removed[:sum(removed_before[:i])]) + ((row, s),) for i, s in enumerate(senders)]
-        if len(senders) == 1:
-            return [self._remove_group(row, senders).metric]
+        if len(senders) == 1:  # the sequential query itself: its values are the commit's
+            self._pending = self._remove_group(row, senders)
+            return [self._pending.metric]
+        self._pending = None
         base = self.final if row == self.final_row else self.inputs[row]
         inputs, prefix = [], base
         for s, before in zip(senders, removed_before):
@@ -464,10 +466,10 @@ class PatchingRuntime:
         self._prepare_candidates(len(senders))
         self._candidates = len(senders)
         try:
-            self._pending = self._cascade({}, None, None, new_inputs={row: torch.stack(inputs)})
+            batch = self._cascade({}, None, None, new_inputs={row: torch.stack(inputs)})
         finally:
             self._candidates = None
-        return self._pending.metrics
+        return batch.metrics  # the batch's values are dropped: keep_candidate recomputes the kept removals
 
     def keep_candidate(self, index: int | None, decided: int) -> float:
         """After :meth:`try_remove_each`, with ``decided`` of its candidates' decisions taken: make candidate
@@ -477,10 +479,13 @@ class PatchingRuntime:
         The state is recomputed from candidate ``index``'s input in one pass of the task's own batch, as
         :meth:`try_remove_group` does, rather than sliced out of the candidate batch: it is then the same, bit for
         bit, whatever else the batch held, and a checkpoint's replay rebuilds it exactly."""
-        self._pending = None
+        single, self._pending = self._pending, None
         self.queries += decided
         if index is None:
             return self.metric
+        if single is not None:
+            self._pending = single
+            return self.commit()
         removed = self._candidate_removed[index]
         self._pending = self._remove_group(removed[0][0], [s for _, s in removed])
         return self.commit()
