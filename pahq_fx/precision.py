@@ -76,25 +76,6 @@ class Kernel(enum.Enum):
 AUTO = "auto"
 
 
-def auto_format(device: torch.device) -> tuple[Format, str]:
-    """The honest default on ``device``, and why: the format measured fastest per query, which is FP32 on every
-    device measured so far. A query recomputes a few heads, whose per-head matmuls are too small for a
-    low-precision kernel to repay its casts (and, for FP8, quantizing each head's activations), and every
-    precision plan switch recomputes heads that FP32 never has to. On a CPU bf16 was never faster than FP32 at any
-    model width measured, and on an H100 FP8 and bf16 were slower per query than FP32 in whole runs (the
-    measurements: docs/performance.md, "Which format on a CPU", "On a GPU").
-    ``precision="fp8"`` (or bf16, fp16) still runs the other heads in that format."""
-    advice = "precision='fp8' or 'bf16' runs the other heads in that format all the same"
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        return Format.FP32, (f"CUDA sm {capability[0]}.{capability[1]}: FP32 was measured fastest per query in whole "
-                             f"runs on an H100 (FP8 1.8x, bf16 2.6x slower on a 2-layer model); {advice}")
-    if device.type == "cpu":
-        return Format.FP32, ("cpu: FP32 is the fastest format for this runtime on CPUs (bf16 and FP8 measured "
-                             "slower per query); precision='bf16' runs the other heads in bf16 all the same")
-    return Format.FP32, f"{device.type}: no low-precision format measured faster than FP32; {advice}"
-
-
 def parse_format(value: str | Format) -> Format:
     if isinstance(value, Format):
         return value

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx.precision import Format, LowPrecisionPerHeadLinear, PrecisionConfig, auto_format, is_float8_tensor
+from pahq_fx.precision import LowPrecisionPerHeadLinear, PrecisionConfig, is_float8_tensor
 from pahq_fx.split import PerHeadLinear
 from tests.builders import Spec, build, keep_only_head, reference_logits, specs, sqnr_db, token_ids
 
@@ -89,21 +89,6 @@ def test_precision_report_names_the_kernel():
 def test_fp8_rejects_one_wide_inputs():
     with pytest.raises(pahq_fx.UnsupportedFormatError, match="at least 2 input features"):
         LowPrecisionPerHeadLinear(PerHeadLinear(torch.randn(2, 3, 1), None), PrecisionConfig("fp8"))
-
-
-@pytest.mark.parametrize(("capability", "bf16"), [((9, 0), True), ((8, 9), True), ((8, 0), True), ((7, 0), False)])
-def test_auto_format_on_cuda_is_the_measured_fastest_and_names_the_device(monkeypatch, capability, bf16):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
-    fmt, reason = auto_format(torch.device("cuda"))
-    assert fmt is Format.FP32 and f"sm {capability[0]}.{capability[1]}" in reason
-    assert "precision='fp8'" in reason
-
-
-def test_auto_format_on_a_cpu_is_fp32_and_says_how_to_get_bf16():
-    fmt, reason = auto_format(torch.device("cpu"))
-    assert fmt is Format.FP32
-    assert "precision='bf16'" in reason
 
 
 def test_compile_auto_runs_eagerly_on_cuda_too():

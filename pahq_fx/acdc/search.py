@@ -16,8 +16,9 @@ from torch import nn
 
 from .. import names
 from ..head_graph import HeadGraph
-from ..precision import AUTO, Format, auto_format, parse_format
+from ..precision import AUTO, Format, parse_format
 from ..split import check_float32_weights, wide_weights_note
+from .calibration import Calibration, choose, formats_to_try, probe_receiver, seconds_per_query
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
@@ -60,8 +61,8 @@ def discover(
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
-    ``precision``: ``auto`` (the format measured fastest per query on the device: FP32 on CPUs and on an H100,
-    see :func:`~pahq_fx.precision.auto_format`), ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for
+    ``precision``: ``auto`` (the format measured fastest per query at the start of the run, FP32 unless another is
+    clearly faster: :mod:`~pahq_fx.acdc.calibration`), ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for
     every query the receiver's head runs in FP32 and the other heads in that format. ``compile``: ``auto`` runs
     eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. ``speculation``: how the edges into
     a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive`` (default), ``kept`` or ``removed``
@@ -128,8 +129,7 @@ def prepare(
     parsed_metric = parse_metric(metric, task)
     check_float32_weights(model.parameters())  # before the task check and the trace
     device = task.clean_input_ids.device
-    fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
-    precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
+    fmt = None if precision == AUTO else parse_format(precision)
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
     task_check = check_task(model, task, parsed_metric)
@@ -140,9 +140,31 @@ def prepare(
         warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
-    runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
+    if fmt is None:
+        runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled)
+        fmt, precision_note = calibration.chosen, calibration.note()
+    else:
+        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
+        precision_note = ""
+    precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
     return Session(model, task, parsed_metric, fmt, precision_note, execution, runtime, edges, model_identity(model),
                    task_check, forward_samples, time.perf_counter() - start)
+
+
+def _calibrated_runtime(model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool
+                        ) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
+    """``precision="auto"``: a runtime in each format the device may run fast, a few queries timed in each
+    (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are held at once."""
+    seconds: dict[Format, float] = {}
+    kept: dict[Format, tuple[PatchingRuntime, EdgeGraph]] = {}
+    for fmt in formats_to_try(task.clean_input_ids.device):
+        runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled)
+        seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
+        kept[fmt] = runtime, edges
+        fastest_low = min((f for f in kept if f is not Format.FP32), key=seconds.__getitem__, default=None)
+        kept = {f: v for f, v in kept.items() if f in (Format.FP32, fastest_low)}
+    calibration = Calibration(probe_receiver(edges).name, seconds, choose(seconds))
+    return (*kept[calibration.chosen], calibration)
 
 
 def search(

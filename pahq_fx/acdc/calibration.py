@@ -1,0 +1,86 @@
+"""``precision="auto"``: the run's format chosen by measuring queries in each candidate format at the start of the run.
+
+Whether a low-precision format pays depends on the device and on the model's shapes: a shallow model's queries are
+per-operation overhead, where casts only add cost; a wide model's batched cones are matrix multiplies, where bf16
+(CPUs with native bf16) or FP8 (GPUs with FP8 tensor cores) can be faster. So the choice is measured, not ruled:
+a few candidate batches into one mid-depth receiver, in FP32 and in each low-precision candidate, and the fastest
+wins if it beats FP32 by :data:`MARGIN` (FP32 is exact; a format has to pay for its round-off). The circuit's
+``precision_note`` says what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..precision import Format
+from .edges import EdgeGraph, Receiver
+from .runtime import PatchingRuntime
+
+MARGIN = 1.15  # a low-precision format must be this many times faster per query than FP32 to be chosen
+CANDIDATES = 8  # queries per timed batch
+REPEATS = 2  # timed batches per format; the fastest counts (the first also warms the kernels up)
+
+
+def formats_to_try(device: torch.device) -> tuple[Format, ...]:
+    """FP32 and the low-precision formats the device has fast kernels for: bf16 everywhere, FP8 on CUDA sm >= 8.9."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return Format.FP32, Format.BF16, Format.FP8_E4M3
+    return Format.FP32, Format.BF16
+
+
+def probe_receiver(edges: EdgeGraph) -> Receiver:
+    """The receiver whose queries are timed: a query input of the middle attention layer (a cone of about half the
+    model), or the receiver with the most senders where there is none."""
+    attention = [r for r in edges.receivers if r.is_attention_input]
+    if not attention:
+        return max(edges.receivers, key=lambda r: len(r.senders))
+    layers = sorted({r.layer for r in attention})
+    middle = layers[len(layers) // 2]
+    return next(r for r in attention if r.layer == middle)
+
+
+def seconds_per_query(runtime: PatchingRuntime, receiver: Receiver) -> float:
+    """Seconds per query into ``receiver`` on a fresh state, in candidate batches where the runtime takes them (as
+    the search will run them); the runtime is reset afterwards."""
+    row = runtime.edges.receiver_index[receiver.name]
+    senders = list(receiver.senders)[:CANDIDATES]
+    batched = runtime.batches_candidates()
+    runtime.investigate(receiver)
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        if batched:
+            runtime.try_remove_each(row, senders, [False] * len(senders))
+            runtime.keep_candidate(None, 0)
+        else:
+            for s in senders:
+                runtime.try_remove(row, [s])
+                runtime.rollback()
+        best = min(best, (time.perf_counter() - start) / len(senders))
+    runtime.reset()
+    return best
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``precision="auto"`` measured and chose."""
+
+    receiver: str
+    seconds: dict[Format, float]  # per query, by format
+    chosen: Format
+
+    def note(self) -> str:
+        fp32 = self.seconds[Format.FP32]
+        times = ", ".join(f"{fmt.value} {s * 1e3:.3g} ms" for fmt, s in self.seconds.items())
+        speed = "" if self.chosen is Format.FP32 else f" ({fp32 / self.seconds[self.chosen]:.2f}x faster than fp32)"
+        return (f"auto: per query into {self.receiver} ({CANDIDATES} queries, best of {REPEATS}): {times}; "
+                f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32")
+
+
+def choose(seconds: dict[Format, float]) -> Format:
+    """The fastest format if it beats FP32 by :data:`MARGIN`, else FP32."""
+    fastest = min(seconds, key=seconds.__getitem__)
+    return fastest if seconds[fastest] * MARGIN <= seconds[Format.FP32] else Format.FP32
