@@ -31,7 +31,7 @@ def test_the_probe_leaves_the_runtime_as_set_up():
     session = prepare(model, task, precision="fp32", compile=False, allow_weak_task=True)
     runtime = session.runtime
     receiver = probe_receiver(session.edges)
-    assert receiver.is_attention_input and receiver.layer == 1
+    assert receiver.is_attention_input and receiver.layer == 1  # the middle of three layers
     before = [o.clone() for o in runtime.outputs]
     assert seconds_per_query(runtime, receiver) > 0
     assert runtime.queries == 0 and not runtime.removed and runtime.active_from == len(runtime.steps)
