@@ -205,7 +205,10 @@ def search(
     snapshot = None if predictor is None else predictor.state()
     resume_s = time.perf_counter() - start_time
     memory_limit = candidate_memory(runtime.device)
-    bar = tqdm(total=len(edges.receivers), initial=len(done), disable=not progress, unit="receiver", desc="ACDC")
+    work = _work(runtime, edges)
+    bar = tqdm(total=sum(work), initial=sum(w for w, r in zip(work, edges.receivers) if r.name in done),
+               disable=not progress, unit="work", desc="ACDC",
+               bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
     finished_queries = runtime.queries
     unfinished: int | None = None
@@ -225,8 +228,9 @@ def search(
                 _save(store, runtime, done, effects, finished_queries, None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
-            bar.set_postfix(edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's own pace
-            bar.update(1)
+            bar.set_postfix(receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept,
+                            queries_per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's own pace
+            bar.update(work[r_index])
             if callback is not None:
                 callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
     except BaseException:
@@ -277,6 +281,14 @@ def search(
         task_check=session.task_check.to_json(),
         architecture=_architecture(edges.head_graph),
     )
+
+
+def _work(runtime: PatchingRuntime, edges: EdgeGraph) -> list[int]:
+    """Each receiver's share of a run, for the progress bar and its ETA: its edges times the steps its queries may
+    recompute (a dense cone runs everything downstream of the receiver), so a layer-0 receiver's edge weighs what
+    its cone costs rather than what a top receiver's does."""
+    steps = len(runtime.steps)
+    return [len(r.senders) * (steps + 1 - min(runtime.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
 
 
 def _speculation_note(speculation: str | Predictor, predictor: Predictor | None, runtime: PatchingRuntime) -> str:
