@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -15,9 +16,10 @@ from typing import Any
 from torch import nn
 
 from .. import names
+from ..errors import NonFiniteError
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, auto_format, parse_format
-from ..split import check_float32_weights, wide_weights_note
+from ..split import check_finite_weights, check_float32_weights, wide_weights_note
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
@@ -121,12 +123,17 @@ def prepare(
     forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
     parsed_metric = parse_metric(metric, task)
     check_float32_weights(model.parameters())  # before the task check and the trace
+    check_finite_weights(model)
     device = task.clean_input_ids.device
     fmt, precision_note = auto_format(device) if precision == AUTO else (parse_format(precision), "")
     precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
     task_check = check_task(model, task, parsed_metric)
+    for value, where in ((task_check.full_model, "of the clean model"), (task_check.every_edge_patched, "with every edge patched")):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the metric ({parsed_metric.value}) {where} is {value} on this task: the model's "
+                                 "logits overflow or are not numbers on these prompts")
     if task_check.weak:
         if not allow_weak_task:
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")

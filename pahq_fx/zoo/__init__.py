@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def load(name_or_path: str) -> tuple[nn.Module, object]:
 
     A hub id works only where the hub is reachable; every failure is a :class:`PahqError` naming the cause.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shipped = available()
@@ -50,6 +52,14 @@ def load(name_or_path: str) -> tuple[nn.Module, object]:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    except (SafetensorError, pickle.UnpicklingError) as error:
+        files = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin")) if path.is_dir() else []
+        weights = f"its weights ({', '.join(files)})" if files else "its weights"
+        reason = (f"{weights} hold pickled objects besides tensors, which are not loaded (torch.load with "
+                  "weights_only=True); if you trust the file, convert it to safetensors"
+                  if isinstance(error, pickle.UnpicklingError) else
+                  f"{weights} are damaged or truncated: {str(error).splitlines()[0]}")
+        raise PahqError(f"cannot load model {name_or_path!r}: {reason}") from None
     except (OSError, ValueError) as error:
         known = ", ".join(shipped) or "none"
         raise PahqError(
