@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -57,6 +56,7 @@ def discover(
     callback: Callable[[ReceiverDone], None] | None = None,
     allow_weak_task: bool = False,
     faithfulness: bool = False,
+    save_to: str | Path | None = None,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
@@ -71,9 +71,10 @@ def discover(
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
     written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes from them, and the file is removed when
-    the run finishes. With ``faithfulness``, the circuit alone is measured afterwards on the same runtime (no second
-    trace, but a full patched pass on top of the caches: more peak memory than the search), in
-    ``Circuit.faithfulness``.
+    the run has finished: once the circuit is saved to ``save_to`` where that is given (right after the search,
+    before the faithfulness pass), otherwise once this function returns the circuit. With ``faithfulness``, the
+    circuit alone is measured afterwards on the same runtime (no second trace, but a full patched pass on top of
+    the caches: more peak memory than the search), in ``Circuit.faithfulness`` (and saved again to ``save_to``).
     """
     threshold = check_threshold(threshold)
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
@@ -84,10 +85,18 @@ def discover(
     }
     store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
     circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
+    # The search is the run's cost; what follows (faithfulness: the run's peak memory) may fail. So the circuit is
+    # on disk first, and the checkpoint goes only once it is: a run that dies from here on loses nothing.
+    if save_to is not None:
+        circuit.save(save_to)
+        store.finish()
+    if faithfulness:
+        circuit = dataclasses.replace(
+            circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
+        if save_to is not None:
+            circuit.save(save_to)
     store.finish()
-    if not faithfulness:
-        return circuit
-    return dataclasses.replace(circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
+    return circuit
 
 
 @dataclass
@@ -137,7 +146,6 @@ def prepare(
     if task_check.weak:
         if not allow_weak_task:
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")
-        print(f"WARNING: {task_check.warning()}", file=sys.stderr)
         warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..atomic import write_text
 from ..errors import PahqError
 from ..precision import AUTO, Format
 from .circuit import Circuit
@@ -103,17 +104,27 @@ class Sweep:
         }
 
     def save(self, folder: str | Path) -> list[Path]:
-        """``folder/tau=<t>/circuit.json`` per threshold, ``summary.md`` and ``summary.json``; returns what it wrote."""
+        """``folder/tau=<t>/circuit.json`` per threshold (:func:`threshold_folder`), ``summary.md`` and
+        ``summary.json``; returns what it wrote."""
         folder = Path(folder)
+        names = [threshold_folder(p.threshold) for p in self.points]
+        if len(set(names)) != len(names):
+            raise PahqError(f"two thresholds of the sweep would share a folder: {sorted(names)}")
         written = []
-        for p in self.points:
-            target = folder / f"tau={p.threshold:g}" / "circuit.json"
+        for name, p in zip(names, self.points, strict=True):
+            target = folder / name / "circuit.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             p.circuit.save(target)
             written.append(target)
-        (folder / "summary.md").write_text(self.table())
-        (folder / "summary.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(folder / "summary.md", self.table())
+        write_text(folder / "summary.json", json.dumps(self.to_json(), indent=2) + "\n")
         return [*written, folder / "summary.md", folder / "summary.json"]
+
+
+def threshold_folder(threshold: float) -> str:
+    """``tau=<t>``, ``t`` the shortest text that reads back as exactly this float (``repr``): distinct thresholds
+    get distinct folders (``%g`` wrote 0.1 and 0.1000001 both as ``tau=0.1``)."""
+    return f"tau={float(threshold)!r}"
 
 
 def sweep(
