@@ -15,6 +15,15 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where Linux shows it (setting it to read it back, as elsewhere, would
+    briefly change it for every other thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

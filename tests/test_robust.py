@@ -447,3 +447,23 @@ def test_a_run_killed_at_any_moment_resumes_or_has_its_circuit(tmp_path):
     assert [e.effect for e in circuit.edges] == [e.effect for e in expected.edges]
     assert not (out / "checkpoint.json").exists() and not list(out.glob(".*.tmp"))
     assert len(killed) >= 3, killed
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_padding_is_refused_never_dropped_on_every_family(family):
+    """The graph takes input_ids alone: a padded batch would attend to its padding (logits up to 0.25 off
+    ``model(**enc)`` on GPT-2), so a mask with padding is an error that says what to do, on either side."""
+    from tests.builders import Spec, build, reference_logits, token_ids
+
+    model = build(Spec(family, 1, 2, 2 if family != "llama" else 1, 8))
+    ids = token_ids(2, 5)
+    pahq = pahq_fx.transform(model, example_inputs=ids, low_precision="fp32", compile=False)
+    unpadded = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    torch.testing.assert_close(pahq(unpadded), model(**unpadded, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pahq(unpadded), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
+    for mask in ([[0, 0, 1, 1, 1], [1] * 5], [[1, 1, 1, 0, 0], [1] * 5]):
+        padded = BatchEncoding({"input_ids": ids, "attention_mask": torch.tensor(mask)})
+        with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding.*without padding"):
+            pahq(padded)
+        with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
+            pahq_fx.transform(model, example_inputs=padded, low_precision="fp32", compile=False)
