@@ -467,3 +467,14 @@ def test_padding_is_refused_never_dropped_on_every_family(family):
             pahq(padded)
         with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
             pahq_fx.transform(model, example_inputs=padded, low_precision="fp32", compile=False)
+
+
+def test_another_runs_checkpoint_is_refused_before_the_setup(induction, tmp_path, monkeypatch):
+    model, _, task = induction
+    path = tmp_path / "checkpoint.json"
+    with pytest.raises(ZeroDivisionError):
+        pahq_fx.discover(model, task, threshold=0.05, progress=False, checkpoint=path,
+                         callback=lambda done: 1 / 0 if done.index == 2 else None)
+    monkeypatch.setattr(search_module, "prepare", lambda *a, **k: pytest.fail("traced before the checkpoint was checked"))
+    with pytest.raises(pahq_fx.CheckpointError, match=r"belongs to another run \(its threshold differs from this one's\)"):
+        pahq_fx.discover(model, task, threshold=0.06, progress=False, checkpoint=path)

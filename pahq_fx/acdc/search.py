@@ -77,13 +77,18 @@ def discover(
     the caches: more peak memory than the search), in ``Circuit.faithfulness`` (and saved again to ``save_to``).
     """
     threshold = check_threshold(threshold)
+
+    def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric, fmt: Format) -> dict[str, Any]:
+        return {"model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
+                "metric": parsed_metric.value, "precision": fmt.value, "granularity": granularity, "abs": abs_threshold}
+
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():  # another run's checkpoint is refused before the setup (minutes on a large model)
+        fmt = auto_format(task.clean_input_ids.device)[0] if precision == AUTO else parse_format(precision)
+        Checkpoint(path, fingerprint_of(model_identity(model), parse_metric(metric, task), fmt)).load()
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
-    fingerprint = {
-        "model": session.identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
-        "metric": session.metric.value, "precision": session.format.value, "granularity": granularity, "abs": abs_threshold,
-    }
-    store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
+    store = Checkpoint(path, fingerprint_of(session.identity, session.metric, session.format))
     circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
     # The search is the run's cost; what follows (faithfulness: the run's peak memory) may fail. So the circuit is
     # on disk first, and the checkpoint goes only once it is: a run that dies from here on loses nothing.
