@@ -294,14 +294,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     source = _task_source(args.task)
     _claim(out, identity, others)
-    args.interrupted = "interrupted; a sweep keeps no checkpoint: the same command starts it again"
+    args.interrupted = (f"interrupted; the circuits of the thresholds finished are in {out}/tau=*/circuit.json (a "
+                        "sweep keeps no checkpoint): the same command starts the sweep again")
     _stage(args, f"loading {args.model}")
     model, tokenizer = _load_model(args.model)
     task = _load_task(source, tokenizer, args.n, args.seed)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(model, task, thresholds, metric=args.metric, precision=args.precision,
                    reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
-                   compile=False if args.no_compile else True if args.compile else "auto")
+                   compile=False if args.no_compile else True if args.compile else "auto", save_to=out)
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")

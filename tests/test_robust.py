@@ -232,7 +232,7 @@ def test_a_checkpoint_of_other_decisions_is_refused_untouched(induction, tmp_pat
     data["done"] = list(reversed(data["done"]))
     data["digest"] = _digest(data)
     path.write_text(json.dumps(data))
-    with pytest.raises(pahq_fx.CheckpointError, match="not the first receivers of this model"):
+    with pytest.raises(pahq_fx.CheckpointError, match=f"checkpoint {path}: its finished receivers are not the first"):
         pahq_fx.discover(model, task, threshold=0.05, precision="fp32", progress=False, checkpoint=path)
 
 
@@ -478,3 +478,14 @@ def test_another_runs_checkpoint_is_refused_before_the_setup(induction, tmp_path
     monkeypatch.setattr(search_module, "prepare", lambda *a, **k: pytest.fail("traced before the checkpoint was checked"))
     with pytest.raises(pahq_fx.CheckpointError, match=r"belongs to another run \(its threshold differs from this one's\)"):
         pahq_fx.discover(model, task, threshold=0.06, progress=False, checkpoint=path)
+
+
+def test_a_sweep_that_dies_keeps_the_thresholds_it_finished(induction, tmp_path, monkeypatch):
+    sweep_module = sys.modules["pahq_fx.acdc.sweep"]  # the name pahq_fx.acdc.sweep is the function
+
+    model, _, task = induction
+    monkeypatch.setattr(sweep_module, "evaluate_edges", _injected)
+    with pytest.raises(MemoryError):
+        pahq_fx.sweep(model, task, [0.2, 0.05], precision="fp32", progress=False, save_to=tmp_path)
+    for t in (0.05, 0.2):
+        assert pahq_fx.Circuit.load(tmp_path / f"tau={t}" / "circuit.json").threshold == t

@@ -152,16 +152,16 @@ def _check_decisions(edges: EdgeGraph, done: list[str], removed: set[tuple[int, 
     """The decisions are those of a run of this model: the first receivers in search order, and edges into them."""
     names = [r.name for r in edges.receivers]
     if done != names[: len(done)]:
-        raise CheckpointError("the checkpoint's finished receivers are not the first receivers of this model in search "
+        raise CheckpointError("its finished receivers are not the first receivers of this model in search "
                               "order; it does not belong to this run: delete it to start afresh")
     for kind, pairs in (("removed", removed), ("measured", effects)):
         for row, sender in pairs:
             if not 0 <= row < len(done) or sender not in edges.receivers[row].senders:
-                raise CheckpointError(f"the checkpoint's {kind} edge ({row}, {sender}) is not an edge into a finished "
+                raise CheckpointError(f"its {kind} edge ({row}, {sender}) is not an edge into a finished "
                                       "receiver of this model; delete it to start afresh")
     for row in range(len(done)):
         senders = edges.receivers[row].senders
         measured = [(row, s) in effects for s in senders]
         pruned = not any(measured)
         if (pruned and not all((row, s) in removed for s in senders)) or (not pruned and not all(measured)):
-            raise CheckpointError(f"the checkpoint's decisions at {done[row]} are incomplete; delete it to start afresh")
+            raise CheckpointError(f"its decisions at {done[row]} are incomplete; delete it to start afresh")

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import names
-from ..errors import NonFiniteError
+from ..errors import CheckpointError, NonFiniteError
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, auto_format, parse_format
 from ..split import check_finite_weights, check_float32_weights, wide_weights_note
@@ -89,7 +89,10 @@ def discover(
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
     store = Checkpoint(path, fingerprint_of(session.identity, session.metric, session.format))
-    circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
+    try:
+        circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback)
+    except CheckpointError as error:  # the replay's checks know the decisions, not the file: name it
+        raise CheckpointError(error if str(path) in str(error) else f"checkpoint {path}: {error}") from None
     # The search is the run's cost; what follows (faithfulness: the run's peak memory) may fail. So the circuit is
     # on disk first, and the checkpoint goes only once it is: a run that dies from here on loses nothing.
     if save_to is not None:

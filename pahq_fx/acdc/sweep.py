@@ -139,19 +139,22 @@ def sweep(
     compile: bool | str = AUTO,
     progress: bool = True,
     allow_weak_task: bool = False,
+    save_to: str | Path | None = None,
 ) -> Sweep:
     """ACDC at every threshold, from one setup: each circuit is the one ``discover`` finds at that threshold.
 
     ``reference``: a :class:`Circuit` or a set of (sender, receiver) edges to score ROC/AUC against, or ``"fp32"``:
     sweep again in FP32 (unless ``precision`` is FP32 already) and score both sweeps against the FP32 circuit at
-    the lowest threshold, with the edge Jaccard between the two per threshold.
+    the lowest threshold, with the edge Jaccard between the two per threshold. ``save_to``: a folder where each
+    circuit is written as ``tau=<t>/circuit.json`` as soon as its search ends (without its faithfulness, which
+    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished.
     """
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
-    circuits = _search_all(session, values, progress)
+    circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
     name = f"the FP32 circuit at threshold {values[0]:g}"
@@ -166,11 +169,15 @@ def sweep(
                                fp32=_result(fp32_session, fp32_circuits, reference_edges, name))
 
 
-def _search_all(session: Session, thresholds: Iterable[float], progress: bool) -> list[Circuit]:
+def _search_all(session: Session, thresholds: Iterable[float], progress: bool, folder: Path | None = None) -> list[Circuit]:
     circuits = []
     for threshold in thresholds:
         session.runtime.reset()
         circuits.append(search(session, threshold, progress=progress))
+        if folder is not None:
+            target = folder / threshold_folder(threshold) / "circuit.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            circuits[-1].save(target)
     return circuits
 
 
