@@ -489,3 +489,22 @@ def test_a_sweep_that_dies_keeps_the_thresholds_it_finished(induction, tmp_path,
         pahq_fx.sweep(model, task, [0.2, 0.05], precision="fp32", progress=False, save_to=tmp_path)
     for t in (0.05, 0.2):
         assert pahq_fx.Circuit.load(tmp_path / f"tau={t}" / "circuit.json").threshold == t
+
+
+def test_the_command_says_it_ignored_a_planted_cache_entry(tmp_path, monkeypatch, capsys):
+    import io
+
+    from pahq_fx import trace_cache
+    from tests.test_trace import _Sentinel
+
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path / "cache"))
+    args = ("discover", *COMMON, "--threshold", "0.05")
+    assert _main(capsys, *args, "--out", str(tmp_path / "first"))[0] == 0
+    sentinel, planted = tmp_path / "sentinel", io.BytesIO()
+    torch.save({"graph": _Sentinel(sentinel)}, planted)
+    entries = sorted((tmp_path / "cache").glob("*.pt"))
+    for entry in entries:
+        entry.write_bytes(planted.getvalue())
+    code, err = _main(capsys, *args, "--out", str(tmp_path / "second"))
+    assert code == 0 and not sentinel.exists()
+    assert err.count("WARNING: ignored the trace cache entry") == len(entries) >= 1, err
