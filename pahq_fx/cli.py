@@ -31,11 +31,18 @@ def _stage(args: argparse.Namespace, message: str) -> None:
         print(f"pahq-fx: {message}", file=sys.stderr, flush=True)
 
 
-def _load_model(name: str):
+def _load_tokenizer(name: str):
     _quiet_libraries()  # here, not first: the checks before the model loads answer without importing transformers
+    from .zoo import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _load_model(name: str, tokenizer=None):
+    _quiet_libraries()
     from .zoo import load
 
-    return load(name)
+    return load(name, tokenizer)
 
 
 def _task_source(spec: str):
@@ -59,6 +66,18 @@ def _task_source(spec: str):
 
         return Task.load(path)
     raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file (.jsonl or .safetensors)")
+
+
+def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -> tuple:
+    """(task, tokenizer): the task built with the model's tokenizer alone and checked against ``metric``, so that
+    its mistakes are told before the model loads."""
+    from .acdc.setup import parse_metric
+
+    tokenizer = _load_tokenizer(args.model)
+    task = _load_task(source, tokenizer, args.n, args.seed)
+    if metric is not None:
+        parse_metric(metric, task)
+    return task, tokenizer
 
 
 def _load_task(source, tokenizer, n: int, seed: int):
@@ -111,7 +130,9 @@ def _check_out(out: Path, identity: dict, overwrite: bool) -> list[str]:
     if previous == identity:
         return []
     ours = sorted(p.name for p in out.iterdir() if p.name in _OUTPUTS or p.name.startswith("tau="))
-    if ours and not overwrite:
+    # A run that stopped before writing any result (a bad task, a model that does not load) left run.json alone:
+    # nothing of it is lost by starting another.
+    if ours and ours != [RUN_FILE] and not overwrite:
         other = f"the run of `{_described(previous)}`" if isinstance(previous, dict) else f"other results ({', '.join(ours[:4])})"
         raise PahqError(f"--out {out} already holds {other}; write this run to another folder, or pass --overwrite "
                         "to replace it")
@@ -235,8 +256,8 @@ def cmd_discover(args: argparse.Namespace) -> None:
     _claim(out, identity, others)
     args.interrupted = lambda: _interrupted_discover(out)
     _stage(args, f"loading {args.model}")
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(source, tokenizer, args.n, args.seed)
+    task, tokenizer = _checked_task(args, source, args.metric)  # with the tokenizer alone: a task's mistakes need no model
+    model, _ = _load_model(args.model, tokenizer)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
     _stage(args, "checking the task, then tracing, splitting and caching the model")
@@ -297,8 +318,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     args.interrupted = (f"interrupted; the circuits of the thresholds finished are in {out}/tau=*/circuit.json (a "
                         "sweep keeps no checkpoint): the same command starts the sweep again")
     _stage(args, f"loading {args.model}")
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(source, tokenizer, args.n, args.seed)
+    task, tokenizer = _checked_task(args, source, args.metric)
+    model, _ = _load_model(args.model, tokenizer)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(model, task, thresholds, metric=args.metric, precision=args.precision,
                    reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
@@ -325,9 +346,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .acdc import Circuit
 
     circuit = Circuit.load(args.circuit)
-    source = _task_source(args.task)
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(source, tokenizer, args.n, args.seed)
+    task, tokenizer = _checked_task(args, _task_source(args.task), circuit.metric)
+    model, _ = _load_model(args.model, tokenizer)
     faithfulness = circuit.evaluate(model, task)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 

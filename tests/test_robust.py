@@ -216,7 +216,7 @@ def test_a_tampered_checkpoint_is_refused_before_the_model_loads(tmp_path, monke
     data = json.loads(checkpoint.read_text())
     data["removed"] = data["removed"][1:]  # one decision flipped: a different circuit, were it used
     checkpoint.write_text(json.dumps(data))
-    monkeypatch.setattr(cli, "_load_model", lambda name: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded"))
     code, err = _main(capsys, *args)
     assert code == 2
     _one_line(err, "was changed after pahq_fx wrote it")
@@ -240,7 +240,7 @@ def test_a_checkpoint_of_other_decisions_is_refused_untouched(induction, tmp_pat
 
 @pytest.fixture()
 def no_model(monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda name: pytest.fail("the model was loaded for a check that needs none"))
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded for a check that needs none"))
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -282,6 +282,17 @@ def test_task_files_are_checked_before_the_model_loads(tmp_path, capsys, no_mode
         code, err = _main(capsys, "discover", "--model", MODEL, "--task", str(task), "--threshold", "0.1",
                           "--out", str(tmp_path / "o"))
         assert code == 2, (task, err)
+        _one_line(err, message)
+
+
+def test_mistakes_the_tokenizer_finds_are_told_before_the_model_loads(tmp_path, capsys, no_model):
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"clean": "Mary went", "corrupted": "Zyzzyva went"}\n')
+    for args, message in (
+            (("--task", str(unknown)), "unknown.jsonl, line 1: 'corrupted' has word(s) the tokenizer does not know"),
+            (("--task", "induction", "--metric", "logit_diff"), "metric logit_diff needs correct_ids")):
+        code, err = _main(capsys, "discover", "--model", "llama-ioi", *args, "--threshold", "0.1", "--out", str(tmp_path / "o"))
+        assert code == 2
         _one_line(err, message)
 
 
@@ -378,6 +389,7 @@ def test_the_command_line_imports_no_torch_for_its_cheap_checks(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "run.json").write_text('{"command": "discover", "threshold": 1}')
+    (out / "circuit.json").write_text("{}")
     check = ("import sys\nfrom pahq_fx import cli\n"
              f"assert cli.main(['discover', '--model', 'm', '--task', 'ioi', '--threshold', '2', '--out', {str(out)!r}]) == 2\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
