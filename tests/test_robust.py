@@ -170,6 +170,7 @@ def test_sweep_folders_are_exact_and_distinct(reference, tmp_path):
     assert pahq_fx.Circuit.load(tmp_path / "tau=0.1" / "circuit.json").threshold == 0.1
     assert pahq_fx.Circuit.load(tmp_path / "tau=0.1000001" / "circuit.json").threshold == 0.1000001
     assert all(p.exists() for p in written) and len(json.loads((tmp_path / "summary.json").read_text())["points"]) == 2
+    assert "| 0.1 |" in (tmp_path / "summary.md").read_text() and "| 0.1000001 |" in (tmp_path / "summary.md").read_text()
     clash = tuple(SweepPoint(0.1, reference) for _ in range(2))
     with pytest.raises(pahq_fx.PahqError, match="share a folder"):
         Sweep("fp32", "kl", clash, 0.0).save(tmp_path / "clash")

@@ -80,7 +80,7 @@ class Sweep:
         lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for i, p in enumerate(self.points):
             r = p.row()
-            cells = [f"{p.threshold:g}", str(r["edges"]), str(r["nodes"]), str(r["queries"]), f"{r['search_s']:.3f}",
+            cells = [repr(p.threshold), str(r["edges"]), str(r["nodes"]), str(r["queries"]), f"{r['search_s']:.3f}",
                      f"{r['metric_of_circuit']:.4g}", f"{r['normalised_faithfulness']:.3f}"]
             if self.reference_name:
                 cells += [f"{r['tpr']:.3f}", f"{r['fpr']:.4f}"]
