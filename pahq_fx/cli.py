@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import PahqError
 
 # Spelled out so that parsing (and --help) imports no torch; tests/test_cli.py checks them against Format and Metric.
@@ -28,26 +31,152 @@ def _stage(args: argparse.Namespace, message: str) -> None:
         print(f"pahq-fx: {message}", file=sys.stderr, flush=True)
 
 
-def _load_model(name: str):
+def _load_tokenizer(name: str):
+    _quiet_libraries()  # here, not first: the checks before the model loads answer without importing transformers
+    from .zoo import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _load_model(name: str, tokenizer=None):
+    _quiet_libraries()
     from .zoo import load
 
-    return load(name)
+    return load(name, tokenizer)
 
 
-def _load_task(spec: str, tokenizer, n: int, seed: int):
-    from .acdc import Task
-    from .tasks import GENERATORS, make_task
+def _task_source(spec: str):
+    """The task, checked as far as it can be without the model (before the model loads, which can take minutes):
+    a generator name, a saved task (loaded), or a JSON Lines file (read and checked line by line)."""
+    from .tasks import GENERATORS
 
     if spec in GENERATORS:
-        return make_task(spec, tokenizer, n=n, seed=seed)
+        return spec
     path = Path(spec)
+    if path.is_dir():
+        raise PahqError(f"task {spec!r} is a folder; give a task name ({', '.join(GENERATORS)}) or a task file "
+                        "(.jsonl or .safetensors)")
     if path.suffix == ".jsonl":
-        return Task.from_jsonl(path, tokenizer)
+        from .acdc.text_task import read_records
+
+        read_records(path)
+        return path
     if path.suffix or path.exists():
+        from .acdc import Task
+
         return Task.load(path)
     raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file (.jsonl or .safetensors)")
 
 
+def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -> tuple:
+    """(task, tokenizer): the task built with the model's tokenizer alone and checked against ``metric``, so that
+    its mistakes are told before the model loads."""
+    from .acdc.setup import parse_metric
+
+    tokenizer = _load_tokenizer(args.model)
+    task = _load_task(source, tokenizer, args.n, args.seed)
+    if metric is not None:
+        parse_metric(metric, task)
+    return task, tokenizer
+
+
+def _load_task(source, tokenizer, n: int, seed: int):
+    from .acdc import Task
+    from .tasks import make_task
+
+    if isinstance(source, str):
+        return make_task(source, tokenizer, n=n, seed=seed)
+    if isinstance(source, Path):
+        return Task.from_jsonl(source, tokenizer)
+    return source
+
+
+RUN_FILE = "run.json"
+# What pahq-fx writes into an out folder: a folder holding any of these holds a run.
+_OUTPUTS = {"checkpoint.json", "circuit.json", "circuit.dot", "circuit.png", "circuit.svg", "report.md", "report.json",
+            "summary.md", "summary.json", "edges_vs_threshold.png", "faithfulness_vs_edges.png", "roc.png", RUN_FILE}
+
+
+def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
+    """The arguments that decide a run's results, with local paths made absolute (the same run from another folder)."""
+    identity: dict = {"command": args.command}
+    for field in fields:
+        value = getattr(args, field)
+        if field in ("model", "task", "reference") and isinstance(value, str) and Path(value).exists():
+            value = str(Path(value).resolve())
+        identity[field] = value
+    return identity
+
+
+def _described(identity: dict) -> str:
+    return "pahq-fx " + " ".join([identity.get("command", "?")] + [
+        f"--{k.replace('_', '-')} {v}" for k, v in identity.items() if k != "command" and v is not None])
+
+
+def _check_out(out: Path, identity: dict, overwrite: bool) -> list[str]:
+    """An out folder holds one run: the same arguments resume (or redo) it; another run's folder is an error naming
+    that run, unless ``overwrite``. Returns the other run's files that :func:`_claim` removes (none for this run's)."""
+    if out.exists() and not out.is_dir():
+        raise PahqError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return []
+    manifest = out / RUN_FILE
+    previous = None
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+    if previous == identity:
+        return []
+    ours = sorted(p.name for p in out.iterdir() if p.name in _OUTPUTS or p.name.startswith("tau="))
+    # A run that stopped before writing any result (a bad task, a model that does not load) left run.json alone:
+    # nothing of it is lost by starting another.
+    if ours and ours != [RUN_FILE] and not overwrite:
+        other = f"the run of `{_described(previous)}`" if isinstance(previous, dict) else f"other results ({', '.join(ours[:4])})"
+        raise PahqError(f"--out {out} already holds {other}; write this run to another folder, or pass --overwrite "
+                        "to replace it")
+    return ours
+
+
+def _claim(out: Path, identity: dict, others: list[str]) -> None:
+    """Make ``out`` this run's folder (checked by :func:`_check_out`): remove another run's files, name this run."""
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".*.tmp"):  # the atomic writer's temporary files, left by a killed run
+        if leftover.name.split(".")[1] in {n.split(".")[0] for n in _OUTPUTS}:
+            leftover.unlink(missing_ok=True)
+    for name in others:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            for inner in target.iterdir():
+                if inner.name in _OUTPUTS and not inner.is_dir():
+                    inner.unlink()
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        else:
+            target.unlink(missing_ok=True)
+    write_text(out / RUN_FILE, json.dumps(identity, indent=2) + "\n")
+
+
+def _finite_threshold(text: str) -> float:
+    """A --threshold value: a finite non-negative number (``inf`` or ``1e400`` would be written as invalid JSON)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"threshold must be a finite non-negative number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, str]:
@@ -113,35 +242,54 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
 
 
 def cmd_discover(args: argparse.Namespace) -> None:
+    out = Path(args.out)  # every check that needs no model first: the out folder, the task, the circuit to compare
+    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric"))
+    others = _check_out(out, identity, args.overwrite)
     from .acdc import Circuit, discover
+    from .acdc.checkpoint import Checkpoint
 
-    _stage(args, f"loading {args.model}")
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(args.task, tokenizer, args.n, args.seed)
+    source = _task_source(args.task)
     previous = Circuit.load(args.compare) if args.compare else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.json"
+    if not others:  # this run's folder: its checkpoint, if any, is read before the model loads
+        Checkpoint(checkpoint, {}).check()
+    _claim(out, identity, others)
+    args.interrupted = lambda: _interrupted_discover(out)
+    _stage(args, f"loading {args.model}")
+    task, tokenizer = _checked_task(args, source, args.metric)  # with the tokenizer alone: a task's mistakes need no model
+    model, _ = _load_model(args.model, tokenizer)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
     _stage(args, "checking the task, then tracing, splitting and caching the model")
+    # discover writes circuit.json as soon as the search ends, before the faithfulness pass (the run's peak memory),
+    # and removes the checkpoint only then: a run that dies from there on has its circuit on disk.
     circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
                        checkpoint=checkpoint, progress=not args.no_progress,
                        compile=False if args.no_compile else True if args.compile else "auto",
-                       allow_weak_task=args.allow_weak_task, faithfulness=True)
-    circuit.save(out / "circuit.json")
-    (out / "circuit.dot").write_text(circuit.to_dot())
+                       allow_weak_task=args.allow_weak_task, faithfulness=True, save_to=out / "circuit.json")
+    write_text(out / "circuit.dot", circuit.to_dot())
+    agreement = circuit.jaccard(previous) if previous is not None else None
+    data, markdown = _report(circuit, agreement, args.model)
+    write_text(out / "report.json", json.dumps(data, indent=2) + "\n")
+    write_text(out / "report.md", markdown)
     pictures = ["circuit.png", "circuit.svg"]
     _stage(args, "drawing the circuit")
     circuit.draw(*(out / name for name in pictures))
-    agreement = circuit.jaccard(previous) if previous is not None else None
-    data, markdown = _report(circuit, agreement, args.model)
-    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "report.md").write_text(markdown)
     print(circuit.summary())
     print(circuit.faithfulness.describe())
     written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
     print(f"wrote {', '.join(written)} to {out}")
+
+
+def _interrupted_discover(out: Path) -> str:
+    """What an interrupted ``discover`` left, and that the same command takes it from there."""
+    checkpoint, circuit = out / "checkpoint.json", out / "circuit.json"
+    if checkpoint.exists():
+        return f"interrupted; the finished receivers are in {checkpoint}: run the same command again to resume from them"
+    if circuit.exists():
+        return (f"interrupted; the circuit is complete in {circuit}, its pictures or report may be missing: run the "
+                "same command again to redo them")
+    return "interrupted before the search began: run the same command again to start it"
 
 
 def _thresholds(text: str) -> list[float]:
@@ -151,22 +299,31 @@ def _thresholds(text: str) -> list[float]:
         raise PahqError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise PahqError("--thresholds names no threshold")
+    bad = [t for t in text.split(",") if t.strip() and not (math.isfinite(float(t)) and float(t) >= 0)]
+    if bad:
+        raise PahqError(f"--thresholds must be finite non-negative numbers, got {bad[0].strip()!r}")
     return values
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    thresholds = _thresholds(args.thresholds)
+    out = Path(args.out)
+    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference"))
+    others = _check_out(out, identity, args.overwrite)
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
 
+    source = _task_source(args.task)
+    _claim(out, identity, others)
+    args.interrupted = (f"interrupted; the circuits of the thresholds finished are in {out}/tau=*/circuit.json (a "
+                        "sweep keeps no checkpoint): the same command starts the sweep again")
     _stage(args, f"loading {args.model}")
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(args.task, tokenizer, args.n, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    task, tokenizer = _checked_task(args, source, args.metric)
+    model, _ = _load_model(args.model, tokenizer)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
-    result = sweep(model, task, _thresholds(args.thresholds), metric=args.metric, precision=args.precision,
+    result = sweep(model, task, thresholds, metric=args.metric, precision=args.precision,
                    reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
-                   compile=False if args.no_compile else True if args.compile else "auto")
+                   compile=False if args.no_compile else True if args.compile else "auto", save_to=out)
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
@@ -189,8 +346,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .acdc import Circuit
 
     circuit = Circuit.load(args.circuit)
-    model, tokenizer = _load_model(args.model)
-    task = _load_task(args.task, tokenizer, args.n, args.seed)
+    task, tokenizer = _checked_task(args, _task_source(args.task), circuit.metric)
+    model, _ = _load_model(args.model, tokenizer)
     faithfulness = circuit.evaluate(model, task)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 
@@ -201,12 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("discover", help="discover a circuit and write circuit.json/.dot, report.md/.json")
     d.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
     d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), or a saved task (.safetensors)")
-    d.add_argument("--threshold", required=True, type=float)
+    d.add_argument("--threshold", required=True, type=_finite_threshold)
     d.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="format of the heads not under investigation; auto: the format measured fastest per query (fp32 on CPUs and on an H100)")
     d.add_argument("--metric", default="kl", choices=METRICS)
-    d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    d.add_argument("--out", required=True, help="output folder: one run's (the same command resumes it)")
+    d.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    d.add_argument("--n", type=_count, default=32, help="examples to generate for a named task")
     d.add_argument("--seed", type=int, default=0, help="seed of a generated task")
     d.add_argument("--compare", help="a previous circuit.json to report agreement with")
     # Runs always checkpoint to DIR/checkpoint.json and resume from it; the flag stays for scripts that pass it.
@@ -223,10 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--task", required=True, help="task name, .jsonl prompt pairs or .safetensors task")
     w.add_argument("--thresholds", required=True, help="comma-separated, e.g. 0.001,0.003,0.01,0.03")
     w.add_argument("--out", required=True, help="output folder: tau=<t>/circuit.json, summary.md/.json, plots")
+    w.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     w.add_argument("--precision", default="auto", choices=PRECISIONS)
     w.add_argument("--metric", default="kl", choices=METRICS)
     w.add_argument("--reference", help="circuit.json to score ROC/AUC against, or 'fp32' (sweep in FP32 too)")
-    w.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    w.add_argument("--n", type=_count, default=32, help="examples to generate for a named task")
     w.add_argument("--seed", type=int, default=0, help="seed of a generated task")
     w.add_argument("--allow-weak-task", action="store_true", help="sweep even when the corrupted prompts barely move the metric")
     w.add_argument("--no-progress", action="store_true")
@@ -241,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--circuit", required=True)
     e.add_argument("--model", required=True)
     e.add_argument("--task", required=True)
-    e.add_argument("--n", type=int, default=32)
+    e.add_argument("--n", type=_count, default=32)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(run=cmd_evaluate)
     return parser
@@ -260,10 +419,25 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _warnings_once() -> None:
+    """Each warning as one line ``WARNING: ...`` on stderr, once per run however often it is raised."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).removeprefix("pahq_fx: ")
+        if text not in shown:
+            shown.add(text)
+            print(f"WARNING: {text}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
+    previous_show = warnings.showwarning
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        _warnings_once()
         args.run(args)
     except PahqError as error:
         print(f"pahq-fx: error: {error}", file=sys.stderr)
@@ -272,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pahq-fx: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pahq-fx: interrupted", file=sys.stderr)
+        said = getattr(args, "interrupted", "interrupted")
+        print(f"pahq-fx: {said() if callable(said) else said}", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous_show
     return 0
 
 

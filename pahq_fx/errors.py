@@ -38,3 +38,7 @@ class TaskError(PahqError, ValueError):
 
 class CheckpointError(PahqError, ValueError):
     """A discovery checkpoint that is unreadable or belongs to a run with other arguments."""
+
+
+class NonFiniteError(PahqError, ValueError):
+    """A NaN or infinity where a number is needed: in a weight of the model (named), or in the task's clean metric."""

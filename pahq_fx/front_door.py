@@ -13,8 +13,8 @@ from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
 from .pipeline import build
 from .precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
-from .split import check_float32_weights
-from .trace import ExampleInputs, input_ids_from
+from .split import check_finite_weights, check_float32_weights
+from .trace import ExampleInputs, check_ids_fit, id_limits, input_ids_from
 
 
 class PahqModel(nn.Module):
@@ -24,9 +24,11 @@ class PahqModel(nn.Module):
     buffers, so a compiled model is not retraced or recompiled (see :attr:`compilations`).
     """
 
-    def __init__(self, graph: fx.GraphModule, head: HeadSpec, compiled: bool, inner: str | Callable) -> None:
+    def __init__(self, graph: fx.GraphModule, head: HeadSpec, compiled: bool, inner: str | Callable,
+                 limits: tuple[int | None, int | None] = (None, None)) -> None:
         super().__init__()
         self.graph = graph
+        self._limits = limits  # vocabulary size and maximum positions, checked on every call
         self._counter: CountingBackend | None = None
         runner: Callable = graph
         if compiled:
@@ -59,6 +61,7 @@ class PahqModel(nn.Module):
 
     def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
         input_ids = input_ids_from(input_ids, "input")
+        check_ids_fit(input_ids, self._limits)
         if not graph_meta.accepts_shape(self.graph, input_ids.shape):
             traced = tuple(graph_meta.example_input_ids(self.graph).shape)
             fixed = "static shapes" if not graph_meta.dynamic_dims(self.graph) else "a fixed sequence length"
@@ -95,4 +98,5 @@ def transform(
     """
     config = PrecisionConfig(low_precision, granularity)
     check_float32_weights(model.parameters())  # before the trace, which can take a while on a large model
-    return PahqModel(build(model, example_inputs, config), head, compile, inner)
+    check_finite_weights(model)
+    return PahqModel(build(model, example_inputs, config), head, compile, inner, id_limits(model))

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from . import graph_meta, names
 from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
-from .errors import UnsupportedArchitectureError, UnsupportedFormatError
+from .errors import NonFiniteError, UnsupportedArchitectureError, UnsupportedFormatError
 from .graph_utils import ancestors, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
 from .names import Role
@@ -498,6 +498,17 @@ def check_float32_weights(weights: Iterable[torch.Tensor]) -> None:
             "other heads itself (low_precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
             "call model.float() first (bf16 and fp16 weights convert to float32 exactly)"
         )
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite parameter, naming the first: its logits would be NaN, and every later
+    check (the split's, the task's) would blame something else."""
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+                kind = "NaN" if bool(torch.isnan(weight).any()) else "infinite"
+                raise NonFiniteError(f"the model's parameter {name} holds {kind} values; the checkpoint is damaged "
+                                     "or the model diverged in training")
 
 
 def wide_weights_note(weights: Iterable[torch.Tensor]) -> str:

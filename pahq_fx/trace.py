@@ -93,11 +93,59 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
         raise InvalidInputsError(f"{what}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InvalidInputsError(f"{what}: input_ids must be integer token ids, got a {ids.dtype} tensor (embeddings are not accepted)")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputsError(f"{what}: input_ids must be int64 or int32 token ids, got a {ids.dtype} tensor; "
+                                 "convert them with .long()")
     if ids.dim() == 1:
         raise InvalidInputsError(f"{what}: input_ids have shape {tuple(ids.shape)}; add the batch dimension ([1, seq])")
     if ids.dim() != 2:
         raise InvalidInputsError(f"{what}: input_ids must have shape [batch, seq], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise InvalidInputsError(f"{what}: input_ids have shape {tuple(ids.shape)}: "
+                                 f"{'no prompt' if ids.shape[0] == 0 else 'prompts without a token'}")
+    low = int(ids.min())
+    if low < 0:
+        raise InvalidInputsError(f"{what}: input_ids hold the negative token id {low}")
+    _refuse_padding(inputs, ids, what)
     return ids
+
+
+def _refuse_padding(inputs: Any, ids: torch.Tensor, what: str) -> None:
+    """An ``attention_mask`` passed with the ids must mask nothing: the traced graph takes ``input_ids`` alone, so a
+    padded batch would attend to its padding and give other logits than ``model(**encoding)``."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) or hasattr(inputs, "get") else None
+    if isinstance(mask, torch.Tensor) and (mask.shape != ids.shape or not bool(mask.bool().all())):
+        raise InvalidInputsError(
+            f"{what}: the attention_mask marks padding, which pahq_fx cannot honour (its graph takes input_ids alone, "
+            "and the padded rows would attend to the padding); pass prompts of one length without padding "
+            "(tokenize without padding=True, or one prompt per call)")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input the model's config allows (its position embeddings), or None where it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def id_limits(model: nn.Module) -> tuple[int | None, int | None]:
+    """(vocabulary size, maximum positions) of a Hugging Face model's config; None for what it does not say."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return (vocab if isinstance(vocab, int) and vocab > 0 else None), max_positions(model)
+
+
+def check_ids_fit(ids: torch.Tensor, limits: tuple[int | None, int | None], what: str = "input") -> None:
+    """Token ids inside the vocabulary and prompts within the model's positions (``limits``: :func:`id_limits`)."""
+    vocab, positions = limits
+    if vocab is not None:
+        high = int(ids.max())
+        if high >= vocab:
+            raise InvalidInputsError(f"{what}: input_ids hold the token id {high}, outside the model's vocabulary [0, {vocab})")
+    if positions is not None and ids.shape[1] > positions:
+        raise InvalidInputsError(f"{what}: input_ids are {ids.shape[1]} tokens long, longer than the model's {positions} positions")
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 6) -> torch.Tensor:
@@ -238,7 +286,11 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     the model's logits on the example.
     """
     requested = _dynamic_dims_of(dynamic_shapes)
-    example_inputs = default_example_inputs(model) if example_inputs is None else input_ids_from(example_inputs)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    else:
+        example_inputs = input_ids_from(example_inputs)
+        check_ids_fit(example_inputs, id_limits(model), "example_inputs")
     with _inference_setup(model), torch.no_grad():
         entry = trace_cache.key(model, example_inputs, requested)
         cached = None if entry is None else trace_cache.load(model, example_inputs, entry)

@@ -10,18 +10,26 @@ that serialises itself) without hooks or an instance-level ``forward`` are cache
 not see everything the graph depends on.
 
 ``PAHQ_FX_TRACE_CACHE``: the cache directory (default ``$XDG_CACHE_HOME/pahq_fx/traces``, else
-``~/.cache/pahq_fx/traces``), or ``off``. Entries are pickles, read with ``weights_only=False``: keep the directory
-as private as the code you run.
+``~/.cache/pahq_fx/traces``), or ``off``.
+
+An entry holds pickled objects (the graph's code generator among them), and unpickling can run code. So the cache
+runs nothing it did not write: every entry carries an HMAC-SHA256 of its name and content under a secret key of
+the user's own (``PAHQ_FX_TRACE_KEY``, default ``$XDG_CONFIG_HOME/pahq_fx/trace_cache.key``, else
+``~/.config/pahq_fx/trace_cache.key``; 32 random bytes, mode 0600, created on first use), and an entry whose HMAC
+does not verify is never unpickled: it is set aside as ``<entry>.pt.rejected``, a warning names it, and the model
+is traced afresh. The directory is created with mode 0700; a directory (or key) that belongs to another user or
+that others can write is not used at all (a warning, and every trace is cold).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 import io
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +38,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .atomic import write_bytes
 from .graph_utils import attribute
 
 ENV = "PAHQ_FX_TRACE_CACHE"
+KEY_ENV = "PAHQ_FX_TRACE_KEY"
+_MAGIC = b"pahq_fx trace cache entry/2\n"
+_MAC_BYTES = 32
+_warned: set[str] = set()
 
 
 def cache_dir() -> Path | None:
@@ -44,6 +57,76 @@ def cache_dir() -> Path | None:
         return Path(setting)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pahq_fx" / "traces"
+
+
+def key_path() -> Path:
+    """The file of the user's secret key that authenticates entries."""
+    setting = os.environ.get(KEY_ENV, "")
+    if setting:
+        return Path(setting)
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "pahq_fx" / "trace_cache.key"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def _private(path: Path, what: str) -> bool:
+    """Whether ``path`` (an existing file or folder) is this user's and writable by nobody else; warns once if not."""
+    if not hasattr(os, "getuid"):  # no owners to check (Windows): the folder's own permissions decide
+        return True
+    info = os.stat(path)
+    problem = (f"belongs to another user (uid {info.st_uid})" if info.st_uid != os.getuid()
+               else "is writable by other users" if info.st_mode & 0o022 else "")
+    if problem:
+        _warn_once(f"pahq_fx: the trace cache's {what} {path} {problem}, so the cache is not used and every model is "
+                   f"traced afresh; point {ENV} at a folder of your own, or set it to 'off'")
+    return not problem
+
+
+def _usable_dir() -> Path | None:
+    """The cache directory, created with mode 0700, when it is this user's own; None when off or not private."""
+    directory = cache_dir()
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory if directory.is_dir() and _private(directory, "folder") else None
+    except OSError:
+        return None
+
+
+def _secret() -> bytes | None:
+    """The user's key (made on first use), or None where it cannot be made or is not private."""
+    path = key_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(handle, "wb") as file:
+                file.write(secrets.token_bytes(32))
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(handle, "rb") as file:
+            if hasattr(os, "getuid"):
+                info = os.fstat(file.fileno())
+                if info.st_uid != os.getuid() or info.st_mode & 0o077:
+                    _warn_once(f"pahq_fx: the trace cache's key {path} is not private to this user (it must be "
+                               "yours with mode 0600), so the cache is not used; delete it to make a new one")
+                    return None
+            key = file.read()
+    except OSError:
+        return None
+    return key if len(key) >= 32 else None
+
+
+def _mac(secret: bytes, entry: str, payload: bytes) -> bytes:
+    return hmac.new(secret, entry.encode() + b"\0" + payload, hashlib.sha256).digest()
 
 
 def _cacheable(model: nn.Module) -> bool:
@@ -70,7 +153,7 @@ def _source_digest(cls: type) -> str:
 
 def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> str | None:
     """The entry's name for this model, example and trace mode; None where the model is not cached."""
-    if cache_dir() is None or not _cacheable(model):
+    if cache_dir() is None or not _cacheable(model) or _usable_dir() is None:
         return None
     import transformers
 
@@ -153,9 +236,10 @@ def _graph_of(records: list[tuple], codegen: Any) -> fx.Graph:
 
 
 def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: tuple[int, ...]) -> None:
-    """Write ``gm`` (a traced graph of ``model``) as ``entry``; a graph that cannot be written is simply not cached."""
-    directory = cache_dir()
-    if directory is None:
+    """Write ``gm`` (a traced graph of ``model``) as ``entry``, signed with the user's key; a graph that cannot be
+    written is simply not cached."""
+    directory, secret = _usable_dir(), _secret()
+    if directory is None or secret is None:
         return
     owners = _first_holders(model)
     tensors = {n.target: attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
@@ -166,28 +250,50 @@ def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: tuple[int, 
     try:
         torch.save({"graph": _graph_records(gm.graph), "codegen": gm.graph._codegen, "aliases": aliases,
                     "constants": constants, "dynamic": dynamic}, buffer)
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, delete=False) as handle:
-            handle.write(buffer.getvalue())
-        os.replace(handle.name, directory / f"{entry}.pt")
+        payload = buffer.getvalue()
+        write_bytes(directory / f"{entry}.pt", _MAGIC + _mac(secret, entry, payload) + payload, mode=0o600)
     except Exception:  # noqa: BLE001 - an unpicklable graph (higher-order ops) or an unwritable directory: no entry
         return
 
 
 def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphModule, tuple[int, ...]] | None:
-    """(graph, dynamic dimensions) of ``entry`` bound to ``model``'s tensors (on ``example``'s device), if it exists and
-    reads; None otherwise. The caller checks the graph against the model before using it."""
-    directory = cache_dir()
+    """(graph, dynamic dimensions) of ``entry`` bound to ``model``'s tensors (on ``example``'s device), if it exists,
+    was written by this user's pahq_fx (its HMAC verifies: nothing else is unpickled) and reads; None otherwise. The
+    caller checks the graph against the model before using it."""
+    directory = _usable_dir()
     path = None if directory is None else directory / f"{entry}.pt"
     if path is None or not path.exists():
+        return None
+    secret = _secret()
+    if secret is None:
+        return None
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None
+    header = len(_MAGIC) + _MAC_BYTES
+    payload = content[header:]
+    if not (content.startswith(_MAGIC) and len(content) > header
+            and hmac.compare_digest(content[len(_MAGIC):header], _mac(secret, entry, payload))):
+        _reject(path)
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            saved = torch.load(path, map_location=example.device, weights_only=False)
+            saved = torch.load(io.BytesIO(payload), map_location=example.device, weights_only=False)
         tensors = dict(_named_tensors(model))
         root = {**saved["constants"], **{t: tensors[name] for t, name in saved["aliases"].items()}}
         return fx.GraphModule(root, _graph_of(saved["graph"], saved["codegen"])), tuple(saved["dynamic"])
-    except Exception:  # noqa: BLE001 - unreadable, stale or foreign: a miss
+    except Exception:  # noqa: BLE001 - authentic but stale (another torch): a miss
         return None
 
+
+def _reject(path: Path) -> None:
+    """Set aside an entry that this user's pahq_fx did not write (never unpickled), and say so."""
+    aside = path.with_name(path.name + ".rejected")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = path
+    _warn_once(f"pahq_fx: ignored the trace cache entry {path}: it was not written by your pahq_fx (its signature does "
+               f"not verify), so it was not loaded; it is kept as {aside} for inspection, and the model is traced afresh")

@@ -1,14 +1,15 @@
-"""Every test session gets an empty trace cache of its own (pahq_fx.trace_cache): nothing is read from or written to
-the user's cache, and a test that traces a model the session traced before takes the cached path."""
+"""Every test session gets an empty trace cache and a key of its own (pahq_fx.trace_cache): nothing is read from or
+written to the user's cache, and a test that traces a model the session traced before takes the cached path."""
 
 import pytest
 
-from pahq_fx.trace_cache import ENV
+from pahq_fx.trace_cache import ENV, KEY_ENV
 
 
 @pytest.fixture(autouse=True, scope="session")
 def trace_cache_of_this_session(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv(ENV, str(tmp_path_factory.mktemp("traces")))
+    patch.setenv(KEY_ENV, str(tmp_path_factory.mktemp("key") / "trace_cache.key"))
     yield
     patch.undo()

@@ -27,6 +27,7 @@ def test_task_the_model_cannot_do_stops_loudly_unless_allowed(tmp_path):
     assert not (tmp_path / "stopped" / "circuit.json").exists()
     allowed = run(*common, "--allow-weak-task", "--out", str(tmp_path / "allowed"))
     assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stderr.count("this task does not exercise the model") == 1, "the warning prints once"
     assert "WARNING: this task does not exercise the model" in allowed.stderr
     assert "WARNING" in (tmp_path / "allowed" / "report.md").read_text()
     assert json.loads((tmp_path / "allowed" / "report.json").read_text())["task_check"]["problems"]

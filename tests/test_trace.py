@@ -1,5 +1,8 @@
 """Tracing keeps the model as it was and yields logits for any batch and sequence length."""
 
+import io
+import pathlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -115,7 +118,8 @@ def test_a_cache_entry_that_does_not_reproduce_the_model_is_traced_afresh(tmp_pa
     calls = []
     original = trace_module._trace_afresh
     monkeypatch.setattr(trace_module, "_trace_afresh", lambda *a: calls.append(1) or original(*a))
-    gm = trace(model, token_ids(2, 5))
+    with pytest.warns(UserWarning, match="ignored the trace cache entry"):
+        gm = trace(model, token_ids(2, 5))
     assert calls == [1] and entry.stat().st_size > 100  # traced again and the entry written anew
     torch.testing.assert_close(gm(token_ids(3, 8)), reference_logits(model, token_ids(3, 8)), rtol=1e-5, atol=1e-5)
 
@@ -164,3 +168,48 @@ def test_a_model_class_without_a_readable_source_file_is_still_traced_and_cached
     gm = trace(model, token_ids(2, 5))
     assert len(list(tmp_path.glob("*.pt"))) == 1
     torch.testing.assert_close(gm(token_ids(3, 8)), reference_logits(model, token_ids(3, 8)), rtol=1e-5, atol=1e-5)
+
+
+class _Sentinel:
+    """A pickle that, once loaded, creates a file: what a planted cache entry could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.mark.parametrize("signed_as", ["raw pickle", "forged header"])
+def test_a_planted_cache_entry_never_runs_and_is_reported(tmp_path, monkeypatch, signed_as):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(trace_cache.ENV, str(cache))
+    model, ids = build(Spec("gpt2", 1, 2, 2, 4)), token_ids(2, 5)
+    trace(model, ids)
+    (entry,) = cache.glob("*.pt")
+    sentinel = tmp_path / "sentinel"
+    planted = io.BytesIO()
+    torch.save({"graph": _Sentinel(sentinel)}, planted)
+    header = trace_cache._MAGIC + b"\0" * trace_cache._MAC_BYTES if signed_as == "forged header" else b""
+    entry.write_bytes(header + planted.getvalue())
+    calls = []
+    original = trace_module._trace_afresh
+    monkeypatch.setattr(trace_module, "_trace_afresh", lambda *a: calls.append(1) or original(*a))
+    with pytest.warns(UserWarning, match=r"ignored the trace cache entry .* not written by your pahq_fx"):
+        gm = trace(model, ids)
+    assert not sentinel.exists() and calls == [1]
+    assert entry.with_name(entry.name + ".rejected").read_bytes().endswith(planted.getvalue())  # kept as evidence
+    torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert trace_cache.load(model, ids, entry.stem) is not None  # the entry written afresh verifies
+    assert (cache.stat().st_mode & 0o777) == 0o700 and (entry.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_cache_folder_others_can_write_is_not_used(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(trace_cache.ENV, str(shared))
+    model, ids = build(Spec("gpt2", 1, 2, 2, 4)), token_ids(2, 5)
+    with pytest.warns(UserWarning, match="is writable by other users, so the cache is not used"):
+        trace(model, ids)
+    assert not list(shared.iterdir())

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..errors import CheckpointError
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 
-CHECKPOINT_FORMAT = "pahq_fx.acdc.checkpoint/1"
+_FORMAT_PREFIX = "pahq_fx.acdc.checkpoint/"
+# /2: a digest of the content, so that a checkpoint changed after it was written is refused.
+CHECKPOINT_FORMAT = _FORMAT_PREFIX + "2"
 # A write costs more as effects accumulate, and on a small model it costs more than a receiver's queries: after a
 # write, the next waits until WRITE_BUDGET times its cost has passed, so writing stays under 1/WRITE_BUDGET of the run.
 WRITE_BUDGET = 50
@@ -20,30 +23,55 @@ WRITE_BUDGET = 50
 
 class Checkpoint:
     """A JSON file of finished receivers, removed edges, measured effects and the query count, tied to the run's
-    arguments by ``fingerprint``. ``path=None`` keeps nothing. Writes are atomic (write, then rename), so a run
-    killed at any moment leaves the previous checkpoint or the new one, never half of one. A run saves after a
+    arguments by ``fingerprint`` and to its own content by a digest. ``path=None`` keeps nothing. Writes are atomic
+    (:mod:`pahq_fx.atomic`), so a run killed at any moment leaves the previous checkpoint or the new one, never half
+    of one. A run saves after a
     receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows."""
 
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], chosen_precision: str | None = None) -> None:
+        """``chosen_precision``: the format ``precision="auto"`` measured and chose, kept so that a resume uses it."""
         self.path = path
         self.fingerprint = fingerprint
+        self.chosen_precision = chosen_precision
         self._next_write = 0.0
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state of this run, None when there is none; another run's checkpoint is an error."""
+        """The saved state of this run, None when there is none. A checkpoint of another run, one that is not a
+        checkpoint, or one changed since it was written (its digest) is a :class:`CheckpointError`: never half-used."""
+        data = self.check()
+        if data is None:
+            return None
+        theirs = data.get("fingerprint")
+        if theirs != self.fingerprint:
+            theirs = theirs if isinstance(theirs, dict) else {}
+            differs = sorted(k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]) or ["fingerprint"]
+            raise CheckpointError(
+                f"checkpoint {self.path} belongs to another run (its {', '.join(differs)} "
+                f"{'differs' if len(differs) == 1 else 'differ'} from this one's); delete it to start afresh, or write "
+                "this run to another folder"
+            )
+        return data
+
+    def check(self) -> dict[str, Any] | None:
+        """The file's content, checked for everything but the run it belongs to (which needs the model): a
+        checkpoint written by this version of pahq_fx, unchanged since (its digest), every field of its type.
+        None when there is no file. The command line calls it before loading the model."""
         if self.path is None or not self.path.exists():
             return None
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise CheckpointError(f"checkpoint {self.path} is unreadable: {error}") from None
-        if data.get("format") != CHECKPOINT_FORMAT or data.get("fingerprint") != self.fingerprint:
-            theirs = data.get("fingerprint", {}) if isinstance(data, dict) else {}
-            differs = sorted(k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]) or ["format"]
-            raise CheckpointError(
-                f"checkpoint {self.path} belongs to another run (its {', '.join(differs)} differ from this one's); "
-                "delete it to start afresh, or write this run to another folder"
-            )
+        where = f"checkpoint {self.path}"
+        if not isinstance(data, dict) or not str(data.get("format", "")).startswith(_FORMAT_PREFIX):
+            raise CheckpointError(f"{where} is not a pahq_fx checkpoint; delete it to start afresh")
+        if data["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{where} was written by another version of pahq_fx ({data['format']}); "
+                                  "delete it to start afresh")
+        if data.get("digest") != _digest(data):
+            raise CheckpointError(f"{where} was changed after pahq_fx wrote it (its digest does not match its content); "
+                                  "delete it to start afresh")
+        _check_types(data, where)
         return data
 
     def due(self) -> bool:
@@ -69,9 +97,10 @@ class Checkpoint:
             data["groups"] = groups
         if predictor is not None:
             data["predictor"] = predictor
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        if self.chosen_precision is not None:
+            data["chosen_precision"] = self.chosen_precision
+        data["digest"] = _digest(data)
+        write_text(self.path, json.dumps(data))
         end = time.perf_counter()
         self._next_write = end + WRITE_BUDGET * (end - start)
 
@@ -86,7 +115,9 @@ def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed:
     """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
     state as the uninterrupted run; no edge is measured again): one pass per commit, edges that a candidate batch
     removed together (``groups``: removed edge -> its commit) in one. A receiver without measured effects was
-    pruned."""
+    pruned. The decisions are checked against the model's edges first: one that does not fit is a
+    :class:`CheckpointError` and the runtime is left untouched."""
+    _check_decisions(edges, done, removed, effects)
     groups = groups or {}
     for name in done:
         row = edges.receiver_index[name]
@@ -102,3 +133,62 @@ def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed:
         for senders in commits.values():
             runtime.try_remove_group(row, senders)
             runtime.commit()
+
+
+def _digest(data: dict[str, Any]) -> str:
+    """SHA-256 of the checkpoint's content (every field but the digest), in a canonical JSON form."""
+    content = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(data: dict[str, Any], where: str) -> None:
+    """Every field of a checkpoint has the type and shape :meth:`Checkpoint.save` writes."""
+    def wrong(field: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{where} is malformed: {field!r} must be {expected}; delete it to start afresh")
+
+    done, removed, effects = data.get("done"), data.get("removed"), data.get("effects")
+    if not isinstance(done, list) or not all(isinstance(d, str) for d in done) or len(set(done)) != len(done):
+        raise wrong("done", "a list of distinct receiver names")
+    if not isinstance(removed, list) or not all(isinstance(e, list) and len(e) == 2 and all(map(_is_int, e))
+                                                for e in removed):
+        raise wrong("removed", "a list of [receiver, sender] index pairs")
+    if not isinstance(effects, list) or not all(
+            isinstance(e, list) and len(e) == 3 and _is_int(e[0]) and _is_int(e[1])
+            and isinstance(e[2], (int, float)) and not isinstance(e[2], bool) for e in effects):
+        raise wrong("effects", "a list of [receiver, sender, effect] triples")
+    if not _is_int(data.get("queries")) or data["queries"] < 0:
+        raise wrong("queries", "a non-negative integer")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list) or not all(map(_is_int, groups)) or ("groups" in data and len(groups) != len(removed)):
+        raise wrong("groups", "a list of commit indices, one per removed edge")
+    predictor = data.get("predictor", {"decisions": [], "hits": [], "counts": [0] * 5})
+    if not isinstance(predictor, dict) or not all(
+            isinstance(predictor.get(k), list) and all(map(_is_int, predictor[k])) for k in ("decisions", "hits", "counts")
+    ) or len(predictor["counts"]) != 5:
+        raise wrong("predictor", "the predictor's state (decisions, hits and five counts, as integers)")
+    if not isinstance(data.get("chosen_precision", ""), str):
+        raise wrong("chosen_precision", "a format name")
+
+
+def _check_decisions(edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
+                     effects: dict[tuple[int, int], float]) -> None:
+    """The decisions are those of a run of this model: the first receivers in search order, and edges into them."""
+    names = [r.name for r in edges.receivers]
+    if done != names[: len(done)]:
+        raise CheckpointError("its finished receivers are not the first receivers of this model in search "
+                              "order; it does not belong to this run: delete it to start afresh")
+    for kind, pairs in (("removed", removed), ("measured", effects)):
+        for row, sender in pairs:
+            if not 0 <= row < len(done) or sender not in edges.receivers[row].senders:
+                raise CheckpointError(f"its {kind} edge ({row}, {sender}) is not an edge into a finished "
+                                      "receiver of this model; delete it to start afresh")
+    for row in range(len(done)):
+        senders = edges.receivers[row].senders
+        measured = [(row, s) in effects for s in senders]
+        pruned = not any(measured)
+        if (pruned and not all((row, s) in removed for s in senders)) or (not pruned and not all(measured)):
+            raise CheckpointError(f"its decisions at {done[row]} are incomplete; delete it to start afresh")

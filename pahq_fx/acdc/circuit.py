@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..errors import PahqError
 from ..names import NodeKind, node_of, parse
 from .evaluation import Faithfulness, evaluate_circuit
@@ -93,7 +94,7 @@ class Circuit:
         return data
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+        write_text(path, json.dumps(self.to_json(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:

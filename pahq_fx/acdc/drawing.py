@@ -9,12 +9,14 @@ measured effect (the metric's increase when the edge was patched).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import names
+from ..atomic import write_bytes
 from ..names import NodeKind, Role
 
 if TYPE_CHECKING:
@@ -216,5 +218,7 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
     )
     figure.tight_layout()
     for path in paths:
-        figure.savefig(path, dpi=150)
+        picture = io.BytesIO()
+        figure.savefig(picture, format=path.suffix.lower()[1:], dpi=150)
+        write_bytes(path, picture.getvalue())
     return list(paths)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import PahqError, TaskError
 from ..precision import Format, all_heads_fp32
+from ..split import check_finite_weights
 from ..trace import model_logits
 from .edges import EdgeGraph
 from .metrics import CleanDistribution, Metric, metric_value
@@ -46,6 +47,7 @@ def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, m
     and with nothing kept. ``found_on`` (a :class:`Circuit`'s ``model``) names where the circuit came from in the
     error that edges this model lacks raise."""
     metric = parse_metric(metric, task)
+    check_finite_weights(model)
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
     this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"
     known = found_on or {}

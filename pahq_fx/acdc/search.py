@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -15,9 +15,10 @@ from typing import Any
 from torch import nn
 
 from .. import names
+from ..errors import CheckpointError, NonFiniteError
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, parse_format
-from ..split import check_float32_weights, wide_weights_note
+from ..split import check_finite_weights, check_float32_weights, wide_weights_note
 from .calibration import Calibration, choose, formats_to_try, probe_receiver, seconds_per_query
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
@@ -57,6 +58,7 @@ def discover(
     callback: Callable[[ReceiverDone], None] | None = None,
     allow_weak_task: bool = False,
     faithfulness: bool = False,
+    save_to: str | Path | None = None,
     speculation: str | Predictor = Prediction.ADAPTIVE.value,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
@@ -74,25 +76,46 @@ def discover(
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
     written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes from them, and the file is removed when
-    the run finishes. With ``faithfulness``, the circuit alone is measured afterwards on the same runtime (no second
-    trace, but a full patched pass on top of the caches: more peak memory than the search), in
-    ``Circuit.faithfulness``.
+    the run has finished: once the circuit is saved to ``save_to`` where that is given (right after the search,
+    before the faithfulness pass), otherwise once this function returns the circuit. With ``faithfulness``, the
+    circuit alone is measured afterwards on the same runtime (no second trace, but a full patched pass on top of
+    the caches: more peak memory than the search), in ``Circuit.faithfulness`` (and saved again to ``save_to``).
     """
     threshold = check_threshold(threshold)
     check_speculation(speculation)
+    requested = AUTO if precision == AUTO else parse_format(precision).value
+
+    def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
+        return {"model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
+                "metric": parsed_metric.value, "precision": requested, "granularity": granularity, "abs": abs_threshold}
+
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():  # another run's checkpoint is refused before the setup (minutes on a large model)
+        saved = Checkpoint(path, fingerprint_of(model_identity(model), parse_metric(metric, task))).load()
+        if saved is not None and precision == AUTO and "chosen_precision" in saved:
+            precision = saved["chosen_precision"]  # a resumed run keeps the format its start measured
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
-    fingerprint = {
-        "model": session.identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
-        "metric": session.metric.value, "precision": session.format.value, "granularity": granularity, "abs": abs_threshold,
-    }
-    store = Checkpoint(Path(checkpoint) if checkpoint is not None else None, fingerprint)
-    circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback,
-                     speculation=speculation)
+    if requested == AUTO and not session.precision_note.startswith("auto:"):
+        session.precision_note = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
+    store = Checkpoint(path, fingerprint_of(session.identity, session.metric), chosen_precision=session.format.value)
+    try:
+        circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback,
+                         speculation=speculation)
+    except CheckpointError as error:  # the replay's checks know the decisions, not the file: name it
+        raise CheckpointError(error if str(path) in str(error) else f"checkpoint {path}: {error}") from None
+    # The search is the run's cost; what follows (faithfulness: the run's peak memory) may fail. So the circuit is
+    # on disk first, and the checkpoint goes only once it is: a run that dies from here on loses nothing.
+    if save_to is not None:
+        circuit.save(save_to)
+        store.finish()
+    if faithfulness:
+        circuit = dataclasses.replace(
+            circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
+        if save_to is not None:
+            circuit.save(save_to)
     store.finish()
-    if not faithfulness:
-        return circuit
-    return dataclasses.replace(circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
+    return circuit
 
 
 @dataclass
@@ -128,15 +151,19 @@ def prepare(
     forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
     parsed_metric = parse_metric(metric, task)
     check_float32_weights(model.parameters())  # before the task check and the trace
+    check_finite_weights(model)
     device = task.clean_input_ids.device
     fmt = None if precision == AUTO else parse_format(precision)
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
     task_check = check_task(model, task, parsed_metric)
+    for value, where in ((task_check.full_model, "of the clean model"), (task_check.every_edge_patched, "with every edge patched")):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the metric ({parsed_metric.value}) {where} is {value} on this task: the model's "
+                                 "logits overflow or are not numbers on these prompts")
     if task_check.weak:
         if not allow_weak_task:
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")
-        print(f"WARNING: {task_check.warning()}", file=sys.stderr)
         warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from .. import graph_meta
 from ..errors import PahqError, TaskError
 from ..pipeline import lower_split
 from ..precision import AUTO, Format, PrecisionConfig
-from ..trace import trace
+from ..trace import max_positions, trace
 from .edges import EdgeGraph
 from .metrics import Metric
 from .runtime import PatchingRuntime
@@ -29,8 +29,8 @@ def parse_metric(metric: str | Metric, task: Task) -> Metric:
 
 
 def check_threshold(threshold: float) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) or threshold < 0:
-        raise PahqError(f"threshold must be a non-negative number, got {threshold!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) or threshold < 0:
+        raise PahqError(f"threshold must be a finite non-negative number, got {threshold!r}")
     return float(threshold)
 
 
@@ -48,9 +48,11 @@ def resolve_compile(compile: bool | str, device: torch.device) -> tuple[bool, st
 
 
 def check_vocabulary(model: nn.Module, task: Task) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    """The task's token ids are in the model's vocabulary and its prompts within the model's positions."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     if vocab is not None:
-        task.validate_vocab(int(vocab))
+        task.validate_vocab(int(vocab), max_positions(model))
 
 
 def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModule:

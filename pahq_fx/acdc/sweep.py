@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..atomic import write_text
 from ..errors import PahqError
 from ..precision import AUTO, Format
 from .circuit import Circuit
@@ -79,7 +80,7 @@ class Sweep:
         lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for i, p in enumerate(self.points):
             r = p.row()
-            cells = [f"{p.threshold:g}", str(r["edges"]), str(r["nodes"]), str(r["queries"]), f"{r['search_s']:.3f}",
+            cells = [repr(p.threshold), str(r["edges"]), str(r["nodes"]), str(r["queries"]), f"{r['search_s']:.3f}",
                      f"{r['metric_of_circuit']:.4g}", f"{r['normalised_faithfulness']:.3f}"]
             if self.reference_name:
                 cells += [f"{r['tpr']:.3f}", f"{r['fpr']:.4f}"]
@@ -103,17 +104,27 @@ class Sweep:
         }
 
     def save(self, folder: str | Path) -> list[Path]:
-        """``folder/tau=<t>/circuit.json`` per threshold, ``summary.md`` and ``summary.json``; returns what it wrote."""
+        """``folder/tau=<t>/circuit.json`` per threshold (:func:`threshold_folder`), ``summary.md`` and
+        ``summary.json``; returns what it wrote."""
         folder = Path(folder)
+        names = [threshold_folder(p.threshold) for p in self.points]
+        if len(set(names)) != len(names):
+            raise PahqError(f"two thresholds of the sweep would share a folder: {sorted(names)}")
         written = []
-        for p in self.points:
-            target = folder / f"tau={p.threshold:g}" / "circuit.json"
+        for name, p in zip(names, self.points, strict=True):
+            target = folder / name / "circuit.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             p.circuit.save(target)
             written.append(target)
-        (folder / "summary.md").write_text(self.table())
-        (folder / "summary.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(folder / "summary.md", self.table())
+        write_text(folder / "summary.json", json.dumps(self.to_json(), indent=2) + "\n")
         return [*written, folder / "summary.md", folder / "summary.json"]
+
+
+def threshold_folder(threshold: float) -> str:
+    """``tau=<t>``, ``t`` the shortest text that reads back as exactly this float (``repr``): distinct thresholds
+    get distinct folders (``%g`` wrote 0.1 and 0.1000001 both as ``tau=0.1``)."""
+    return f"tau={float(threshold)!r}"
 
 
 def sweep(
@@ -128,19 +139,22 @@ def sweep(
     compile: bool | str = AUTO,
     progress: bool = True,
     allow_weak_task: bool = False,
+    save_to: str | Path | None = None,
 ) -> Sweep:
     """ACDC at every threshold, from one setup: each circuit is the one ``discover`` finds at that threshold.
 
     ``reference``: a :class:`Circuit` or a set of (sender, receiver) edges to score ROC/AUC against, or ``"fp32"``:
     sweep again in FP32 (unless ``precision`` is FP32 already) and score both sweeps against the FP32 circuit at
-    the lowest threshold, with the edge Jaccard between the two per threshold.
+    the lowest threshold, with the edge Jaccard between the two per threshold. ``save_to``: a folder where each
+    circuit is written as ``tau=<t>/circuit.json`` as soon as its search ends (without its faithfulness, which
+    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished.
     """
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
-    circuits = _search_all(session, values, progress)
+    circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
     name = f"the FP32 circuit at threshold {values[0]:g}"
@@ -155,11 +169,15 @@ def sweep(
                                fp32=_result(fp32_session, fp32_circuits, reference_edges, name))
 
 
-def _search_all(session: Session, thresholds: Iterable[float], progress: bool) -> list[Circuit]:
+def _search_all(session: Session, thresholds: Iterable[float], progress: bool, folder: Path | None = None) -> list[Circuit]:
     circuits = []
     for threshold in thresholds:
         session.runtime.reset()
         circuits.append(search(session, threshold, progress=progress))
+        if folder is not None:
+            target = folder / threshold_folder(threshold) / "circuit.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            circuits[-1].save(target)
     return circuits
 
 

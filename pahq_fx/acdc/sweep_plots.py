@@ -3,9 +3,11 @@ circuit size, and the ROC curve(s) with their AUC."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_bytes
 from .roc import roc_curve
 
 if TYPE_CHECKING:
@@ -36,8 +38,9 @@ def _save(path: Path, draw, square: bool = False) -> Path:
     draw(axes)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    return path
+    picture = io.BytesIO()
+    figure.savefig(picture, format="png", dpi=150)
+    return write_bytes(path, picture.getvalue())
 
 
 def _label(s: Sweep) -> str:

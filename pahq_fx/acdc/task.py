@@ -11,6 +11,9 @@ import torch
 
 from ..errors import TaskError
 
+# Token ids as embeddings and gather take them: an int8/uint8 tensor would wrap large ids, a bool one is no id.
+ID_DTYPES = (torch.int64, torch.int32)
+
 
 @dataclass(frozen=True, eq=False)
 class Task:
@@ -28,8 +31,8 @@ class Task:
     def __post_init__(self) -> None:
         clean, corrupted = self.clean_input_ids, self.corrupted_input_ids
         for label, t in (("clean_input_ids", clean), ("corrupted_input_ids", corrupted)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
-                raise TaskError(f"{label} must be an integer tensor of shape [N, T], got {_describe(t)}")
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in ID_DTYPES:
+                raise TaskError(f"{label} must be an integer tensor (int64 or int32) of shape [N, T], got {_describe(t)}")
         if clean.shape != corrupted.shape:
             raise TaskError(f"clean and corrupted input_ids differ in shape: {tuple(clean.shape)} vs {tuple(corrupted.shape)}")
         if clean.numel() == 0:
@@ -47,8 +50,8 @@ class Task:
         if (self.correct_ids is None) != (self.incorrect_ids is None):
             raise TaskError("give both correct_ids and incorrect_ids, or neither")
         for label, t in (("correct_ids", self.correct_ids), ("incorrect_ids", self.incorrect_ids)):
-            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (clean.shape[0],) or t.is_floating_point()):
-                raise TaskError(f"{label} must be an integer tensor of shape [{clean.shape[0]}], got {_describe(t)}")
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (clean.shape[0],) or t.dtype not in ID_DTYPES):
+                raise TaskError(f"{label} must be an integer tensor (int64 or int32) of shape [{clean.shape[0]}], got {_describe(t)}")
 
     @property
     def n_examples(self) -> int:
@@ -66,8 +69,13 @@ class Task:
         rows = self.metric_mask.nonzero()[:, 0]
         return self.correct_ids[rows], self.incorrect_ids[rows]
 
-    def validate_vocab(self, vocab_size: int) -> None:
-        """Raise :class:`TaskError` if a token id is outside ``[0, vocab_size)``."""
+    def validate_vocab(self, vocab_size: int, max_positions: int | None = None) -> None:
+        """Raise :class:`TaskError` if a token id is outside ``[0, vocab_size)``, or the prompts are longer than
+        ``max_positions`` (the model's position embeddings)."""
+        length = self.clean_input_ids.shape[1]
+        if max_positions is not None and length > max_positions:
+            raise TaskError(f"the task's prompts are {length} tokens long, longer than the model's {max_positions} "
+                            "positions; use shorter prompts")
         for label, t in self._tensors().items():
             if label == "metric_mask":
                 continue

@@ -52,18 +52,39 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
+def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """The examples of a JSON Lines task file as checked JSON objects, each with where it stands ("file, line N"),
+    before any tokenizer is at hand: every problem of the file itself is a :class:`TaskError` naming its line."""
+    path = Path(path)
+    if path.is_dir():
+        raise TaskError(f"task file {path} is a folder, not a file")
+    if not path.is_file():
+        raise TaskError(f"task file {path} does not exist")
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise TaskError(f"task file {path} is unreadable: {error.strerror or error}") from None
+    records = []
+    for number, raw in enumerate(content.split(b"\n"), start=1):
+        where = f"{path.name}, line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TaskError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                            "save the file as UTF-8") from None
+        if line.strip():
+            records.append((where, _record(line, where)))
+    if not records:
+        raise TaskError(f"task file {path} holds no example")
+    return records
+
+
 def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -> Task:
     """Read a JSON Lines task file (module docstring) into a :class:`Task`; every problem is a :class:`TaskError`."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist")
+    records = read_records(path)
     check_tokenizer(tokenizer)
-    examples: list[_Example] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            examples.append(_parse_line(line, tokenizer, f"{path.name}, line {number}"))
-    if not examples:
-        raise TaskError(f"task file {path} holds no example")
+    examples = [_tokenized(record, tokenizer, where) for where, record in records]
     with_answers = {e.correct is not None for e in examples}
     if len(with_answers) > 1:
         raise TaskError(f"{path.name}: some lines give correct/incorrect answers and others do not; give them on every line or none")
@@ -82,7 +103,7 @@ def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -
     return Task(clean, corrupted, mask, name=name or path.stem, **answers)
 
 
-def _parse_line(line: str, tokenizer: Any, where: str) -> _Example:
+def _record(line: str, where: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -100,6 +121,10 @@ def _parse_line(line: str, tokenizer: Any, where: str) -> _Example:
             raise TaskError(f"{where}: {key!r} must be a non-empty string, got {record[key]!r}")
     if ("correct" in record) != ("incorrect" in record):
         raise TaskError(f"{where}: give both 'correct' and 'incorrect', or neither")
+    return record
+
+
+def _tokenized(record: dict[str, Any], tokenizer: Any, where: str) -> _Example:
     clean = _encode(tokenizer, record["clean"], where, "clean", special=True)
     corrupted = _encode(tokenizer, record["corrupted"], where, "corrupted", special=True)
     if len(clean) != len(corrupted):
