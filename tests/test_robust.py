@@ -94,16 +94,18 @@ def test_the_command_writes_the_circuit_before_the_faithfulness_pass(reference, 
 
 def test_ctrl_c_during_the_search_says_the_same_command_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    original = search_module._search_receiver
     calls = []
 
-    def interrupt_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*a, **k)
+    def interrupting_third(original):
+        def run(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return original(*a, **k)
+        return run
 
-    monkeypatch.setattr(search_module, "_search_receiver", interrupt_third)
+    for name in ("_search_receiver", "search_receiver"):  # one receiver at a time, or in candidate batches
+        monkeypatch.setattr(search_module, name, interrupting_third(getattr(search_module, name)))
     code, err = _main(capsys, "discover", *COMMON, "--threshold", "0.05", "--out", str(out))
     assert code == 130
     _one_line(err, f"finished receivers are in {out / 'checkpoint.json'}: run the same command again to resume")
