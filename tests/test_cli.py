@@ -105,10 +105,13 @@ def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, mon
 
 def test_the_parser_choices_are_the_formats_and_metrics():
     from pahq_fx.acdc.metrics import Metric
+    from pahq_fx.acdc.speculation import check_speculation
     from pahq_fx.precision import AUTO, Format
 
     assert cli.PRECISIONS == (AUTO, *(f.value for f in Format))
     assert cli.METRICS == tuple(m.value for m in Metric)
+    for speculation in cli.SPECULATIONS:  # every choice the parser offers is one discover takes
+        check_speculation(speculation)
 
 
 def test_help_and_argument_errors_import_no_torch():
