@@ -17,11 +17,15 @@ _PUBLIC = {
     "Sweep": ".acdc",
     "Task": ".acdc",
     "discover": ".acdc",
+    "Plan": ".acdc.plan",
+    "plan": ".acdc.plan",
+    "plan_from_config": ".acdc.plan",
     "sweep": ".acdc",
     "backend": ".compile",
     "CheckpointError": ".errors",
     "InvalidHeadError": ".errors",
     "InvalidInputsError": ".errors",
+    "PlanError": ".errors",
     "PahqError": ".errors",
     "QuantizationError": ".errors",
     "TaskError": ".errors",
@@ -48,6 +52,8 @@ __all__ = [
     "LayerInfo",
     "PahqError",
     "PahqModel",
+    "Plan",
+    "PlanError",
     "PrecisionConfig",
     "QuantizationError",
     "Sweep",
@@ -58,6 +64,8 @@ __all__ = [
     "backend",
     "discover",
     "passes",
+    "plan",
+    "plan_from_config",
     "sweep",
     "transform",
 ]
@@ -65,12 +73,14 @@ __all__ = [
 if TYPE_CHECKING:
     from . import passes
     from .acdc import Circuit, Sweep, Task, discover, sweep
+    from .acdc.plan import Plan, plan, plan_from_config
     from .compile import backend
     from .errors import (
         CheckpointError,
         InvalidHeadError,
         InvalidInputsError,
         PahqError,
+        PlanError,
         QuantizationError,
         TaskError,
         UnsupportedArchitectureError,

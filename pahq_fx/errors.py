@@ -38,3 +38,7 @@ class TaskError(PahqError, ValueError):
 
 class CheckpointError(PahqError, ValueError):
     """A discovery checkpoint that is unreadable or belongs to a run with other arguments."""
+
+
+class PlanError(PahqError, ValueError):
+    """A run that its plan says cannot fit the memory it may use (the message says what would), or a bad plan argument."""
