@@ -69,6 +69,7 @@ class Geometry:
     model_bytes: int  # the model's own parameters and buffers (FP32: pahq_fx refuses narrower weights)
     split_bytes: int  # what the split graph adds: per-head copies of q, k, v, o weights, their biases, index buffers
     token_wise: bool = True  # the final norm and unembedding act per token: the final read keeps the metric rows only
+    split_peak: int | None = None  # measured: the most the trace and split held above the model's weights
 
     @property
     def d_model(self) -> int:
@@ -134,15 +135,16 @@ def _first(config: Any, *keys: str) -> int:
     raise UnsupportedArchitectureError(f"the configuration has none of {', '.join(keys)}")
 
 
-def geometry_from_config(config: Any, name: str | None = None) -> Geometry:
-    """A :class:`Geometry` from a Hugging Face configuration: parameters counted on the meta device (no weights)."""
+def geometry_from_config(config: Any, name: str | None = None, model_bytes: int | None = None) -> Geometry:
+    """A :class:`Geometry` from a Hugging Face configuration: parameters counted on the meta device (no weights),
+    unless ``model_bytes`` gives them."""
     kind = config.model_type
     n_layers, n_heads, n_groups, d_model = _sizes(config)
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
              or getattr(config, "ffn_dim", None) or 4 * d_model)
     vocab = int(config.vocab_size)
-    model_bytes = _meta_model_bytes(config)
+    model_bytes = _meta_model_bytes(config) if model_bytes is None else model_bytes
     q_bias = kind in ("gpt2", "gpt_neox", "opt", "qwen2") or bool(getattr(config, "attention_bias", False))
     o_bias = kind in ("gpt2", "gpt_neox", "opt") or bool(getattr(config, "attention_bias", False))
     width = (n_heads + 2 * n_groups) * d_head
@@ -228,6 +230,7 @@ class MemoryPlan:
     storage: str
     weights: int  # the model's parameters and buffers
     split_weights: int  # the split graph's per-head copies
+    split_peak: int  # the trace and split pass at their peak, above the weights (the copies included)
     caches: dict[str, int]
     state_start: int  # every step running, every edge kept: exact
     state_bound: int  # every sender and receiver holding its own tensor
@@ -251,12 +254,14 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.weights + self.split_weights + max(self.forward, self.setup_peak, self.search_peak)
+        return self.weights + max(self.forward, self.split_peak,
+                                  self.split_weights + max(self.setup_peak, self.search_peak))
 
     @property
     def peak_bound(self) -> int:
         bound = self.cache_bytes + self.state_bound + self.query_bound
-        return self.weights + self.split_weights + max(self.forward, self.setup_peak, self.search_peak, bound)
+        return self.weights + max(self.forward, self.split_peak,
+                                  self.split_weights + max(self.setup_peak, self.search_peak, bound))
 
     def needed(self, assume: str) -> int:
         """The peak a check compares with the memory: ``bound`` (any threshold) or ``dense`` (a dense circuit)."""
@@ -264,7 +269,7 @@ class MemoryPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"storage": self.storage, "available": self.available, "weights": self.weights,
-                "split_weights": self.split_weights, "caches": dict(self.caches), "cache_bytes": self.cache_bytes,
+                "split_weights": self.split_weights, "split_peak": self.split_peak, "caches": dict(self.caches), "cache_bytes": self.cache_bytes,
                 "state_start": self.state_start, "state_bound": self.state_bound, "query": self.query,
                 "query_bound": self.query_bound,
                 "component": self.component, "setup_peak": self.setup_peak, "forward": self.forward,
@@ -337,7 +342,10 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32) -> 
     fp32_caches = 4 * ((2 * senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
     setup_peak = fp32_caches + fp32_stream * max(heads, len(steps)) + component
     forward = 4 * n * g.vocab + 4 * 4 * n * d + component
-    return MemoryPlan(storage, g.model_bytes, g.split_bytes, caches, state_start, state_bound, query, query_bound,
+    # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
+    # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).
+    split_peak = g.split_peak if g.split_peak is not None else 2 * g.split_bytes
+    return MemoryPlan(storage, g.model_bytes, g.split_bytes, split_peak, caches, state_start, state_bound, query, query_bound,
                       component, setup_peak, forward)
 
 
@@ -477,7 +485,7 @@ class Plan:
     max_memory_source: str
     loaded_bytes: int = 0  # weights already on the device (part of the peak, already out of its free memory)
     timing: Timing | None = None
-    measured_setup_state_bytes: int | None = None
+    measured: dict[str, int] = field(default_factory=dict)  # from the built runtime: setup_state_bytes, split_peak, setup_peak
     largest_batch: int | None = None  # where it does not fit: the most prompts of this length that do
     notes: tuple[str, ...] = field(default_factory=tuple)
     assume: str = BOUND  # what the check assumes of the circuit: BOUND (any threshold) or DENSE
@@ -539,12 +547,16 @@ class Plan:
             "senders": self.senders, "receivers": self.receivers, "edges": self.edges, "queries_upper_bound": self.queries,
             "memory": self.memory.to_json(),
             "projections_not_available": {k: v.to_json() for k, v in self.projections.items()},
-            "measured_setup_state_bytes": self.measured_setup_state_bytes,
+            "measured": dict(self.measured),
             "device": self.device, "max_memory": self.max_memory, "max_memory_source": self.max_memory_source,
             "loaded_bytes": self.loaded_bytes, "assume": self.assume, "needed": self.needed, "fits": self.fits,
             "fits_dense": self.fits_dense, "largest_batch": self.largest_batch,
             "timing": None if self.timing is None else self.timing.to_json(), "notes": list(self.notes),
         }
+
+    @property
+    def _split_source(self) -> str:
+        return "measured" if self.geometry.split_peak is not None else "estimated: twice the copies"
 
     def describe(self) -> str:
         g, w, m = self.geometry, self.workload, self.memory
@@ -561,16 +573,18 @@ class Plan:
             "| --- | --- |",
             f"| weights (model) | {_gib(m.weights)} |",
             f"| weights (split per-head copies) | {_gib(m.split_weights)} |",
+            f"| trace and split at their peak, above the weights ({self._split_source}) | {_gib(m.split_peak)} |",
         ]
         lines += [f"| cache: {k} | {_gib(v)} |" for k, v in m.caches.items()]
-        measured = ("" if self.measured_setup_state_bytes is None
-                    else f" (state_bytes() after setup: {_gib(self.measured_setup_state_bytes)})")
+        measured = ("" if "setup_state_bytes" not in self.measured
+                    else f" (state_bytes() after setup: {_gib(self.measured['setup_state_bytes'])})")
         lines += [
             f"| caches in all{measured} | {_gib(m.cache_bytes)} |",
             f"| state, every edge kept (projections, rows) | {_gib(m.state_start)} |",
             f"| state bound (every component changed) | {_gib(m.state_bound)} |",
             f"| a dense first-layer query's transient tensors | {_gib(m.query)} |",
-            f"| setup's own peak (above weights) | {_gib(m.setup_peak)} |",
+            f"| setup's own peak (above the weights and copies) | {_gib(m.setup_peak)}"
+            + (f" (measured {_gib(self.measured['setup_peak'])})" if "setup_peak" in self.measured else "") + " |",
             f"| **peak, a dense circuit** | **{_gib(m.peak)}** |",
             f"| **peak bound, any threshold** (state and query bounds) | **{_gib(m.peak_bound)}** |",
             f"| max_memory ({self.max_memory_source}) | {_gib(self.max_memory)} |",
@@ -647,7 +661,7 @@ def free_memory(device: Any) -> tuple[int, str]:
 
 
 def _assemble(geometry: Geometry, workload: Workload, *, storage: str, device: str, max_memory: int | str | None,
-              loaded_bytes: int, assume: str = BOUND, timing: Timing | None = None, measured: int | None = None,
+              loaded_bytes: int, assume: str = BOUND, timing: Timing | None = None, measured: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
     if assume not in (BOUND, DENSE):
         raise PlanError(f"assume must be {BOUND!r} (any threshold) or {DENSE!r} (a dense circuit), got {assume!r}")
@@ -667,7 +681,7 @@ def _assemble(geometry: Geometry, workload: Workload, *, storage: str, device: s
     if memory.needed(assume) > limit:
         largest = _largest_batch(geometry, workload, storage, limit, assume)
     return Plan(geometry.name, workload, geometry, edges.edges, edges.receivers, edges.senders, memory, projections,
-                device, limit, source, loaded_bytes, timing, measured, largest, notes, assume)
+                device, limit, source, loaded_bytes, timing, measured or {}, largest, notes, assume)
 
 
 def _largest_batch(geometry: Geometry, workload: Workload, storage: str, limit: int, assume: str) -> int:
@@ -722,9 +736,13 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
     and fp8 figures as projections."""
     import torch
 
-    from ..precision import AUTO, auto_format, parse_format
+    from .. import graph_meta
+    from ..pipeline import lower_split
+    from ..precision import AUTO, PrecisionConfig, auto_format, parse_format
+    from .edges import EdgeGraph
     from .run_info import eager_forward_seconds
-    from .setup import build_runtime, check_vocabulary, parse_metric, resolve_compile
+    from .runtime import PatchingRuntime
+    from .setup import _trace_for, check_vocabulary, parse_metric, resolve_compile
 
     parsed_metric = parse_metric(metric, task)
     check_vocabulary(model, task)
@@ -736,7 +754,7 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
     config = getattr(model, "config", None)
     notes: list[str] = []
     try:
-        geometry = replace(geometry_from_config(config), model_bytes=_tensor_bytes(model_tensors))
+        geometry = geometry_from_config(config, model_bytes=_tensor_bytes(model_tensors))
     except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError) as error:
         geometry = None
         notes.append(f"no configuration-only geometry ({error}); the runtime was built to read it")
@@ -752,10 +770,15 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
         notes.append(f"the other heads in {fmt.value}: the split weights include their low-precision copies (counted "
                      "from the built runtime; the check before it counted FP32 copies only)")
     compiled, _ = resolve_compile(compile, device)
+    # As setup.build_runtime builds it, in two measured phases: the trace and split, then the runtime's caches.
     with torch.no_grad():
-        runtime, _ = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
-    measured = runtime.state_bytes()
-    geometry = geometry_from_runtime(runtime, model)
+        graph, split_peak = measured_peak(lambda: lower_split(_trace_for(model, ids), PrecisionConfig(fmt, granularity)),
+                                          device)
+        edges = EdgeGraph(graph_meta.head_graph(graph))
+        runtime, setup_peak = measured_peak(lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled),
+                                            device)
+    measured = {"setup_state_bytes": runtime.state_bytes(), "split_peak": split_peak, "setup_peak": setup_peak}
+    geometry = replace(geometry_from_runtime(runtime, model), split_peak=split_peak)
     timing = None
     if calibrate:
         forward_s = statistics.median(eager_forward_seconds(model, ids, repeats=3))
@@ -763,6 +786,24 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
     result = _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory,
                        loaded_bytes=loaded, assume=assume, timing=timing, measured=measured, notes=tuple(notes))
     return result.check() if check else result
+
+
+def preflight(model: Any, task: Any, *, max_memory: int | str | None = None, storage: str = FP32,
+              assume: str = BOUND) -> Plan | None:
+    """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
+    where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
+    discover`` and ``sweep`` run before anything else."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    try:
+        geometry = geometry_from_config(getattr(model, "config", None), model_bytes=_tensor_bytes(tensors))
+    except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError):
+        return None
+    device = task.clean_input_ids.device
+    ids = task.clean_input_ids
+    workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
+    loaded = _tensor_bytes([t for t in tensors if t.device == device])
+    return _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory, loaded_bytes=loaded,
+                     assume=assume).check()
 
 
 def write_json(result: Plan, path: str) -> None:
@@ -779,6 +820,12 @@ def measured_peak(fn: Any, device: Any = "cpu") -> tuple[Any, int]:
     """``fn()``'s result and the most bytes its tensors held at once above what was allocated when it started: on
     CUDA from the allocator's peak statistics, elsewhere from the profiler's allocation events (every allocation and
     free of the CPU allocator, in order). What the tests and benchmarks/plan_accuracy.py compare the plan with."""
+    result, peak, _ = measured_allocation(fn, device)
+    return result, peak
+
+
+def measured_allocation(fn: Any, device: Any = "cpu") -> tuple[Any, int, int]:
+    """``fn()``'s result, its peak (as :func:`measured_peak`) and the bytes it left allocated."""
     import torch
 
     device = torch.device(device)
@@ -788,7 +835,7 @@ def measured_peak(fn: Any, device: Any = "cpu") -> tuple[Any, int]:
         torch.cuda.reset_peak_memory_stats(device)
         result = fn()
         torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - base
+        return result, torch.cuda.max_memory_allocated(device) - base, torch.cuda.memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -800,4 +847,4 @@ def measured_peak(fn: Any, device: Any = "cpu") -> tuple[Any, int]:
     for _, nbytes in events:
         running += nbytes
         peak = max(peak, running)
-    return result, peak
+    return result, peak, running
