@@ -22,7 +22,7 @@ positions where the unembedding acts per token, ``S`` senders, ``K`` steps):
   layer the shared new input, new projections, the heads' new outputs and their per-head changes and summed change
   (``(2 H + 2) N d + N (H + 2 G) d_head``), per MLP an input, an output and a change (``3 N d``), and the largest
   component's own temporaries (an MLP's hidden activations, an attention core's scores).
-* setup's own peak: the corrupted run's outputs and per-head copies exist next to the clean caches for a moment.
+* setup's own peak: the corrupted run's reads exist next to the caches for a moment.
 
 The state is FP32 today. ``storage`` scales the stream-sized state and caches to another element size; bf16 and
 fp8 figures are projections of a storage format the runtime does not have yet (issue 30, item 3), never a choice.
@@ -292,7 +292,6 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32) -> 
     steps = g.steps()
     senders = len(hg.senders())
     receivers = len(hg.receivers())
-    heads = sum(layer.n_heads for layer in hg.layers)
     caches = {
         "clean outputs": senders * stream,
         "corrupted - clean": senders * stream,
@@ -337,10 +336,10 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32) -> 
     query = max(query, held + 2 * 4 * f_rows * d)  # the new final read and its change
     # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input.
     query_bound = query + sum(layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers) * fp32_stream
-    # Setup (always FP32): the corrupted run's outputs and reads next to the clean caches, then each head's
-    # corrupted-minus-clean copied out of its layer's [batch, seq, heads, d] tensor before that is freed.
+    # Setup (always FP32): the corrupted run's outputs (which become corrupted-minus-clean in place) and its reads
+    # next to the clean caches, and a component's temporaries.
     fp32_caches = 4 * ((2 * senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
-    setup_peak = fp32_caches + fp32_stream * max(heads, len(steps)) + component
+    setup_peak = fp32_caches + fp32_stream * len(steps) + component
     forward = 4 * n * g.vocab + 4 * 4 * n * d + component
     # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
     # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).
