@@ -377,10 +377,12 @@ class Timing:
                 "note": "dense upper bound: every edge queried, each query's cone as with every edge kept"}
 
 
-def calibrate_runtime(runtime: Any, forward_s: float, queries_per_role: int = 2, layers: Sequence[int] | None = None) -> Timing:
-    """Time ``investigate`` and ``queries_per_role`` edge queries (``try_remove`` then ``rollback``) on the first
-    receiver ACDC visits of each role of each step in ``layers`` (default: every layer; the first and last are always
-    included), in ACDC's order, then :meth:`~PatchingRuntime.reset`. Steps not measured take the linear interpolation
+def calibrate_runtime(runtime: Any, forward_s: float, queries_per_role: int = 2, layers: Sequence[int] | None = None,
+                      min_seconds: float = 0.1, max_queries: int = 64) -> Timing:
+    """Time ``investigate`` and at least ``queries_per_role`` edge queries (``try_remove`` then ``rollback``; more, up to
+    ``max_queries``, until they took ``min_seconds``: a fast query's time is noisy) on the first receiver ACDC visits
+    of each role of each step in ``layers`` (default: every layer; the first and last are always included), in ACDC's
+    order, then :meth:`~PatchingRuntime.reset`. A query's time is the median of its samples. Steps not measured take the linear interpolation
     of their role's measured neighbours. Every edge is kept throughout: each query's cone is a dense circuit's."""
     start = time.perf_counter()
     edges = runtime.edges
@@ -414,8 +416,10 @@ def calibrate_runtime(runtime: Any, forward_s: float, queries_per_role: int = 2,
         if row not in first_of.values():
             continue
         k = runtime.row_step[row]
-        times = []
-        for sender in receiver.senders[:queries_per_role]:
+        times: list[float] = []
+        senders = receiver.senders
+        while len(times) < queries_per_role or (sum(times) < min_seconds and len(times) < max_queries):
+            sender = senders[len(times) % len(senders)]
             t0 = time.perf_counter()
             runtime.try_remove(row, [sender])
             runtime.rollback()
