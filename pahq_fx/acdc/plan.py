@@ -544,8 +544,8 @@ class Plan:
         g, w = self.geometry, self.workload
         return {
             "model": self.model, "batch": w.batch, "seq": w.seq, "tokens": w.tokens, "positions": w.positions,
-            "layers": g.layers, "heads": [layer.n_heads for layer in g.head_graph.layers][:1],
-            "kv_groups": [layer.n_kv_groups for layer in g.head_graph.layers][:1], "d_model": g.d_model,
+            "layers": g.layers, "heads": g.head_graph.layers[0].n_heads,
+            "kv_groups": g.head_graph.layers[0].n_kv_groups, "d_model": g.d_model,
             "d_head": g.d_head, "d_mlp": g.d_mlp, "vocab": g.vocab,
             "senders": self.senders, "receivers": self.receivers, "edges": self.edges, "queries_upper_bound": self.queries,
             "memory": self.memory.to_json(),
