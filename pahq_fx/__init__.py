@@ -17,12 +17,16 @@ _PUBLIC = {
     "Sweep": ".acdc",
     "Task": ".acdc",
     "discover": ".acdc",
+    "Plan": ".acdc.plan",
+    "plan": ".acdc.plan",
+    "plan_from_config": ".acdc.plan",
     "sweep": ".acdc",
     "backend": ".compile",
     "CheckpointError": ".errors",
     "InvalidHeadError": ".errors",
     "InvalidInputsError": ".errors",
     "NonFiniteError": ".errors",
+    "PlanError": ".errors",
     "PahqError": ".errors",
     "QuantizationError": ".errors",
     "TaskError": ".errors",
@@ -50,6 +54,8 @@ __all__ = [
     "NonFiniteError",
     "PahqError",
     "PahqModel",
+    "Plan",
+    "PlanError",
     "PrecisionConfig",
     "QuantizationError",
     "Sweep",
@@ -60,6 +66,8 @@ __all__ = [
     "backend",
     "discover",
     "passes",
+    "plan",
+    "plan_from_config",
     "sweep",
     "transform",
 ]
@@ -67,6 +75,7 @@ __all__ = [
 if TYPE_CHECKING:
     from . import passes
     from .acdc import Circuit, Sweep, Task, discover, sweep
+    from .acdc.plan import Plan, plan, plan_from_config
     from .compile import backend
     from .errors import (
         CheckpointError,
@@ -74,6 +83,7 @@ if TYPE_CHECKING:
         InvalidInputsError,
         NonFiniteError,
         PahqError,
+        PlanError,
         QuantizationError,
         TaskError,
         UnsupportedArchitectureError,

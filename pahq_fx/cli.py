@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -259,6 +260,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)  # with the tokenizer alone: a task's mistakes need no model
     model, _ = _load_model(args.model, tokenizer)
+    _preflight(args, model, task)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
     _stage(args, "checking the task, then tracing, splitting and caching the model")
@@ -322,6 +324,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)
     model, _ = _load_model(args.model, tokenizer)
+    _preflight(args, model, task)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(model, task, thresholds, metric=args.metric, precision=args.precision,
                    reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
@@ -329,6 +332,51 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
+
+
+def _preflight(args: argparse.Namespace, model, task) -> None:
+    """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight)."""
+    if args.max_memory == "none":
+        return
+    from .acdc.plan import preflight
+
+    preflight(model, task, max_memory=args.max_memory, assume=args.assume)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .acdc import plan as planning
+
+    check = args.max_memory != "none"
+    if not check:
+        args.max_memory = None
+    if args.config:
+        from transformers import AutoConfig
+
+        if args.batch is None or args.seq is None:
+            raise PahqError("--config needs --batch and --seq (the task's prompts and tokens per prompt)")
+        config = AutoConfig.from_pretrained(args.config)
+        result = planning.plan_from_config(config, args.batch, args.seq, positions=args.positions,
+                                           device=args.device or "cpu", max_memory=args.max_memory, assume=args.assume,
+                                           name=args.config)
+    else:
+        if not args.task:
+            raise PahqError("plan --model needs --task")
+        source = _task_source(args.task)
+        _stage(args, f"loading {args.model}")
+        task, tokenizer = _checked_task(args, source, args.metric)
+        model, _ = _load_model(args.model, tokenizer)
+        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
+        _stage(args, "planning" + (": tracing, caching and timing a few queries per layer" if not args.no_calibrate else ""))
+        result = planning.plan(model, task, metric=args.metric, precision=args.precision, max_memory=args.max_memory,
+                               calibrate=not args.no_calibrate, queries_per_role=args.queries_per_role, layers=layers,
+                               assume=args.assume, check=False)
+        result = dataclasses.replace(result, model=args.model)
+    print(result.describe(), end="")
+    if args.json:
+        planning.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if check:
+        result.check()
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -352,6 +400,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     model, _ = _load_model(args.model, tokenizer)
     faithfulness = circuit.evaluate(model, task)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
+
+
+def _memory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", default=None,
+                        help="memory the run may use, e.g. 20GiB or 80GB (default: the device's free memory plus the "
+                             "model's weights on it; 'none' skips the check)")
+    parser.add_argument("--assume", default="bound", choices=("bound", "dense"),
+                        help="check the peak bound, which a search at any threshold stays under (default), or a dense "
+                             "circuit's peak")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     compiling = d.add_mutually_exclusive_group()
     compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)")
     compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
+    _memory_arguments(d)
     d.set_defaults(run=cmd_discover)
     w = sub.add_parser("sweep", help="circuits at several thresholds from one setup, faithfulness, ROC/AUC and plots")
     w.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
@@ -397,7 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_compiling = w.add_mutually_exclusive_group()
     sweep_compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)")
     sweep_compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
+    _memory_arguments(w)
     w.set_defaults(run=cmd_sweep)
+    p = sub.add_parser("plan", help="edges, queries, memory and time of a run before it starts; exit 2 where it cannot fit")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="shipped model name, local checkpoint directory or hub id")
+    source.add_argument("--config", help="a Hugging Face config.json (or folder): plan from the sizes alone, no weights")
+    p.add_argument("--task", help="task name, .jsonl prompt pairs or .safetensors task (with --model)")
+    p.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    p.add_argument("--seed", type=int, default=0, help="seed of a generated task")
+    p.add_argument("--batch", type=int, help="prompts (with --config)")
+    p.add_argument("--seq", type=int, help="tokens per prompt (with --config)")
+    p.add_argument("--positions", type=int, help="metric rows (with --config; default one per prompt)")
+    p.add_argument("--device", help="device whose free memory is the default --max-memory (with --config; default cpu)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--metric", default="kl", choices=METRICS)
+    p.add_argument("--no-calibrate", action="store_true", help="memory only: no runtime is built, no query timed")
+    p.add_argument("--queries-per-role", type=int, default=2, help="calibration queries per receiver role and step")
+    p.add_argument("--layers", help="comma-separated layers to calibrate (default every layer; others interpolated)")
+    p.add_argument("--json", help="write the plan as JSON to this file")
+    p.add_argument("--no-progress", action="store_true")
+    _memory_arguments(p)
+    p.set_defaults(run=cmd_plan)
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)
     i.set_defaults(run=cmd_inspect)

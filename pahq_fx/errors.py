@@ -42,3 +42,7 @@ class CheckpointError(PahqError, ValueError):
 
 class NonFiniteError(PahqError, ValueError):
     """A NaN or infinity where a number is needed: in a weight of the model (named), or in the task's clean metric."""
+
+
+class PlanError(PahqError, ValueError):
+    """A run that its plan says cannot fit the memory it may use (the message says what would), or a bad plan argument."""
