@@ -55,7 +55,8 @@ def row(name: str, plan: planning.Plan, where: str) -> dict:
         "setup_peak_gib": m.setup_peak / GiB, "peak_dense_gib": m.peak / GiB, "peak_bound_gib": m.peak_bound / GiB,
         "fits_dense": plan.fits_dense, "fits_any_threshold": plan.fits,
         "largest_batch_any_threshold": plan.largest_batch if not plan.fits else BATCH,
-        "largest_batch_dense": planning._largest_batch(plan.geometry, plan.workload, "fp32", plan.max_memory, "dense")
+        "largest_batch_dense": planning._largest_batch(plan.geometry, plan.workload, "fp32", plan.max_memory, "dense",
+                                                  plan.memory.candidates)
         if not plan.fits_dense else BATCH,
         "projection_bf16_peak_dense_gib": bf16.peak / GiB, "projection_bf16_peak_bound_gib": bf16.peak_bound / GiB,
         "projection_fp8_peak_dense_gib": fp8.peak / GiB, "projection_fp8_peak_bound_gib": fp8.peak_bound / GiB,

@@ -22,6 +22,7 @@ from pahq_fx.acdc import plan as planning
 from pahq_fx.acdc import search as search_module
 from pahq_fx.acdc.search import prepare, search
 from pahq_fx.acdc.setup import _trace_for, build_runtime
+from pahq_fx.acdc.speculation import candidate_memory
 from pahq_fx.pipeline import lower_split
 from pahq_fx.precision import Format, PrecisionConfig
 from tests.builders import Spec, build, specs, token_ids
@@ -57,7 +58,7 @@ def test_caches_and_dense_state_are_predicted_to_the_byte(spec, batch, seq, data
     assert runtime.state_bytes() == memory.cache_bytes + memory.state_start
 
 
-def _run(model, task, threshold):
+def _run(model, task, threshold, speculation="off"):
     """A real run (``discover``'s two phases: ``prepare``, then ``search``): its allocator peak above what was allocated
     before (the larger of prepare's peak, and what prepare left plus the search's peak), its largest state_bytes(), and
     what prepare left beyond what the plan counts."""
@@ -73,7 +74,8 @@ def _run(model, task, threshold):
 
     search_module._search_receiver = searched
     try:
-        circuit, search_peak = planning.measured_peak(lambda: search(session, threshold, progress=False))
+        circuit, search_peak = planning.measured_peak(
+            lambda: search(session, threshold, progress=False, speculation=speculation))
     finally:
         search_module._search_receiver = original
     garbage = max(0, left - _live_after_prepare(session))
@@ -104,13 +106,17 @@ def test_peak_of_a_real_run(spec):
     geometry = replace(planning.geometry_from_config(model.config), split_peak=split_peak)
     memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch))
     above_weights = memory.peak - memory.weights
-    for threshold in (0.0, 0.003, 10.0):
-        circuit, peak, state, garbage = _run(model, task, threshold)
+    with_candidates = planning.memory_plan(geometry, planning.Workload(batch, seq, batch),
+                                           candidate_budget=candidate_memory(torch.device("cpu")))
+    assert with_candidates.candidates > 0 and with_candidates.peak_bound > memory.peak_bound
+    for threshold, speculation in ((0.0, "off"), (0.003, "off"), (10.0, "off"), (0.0, "adaptive"), (0.003, "adaptive")):
+        circuit, peak, state, garbage = _run(model, task, threshold, speculation)
         assert garbage <= 2 * memory.weights, garbage
         peak -= garbage
         assert state <= memory.cache_bytes + memory.state_bound, threshold
-        assert peak <= memory.peak_bound - memory.weights, threshold
-        if threshold == 0.0:
+        plan = memory if speculation == "off" else with_candidates
+        assert peak <= plan.peak_bound - plan.weights, (threshold, speculation)
+        if threshold == 0.0 and speculation == "off":  # one query at a time: the dense figure itself
             assert len(circuit.edges) == circuit.total_edges
             assert state == memory.cache_bytes + memory.state_start
             assert abs(peak / above_weights - 1) <= 0.2, (peak, above_weights)
@@ -162,8 +168,10 @@ def test_a_run_that_cannot_fit_is_refused_with_what_would():
     assert not result.fits and 0 < result.largest_batch < 8
     smaller = result.workload.with_batch(result.largest_batch)
     geometry = result.geometry
-    assert planning.memory_plan(geometry, smaller).peak_bound <= limit
-    assert planning.memory_plan(geometry, result.workload.with_batch(result.largest_batch + 1)).peak_bound > limit
+    budget = candidate_memory(torch.device("cpu"))
+    assert planning.memory_plan(geometry, smaller, candidate_budget=budget).peak_bound <= limit
+    larger = result.workload.with_batch(result.largest_batch + 1)
+    assert planning.memory_plan(geometry, larger, candidate_budget=budget).peak_bound > limit
     with pytest.raises(pahq_fx.PlanError, match="weights alone"):
         planning.plan(model, task, calibrate=False, max_memory=1000)
     # A dense circuit needs less than the bound: assume="dense" admits what the bound refuses.

@@ -239,6 +239,7 @@ class MemoryPlan:
     component: int  # the largest component's own temporaries (an MLP's hidden activations, an attention core's)
     setup_peak: int  # caches plus what exists only during setup
     forward: int  # an eager forward of the original model (the task check and the forward timing)
+    candidates: int = 0  # what speculation's candidate batches add at most: more dense queries, within their budget
 
     @property
     def available(self) -> bool:
@@ -250,7 +251,7 @@ class MemoryPlan:
 
     @property
     def search_peak(self) -> int:
-        return self.cache_bytes + self.state_start + self.query
+        return self.cache_bytes + self.state_start + self.query + self.candidates
 
     @property
     def peak(self) -> int:
@@ -259,7 +260,7 @@ class MemoryPlan:
 
     @property
     def peak_bound(self) -> int:
-        bound = self.cache_bytes + self.state_bound + self.query_bound
+        bound = self.cache_bytes + self.state_bound + self.query_bound + self.candidates
         return self.weights + max(self.forward, self.split_peak,
                                   self.split_weights + max(self.setup_peak, self.search_peak, bound))
 
@@ -273,10 +274,11 @@ class MemoryPlan:
                 "state_start": self.state_start, "state_bound": self.state_bound, "query": self.query,
                 "query_bound": self.query_bound,
                 "component": self.component, "setup_peak": self.setup_peak, "forward": self.forward,
+                "candidates": self.candidates,
                 "search_peak": self.search_peak, "peak": self.peak, "peak_bound": self.peak_bound}
 
 
-def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32) -> MemoryPlan:
+def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, candidate_budget: int = 0) -> MemoryPlan:
     """The bytes a search on ``workload`` holds, term by term (module docstring). ``storage`` other than fp32 is a
     projection: the stream-sized caches and state at that element size (fp8 with one FP32 scale per row), the
     transient tensors of a query and of setup in FP32."""
@@ -344,8 +346,12 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32) -> 
     # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
     # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).
     split_peak = g.split_peak if g.split_peak is not None else 2 * g.split_bytes
+    # Speculation holds up to MAX_CANDIDATES dense queries at once, within its budget (speculation.candidate_memory).
+    from .speculation import MAX_CANDIDATES
+
+    candidates = min((MAX_CANDIDATES - 1) * query_bound, candidate_budget)
     return MemoryPlan(storage, g.model_bytes, g.split_bytes, split_peak, caches, state_start, state_bound, query, query_bound,
-                      component, setup_peak, forward)
+                      component, setup_peak, forward, candidates)
 
 
 # ---------------------------------------------------------------------------------------------------------- time
@@ -678,20 +684,34 @@ def _assemble(geometry: Geometry, workload: Workload, *, storage: str, device: s
     else:
         limit, source = parse_bytes(max_memory), "max_memory"
     edges = EdgeCounts.of(geometry.head_graph)
-    memory = memory_plan(geometry, workload, storage)
-    projections = {s: memory_plan(geometry, workload, s) for s in STORAGE if s != storage}
+    budget = _candidate_budget(device, limit)
+    memory = memory_plan(geometry, workload, storage, budget)
+    projections = {s: memory_plan(geometry, workload, s, budget) for s in STORAGE if s != storage}
     largest = None
     if memory.needed(assume) > limit:
-        largest = _largest_batch(geometry, workload, storage, limit, assume)
+        largest = _largest_batch(geometry, workload, storage, limit, assume, budget)
     return Plan(geometry.name, workload, geometry, edges.edges, edges.receivers, edges.senders, memory, projections,
                 device, limit, source, loaded_bytes, timing, measured or {}, largest, notes, assume)
 
 
-def _largest_batch(geometry: Geometry, workload: Workload, storage: str, limit: int, assume: str) -> int:
+def _candidate_budget(device: str, limit: int) -> int:
+    """What speculation's candidate batches may hold on ``device`` (:func:`~pahq_fx.acdc.speculation.candidate_memory`);
+    for a device this machine does not have (a plan for a GPU made on a CPU), the same share of ``limit``."""
+    import torch
+
+    from .speculation import MEMORY_SHARE, candidate_memory
+
+    try:
+        return candidate_memory(torch.device(device))
+    except (RuntimeError, AssertionError):
+        return limit // MEMORY_SHARE
+
+
+def _largest_batch(geometry: Geometry, workload: Workload, storage: str, limit: int, assume: str, budget: int) -> int:
     lo, hi = 0, workload.batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if memory_plan(geometry, workload.with_batch(mid), storage).needed(assume) <= limit:
+        if memory_plan(geometry, workload.with_batch(mid), storage, budget).needed(assume) <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -741,7 +761,7 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
 
     from .. import graph_meta
     from ..pipeline import lower_split
-    from ..precision import AUTO, PrecisionConfig, auto_format, parse_format
+    from ..precision import AUTO, Format, PrecisionConfig, parse_format
     from .edges import EdgeGraph
     from .run_info import eager_forward_seconds
     from .runtime import PatchingRuntime
@@ -761,7 +781,10 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
     except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError) as error:
         geometry = None
         notes.append(f"no configuration-only geometry ({error}); the runtime was built to read it")
-    fmt, _ = auto_format(device) if precision == AUTO else (parse_format(precision), "")
+    fmt = Format.FP32 if precision == AUTO else parse_format(precision)
+    if precision == AUTO:
+        notes.append("precision='auto' times each format at the start of the run, holding two runtimes while it "
+                     "measures; planned in fp32")
     if geometry is not None:
         early = _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory,
                           loaded_bytes=loaded, assume=assume, notes=tuple(notes))
