@@ -20,6 +20,9 @@ from .edges import EdgeGraph, Receiver
 from .runtime import PatchingRuntime
 
 MARGIN = 1.15  # a low-precision format must be this many times faster per query than FP32 to be chosen
+# Below this many seconds per eager forward a model's queries are per-operation overhead, which casts only add to,
+# and measuring (a second runtime's setup) would cost more than the whole search: FP32 without measuring.
+MEASURE_ABOVE_S = 0.05
 CANDIDATES = 8  # queries per timed batch
 REPEATS = 2  # timed batches per format, after one untimed; the fastest counts
 
@@ -79,6 +82,11 @@ class Calibration:
         speed = "" if self.chosen is Format.FP32 else f" ({fp32 / self.seconds[self.chosen]:.2f}x faster than fp32)"
         return (f"auto: per query into {self.receiver} ({CANDIDATES} queries, best of {REPEATS}): {times}; "
                 f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32")
+
+
+def unmeasured_note(forward_s: float) -> str:
+    return (f"auto: fp32 without measuring: one eager forward takes {forward_s * 1e3:.3g} ms (under "
+            f"{MEASURE_ABOVE_S * 1e3:.0f} ms, queries are per-operation overhead, which a low-precision format's casts only add to)")
 
 
 def choose(seconds: dict[Format, float]) -> Format:

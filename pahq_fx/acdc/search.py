@@ -19,7 +19,15 @@ from ..errors import CheckpointError, NonFiniteError
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, parse_format
 from ..split import check_finite_weights, check_float32_weights, wide_weights_note
-from .calibration import Calibration, choose, formats_to_try, probe_receiver, seconds_per_query
+from .calibration import (
+    MEASURE_ABOVE_S,
+    Calibration,
+    choose,
+    formats_to_try,
+    probe_receiver,
+    seconds_per_query,
+    unmeasured_note,
+)
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
@@ -167,7 +175,10 @@ def prepare(
         warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
-    if fmt is None:
+    if fmt is None and statistics.median(forward_samples) < MEASURE_ABOVE_S:
+        fmt, precision_note = Format.FP32, unmeasured_note(statistics.median(forward_samples))
+        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
+    elif fmt is None:
         runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled)
         fmt, precision_note = calibration.chosen, calibration.note()
     else:

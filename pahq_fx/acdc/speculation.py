@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +27,9 @@ from .runtime import PatchingRuntime
 
 OFF = "off"  # no predictor: one query at a time
 MAX_CANDIDATES = 32
-MEMORY_SHARE = 8  # candidate batches may use 1/MEMORY_SHARE of the device's memory
+MEMORY_SHARE = 8  # on a GPU, candidate batches may use 1/MEMORY_SHARE of the device's memory
+CACHE_SHARE = 2  # on a CPU, candidate batches may use this many times the last-level cache
+DEFAULT_CACHE = 32 << 20  # where the cache size cannot be read
 # The batch size is the largest whose expected share of dropped candidates stays under this, at the hit rate so far.
 WASTE = 0.25
 WINDOW = 64  # recent predictions the hit rate and the adaptive guess are taken over
@@ -128,14 +130,27 @@ def check_speculation(speculation: str | Predictor) -> Prediction | None:
 
 
 def candidate_memory(device: torch.device) -> int:
-    """Bytes a candidate batch may hold: a share of the device's total memory (not of what is free now: batch
-    sizes, and with them the round-off of every effect, must not depend on what else runs)."""
+    """Bytes a candidate batch may hold. On a GPU a share of the device's total memory: its cones are bound by
+    kernel launches, which a batch divides among its candidates. On a CPU twice the last-level cache: a batch pays
+    where a cone is bound by per-operation overhead (small cones), while a deep cone's batch outgrows the cache and
+    its elementwise work slows by as much as the overhead saves (benchmarks/query_depth.py, docs/performance.md),
+    so deep cones run one query at a time. Fixed per machine, not read from what is free now: batch sizes, and with
+    them the round-off of every effect, must not depend on what else runs."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // MEMORY_SHARE
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MEMORY_SHARE
-    except (OSError, ValueError):
-        return 1 << 30
+    return CACHE_SHARE * last_level_cache()
+
+
+def last_level_cache() -> int:
+    """Bytes of this CPU's largest cache (Linux sysfs), :data:`DEFAULT_CACHE` where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=DEFAULT_CACHE)
 
 
 def search_receiver(runtime: PatchingRuntime, row: int, receiver: Receiver, threshold: float, abs_threshold: bool,
