@@ -111,8 +111,8 @@ def main() -> None:
     cpu_bytes, cpu_source = planning.free_memory("cpu")
     rows = []
     for name, config in MODELS.items():
-        for where, limit in (("one 80 GB GPU", GPU_BYTES), ("this CPU", cpu_bytes)):
-            plan = planning.plan_from_config(config, BATCH, SEQ, max_memory=limit, name=name)
+        for where, limit, device in (("one 80 GB GPU", GPU_BYTES, "cuda"), ("this CPU", cpu_bytes, "cpu")):
+            plan = planning.plan_from_config(config, BATCH, SEQ, max_memory=limit, name=name, device=device)
             rows.append(row(name, plan, where))
     print(f"N = {BATCH} x {SEQ} = {BATCH * SEQ} tokens, one metric row per prompt; state in FP32 (the runtime's only "
           f"format); CPU: {cpu_bytes / GiB:.1f} GiB ({cpu_source})\n")
