@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
-ACDC_ORDER = ("auto", "fp32", "bf16", "fp16", "fp8", "fp8_e5m2", "naive", "auto-circuit")
+ACDC_ORDER = ("auto", "auto-seq", "fp32", "fp32-seq", "bf16", "bf16-seq", "fp16", "fp8", "fp8_e5m2", "naive",
+              "auto-circuit")
 
 
 def _load(path: str) -> dict:
@@ -78,6 +79,33 @@ def _forward_ms(rows: list[dict]) -> str:
     return f"{statistics.median(r['forward_s'] for r in rows) * 1000:.1f} ms"
 
 
+def _evaluated(row: dict) -> str:
+    return f" ({row['evaluated']})" if row.get("evaluated") and row["evaluated"] != row["queries"] else ""
+
+
+def _hit_rate(row: dict) -> str:
+    return "-" if row.get("hit_rate") is None else f"{row['hit_rate']:.0%}"
+
+
+def query_depth(files: list[str], env: str) -> str:
+    """Dense queries by receiver depth, one at a time against candidate batches (benchmarks/query_depth.py)."""
+    (path,) = files
+    data = _load(path)
+    layers = [s["receiver"] for s in data["rows"][0]["samples"]]
+    lines = [f"| precision | speculation | {' | '.join(layers)} | whole dense run (extrapolated) |",
+             "|" + " --- |" * (len(layers) + 3)]
+    for row in data["rows"]:
+        cells = " | ".join(f"{s['forward_equivalents']:.3f}" for s in row["samples"])
+        lines.append(f"| {row['precision']} | {row['speculation']} | {cells} "
+                     f"| {row['whole_run_forward_equivalents_extrapolated']:.3f} |")
+    arguments = data["arguments"]
+    command = (f"OMP_NUM_THREADS={data['environment']['threads']} python benchmarks/query_depth.py --model "
+               f"{arguments['model']} --task {arguments['task']} --n {arguments['n']}")
+    return "\n".join(lines) + (f"\n\nForward-equivalents per decided query; one eager forward "
+                               f"{data['forward_s'] * 1e3:.1f} ms; torch {data['environment']['torch']}, "
+                               f"{data['environment']['threads']} thread(s). Command: `{command}`")
+
+
 def acdc(files: list[str], env: str) -> str:
     """One whole-run benchmark (benchmarks/acdc.py): every configuration, medians over the repeats."""
     (path,) = files
@@ -87,15 +115,16 @@ def acdc(files: list[str], env: str) -> str:
     edges = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
     naive = by.get("naive")
     reference = "naive" if naive else "fp32" if "fp32" in by else None
-    head = ("| config | precision | wall s | setup s | search s | queries | fwd-equiv / query | peak MB | edges "
-            f"| Jaccard vs {reference or '-'} | wall speed-up vs naive |")
-    lines = [head, "|" + " --- |" * 11]
+    head = ("| config | precision | wall s | setup s | search s | queries (evaluated) | predictor hit rate "
+            f"| fwd-equiv / query | peak MB | edges | Jaccard vs {reference or '-'} | wall speed-up vs naive |")
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
         name = r["config"]
         agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference else "-"
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
         lines.append(f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
-                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']} | {r['forward_equivalents']:.3f} "
+                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}{_evaluated(r)} | {_hit_rate(r)} "
+                     f"| {r['forward_equivalents']:.3f} "
                      f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |")
     device = rows[0].get("device", "cpu")
     env, note = _measured(data, env)
@@ -207,7 +236,7 @@ def setup_phases(files: list[str], env: str) -> str:
                                f"{_command('benchmarks/setup_phases.py', parts, path, env)}")
 
 
-KINDS = {"acdc": acdc, "acdc-models": acdc_models, "formats": formats, "query-latency": query_latency,
+KINDS = {"acdc": acdc, "query-depth": query_depth, "acdc-models": acdc_models, "formats": formats, "query-latency": query_latency,
          "forward": forward, "setup-phases": setup_phases}
 
 

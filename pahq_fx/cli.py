@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="format of the heads not under investigation; auto: a few queries timed in each format at the "
                         "start, a low-precision one chosen where it is 1.15x faster than fp32")
-    d.add_argument("--speculation", default="adaptive", choices=SPECULATIONS,
-                   help="batch a receiver's queries on predicted decisions (the same circuit); off: one at a time")
+    d.add_argument("--speculation", default="off", choices=SPECULATIONS,
+                   help="batch a receiver's queries on predicted decisions (the same circuit); off (default): one at a time")
     d.add_argument("--metric", default="kl", choices=METRICS)
     d.add_argument("--out", required=True, help="output folder: one run's (the same command resumes it)")
     d.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")

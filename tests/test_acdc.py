@@ -125,12 +125,16 @@ def test_fp8_circuit_agrees_with_fp32_on_a_sparse_model():
 
 
 @pytest.mark.parametrize("write_budget", [checkpoint_module.WRITE_BUDGET, 1e12], ids=["default", "only-on-interrupt"])
-def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch, write_budget):
-    """With a write budget that never lets a save through, the save on interruption alone must keep the state."""
+@pytest.mark.parametrize("speculation", ["off", "removed"])
+def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch, write_budget, speculation):
+    """With a write budget that never lets a save through, the save on interruption alone must keep the state. With
+    candidate batches, removals committed together are replayed together and the predictor resumes where it was:
+    effects equal bit for bit."""
     monkeypatch.setattr(checkpoint_module, "WRITE_BUDGET", write_budget)
     model = build(Spec("llama", 2, 4, 2, 8))
     task = make_task(7)
-    uninterrupted = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False)
+    uninterrupted = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
+                                     speculation=speculation)
 
     class Stop(Exception):
         pass
@@ -146,14 +150,16 @@ def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch,
     for k in (3, 9):
         with pytest.raises(Stop):
             pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
-                             checkpoint=checkpoint, callback=stop_after(k))
+                             checkpoint=checkpoint, callback=stop_after(k), speculation=speculation)
     resumed_from = []
     resumed = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
-                               checkpoint=checkpoint, callback=lambda d: resumed_from.append(d.index))
+                               checkpoint=checkpoint, callback=lambda d: resumed_from.append(d.index),
+                               speculation=speculation)
     assert resumed_from[0] == 10
     assert resumed.edge_set() == uninterrupted.edge_set()
     assert [e.effect for e in resumed.edges] == [e.effect for e in uninterrupted.edges]
     assert resumed.stats.queries == uninterrupted.stats.queries
+    assert [e.effect for e in resumed.removed] == [e.effect for e in uninterrupted.removed]
 
 
 def test_checkpoint_writes_wait_for_their_budget(tmp_path, monkeypatch):

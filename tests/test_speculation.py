@@ -128,7 +128,8 @@ def test_unknown_speculation_is_refused_before_any_work(bad):
 def test_report_counts_evaluated_and_decided_queries_and_round_off_decisions():
     model = build(Spec("llama", 2, 4, 2, 4, seed=7))
     task = pahq_fx.Task(token_ids(3, 6, seed=3), token_ids(3, 6, seed=4))
-    circuit = pahq_fx.discover(model, task, threshold=0.01, precision="fp32", progress=False, allow_weak_task=True)
+    circuit = pahq_fx.discover(model, task, threshold=0.01, precision="fp32", progress=False, allow_weak_task=True,
+                               speculation="adaptive")
     stats = circuit.stats
     assert stats.speculation.startswith("adaptive")
     assert stats.hit_rate is not None and 0 <= stats.hit_rate <= 1

@@ -67,7 +67,7 @@ def discover(
     allow_weak_task: bool = False,
     faithfulness: bool = False,
     save_to: str | Path | None = None,
-    speculation: str | Predictor = Prediction.ADAPTIVE.value,
+    speculation: str | Predictor = OFF,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
@@ -213,7 +213,7 @@ def search(
     store: Checkpoint | None = None,
     progress: bool = True,
     callback: Callable[[ReceiverDone], None] | None = None,
-    speculation: str | Predictor = Prediction.ADAPTIVE.value,
+    speculation: str | Predictor = OFF,
 ) -> Circuit:
     """ACDC's greedy search at one threshold, from the runtime's current state (a fresh or reset runtime, or the
     state ``store`` holds), to a :class:`Circuit`. ``speculation``: see :func:`discover`."""
