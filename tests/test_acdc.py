@@ -230,7 +230,7 @@ def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind()
 def test_auto_defaults_name_their_choice_on_this_device():
     model = build(Spec("gpt2", 1, 2, 2, 8))
     circuit = pahq_fx.discover(model, make_task(4), threshold=0.01, progress=False)
-    # A model whose forward takes milliseconds is overhead-bound: FP32 without measuring, and the note says why.
+    # A search this short would not repay measuring another format: FP32 without measuring, and the note says why.
     assert circuit.precision == "fp32" and circuit.precision_note.startswith("auto: fp32 without measuring")
     assert circuit.stats.execution.startswith("eager (compile='auto'")
     assert circuit.stats.forward_s > 0 and circuit.stats.forward_equivalents > 0 and circuit.stats.state_bytes > 0

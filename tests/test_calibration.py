@@ -48,7 +48,7 @@ def test_auto_runs_the_measured_fastest_format_and_reports_the_measurement(monke
         return times[Format.BF16 if runtime.low_precision else Format.FP32]
 
     monkeypatch.setattr("pahq_fx.acdc.search.seconds_per_query", fake_seconds)
-    monkeypatch.setattr("pahq_fx.acdc.search.MEASURE_ABOVE_S", 0.0)  # measure even this tiny model
+    monkeypatch.setattr("pahq_fx.acdc.search.worth_measuring", lambda *a: True)  # measure even this tiny model
     model = build(Spec("gpt2", 2, 2, 2, 8, seed=4))
     task = pahq_fx.Task(token_ids(3, 6, seed=3), token_ids(3, 6, seed=4))
     circuit = pahq_fx.discover(model, task, threshold=0.01, progress=False, allow_weak_task=True)
@@ -65,11 +65,13 @@ def test_the_note_names_the_receiver_the_times_and_the_rule():
     assert f"{MARGIN}x" in note and calibration.CANDIDATES > 1
 
 
-def test_a_model_whose_forward_takes_milliseconds_is_fp32_without_measuring(monkeypatch):
+def test_a_search_too_short_to_repay_measuring_runs_fp32_without_measuring(monkeypatch):
     measured = []
     monkeypatch.setattr("pahq_fx.acdc.search.seconds_per_query", lambda *a: measured.append(a) or 1.0)
     model = build(Spec("neox", 1, 2, 2, 4, seed=5))
     task = pahq_fx.Task(token_ids(2, 5, seed=1), token_ids(2, 5, seed=2))
     circuit = pahq_fx.discover(model, task, threshold=0.01, progress=False, allow_weak_task=True)
     assert not measured and circuit.precision == "fp32"
-    assert "without measuring" in circuit.precision_note and f"{calibration.MEASURE_ABOVE_S * 1e3:.0f} ms" in circuit.precision_note
+    assert "without measuring" in circuit.precision_note and "estimated at" in circuit.precision_note
+    assert calibration.worth_measuring(1.0, 10.0) and not calibration.worth_measuring(1.0, 9.0)
+    assert calibration.estimated_search_seconds(1000, 0.5) == pytest.approx(1000 * calibration.FORWARDS_PER_EDGE * 0.5)

@@ -20,9 +20,11 @@ from .edges import EdgeGraph, Receiver
 from .runtime import PatchingRuntime
 
 MARGIN = 1.15  # a low-precision format must be this many times faster per query than FP32 to be chosen
-# Below this many seconds per eager forward a model's queries are per-operation overhead, which casts only add to,
-# and measuring (a second runtime's setup) would cost more than the whole search: FP32 without measuring.
-MEASURE_ABOVE_S = 0.05
+# Measuring costs about a second runtime's setup; it is done only where that is under this share of the search.
+MEASURE_SHARE = 0.1
+# A search's time, roughly, per edge of the graph, in eager forwards: sparse runs prune most receivers untested
+# (0.05 forward-equivalents per edge on GPT-2 small's shape), dense ones query every edge at 0.1-0.3 each.
+FORWARDS_PER_EDGE = 0.1
 CANDIDATES = 8  # queries per timed batch
 REPEATS = 2  # timed batches per format, after one untimed; the fastest counts
 
@@ -84,9 +86,19 @@ class Calibration:
                 f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32")
 
 
-def unmeasured_note(forward_s: float) -> str:
-    return (f"auto: fp32 without measuring: one eager forward takes {forward_s * 1e3:.3g} ms (under "
-            f"{MEASURE_ABOVE_S * 1e3:.0f} ms, queries are per-operation overhead, which a low-precision format's casts only add to)")
+def estimated_search_seconds(edges: int, forward_s: float) -> float:
+    return edges * FORWARDS_PER_EDGE * forward_s
+
+
+def worth_measuring(setup_s: float, search_s: float) -> bool:
+    """Whether timing the other formats (about one more runtime's setup) costs under :data:`MEASURE_SHARE` of the
+    search it may speed up."""
+    return setup_s <= MEASURE_SHARE * search_s
+
+
+def unmeasured_note(setup_s: float, search_s: float) -> str:
+    return (f"auto: fp32 without measuring: timing another format would cost about {setup_s:.2g} s, over "
+            f"{MEASURE_SHARE:.0%} of a search estimated at {search_s:.2g} s (edges x {FORWARDS_PER_EDGE} forward)")
 
 
 def choose(seconds: dict[Format, float]) -> Format:

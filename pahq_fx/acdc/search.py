@@ -20,13 +20,14 @@ from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, parse_format
 from ..split import check_finite_weights, check_float32_weights, wide_weights_note
 from .calibration import (
-    MEASURE_ABOVE_S,
     Calibration,
     choose,
+    estimated_search_seconds,
     formats_to_try,
     probe_receiver,
     seconds_per_query,
     unmeasured_note,
+    worth_measuring,
 )
 from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
@@ -36,7 +37,7 @@ from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
-from .speculation import OFF, Prediction, Predictor, candidate_memory, check_speculation, search_receiver
+from .speculation import OFF, Predictor, candidate_memory, check_speculation, search_receiver
 from .task import Task
 
 
@@ -175,12 +176,16 @@ def prepare(
         warnings.warn(task_check.warning(), stacklevel=3)
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
-    if fmt is None and statistics.median(forward_samples) < MEASURE_ABOVE_S:
-        fmt, precision_note = Format.FP32, unmeasured_note(statistics.median(forward_samples))
-        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
-    elif fmt is None:
-        runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled)
-        fmt, precision_note = calibration.chosen, calibration.note()
+    if fmt is None:
+        runtime, edges = build_runtime(model, task, parsed_metric, Format.FP32, granularity, compiled)
+        build_s = time.perf_counter() - start
+        search_s = estimated_search_seconds(runtime.total_edges, statistics.median(forward_samples))
+        if worth_measuring(build_s, search_s):
+            runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled,
+                                                              (runtime, edges))
+            fmt, precision_note = calibration.chosen, calibration.note()
+        else:
+            fmt, precision_note = Format.FP32, unmeasured_note(build_s, search_s)
     else:
         runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
         precision_note = ""
@@ -189,14 +194,15 @@ def prepare(
                    task_check, forward_samples, time.perf_counter() - start)
 
 
-def _calibrated_runtime(model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool
-                        ) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
-    """``precision="auto"``: a runtime in each format the device may run fast, a few queries timed in each
-    (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are held at once."""
+def _calibrated_runtime(model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool,
+                        fp32: tuple[PatchingRuntime, EdgeGraph]) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
+    """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
+    queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are
+    held at once."""
     seconds: dict[Format, float] = {}
     kept: dict[Format, tuple[PatchingRuntime, EdgeGraph]] = {}
     for fmt in formats_to_try(task.clean_input_ids.device):
-        runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled)
+        runtime, edges = fp32 if fmt is Format.FP32 else build_runtime(model, task, metric, fmt, granularity, compiled)
         seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
         kept[fmt] = runtime, edges
         fastest_low = min((f for f in kept if f is not Format.FP32), key=seconds.__getitem__, default=None)
