@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("auto", "auto-seq", "fp32", "fp32-seq", "fp8", "bf16", "bf16-seq", "naive")
-SEQUENTIAL = "-seq"  # a config's suffix: one query at a time (speculation off)
+CONFIGS = ("auto", "auto-spec", "fp32", "fp32-spec", "fp8", "bf16", "bf16-spec", "naive")
+SPECULATIVE = "-spec"  # a config's suffix: candidate batches (speculation="adaptive") instead of one query at a time
 PEER = "auto-circuit"
 
 
@@ -138,11 +138,11 @@ def run_one(args: argparse.Namespace) -> dict:
         result["forward_equivalents"] = (wall - setup) / counted["n"] / forward_s
     else:
         compile = {"auto": "auto", "on": True, "off": False}[args.compile]
-        precision = args.one.removesuffix(SEQUENTIAL)
+        precision = args.one.removesuffix(SPECULATIVE)
         # allow_weak_task: speed is measured on random models too, whose tasks the task check would stop.
         circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=precision, progress=False,
                                    compile="auto" if precision == "auto" else compile, allow_weak_task=True,
-                                   speculation="off" if args.one.endswith(SEQUENTIAL) else "adaptive")
+                                   speculation="adaptive" if args.one.endswith(SPECULATIVE) else "off")
         s = circuit.stats
         wall = s.wall_s
         result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": s.queries,

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
-ACDC_ORDER = ("auto", "auto-seq", "fp32", "fp32-seq", "bf16", "bf16-seq", "fp16", "fp8", "fp8_e5m2", "naive",
+ACDC_ORDER = ("auto", "auto-spec", "fp32", "fp32-spec", "bf16", "bf16-spec", "fp16", "fp8", "fp8_e5m2", "naive",
               "auto-circuit")
 
 
