@@ -115,16 +115,19 @@ def acdc(files: list[str], env: str) -> str:
     edges = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
     naive = by.get("naive")
     reference = "naive" if naive else "fp32" if "fp32" in by else None
-    head = ("| config | precision | wall s | setup s | search s | queries (evaluated) | predictor hit rate "
+    speculative = any(r.get("hit_rate") is not None for r in rows)
+    batches = " (evaluated) | predictor hit rate" if speculative else ""
+    head = (f"| config | precision | wall s | setup s | search s | queries{batches} "
             f"| fwd-equiv / query | peak MB | edges | Jaccard vs {reference or '-'} | wall speed-up vs naive |")
-    lines = [head, "|" + " --- |" * 12]
+    lines = [head, "|" + " --- |" * (11 + speculative)]
     for r in rows:
         name = r["config"]
         agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference else "-"
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
         lines.append(f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
-                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}{_evaluated(r)} | {_hit_rate(r)} "
-                     f"| {r['forward_equivalents']:.3f} "
+                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}"
+                     + (f"{_evaluated(r)} | {_hit_rate(r)} " if speculative else " ")
+                     + f"| {r['forward_equivalents']:.3f} "
                      f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |")
     device = rows[0].get("device", "cpu")
     env, note = _measured(data, env)
