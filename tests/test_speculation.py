@@ -155,6 +155,6 @@ def test_candidate_batches_run_at_a_multiple_of_the_task_batch():
     one_by_one = []
     for i, s in enumerate(senders):
         earlier = [senders[j] for j in range(i) if [True, False, True][j]]
-        one_by_one.append(runtime.try_remove_group(1, [*earlier, s]))
+        one_by_one.append(runtime.try_remove_edges({1: [*earlier, s]}))
         runtime.rollback()
     torch.testing.assert_close(torch.tensor(batch), torch.tensor(one_by_one), rtol=ROUND_OFF, atol=1e-6)

@@ -1,9 +1,9 @@
 """``precision="auto"``: the run's format chosen by measuring queries in each candidate format at the start of the run.
 
 Whether a low-precision format pays depends on the device and on the model's shapes: a shallow model's queries are
-per-operation overhead, where casts only add cost; a wide model's batched cones are matrix multiplies, where bf16
-(CPUs with native bf16) or FP8 (GPUs with FP8 tensor cores) can be faster. So the choice is measured, not ruled:
-a few candidate batches into one mid-depth receiver, in FP32 and in each low-precision candidate, and the fastest
+per-operation overhead, where casts only add cost; a wide model's cones are matrix multiplies, where bf16 (CPUs
+with native bf16) or FP8 (GPUs with FP8 tensor cores) can be faster. So the choice is measured, not ruled: a few
+queries into one mid-depth receiver, in FP32 and in each low-precision candidate, and the fastest
 wins if it beats FP32 by :data:`MARGIN` (FP32 is exact; a format has to pay for its round-off). The circuit's
 ``precision_note`` says what was measured.
 """
@@ -11,7 +11,7 @@ wins if it beats FP32 by :data:`MARGIN` (FP32 is exact; a format has to pay for 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,22 +48,17 @@ def probe_receiver(edges: EdgeGraph) -> Receiver:
 
 
 def seconds_per_query(runtime: PatchingRuntime, receiver: Receiver) -> float:
-    """Seconds per query into ``receiver`` on a fresh state, in candidate batches where the runtime takes them (as
-    the search will run them); the runtime is reset afterwards."""
+    """Seconds per query into ``receiver`` on a fresh state, one query at a time (as the search runs them unless
+    speculation is asked for); the runtime is reset afterwards."""
     row = runtime.edges.receiver_index[receiver.name]
     senders = list(receiver.senders)[:CANDIDATES]
-    batched = runtime.batches_candidates()
     runtime.investigate(receiver)
     best = float("inf")
     for attempt in range(REPEATS + 1):  # the first warms up (the process's first queries pay one-off costs)
         start = time.perf_counter()
-        if batched:
-            runtime.try_remove_each(row, senders, [False] * len(senders))
-            runtime.keep_candidate(None, 0)
-        else:
-            for s in senders:
-                runtime.try_remove(row, [s])
-                runtime.rollback()
+        for s in senders:
+            runtime.try_remove(row, [s])
+            runtime.rollback()
         if attempt:
             best = min(best, (time.perf_counter() - start) / len(senders))
     runtime.reset()
@@ -77,13 +72,15 @@ class Calibration:
     receiver: str
     seconds: dict[Format, float]  # per query, by format
     chosen: Format
+    failed: dict[Format, str] = field(default_factory=dict)  # formats that could not run, and why
 
     def note(self) -> str:
         fp32 = self.seconds[Format.FP32]
         times = ", ".join(f"{fmt.value} {s * 1e3:.3g} ms" for fmt, s in self.seconds.items())
         speed = "" if self.chosen is Format.FP32 else f" ({fp32 / self.seconds[self.chosen]:.2f}x faster than fp32)"
+        skipped = "".join(f"; {fmt.value} could not run ({why})" for fmt, why in self.failed.items())
         return (f"auto: per query into {self.receiver} ({CANDIDATES} queries, best of {REPEATS}): {times}; "
-                f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32")
+                f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32{skipped}")
 
 
 def estimated_search_seconds(edges: int, forward_s: float) -> float:

@@ -78,10 +78,9 @@ class Checkpoint:
         return self.path is not None and time.perf_counter() >= self._next_write
 
     def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int,
-             groups: list[int] | None = None, predictor: dict[str, Any] | None = None) -> None:
-        """``groups``: for each removed edge, the commit that removed it (edges removed together, by a candidate
-        batch, are replayed together); ``predictor``: the speculation predictor's state, so that a resumed run
-        batches as the uninterrupted one would."""
+             evaluated: int | None = None, predictor: dict[str, Any] | None = None) -> None:
+        """``evaluated``: queries computed (dropped speculative candidates included); ``predictor``: the speculation
+        predictor's state, so that a resumed run batches as the uninterrupted one would."""
         if self.path is None:
             return
         start = time.perf_counter()
@@ -93,8 +92,8 @@ class Checkpoint:
             "effects": [[r, s, e] for (r, s), e in sorted(effects.items())],
             "queries": queries,
         }
-        if groups is not None:
-            data["groups"] = groups
+        if evaluated is not None:
+            data["evaluated"] = evaluated
         if predictor is not None:
             data["predictor"] = predictor
         if self.chosen_precision is not None:
@@ -111,14 +110,12 @@ class Checkpoint:
 
 
 def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
-           effects: dict[tuple[int, int], float], groups: dict[tuple[int, int], int] | None = None) -> None:
+           effects: dict[tuple[int, int], float]) -> None:
     """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
-    state as the uninterrupted run; no edge is measured again): one pass per commit, edges that a candidate batch
-    removed together (``groups``: removed edge -> its commit) in one. A receiver without measured effects was
-    pruned. The decisions are checked against the model's edges first: one that does not fit is a
+    state as the uninterrupted run, speculative or not: both commit one removal at a time; no edge is measured
+    again). A receiver without measured effects was pruned. The decisions are checked against the model's edges first: one that does not fit is a
     :class:`CheckpointError` and the runtime is left untouched."""
     _check_decisions(edges, done, removed, effects)
-    groups = groups or {}
     for name in done:
         row = edges.receiver_index[name]
         receiver = edges.receivers[row]
@@ -126,13 +123,10 @@ def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed:
             runtime.remove(row, receiver.senders)
             continue
         runtime.investigate(receiver)
-        commits: dict[int, list[int]] = {}
-        for i, s in enumerate(receiver.senders):
+        for s in receiver.senders:
             if (row, s) in removed:
-                commits.setdefault(groups.get((row, s), -1 - i), []).append(s)
-        for senders in commits.values():
-            runtime.try_remove_group(row, senders)
-            runtime.commit()
+                runtime.try_remove(row, [s])
+                runtime.commit()
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -162,9 +156,8 @@ def _check_types(data: dict[str, Any], where: str) -> None:
         raise wrong("effects", "a list of [receiver, sender, effect] triples")
     if not _is_int(data.get("queries")) or data["queries"] < 0:
         raise wrong("queries", "a non-negative integer")
-    groups = data.get("groups", [])
-    if not isinstance(groups, list) or not all(map(_is_int, groups)) or ("groups" in data and len(groups) != len(removed)):
-        raise wrong("groups", "a list of commit indices, one per removed edge")
+    if not _is_int(data.get("evaluated", 0)) or data.get("evaluated", 0) < 0:
+        raise wrong("evaluated", "a non-negative integer")
     predictor = data.get("predictor", {"decisions": [], "hits": [], "counts": [0] * 5})
     if not isinstance(predictor, dict) or not all(
             isinstance(predictor.get(k), list) and all(map(_is_int, predictor[k])) for k in ("decisions", "hits", "counts")

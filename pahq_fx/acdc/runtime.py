@@ -182,8 +182,6 @@ class PatchingRuntime:
         self.evaluated = 0  # queries computed, speculative candidates whose result was dropped included
         self.last_recomputed = []
         self.removed_from: list[list[int]] = [[] for _ in edges.receivers]
-        self.commits = 0
-        self.removal_commit: dict[tuple[int, int], int] = {}  # removed edge -> the commit that removed it
         self.kept_in = [set(r.senders) for r in edges.receivers]
         self.kept_out: list[set[int]] = [set() for _ in edges.senders]
         for row, r in enumerate(edges.receivers):
@@ -445,16 +443,20 @@ class PatchingRuntime:
         Removing edges into one receiver changes only that receiver's input (its senders lie upstream), so every
         candidate has the same cone; the candidates' inputs are built in the order the sequential search would
         build them, bit for bit, and the cone runs once for all of them."""
+        if not senders or len(set(senders)) != len(senders) or len(removed_before) != len(senders):
+            raise ValueError(f"candidates need distinct senders and one guess each, got {senders} and {removed_before}")
         for s in senders:
             if s not in self.kept_in[row]:
                 raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
         if self.row_step[row] < self.active_from:
             raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it first")
+        if len(senders) > 1:
+            self._prepare_candidates(len(senders))
         self.evaluated += len(senders)
         removed = [(row, s) for s, before in zip(senders, removed_before) if before]
         self._candidate_removed = [tuple(removed[:sum(removed_before[:i])]) + ((row, s),) for i, s in enumerate(senders)]
         if len(senders) == 1:  # the sequential query itself: its values are the commit's
-            self._pending = self._remove_group(row, senders)
+            self._pending = self._remove({row: senders})
             return [self._pending.metric]
         self._pending = None
         base = self.final if row == self.final_row else self.inputs[row]
@@ -463,7 +465,6 @@ class PatchingRuntime:
             inputs.append(prefix + self._removal_change(row, s))
             if before:
                 prefix = inputs[-1]
-        self._prepare_candidates(len(senders))
         self._candidates = len(senders)
         try:
             batch = self._cascade({}, None, None, new_inputs={row: torch.stack(inputs)})
@@ -471,14 +472,16 @@ class PatchingRuntime:
             self._candidates = None
         return batch.metrics  # the batch's values are dropped: keep_candidate recomputes the kept removals
 
+    @torch.no_grad()
     def keep_candidate(self, index: int | None, decided: int) -> float:
         """After :meth:`try_remove_each`, with ``decided`` of its candidates' decisions taken: make candidate
         ``index``'s removals part of the state (the last candidate whose removal was kept), or keep the state
         (None). Returns the metric of the state.
 
-        The state is recomputed from candidate ``index``'s input in one pass of the task's own batch, as
-        :meth:`try_remove_group` does, rather than sliced out of the candidate batch: it is then the same, bit for
-        bit, whatever else the batch held, and a checkpoint's replay rebuilds it exactly."""
+        The kept removals are committed one at a time, each by its own pass at the task's own batch, exactly as the
+        sequential search commits them: the state is then the sequential search's, bit for bit (a batch's values
+        differ from single passes by round-off, and a commit's round-off would stay in the state), and a
+        checkpoint's replay rebuilds it exactly. A batch of one commits its own values."""
         single, self._pending = self._pending, None
         self.queries += decided
         if index is None:
@@ -486,26 +489,10 @@ class PatchingRuntime:
         if single is not None:
             self._pending = single
             return self.commit()
-        removed = self._candidate_removed[index]
-        self._pending = self._remove_group(removed[0][0], [s for _, s in removed])
-        return self.commit()
-
-    @torch.no_grad()
-    def try_remove_group(self, row: int, senders: list[int]) -> float:
-        """The metric with the edges ``senders -> row`` removed as well, the receiver's input built by adding their
-        changes one after the other (as successive removals build it); tentative until :meth:`commit`. A group of
-        one is :meth:`try_remove`."""
-        self._pending = self._remove_group(row, senders)
-        return self._pending.metric
-
-    def _remove_group(self, row: int, senders: list[int]) -> _Pending:
-        for s in senders:
-            if s not in self.kept_in[row]:
-                raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
-        x = self.final if row == self.final_row else self.inputs[row]
-        for s in senders:
-            x = x + self._removal_change(row, s)
-        return self._cascade({}, None, None, removed=tuple((row, s) for s in senders), new_inputs={row: x})
+        for row, sender in self._candidate_removed[index]:
+            self._pending = self._remove({row: [sender]})
+            self.commit()
+        return self.metric
 
     def batches_candidates(self) -> bool:
         """Whether candidate batches can run: an eager runtime whose trace takes any batch size, with auxiliary
@@ -517,7 +504,7 @@ class PatchingRuntime:
             try:
                 self._prepare_candidates(2)
                 self._candidate_support = True
-            except (RuntimeError, ValueError, IndexError) as error:
+            except Exception as error:  # noqa: BLE001 - a graph that cannot run at another batch: one query at a time
                 self._candidate_support = False
                 self.candidate_refusal = str(error).splitlines()[0] if str(error) else type(error).__name__
         return self._candidate_support
@@ -543,6 +530,8 @@ class PatchingRuntime:
                 raise ValueError(f"an auxiliary value of shape {tuple(mine.shape)} is not repeated per candidate")
         rows = RowBatch(k * self.row_batch.rows, self.row_batch.seq)
         row_aux = self._prelude_aux(rows) if self._rows_prelude_aux is not None else None
+        if row_aux is None and self._rows_prelude_aux is not None:
+            raise ValueError(f"the final read's rows do not run at {k} times their number")
         final_aux = self._final_aux if row_aux is None else [row_aux[i] for i in self.structure.final_aux]
         self._candidate_aux[k] = aux
         self._candidate_rows[k] = (rows, row_aux or (), final_aux)
@@ -585,8 +574,7 @@ class PatchingRuntime:
         self.projections.update(pending.projections)
         for row, s in pending.removed:
             self._mark_removed(row, [s])
-            self.removal_commit[(row, s)] = self.commits
-        self.commits += 1
+
         if pending.final is not None:
             self.final = pending.final
         if pending.active_from is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import names
-from ..errors import CheckpointError, NonFiniteError
+from ..errors import CheckpointError, NonFiniteError, PahqError
 from ..head_graph import HeadGraph
 from ..precision import AUTO, Format, parse_format
 from ..split import check_finite_weights, check_float32_weights, wide_weights_note
@@ -76,9 +76,9 @@ def discover(
     clearly faster: :mod:`~pahq_fx.acdc.calibration`), ``fp32``, ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16`` or ``fp16``; for
     every query the receiver's head runs in FP32 and the other heads in that format. ``compile``: ``auto`` runs
     eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. ``speculation``: how the edges into
-    a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive`` (default), ``kept`` or ``removed``
+    a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive``, ``kept`` or ``removed``
     predict the decisions and evaluate several queries in one pass, the same circuit as ``off`` (one query at a
-    time); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for the algorithm, docs/runtime.md for the runtime.
+    time, the default); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for the algorithm, docs/runtime.md for the runtime.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
@@ -106,7 +106,8 @@ def discover(
     session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
                       allow_weak_task=allow_weak_task)
     if requested == AUTO and not session.precision_note.startswith("auto:"):
-        session.precision_note = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
+        resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
+        session.precision_note = "; ".join(n for n in (resumed, session.precision_note) if n)
     store = Checkpoint(path, fingerprint_of(session.identity, session.metric), chosen_precision=session.format.value)
     try:
         circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback,
@@ -197,18 +198,22 @@ def prepare(
 def _calibrated_runtime(model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool,
                         fp32: tuple[PatchingRuntime, EdgeGraph]) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
     """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
-    queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are
-    held at once."""
-    seconds: dict[Format, float] = {}
-    kept: dict[Format, tuple[PatchingRuntime, EdgeGraph]] = {}
-    for fmt in formats_to_try(task.clean_input_ids.device):
-        runtime, edges = fp32 if fmt is Format.FP32 else build_runtime(model, task, metric, fmt, granularity, compiled)
-        seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
-        kept[fmt] = runtime, edges
-        fastest_low = min((f for f in kept if f is not Format.FP32), key=seconds.__getitem__, default=None)
-        kept = {f: v for f, v in kept.items() if f in (Format.FP32, fastest_low)}
-    calibration = Calibration(probe_receiver(edges).name, seconds, choose(seconds))
-    return (*kept[calibration.chosen], calibration)
+    queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime (a low-precision winner is
+    built again). At most two runtimes are held at once: FP32's and one other."""
+    receiver = probe_receiver(fp32[1])
+    seconds = {Format.FP32: seconds_per_query(fp32[0], receiver)}
+    failed: dict[Format, str] = {}
+    for fmt in formats_to_try(task.clean_input_ids.device)[1:]:
+        try:  # one low-precision runtime at a time beside FP32's: each holds caches of its own
+            runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled)
+            seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
+        except (PahqError, RuntimeError) as error:  # a format this model or device cannot run: not a candidate
+            failed[fmt] = str(error).splitlines()[0]
+        runtime = edges = None  # released before the next format's is built
+    calibration = Calibration(receiver.name, seconds, choose(seconds), failed)
+    if calibration.chosen is Format.FP32:
+        return (*fp32, calibration)
+    return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled), calibration)
 
 
 def search(
@@ -240,10 +245,9 @@ def search(
     if predictor is not None and not runtime.batches_candidates():
         predictor = None
     if state is not None:
-        removed = [(r, s) for r, s in state["removed"]]
-        groups = dict(zip(removed, state["groups"])) if "groups" in state else None
-        replay(runtime, edges, done, set(removed), effects, groups)
+        replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
         runtime.queries = int(state["queries"])
+        runtime.evaluated = int(state.get("evaluated", state["queries"]))
         if predictor is not None and "predictor" in state:
             predictor.restore(state["predictor"])
     snapshot = None if predictor is None else predictor.state()
@@ -254,7 +258,7 @@ def search(
                disable=not progress, unit="work", desc="ACDC",
                bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
     loop_start, loop_queries = time.perf_counter(), runtime.queries
-    finished_queries = runtime.queries
+    finished_queries, finished_evaluated = runtime.queries, runtime.evaluated
     unfinished: int | None = None
     try:
         for r_index, receiver in enumerate(edges.receivers):
@@ -266,10 +270,10 @@ def search(
             else:
                 search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects, predictor, memory_limit)
             done.append(receiver.name)
-            unfinished, finished_queries = None, runtime.queries
+            unfinished, finished_queries, finished_evaluated = None, runtime.queries, runtime.evaluated
             snapshot = None if predictor is None else predictor.state()
             if store.due():
-                _save(store, runtime, done, effects, finished_queries, None, snapshot)
+                _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
             bar.set_postfix(receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept,
@@ -279,7 +283,7 @@ def search(
                 callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
     except BaseException:
         # Interrupted (Ctrl-C, a callback's exception): keep every finished receiver, whatever the write budget said.
-        _save(store, runtime, done, effects, finished_queries, unfinished, snapshot)
+        _save(store, runtime, done, effects, (finished_queries, finished_evaluated), unfinished, snapshot)
         raise
     bar.close()
     search_s = time.perf_counter() - loop_start
@@ -373,13 +377,13 @@ def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver,
 
 
 def _save(store: Checkpoint, runtime: PatchingRuntime, done: list[str], effects: dict[tuple[int, int], float],
-          queries: int, unfinished: int | None, predictor: dict[str, Any] | None) -> None:
+          counts: tuple[int, int], unfinished: int | None, predictor: dict[str, Any] | None) -> None:
     """The state after the last finished receiver: the decisions of ``unfinished`` (the receiver being searched, whose
     removals all go into its own row) are left out, to be taken again on resume; ``predictor`` is the predictor's
     state after that receiver."""
     removed = sorted((row, s) for row, s in runtime.removed if row != unfinished)
-    groups = [runtime.removal_commit.get(edge, -1) for edge in removed]
-    store.save(done, removed, {k: e for k, e in effects.items() if k[0] != unfinished}, queries, groups, predictor)
+    queries, evaluated = counts  # queries decided and evaluated after that receiver
+    store.save(done, removed, {k: e for k, e in effects.items() if k[0] != unfinished}, queries, evaluated, predictor)
 
 
 def _kv_groups(edges: EdgeGraph) -> dict[str, list[str]]:

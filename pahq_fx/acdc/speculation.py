@@ -4,9 +4,10 @@ ACDC's greedy search is sequential: whether edge i is removed depends on the dec
 guesses those decisions; candidate i is evaluated on the state the guessed decisions of candidates 0..i-1 would
 give (:meth:`PatchingRuntime.try_remove_each`). Decisions are then taken in ACDC's order against the threshold,
 exactly as the sequential search takes them; at the first decision that differs from its guess the later
-candidates' results are dropped and the search goes on from the true state. Every decision is taken on the state
-the sequential search would have had, so the circuit is the same (effects to round-off: a batched matrix multiply
-may round differently from an unbatched one). A branch predictor for an exact algorithm.
+candidates' results are dropped and the search goes on from the true state. The kept removals are committed one at
+a time, as the sequential search commits them, so the state is the sequential search's bit for bit and every
+decision is taken on it; only a candidate's metric may differ, by round-off (a batched matrix multiply may round
+differently from an unbatched one). A branch predictor for an exact algorithm.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Prediction(enum.Enum):
 @dataclass
 class Predictor:
     """Guesses decisions and sizes candidate batches from its hit rate; counts what it evaluated and decided.
-    Deterministic: the same decisions give the same batches, so a run (and its resume) is reproducible."""
+    Deterministic: the same decisions give the same batches, so a run (and its resume) is reproducible (the seeded
+    random adversary's resume aside: its generator's state is not checkpointed). One instance serves one run: a
+    predictor passed to ``discover`` keeps counting, and its window carries over, if it is passed again."""
 
     kind: Prediction = Prediction.ADAPTIVE
     max_candidates: int = MAX_CANDIDATES
@@ -106,6 +109,8 @@ class Predictor:
                 "counts": [self.evaluated, self.decided, self.hits, self.batches, self.near_threshold]}
 
     def restore(self, state: dict[str, Any]) -> None:
+        self._recent_decisions.clear()
+        self._recent_hits.clear()
         self._recent_decisions.extend(bool(d) for d in state["decisions"])
         self._recent_hits.extend(bool(h) for h in state["hits"])
         self.evaluated, self.decided, self.hits, self.batches, self.near_threshold = (int(c) for c in state["counts"])
