@@ -185,5 +185,7 @@ def search_receiver(runtime: PatchingRuntime, row: int, receiver: Receiver, thre
                 baseline, kept_index = metric, i
             if removed != guesses[i]:
                 break
-        runtime.keep_candidate(kept_index, decided)
+        committed = runtime.keep_candidate(kept_index, decided)
+        if kept_index is not None:
+            baseline = committed  # the committed state's metric, as the sequential search's baseline is
         start += decided
