@@ -85,7 +85,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: str, n: int) -> 
 
 
 def results_path(args: argparse.Namespace, benchmark: str) -> str:
-    return args.out or str(ROOT / "benchmarks" / "results" / f"{benchmark}_{args.model.replace(':', '_')}.json")
+    name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace(":", "_")
+    return args.out or str(ROOT / "benchmarks" / "results" / f"{benchmark}_{name}.json")
 
 
 def load_model_and_task(args: argparse.Namespace):
