@@ -48,8 +48,16 @@ def load_model(spec: str):
     layers, d_model, heads = (int(x) for x in spec.split(":", 1)[1].split("x"))
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, vocab_size=len(tokenizer), n_positions=128,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=d_model,
+        n_head=heads,
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval(), tokenizer
 
 
@@ -65,11 +73,18 @@ def measured_with() -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    found = {"python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
-             "transformers": transformers.__version__, "cpu": cpu, "cpus": os.cpu_count(),
-             "PAHQ_FX_TRACE_CACHE": os.environ.get("PAHQ_FX_TRACE_CACHE")}
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu
+        )
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchao": torchao.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "PAHQ_FX_TRACE_CACHE": os.environ.get("PAHQ_FX_TRACE_CACHE"),
+    }
     if torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name()
     return found
@@ -111,8 +126,13 @@ def run_one(args: argparse.Namespace) -> dict:
     model, task = load_model_and_task(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    task = pahq_fx.Task(*(t.to(device) if t is not None else None for t in (task.clean_input_ids, task.corrupted_input_ids,
-                          task.metric_mask, task.correct_ids, task.incorrect_ids)), name=task.name)
+    task = pahq_fx.Task(
+        *(
+            t.to(device) if t is not None else None
+            for t in (task.clean_input_ids, task.corrupted_input_ids, task.metric_mask, task.correct_ids, task.incorrect_ids)
+        ),
+        name=task.name,
+    )
     if args.one == PEER:
         result = run_peer(args, model, task)
         wall = result["wall_s"]
@@ -134,31 +154,65 @@ def run_one(args: argparse.Namespace) -> dict:
         reference.kl = counting_kl
         edges, _ = reference.run(args.threshold)
         wall = time.perf_counter() - start
-        result = {"edges": sorted(map(list, edges)), "queries": counted["n"], "compilations": 0, "setup_s": setup,
-                  "compile_s": 0.0, "forward_s": forward_s, "state_bytes": 0, "precision": "fp32", "execution": "eager"}
+        result = {
+            "edges": sorted(map(list, edges)),
+            "queries": counted["n"],
+            "compilations": 0,
+            "setup_s": setup,
+            "compile_s": 0.0,
+            "forward_s": forward_s,
+            "state_bytes": 0,
+            "precision": "fp32",
+            "execution": "eager",
+        }
         result["forward_equivalents"] = (wall - setup) / counted["n"] / forward_s
     else:
         compile = {"auto": "auto", "on": True, "off": False}[args.compile]
         precision = args.one.removesuffix(SPECULATIVE)
         # allow_weak_task: speed is measured on random models too, whose tasks the task check would stop.
-        circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision=precision, progress=False,
-                                   compile="auto" if precision == "auto" else compile, allow_weak_task=True,
-                                   speculation="adaptive" if args.one.endswith(SPECULATIVE) else "off")
+        circuit = pahq_fx.discover(
+            model,
+            task,
+            threshold=args.threshold,
+            precision=precision,
+            progress=False,
+            compile="auto" if precision == "auto" else compile,
+            allow_weak_task=True,
+            speculation="adaptive" if args.one.endswith(SPECULATIVE) else "off",
+        )
         s = circuit.stats
         wall = s.wall_s
-        result = {"edges": sorted([e.sender, e.receiver] for e in circuit.edges), "queries": s.queries,
-                  "compilations": s.compilations, "setup_s": s.setup_s, "compile_s": s.compile_s, "forward_s": s.forward_s,
-                  "forward_equivalents": s.forward_equivalents, "state_bytes": s.state_bytes,
-                  "precision": circuit.precision, "execution": s.execution, "evaluated": s.evaluated,
-                  "hit_rate": s.hit_rate, "candidates_per_batch": s.candidates_per_batch, "near_threshold": s.near_threshold}
+        result = {
+            "edges": sorted([e.sender, e.receiver] for e in circuit.edges),
+            "queries": s.queries,
+            "compilations": s.compilations,
+            "setup_s": s.setup_s,
+            "compile_s": s.compile_s,
+            "forward_s": s.forward_s,
+            "forward_equivalents": s.forward_equivalents,
+            "state_bytes": s.state_bytes,
+            "precision": circuit.precision,
+            "execution": s.execution,
+            "evaluated": s.evaluated,
+            "hit_rate": s.hit_rate,
+            "candidates_per_batch": s.candidates_per_batch,
+            "near_threshold": s.near_threshold,
+        }
     search = wall - result["setup_s"]
     # before the evaluation below, which is not part of the run; the peer's is its own process's
     peak = result.pop("peak_memory_mb_peer", None) or peak_memory_mb(device)
     from pahq_fx.acdc.evaluation import evaluate_circuit
 
     circuit_kl = evaluate_circuit({tuple(e) for e in result["edges"]}, model, task).circuit
-    result.update(config=args.one, device=str(device), wall_s=wall, search_s=search, circuit_kl=circuit_kl,
-                  queries_per_second=result["queries"] / search, peak_memory_mb=peak)
+    result.update(
+        config=args.one,
+        device=str(device),
+        wall_s=wall,
+        search_s=search,
+        circuit_kl=circuit_kl,
+        queries_per_second=result["queries"] / search,
+        peak_memory_mb=peak,
+    )
     print(json.dumps(result))
     return result
 
@@ -186,17 +240,38 @@ def run_peer(args: argparse.Namespace, model, task) -> dict:
         task.save(folder / "task.safetensors")
         graph = EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
         (folder / "order.json").write_text(json.dumps([[e.sender, e.receiver] for e in graph.edges()]))
-        command = [str(python), str(ROOT / "benchmarks" / "peer_autocircuit.py"), "--checkpoint", str(checkpoint),
-                   "--task", str(folder / "task.safetensors"), "--threshold", str(args.threshold),
-                   "--edge-order", str(folder / "order.json"), "--out", str(folder / "peer.json")]
+        command = [
+            str(python),
+            str(ROOT / "benchmarks" / "peer_autocircuit.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--task",
+            str(folder / "task.safetensors"),
+            "--threshold",
+            str(args.threshold),
+            "--edge-order",
+            str(folder / "order.json"),
+            "--out",
+            str(folder / "peer.json"),
+        ]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"auto-circuit failed:\n{done.stderr[-3000:]}")
         peer = json.loads((folder / "peer.json").read_text())
-    return {"edges": peer["edges"], "queries": peer["queries"], "compilations": 0, "setup_s": peer["setup_s"],
-            "compile_s": 0.0, "forward_s": peer["forward_s"], "state_bytes": 0, "precision": "fp32",
-            "execution": "eager", "wall_s": peer["wall_s"], "peak_memory_mb_peer": peer["peak_memory_mb"],
-            "forward_equivalents": peer["search_s"] / peer["queries"] / peer["forward_s"]}
+    return {
+        "edges": peer["edges"],
+        "queries": peer["queries"],
+        "compilations": 0,
+        "setup_s": peer["setup_s"],
+        "compile_s": 0.0,
+        "forward_s": peer["forward_s"],
+        "state_bytes": 0,
+        "precision": "fp32",
+        "execution": "eager",
+        "wall_s": peer["wall_s"],
+        "peak_memory_mb_peer": peer["peak_memory_mb"],
+        "forward_equivalents": peer["search_s"] / peer["queries"] / peer["forward_s"],
+    }
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -211,9 +286,11 @@ def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
     naive = by.get("naive")
     edge_sets = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
-    head = ("| config | precision | execution | wall s | setup s | search s | compile s | queries | evaluated "
-            "| per batch | hit rate | fwd-equiv / query | peak MB | state MB | edges | circuit KL | Jaccard vs fp32 "
-            "| Jaccard vs naive | wall speed-up vs naive |")
+    head = (
+        "| config | precision | execution | wall s | setup s | search s | compile s | queries | evaluated "
+        "| per batch | hit rate | fwd-equiv / query | peak MB | state MB | edges | circuit KL | Jaccard vs fp32 "
+        "| Jaccard vs naive | wall speed-up vs naive |"
+    )
     lines = [head, "|" + " --- |" * 19]
     for name in (*CONFIGS, PEER):
         if name not in by:
@@ -240,8 +317,12 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="for the explicit-precision configs ('auto' always uses discover's defaults)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="for the explicit-precision configs ('auto' always uses discover's defaults)",
+    )
     parser.add_argument("--peer", choices=(PEER,), help="add auto-circuit's ACDC (needs benchmarks/peer/setup.sh)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,28 +334,62 @@ def main() -> None:
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            command = [sys.executable, __file__, "--one", config, "--model", args.model, "--task", args.task,
-                       "--threshold", str(args.threshold), "--n", str(args.n), "--half", str(args.half),
-                       "--compile", args.compile]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                config,
+                "--model",
+                args.model,
+                "--task",
+                args.task,
+                "--threshold",
+                str(args.threshold),
+                "--n",
+                str(args.n),
+                "--half",
+                str(args.half),
+                "--compile",
+                args.compile,
+            ]
             done = subprocess.run(command, check=False, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
             runs[config].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"repeat {repeat + 1}/{args.repeats} {config}: {runs[config][-1]['wall_s']:.2f}s", file=sys.stderr)
     medians = []
-    for config, results in runs.items():
+    for results in runs.values():
         best = dict(results[0])
-        for key in ("wall_s", "setup_s", "search_s", "compile_s", "forward_s", "forward_equivalents", "queries_per_second",
-                    "peak_memory_mb"):
+        for key in (
+            "wall_s",
+            "setup_s",
+            "search_s",
+            "compile_s",
+            "forward_s",
+            "forward_equivalents",
+            "queries_per_second",
+            "peak_memory_mb",
+        ):
             best[key] = statistics.median(r[key] for r in results)
         medians.append(best)
-    print(f"device: {medians[0]['device']}; model {args.model}, task {args.task}, threshold {args.threshold}, "
-          f"n={args.n}, repeats={args.repeats}, compile={args.compile}; one eager forward "
-          f"{statistics.median(r['forward_s'] for r in medians) * 1000:.2f} ms")
+    print(
+        f"device: {medians[0]['device']}; model {args.model}, task {args.task}, threshold {args.threshold}, "
+        f"n={args.n}, repeats={args.repeats}, compile={args.compile}; one eager forward "
+        f"{statistics.median(r['forward_s'] for r in medians) * 1000:.2f} ms"
+    )
     print(table(medians))
-    Path(args.out).write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items() if k != "one"},
-                                          "environment": measured_with(), "results": medians, "runs": runs},
-                                         indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "arguments": {k: v for k, v in vars(args).items() if k != "one"},
+                "environment": measured_with(),
+                "results": medians,
+                "runs": runs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,14 @@ def measure(model, ids: torch.Tensor, fmt: str, repeats: int, compile: bool) -> 
         hf.append(_seconds(lambda: model(input_ids=ids, use_cache=False)))
         ours.append(_seconds(lambda: graph(ids)))
     hf_s, ours_s = statistics.median(hf), statistics.median(ours)
-    return {"format": fmt, "trace_s": trace_s, "split_lower_s": split_s, "hf_forward_ms": hf_s * 1000,
-            "forward_ms": ours_s * 1000, "ratio": ours_s / hf_s}
+    return {
+        "format": fmt,
+        "trace_s": trace_s,
+        "split_lower_s": split_s,
+        "hf_forward_ms": hf_s * 1000,
+        "forward_ms": ours_s * 1000,
+        "ratio": ours_s / hf_s,
+    }
 
 
 def main() -> None:
@@ -80,10 +86,13 @@ def main() -> None:
     print("| format | trace s | split + lower s | HF forward ms | transformed forward ms | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['format']} | {r['trace_s']:.2f} | {r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} "
-              f"| {r['forward_ms']:.1f} | {r['ratio']:.2f} |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "environment": measured_with(), "results": rows},
-                                         indent=2) + "\n")
+        print(
+            f"| {r['format']} | {r['trace_s']:.2f} | {r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} "
+            f"| {r['forward_ms']:.1f} | {r['ratio']:.2f} |"
+        )
+    Path(args.out).write_text(
+        json.dumps({"arguments": vars(args), "environment": measured_with(), "results": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

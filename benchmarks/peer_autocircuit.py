@@ -48,13 +48,28 @@ def hooked_gpt2(checkpoint: str):
     hf = GPT2LMHeadModel.from_pretrained(checkpoint).float().eval()
     c = hf.config
     cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn=c.activation_function,
-        normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard", default_prepend_bos=False,
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_heads=c.n_head,
+        d_head=c.n_embd // c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        n_ctx=c.n_positions,
+        act_fn=c.activation_function,
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
     )
     model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
     model.eval()
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
@@ -94,8 +109,9 @@ def main() -> None:
     if not bool(mask[:, first : last + 1].all()) or bool(mask.sum() != mask.shape[0] * (last - first + 1)):
         raise SystemExit("the peer reads one contiguous block of positions; this task's metric positions are not one")
     answers = [torch.tensor([0])] * clean.shape[0]
-    loader = PromptDataLoader(PromptDataset(clean, corrupt, answers, answers), seq_len=None, diverge_idx=0,
-                              batch_size=clean.shape[0], shuffle=False)
+    loader = PromptDataLoader(
+        PromptDataset(clean, corrupt, answers, answers), seq_len=None, diverge_idx=0, batch_size=clean.shape[0], shuffle=False
+    )
     patchable = patchable_model(model, factorized=True, slice_output=None, separate_qkv=True, device=torch.device("cpu"))
     patchable.out_slice = (slice(None), slice(first, last + 1))
     by_name = {(canonical(e.src.name), canonical(e.dest.name)): e for e in patchable.edges}

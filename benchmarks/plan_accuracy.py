@@ -51,23 +51,63 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def shapes(which: str, slice_whole_run: bool = False) -> list[dict]:
     small = [
-        {"name": "gpt2 4x256x8", "config": GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=512, n_positions=64),
-         "batch": 8, "seq": 16, "whole_run": True},
-        {"name": "llama-gqa 4x256x8/2", "config": LlamaConfig(num_hidden_layers=4, num_attention_heads=8,
-                                                              num_key_value_heads=2, hidden_size=256,
-                                                              intermediate_size=768, vocab_size=512,
-                                                              max_position_embeddings=64),
-         "batch": 8, "seq": 16, "whole_run": True},
-        {"name": "neox-parallel 4x256x8", "config": GPTNeoXConfig(num_hidden_layers=4, num_attention_heads=8,
-                                                                  hidden_size=256, intermediate_size=1024,
-                                                                  vocab_size=512, max_position_embeddings=64,
-                                                                  use_parallel_residual=True),
-         "batch": 8, "seq": 16, "whole_run": True},
+        {
+            "name": "gpt2 4x256x8",
+            "config": GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=512, n_positions=64),
+            "batch": 8,
+            "seq": 16,
+            "whole_run": True,
+        },
+        {
+            "name": "llama-gqa 4x256x8/2",
+            "config": LlamaConfig(
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                hidden_size=256,
+                intermediate_size=768,
+                vocab_size=512,
+                max_position_embeddings=64,
+            ),
+            "batch": 8,
+            "seq": 16,
+            "whole_run": True,
+        },
+        {
+            "name": "neox-parallel 4x256x8",
+            "config": GPTNeoXConfig(
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                hidden_size=256,
+                intermediate_size=1024,
+                vocab_size=512,
+                max_position_embeddings=64,
+                use_parallel_residual=True,
+            ),
+            "batch": 8,
+            "seq": 16,
+            "whole_run": True,
+        },
     ]
-    slice_ = [{"name": "llama-3.1-8b slice 2x4096x32/8", "config": LlamaConfig(
-        num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096, intermediate_size=14336,
-        vocab_size=512, max_position_embeddings=64, tie_word_embeddings=False), "batch": 4, "seq": 16,
-        "whole_run": slice_whole_run, "profile_run": False}]
+    slice_ = [
+        {
+            "name": "llama-3.1-8b slice 2x4096x32/8",
+            "config": LlamaConfig(
+                num_hidden_layers=2,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                hidden_size=4096,
+                intermediate_size=14336,
+                vocab_size=512,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            ),
+            "batch": 4,
+            "seq": 16,
+            "whole_run": slice_whole_run,
+            "profile_run": False,
+        }
+    ]
     return {"small": small, "slice": slice_, "all": small + slice_}[which]
 
 
@@ -93,7 +133,8 @@ def measure(shape: dict) -> dict:
     gc.collect()
     with torch.no_grad():
         graph, split_peak = planning.measured_peak(
-            lambda: lower_split(_trace_for(model, clean), PrecisionConfig(Format.FP32, "per_row")))
+            lambda: lower_split(_trace_for(model, clean), PrecisionConfig(Format.FP32, "per_row"))
+        )
         edges = EdgeGraph(graph_meta.head_graph(graph))
         runtime, setup_peak = planning.measured_peak(lambda: PatchingRuntime(graph, edges, task, Metric.KL))
     exact = planning.geometry_from_runtime(runtime, model)
@@ -111,7 +152,8 @@ def measure(shape: dict) -> dict:
     rows["caches + state, every edge kept"] = (runtime.state_bytes(), predicted.cache_bytes + predicted.state_start)
     gc.collect()
     _, query_peak = planning.measured_peak(
-        lambda: (runtime.try_remove(kv_row, [receivers[kv_row].senders[0]]), runtime.rollback()))
+        lambda: (runtime.try_remove(kv_row, [receivers[kv_row].senders[0]]), runtime.rollback())
+    )
     rows["dense first-layer query peak"] = (query_peak, predicted.query)
     runtime.reset()
 
@@ -135,11 +177,22 @@ def measure(shape: dict) -> dict:
             runtime.rollback()
             times.append(time.perf_counter() - t0)
         per_query = statistics.mean(times)
-        observed.append({"receiver": receiver.name, "queries": len(times), "seconds_per_query": per_query,
-                         "calibrated": calibrated.get(receiver.name)})
+        observed.append(
+            {
+                "receiver": receiver.name,
+                "queries": len(times),
+                "seconds_per_query": per_query,
+                "calibrated": calibrated.get(receiver.name),
+            }
+        )
     runtime.reset()
-    out["time"] = {"forward_s": forward_s, "calibration_s": calibration_s, "receivers": observed,
-                   "plan_total_s": timing.total_s, "plan_forward_equivalents_per_query": timing.forward_equivalents_per_query}
+    out["time"] = {
+        "forward_s": forward_s,
+        "calibration_s": calibration_s,
+        "receivers": observed,
+        "plan_total_s": timing.total_s,
+        "plan_forward_equivalents_per_query": timing.forward_equivalents_per_query,
+    }
     if shape["whole_run"]:
         del runtime, graph
         gc.collect()
@@ -154,8 +207,7 @@ def measure(shape: dict) -> dict:
             session.runtime.reset()
             gc.collect()
             _, search_peak = planning.measured_peak(lambda: search(session, 0.0, progress=False))
-            rows["search peak above the caches (state + a dense query)"] = (search_peak,
-                                                                            predicted.state_start + predicted.query)
+            rows["search peak above the caches (state + a dense query)"] = (search_peak, predicted.state_start + predicted.query)
         rows["seconds, a whole dense run (threshold 0)"] = (wall, timing.total_s)
     out["rows"] = {k: {"measured": m, "predicted": p, "ratio": ratio(m, p)} for k, (m, p) in rows.items()}
     return out
@@ -182,10 +234,15 @@ def table(results: list[dict]) -> str:
     for r in results:
         for name, row in r["rows"].items():
             unit = (lambda v: f"{v:.2f} s") if name.startswith("seconds") else (lambda v: f"{v / 2**20:.2f} MiB")
-            lines.append(f"| {r['shape']} ({r['batch']}x{r['seq']}) | {name} | {unit(row['measured'])} | "
-                         f"{unit(row['predicted'])} | {row['ratio']:.3f} |")
-    lines += ["", "| shape | receiver | queries | measured s/query | calibrated s/query | measured / calibrated |",
-              "| --- | --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {r['shape']} ({r['batch']}x{r['seq']}) | {name} | {unit(row['measured'])} | "
+                f"{unit(row['predicted'])} | {row['ratio']:.3f} |"
+            )
+    lines += [
+        "",
+        "| shape | receiver | queries | measured s/query | calibrated s/query | measured / calibrated |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         for o in r["time"]["receivers"]:
             cal, got = o["calibrated"], o["seconds_per_query"]
@@ -199,8 +256,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="all", choices=("small", "slice", "all"))
     parser.add_argument("--out", default=str(RESULTS / "plan_accuracy.json"))
-    parser.add_argument("--slice-whole-run", action="store_true",
-                        help="also search the slice in full at threshold 0 (about 20 minutes on one thread)")
+    parser.add_argument(
+        "--slice-whole-run",
+        action="store_true",
+        help="also search the slice in full at threshold 0 (about 20 minutes on one thread)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
@@ -213,8 +273,12 @@ def main() -> None:
     previous = json.loads(out.read_text())["results"] if out.exists() else []
     names = {r["shape"] for r in results}
     merged = [r for r in previous if r["shape"] not in names] + results
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "note": "CPU allocator events (torch.profiler profile_memory); configuration-only predictions"}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "note": "CPU allocator events (torch.profiler profile_memory); configuration-only predictions",
+    }
     out.write_text(json.dumps({"meta": meta, "results": merged}, indent=2, default=str) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

@@ -30,13 +30,35 @@ GPU_BYTES = 78 * GiB
 
 MODELS = {
     "GPT-2 small": GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024),
-    "Qwen2.5-0.5B": Qwen2Config(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896,
-                                intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                                max_position_embeddings=32768),
-    "Gemma-2-2B": Gemma2Config(num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                               hidden_size=2304, intermediate_size=9216, vocab_size=256000, tie_word_embeddings=True),
-    "Llama-3.1-8B": LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
-                                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "Qwen2.5-0.5B": Qwen2Config(
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        hidden_size=896,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "Gemma-2-2B": Gemma2Config(
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        hidden_size=2304,
+        intermediate_size=9216,
+        vocab_size=256000,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": LlamaConfig(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -48,27 +70,44 @@ def row(name: str, plan: planning.Plan, where: str) -> dict:
     m = plan.memory
     bf16, fp8 = plan.projections["bf16"], plan.projections["fp8"]
     return {
-        "model": name, "where": where, "max_memory_gib": plan.max_memory / GiB, "edges": plan.edges,
-        "receivers": plan.receivers, "queries_upper_bound": plan.queries,
-        "weights_gib": m.weights / GiB, "split_copies_gib": m.split_weights / GiB, "caches_gib": m.cache_bytes / GiB,
-        "state_start_gib": m.state_start / GiB, "state_bound_gib": m.state_bound / GiB, "query_gib": m.query / GiB,
-        "setup_peak_gib": m.setup_peak / GiB, "peak_dense_gib": m.peak / GiB, "peak_bound_gib": m.peak_bound / GiB,
-        "fits_dense": plan.fits_dense, "fits_any_threshold": plan.fits,
+        "model": name,
+        "where": where,
+        "max_memory_gib": plan.max_memory / GiB,
+        "edges": plan.edges,
+        "receivers": plan.receivers,
+        "queries_upper_bound": plan.queries,
+        "weights_gib": m.weights / GiB,
+        "split_copies_gib": m.split_weights / GiB,
+        "caches_gib": m.cache_bytes / GiB,
+        "state_start_gib": m.state_start / GiB,
+        "state_bound_gib": m.state_bound / GiB,
+        "query_gib": m.query / GiB,
+        "setup_peak_gib": m.setup_peak / GiB,
+        "peak_dense_gib": m.peak / GiB,
+        "peak_bound_gib": m.peak_bound / GiB,
+        "fits_dense": plan.fits_dense,
+        "fits_any_threshold": plan.fits,
         "largest_batch_any_threshold": plan.largest_batch if not plan.fits else BATCH,
-        "largest_batch_dense": planning._largest_batch(plan.geometry, plan.workload, "fp32", plan.max_memory, "dense",
-                                                  plan.memory.candidates)
-        if not plan.fits_dense else BATCH,
-        "projection_bf16_peak_dense_gib": bf16.peak / GiB, "projection_bf16_peak_bound_gib": bf16.peak_bound / GiB,
-        "projection_fp8_peak_dense_gib": fp8.peak / GiB, "projection_fp8_peak_bound_gib": fp8.peak_bound / GiB,
+        "largest_batch_dense": planning._largest_batch(
+            plan.geometry, plan.workload, "fp32", plan.max_memory, "dense", plan.memory.candidates
+        )
+        if not plan.fits_dense
+        else BATCH,
+        "projection_bf16_peak_dense_gib": bf16.peak / GiB,
+        "projection_bf16_peak_bound_gib": bf16.peak_bound / GiB,
+        "projection_fp8_peak_dense_gib": fp8.peak / GiB,
+        "projection_fp8_peak_bound_gib": fp8.peak_bound / GiB,
         "plan": plan.to_json(),
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        (f"| model | where | edges | queries (bound) | weights + copies | caches | dense query | peak, dense | peak bound "
-        f"| fits in FP32 (dense / any threshold) | prompts of {SEQ} that fit (dense / any) | projected peak bf16, fp8 "
-        "(not available) |"),
+        (
+            f"| model | where | edges | queries (bound) | weights + copies | caches | dense query | peak, dense | peak bound "
+            f"| fits in FP32 (dense / any threshold) | prompts of {SEQ} that fit (dense / any) | projected peak bf16, fp8 "
+            "(not available) |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -78,7 +117,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['weights_gib'] + r['split_copies_gib']:.1f} GiB | {r['caches_gib']:.1f} GiB | {r['query_gib']:.1f} GiB "
             f"| {r['peak_dense_gib']:.1f} GiB | {r['peak_bound_gib']:.1f} GiB | {fits} "
             f"| {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} "
-            f"| {r['projection_bf16_peak_dense_gib']:.1f}, {r['projection_fp8_peak_dense_gib']:.1f} GiB |")
+            f"| {r['projection_bf16_peak_dense_gib']:.1f}, {r['projection_fp8_peak_dense_gib']:.1f} GiB |"
+        )
     return "\n".join(lines)
 
 
@@ -94,14 +134,20 @@ def calibrate_gpt2_small(cpu_bytes: int) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
-    task = pahq_fx.Task(torch.randint(0, 50257, (BATCH, SEQ), generator=gen),
-                        torch.randint(0, 50257, (BATCH, SEQ), generator=gen))
-    plan = planning.plan(model, task, precision="fp32", max_memory=cpu_bytes, queries_per_role=1, layers=[0, 6, 11],
-                         check=False)
+    task = pahq_fx.Task(
+        torch.randint(0, 50257, (BATCH, SEQ), generator=gen), torch.randint(0, 50257, (BATCH, SEQ), generator=gen)
+    )
+    plan = planning.plan(model, task, precision="fp32", max_memory=cpu_bytes, queries_per_role=1, layers=[0, 6, 11], check=False)
     t = plan.timing
-    return {"plan": plan.to_json(), "describe": plan.describe(), "total_s": t.total_s, "forward_s": t.forward_s,
-            "forward_equivalents_per_query": t.forward_equivalents_per_query, "queries": t.queries,
-            "threads": torch.get_num_threads()}
+    return {
+        "plan": plan.to_json(),
+        "describe": plan.describe(),
+        "total_s": t.total_s,
+        "forward_s": t.forward_s,
+        "forward_equivalents_per_query": t.forward_equivalents_per_query,
+        "queries": t.queries,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -114,11 +160,21 @@ def main() -> None:
         for where, limit, device in (("one 80 GB GPU", GPU_BYTES, "cuda"), ("this CPU", cpu_bytes, "cpu")):
             plan = planning.plan_from_config(config, BATCH, SEQ, max_memory=limit, name=name, device=device)
             rows.append(row(name, plan, where))
-    print(f"N = {BATCH} x {SEQ} = {BATCH * SEQ} tokens, one metric row per prompt; state in FP32 (the runtime's only "
-          f"format); CPU: {cpu_bytes / GiB:.1f} GiB ({cpu_source})\n")
+    print(
+        f"N = {BATCH} x {SEQ} = {BATCH * SEQ} tokens, one metric row per prompt; state in FP32 (the runtime's only "
+        f"format); CPU: {cpu_bytes / GiB:.1f} GiB ({cpu_source})\n"
+    )
     print(table(rows))
-    result = {"batch": BATCH, "seq": SEQ, "gpu_bytes": GPU_BYTES, "cpu_bytes": cpu_bytes, "cpu_source": cpu_source,
-              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    result = {
+        "batch": BATCH,
+        "seq": SEQ,
+        "gpu_bytes": GPU_BYTES,
+        "cpu_bytes": cpu_bytes,
+        "cpu_source": cpu_source,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
     if args.calibrate:
         print("\ncalibrating GPT-2 small's shape on this CPU (random weights, layers 0, 6, 11)", file=sys.stderr)
         result["gpt2_small_cpu_calibration"] = calibration = calibrate_gpt2_small(cpu_bytes)

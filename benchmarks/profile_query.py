@@ -42,10 +42,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, vocab_size=1000,
-                        n_positions=max(64, args.seq))
+    config = GPT2Config(
+        n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, vocab_size=1000, n_positions=max(64, args.seq)
+    )
     model = GPT2LMHeadModel(config).eval().to(device)
-    ids = lambda: torch.randint(0, 1000, (args.batch, args.seq)).to(device)
+
+    def ids():
+        return torch.randint(0, 1000, (args.batch, args.seq)).to(device)
+
     task = pahq_fx.Task(ids(), ids())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for fmt in args.formats.split(","):

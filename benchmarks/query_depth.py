@@ -55,11 +55,22 @@ def measure(model, task, fmt: str, speculation: str, layers: list[int], forward_
             search_receiver(runtime, row, receiver, KEEP_ALL, False, effects, predictor, candidate_memory(torch.device("cpu")))
         seconds = time.perf_counter() - start
         queries = runtime.queries - before
-        results.append({"receiver": receiver.name, "layer": names[receiver.name], "senders": len(receiver.senders),
-                        "queries": queries, "evaluated": runtime.evaluated - evaluated, "seconds": seconds,
-                        "forward_equivalents": seconds / queries / forward_s})
-        print(f"{fmt:5s} speculation {speculation:8s} {receiver.name:10s} {queries:4d} queries "
-              f"{seconds / queries * 1e3:9.1f} ms/query {results[-1]['forward_equivalents']:.3f} fwd-equiv", file=sys.stderr)
+        results.append(
+            {
+                "receiver": receiver.name,
+                "layer": names[receiver.name],
+                "senders": len(receiver.senders),
+                "queries": queries,
+                "evaluated": runtime.evaluated - evaluated,
+                "seconds": seconds,
+                "forward_equivalents": seconds / queries / forward_s,
+            }
+        )
+        print(
+            f"{fmt:5s} speculation {speculation:8s} {receiver.name:10s} {queries:4d} queries "
+            f"{seconds / queries * 1e3:9.1f} ms/query {results[-1]['forward_equivalents']:.3f} fwd-equiv",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -101,11 +112,19 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for speculation in ("off", "adaptive"):
             samples = measure(model, task, fmt, speculation, layers, forward_s)
-            rows.append({"precision": fmt, "speculation": speculation, "samples": samples,
-                         "whole_run_forward_equivalents_extrapolated": whole_run(samples, edges_per_layer)})
+            rows.append(
+                {
+                    "precision": fmt,
+                    "speculation": speculation,
+                    "samples": samples,
+                    "whole_run_forward_equivalents_extrapolated": whole_run(samples, edges_per_layer),
+                }
+            )
     baseline = rows[0]["whole_run_forward_equivalents_extrapolated"]
-    print(f"model {args.model}, task {args.task} {tuple(task.clean_input_ids.shape)}, {torch.get_num_threads()} thread(s); "
-          f"one eager forward {forward_s * 1e3:.1f} ms")
+    print(
+        f"model {args.model}, task {args.task} {tuple(task.clean_input_ids.shape)}, {torch.get_num_threads()} thread(s); "
+        f"one eager forward {forward_s * 1e3:.1f} ms"
+    )
     header = " | ".join(f"a{layer}.h0.q" for layer in layers)
     print(f"| precision | speculation | {header} | whole dense run (extrapolated) | vs first row |")
     print("|" + " --- |" * (len(layers) + 4))
@@ -114,8 +133,19 @@ def main() -> None:
         whole = row["whole_run_forward_equivalents_extrapolated"]
         print(f"| {row['precision']} | {row['speculation']} | {cells} | {whole:.3f} | {baseline / whole:.2f}x |")
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "forward_s": forward_s, "environment": environment,
-                                          "edges_per_layer": edges_per_layer, "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "arguments": vars(args),
+                "forward_s": forward_s,
+                "environment": environment,
+                "edges_per_layer": edges_per_layer,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -74,9 +74,15 @@ def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
     sparse = _median_ms(lambda: query(last, embed), args.repeats)
     runtime.investigate(edges.receivers[final])
     resid_post = _median_ms(lambda: query(final, embed), args.repeats)
-    return {"format": fmt, "first_queries_s": first_s, "compilations": runtime.compilations,
-            "dense_ms_by_receiver_layer": dense, "sparse_last_layer_ms": sparse, "resid_post_ms": resid_post,
-            "state_bytes": runtime.state_bytes()}
+    return {
+        "format": fmt,
+        "first_queries_s": first_s,
+        "compilations": runtime.compilations,
+        "dense_ms_by_receiver_layer": dense,
+        "sparse_last_layer_ms": sparse,
+        "resid_post_ms": resid_post,
+        "state_bytes": runtime.state_bytes(),
+    }
 
 
 def main() -> None:
@@ -97,32 +103,55 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, vocab_size=args.vocab,
-                        n_positions=max(64, args.seq))
+    config = GPT2Config(
+        n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, vocab_size=args.vocab, n_positions=max(64, args.seq)
+    )
     model = GPT2LMHeadModel(config).eval().to(device)
     generator = torch.Generator().manual_seed(1)
-    ids = lambda: torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
+
+    def ids():
+        return torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
+
     task = pahq_fx.Task(ids(), ids())
     from pahq_fx.acdc.run_info import eager_forward_seconds
 
     forward_ms = statistics.median(eager_forward_seconds(model, task.clean_input_ids, repeats=args.repeats)) * 1000
     results = [measure(args, fmt, model, task) for fmt in args.formats.split(",")]
-    print(f"device: {device}; GPT-2 shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
-          f"batch {args.batch} x seq {args.seq}; compile={args.compile}; median of {args.repeats}; "
-          f"one eager forward {forward_ms:.2f} ms; every edge kept (dense) unless marked sparse")
-    header = ("| format | first queries (incl. compile) s | compilations | state MB | "
-              + " | ".join(f"layer {l} ms (fwd-eq)" for l in range(args.layers))
-              + " | sparse, last layer ms (fwd-eq) | resid_post ms (fwd-eq) |")
+    print(
+        f"device: {device}; GPT-2 shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
+        f"batch {args.batch} x seq {args.seq}; compile={args.compile}; median of {args.repeats}; "
+        f"one eager forward {forward_ms:.2f} ms; every edge kept (dense) unless marked sparse"
+    )
+    header = (
+        "| format | first queries (incl. compile) s | compilations | state MB | "
+        + " | ".join(f"layer {l} ms (fwd-eq)" for l in range(args.layers))
+        + " | sparse, last layer ms (fwd-eq) | resid_post ms (fwd-eq) |"
+    )
     print(header)
     print("|" + " --- |" * (args.layers + 6))
     for r in results:
-        cells = " | ".join(f"{r['dense_ms_by_receiver_layer'][l]:.2f} ({r['dense_ms_by_receiver_layer'][l] / forward_ms:.2f})"
-                           for l in range(args.layers))
-        print(f"| {r['format']} | {r['first_queries_s']:.1f} | {r['compilations']} | {r['state_bytes'] / 2**20:.1f} | {cells} "
-              f"| {r['sparse_last_layer_ms']:.2f} ({r['sparse_last_layer_ms'] / forward_ms:.3f}) "
-              f"| {r['resid_post_ms']:.2f} ({r['resid_post_ms'] / forward_ms:.3f}) |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "environment": measured_with(), "device": device,
-                                          "forward_ms": forward_ms, "results": results}, indent=2) + "\n")
+        cells = " | ".join(
+            f"{r['dense_ms_by_receiver_layer'][l]:.2f} ({r['dense_ms_by_receiver_layer'][l] / forward_ms:.2f})"
+            for l in range(args.layers)
+        )
+        print(
+            f"| {r['format']} | {r['first_queries_s']:.1f} | {r['compilations']} | {r['state_bytes'] / 2**20:.1f} | {cells} "
+            f"| {r['sparse_last_layer_ms']:.2f} ({r['sparse_last_layer_ms'] / forward_ms:.3f}) "
+            f"| {r['resid_post_ms']:.2f} ({r['resid_post_ms'] / forward_ms:.3f}) |"
+        )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "arguments": vars(args),
+                "environment": measured_with(),
+                "device": device,
+                "forward_ms": forward_ms,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

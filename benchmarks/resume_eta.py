@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import contextlib
+
 from benchmarks.acdc import add_model_arguments, load_model_and_task, results_path
 
 
@@ -52,8 +54,11 @@ def main() -> None:
 
     search_module.search(session, args.threshold, progress=False, callback=record)
     end = finished[-1][0]
-    errors = [abs(elapsed * (1 - share) / share - (end - elapsed)) / max(end - elapsed, 1e-9)
-              for elapsed, share in finished if 0.1 <= share < 0.999]
+    errors = [
+        abs(elapsed * (1 - share) / share - (end - elapsed)) / max(end - elapsed, 1e-9)
+        for elapsed, share in finished
+        if 0.1 <= share < 0.999
+    ]
     half = next(i for i, (_, share) in enumerate(finished) if share >= 0.5)
     searched_to_half = finished[half][0]
 
@@ -64,28 +69,52 @@ def main() -> None:
             if done.index == half + 1:
                 raise Stop
 
-        try:
-            pahq_fx.discover(model, task, threshold=args.threshold, precision="fp32", progress=False,
-                             allow_weak_task=True, checkpoint=checkpoint, callback=stop_at_half)
-        except Stop:
-            pass
+        with contextlib.suppress(Stop):
+            pahq_fx.discover(
+                model,
+                task,
+                threshold=args.threshold,
+                precision="fp32",
+                progress=False,
+                allow_weak_task=True,
+                checkpoint=checkpoint,
+                callback=stop_at_half,
+            )
         resumed_at = []
         began = time.perf_counter()
-        circuit = pahq_fx.discover(model, task, threshold=args.threshold, precision="fp32", progress=False,
-                                   allow_weak_task=True, checkpoint=checkpoint,
-                                   callback=lambda d: resumed_at.append(time.perf_counter() - began))
+        circuit = pahq_fx.discover(
+            model,
+            task,
+            threshold=args.threshold,
+            precision="fp32",
+            progress=False,
+            allow_weak_task=True,
+            checkpoint=checkpoint,
+            callback=lambda d: resumed_at.append(time.perf_counter() - began),
+        )
     setup = circuit.stats.setup_s  # the resumed run's setup and replay, before its first receiver
-    result = {"arguments": vars(args), "receivers": len(work), "setup_s": session.setup_s,
-              "search_s": end, "searched_to_half_s": searched_to_half, "resume_setup_and_replay_s": setup,
-              "replay_s": setup - session.setup_s, "eta_largest_error_after_a_tenth": max(errors, default=0.0),
-              "eta_median_error_after_a_tenth": sorted(errors)[len(errors) // 2] if errors else 0.0}
+    result = {
+        "arguments": vars(args),
+        "receivers": len(work),
+        "setup_s": session.setup_s,
+        "search_s": end,
+        "searched_to_half_s": searched_to_half,
+        "resume_setup_and_replay_s": setup,
+        "replay_s": setup - session.setup_s,
+        "eta_largest_error_after_a_tenth": max(errors, default=0.0),
+        "eta_median_error_after_a_tenth": sorted(errors)[len(errors) // 2] if errors else 0.0,
+    }
     print(f"model {args.model}, {len(work)} receivers, threshold {args.threshold}")
-    print("| setup s | search s | search to half s | resume: setup + replay s | replay / search to half "
-          "| ETA error after a tenth: largest, median |")
+    print(
+        "| setup s | search s | search to half s | resume: setup + replay s | replay / search to half "
+        "| ETA error after a tenth: largest, median |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| {session.setup_s:.2f} | {end:.2f} | {searched_to_half:.2f} | {setup:.2f} "
-          f"| {(setup - session.setup_s) / searched_to_half:.2f} | {result['eta_largest_error_after_a_tenth']:.0%}, "
-          f"{result['eta_median_error_after_a_tenth']:.0%} |")
+    print(
+        f"| {session.setup_s:.2f} | {end:.2f} | {searched_to_half:.2f} | {setup:.2f} "
+        f"| {(setup - session.setup_s) / searched_to_half:.2f} | {result['eta_largest_error_after_a_tenth']:.0%}, "
+        f"{result['eta_median_error_after_a_tenth']:.0%} |"
+    )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -28,8 +28,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from acdc import add_model_arguments, load_model_and_task, measured_with, results_path  # shared by the benchmarks
 
-PHASES = ("fixed-shape trace", "export imports", "export", "program.module()", "rest of the trace", "fuse_activations", "split_heads",
-          "lower_precision", "runtime (clean and corrupted runs)", "setup (discover's)", "search (discover's)")
+PHASES = (
+    "fixed-shape trace",
+    "export imports",
+    "export",
+    "program.module()",
+    "rest of the trace",
+    "fuse_activations",
+    "split_heads",
+    "lower_precision",
+    "runtime (clean and corrupted runs)",
+    "setup (discover's)",
+    "search (discover's)",
+)
 
 
 def _timed(owner: object, name: str, phase: str, seconds: dict[str, float]) -> None:
@@ -98,8 +109,21 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     environment = {**os.environ, "PAHQ_FX_TRACE_CACHE": "off"}
-    command = [sys.executable, __file__, "--one", "--model", args.model, "--task", args.task, "--half", str(args.half),
-               "--n", str(args.n), "--threshold", str(args.threshold)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        "--model",
+        args.model,
+        "--task",
+        args.task,
+        "--half",
+        str(args.half),
+        "--n",
+        str(args.n),
+        "--threshold",
+        str(args.threshold),
+    ]
     runs = []
     for repeat in range(args.repeats):
         done = subprocess.run(command, check=False, capture_output=True, text=True, env=environment)
@@ -108,15 +132,27 @@ def main() -> None:
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     medians = {phase: statistics.median(r.get(phase, 0.0) for r in runs) for phase in (*PHASES, "forward")}
     setup_s = medians["setup (discover's)"]
-    print(f"model {args.model}, task {args.task}, n={args.n}, threshold {args.threshold}; trace cache off; medians of "
-          f"{args.repeats} fresh processes; one eager forward {medians['forward'] * 1000:.1f} ms")
+    print(
+        f"model {args.model}, task {args.task}, n={args.n}, threshold {args.threshold}; trace cache off; medians of "
+        f"{args.repeats} fresh processes; one eager forward {medians['forward'] * 1000:.1f} ms"
+    )
     print("| phase | seconds | share of setup |\n| --- | --- | --- |")
     for phase in PHASES:
         share = f"{medians[phase] / setup_s:.0%}" if phase != "search (discover's)" else "-"
         print(f"| {phase} | {medians[phase]:.3f} | {share} |")
     measured = {**measured_with(), "PAHQ_FX_TRACE_CACHE": "off"}  # what every run here sets
-    Path(args.out).write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items() if k != "one"},
-                                          "environment": measured, "medians": medians, "runs": runs}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "arguments": {k: v for k, v in vars(args).items() if k != "one"},
+                "environment": measured,
+                "medians": medians,
+                "runs": runs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
-ACDC_ORDER = ("auto", "auto-spec", "fp32", "fp32-spec", "bf16", "bf16-spec", "fp16", "fp8", "fp8_e5m2", "naive",
-              "auto-circuit")
+ACDC_ORDER = ("auto", "auto-spec", "fp32", "fp32-spec", "bf16", "bf16-spec", "fp16", "fp8", "fp8_e5m2", "naive", "auto-circuit")
 
 
 def _load(path: str) -> dict:
@@ -43,8 +42,12 @@ def _acdc_command(arguments: dict, path: str, env: str) -> str:
     parts = [f"--model {arguments['model']}", f"--task {arguments['task']}"]
     if arguments.get("half"):
         parts.append(f"--half {arguments['half']}")
-    parts += [f"--n {arguments['n']}", f"--threshold {arguments['threshold']:g}", f"--repeats {arguments['repeats']}",
-              f"--configs {arguments['configs']}"]
+    parts += [
+        f"--n {arguments['n']}",
+        f"--threshold {arguments['threshold']:g}",
+        f"--repeats {arguments['repeats']}",
+        f"--configs {arguments['configs']}",
+    ]
     if arguments.get("compile", "auto") != "auto":
         parts.append(f"--compile {arguments['compile']}")
     if arguments.get("peer"):
@@ -66,8 +69,10 @@ def _measured(data: dict, env: str) -> tuple[str, str]:
         return env, ""
     cache = found.get("PAHQ_FX_TRACE_CACHE")
     gpu = f", {found['gpu']}" if found.get("gpu") else ""
-    note = (f" Measured with Python {found['python']}, torch {found['torch']}, torchao {found['torchao']}, transformers "
-            f"{found['transformers']} on {found['cpu']} ({found['cpus']} CPUs{gpu}).")
+    note = (
+        f" Measured with Python {found['python']}, torch {found['torch']}, torchao {found['torchao']}, transformers "
+        f"{found['transformers']} on {found['cpu']} ({found['cpus']} CPUs{gpu})."
+    )
     return (f"PAHQ_FX_TRACE_CACHE={cache}" if cache else ""), note
 
 
@@ -92,18 +97,25 @@ def query_depth(files: list[str], env: str) -> str:
     (path,) = files
     data = _load(path)
     layers = [s["receiver"] for s in data["rows"][0]["samples"]]
-    lines = [f"| precision | speculation | {' | '.join(layers)} | whole dense run (extrapolated) |",
-             "|" + " --- |" * (len(layers) + 3)]
+    lines = [
+        f"| precision | speculation | {' | '.join(layers)} | whole dense run (extrapolated) |",
+        "|" + " --- |" * (len(layers) + 3),
+    ]
     for row in data["rows"]:
         cells = " | ".join(f"{s['forward_equivalents']:.3f}" for s in row["samples"])
-        lines.append(f"| {row['precision']} | {row['speculation']} | {cells} "
-                     f"| {row['whole_run_forward_equivalents_extrapolated']:.3f} |")
+        lines.append(
+            f"| {row['precision']} | {row['speculation']} | {cells} | {row['whole_run_forward_equivalents_extrapolated']:.3f} |"
+        )
     arguments = data["arguments"]
-    command = (f"OMP_NUM_THREADS={data['environment']['threads']} python benchmarks/query_depth.py --model "
-               f"{arguments['model']} --task {arguments['task']} --n {arguments['n']}")
-    return "\n".join(lines) + (f"\n\nForward-equivalents per decided query; one eager forward "
-                               f"{data['forward_s'] * 1e3:.1f} ms; torch {data['environment']['torch']}, "
-                               f"{data['environment']['threads']} thread(s). Command: `{command}`")
+    command = (
+        f"OMP_NUM_THREADS={data['environment']['threads']} python benchmarks/query_depth.py --model "
+        f"{arguments['model']} --task {arguments['task']} --n {arguments['n']}"
+    )
+    return "\n".join(lines) + (
+        f"\n\nForward-equivalents per decided query; one eager forward "
+        f"{data['forward_s'] * 1e3:.1f} ms; torch {data['environment']['torch']}, "
+        f"{data['environment']['threads']} thread(s). Command: `{command}`"
+    )
 
 
 def acdc(files: list[str], env: str) -> str:
@@ -117,31 +129,38 @@ def acdc(files: list[str], env: str) -> str:
     reference = "naive" if naive else "fp32" if "fp32" in by else None
     speculative = any(r.get("hit_rate") is not None for r in rows)
     batches = " (evaluated) | predictor hit rate" if speculative else ""
-    head = (f"| config | precision | wall s | setup s | search s | queries{batches} "
-            f"| fwd-equiv / query | peak MB | edges | Jaccard vs {reference or '-'} | wall speed-up vs naive |")
+    head = (
+        f"| config | precision | wall s | setup s | search s | queries{batches} "
+        f"| fwd-equiv / query | peak MB | edges | Jaccard vs {reference or '-'} | wall speed-up vs naive |"
+    )
     lines = [head, "|" + " --- |" * (11 + speculative)]
     for r in rows:
         name = r["config"]
         agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference else "-"
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
-        lines.append(f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
-                     f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}"
-                     + (f"{_evaluated(r)} | {_hit_rate(r)} " if speculative else " ")
-                     + f"| {r['forward_equivalents']:.3f} "
-                     f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |")
+        lines.append(
+            f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
+            f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}"
+            + (f"{_evaluated(r)} | {_hit_rate(r)} " if speculative else " ")
+            + f"| {r['forward_equivalents']:.3f} "
+            f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |"
+        )
     device = rows[0].get("device", "cpu")
     env, note = _measured(data, env)
-    return "\n".join(lines) + (f"\n\nDevice {device}; one eager forward of the model {_forward_ms(rows)}; medians of "
-                               f"{data['arguments']['repeats']} fresh processes per configuration.{note} Command: "
-                               f"{_acdc_command(data['arguments'], path, env)}")
+    return "\n".join(lines) + (
+        f"\n\nDevice {device}; one eager forward of the model {_forward_ms(rows)}; medians of "
+        f"{data['arguments']['repeats']} fresh processes per configuration.{note} Command: "
+        f"{_acdc_command(data['arguments'], path, env)}"
+    )
 
 
 def acdc_models(files: list[str], env: str) -> str:
     """Several models' whole runs side by side: forward-equivalents per query of each configuration."""
     datas = {path: _load(path) for path in files}
     configs = [c for c in ACDC_ORDER if any(c in {r["config"] for r in d["results"]} for d in datas.values())]
-    head = (f"| model, task | one forward | {' | '.join(configs)} | queries | wall s: auto / naive "
-            "| same circuit in every config |")
+    head = (
+        f"| model, task | one forward | {' | '.join(configs)} | queries | wall s: auto / naive | same circuit in every config |"
+    )
     lines = [head, "|" + " --- |" * (len(configs) + 5)]
     commands = []
     for path, data in datas.items():
@@ -151,8 +170,10 @@ def acdc_models(files: list[str], env: str) -> str:
         cells = [f"{by[c]['forward_equivalents']:.3f}" if c in by else "-" for c in configs]
         wall = " / ".join(f"{by[c]['wall_s']:.2f}" if c in by else "-" for c in ("auto", "naive"))
         same = f"yes ({len(next(iter(edge_sets)))} edges)" if len(edge_sets) == 1 else "no"
-        lines.append(f"| `{arguments['model']}`, {arguments['task']} | {_forward_ms(data['results'])} | {' | '.join(cells)} "
-                     f"| {by['auto']['queries']} | {wall} | {same} |")
+        lines.append(
+            f"| `{arguments['model']}`, {arguments['task']} | {_forward_ms(data['results'])} | {' | '.join(cells)} "
+            f"| {by['auto']['queries']} | {wall} | {same} |"
+        )
         command_env, note = _measured(data, env)
         commands.append(_acdc_command(arguments, path, command_env) + note)
     return "\n".join(lines) + "\n\n(forward-equivalents per query.) Commands: " + "; ".join(commands)
@@ -180,33 +201,49 @@ def query_latency(files: list[str], env: str) -> str:
     data = _load(path)
     arguments, forward = data["arguments"], data["forward_ms"]
     layers = range(arguments["layers"])
-    lines = [f"| format | state MB | {' | '.join(f'layer {i}' for i in layers)} | sparse, last layer | resid_post |",
-             "|" + " --- |" * (arguments["layers"] + 4)]
+    lines = [
+        f"| format | state MB | {' | '.join(f'layer {i}' for i in layers)} | sparse, last layer | resid_post |",
+        "|" + " --- |" * (arguments["layers"] + 4),
+    ]
     for r in data["results"]:
         dense = r["dense_ms_by_receiver_layer"]
         cells = " | ".join(f"{dense[str(i)] / forward:.2f}" for i in layers)
-        lines.append(f"| {r['format']} | {r['state_bytes'] / 2**20:.1f} | {cells} | {r['sparse_last_layer_ms'] / forward:.3f} "
-                     f"| {r['resid_post_ms'] / forward:.3f} |")
-    parts = [f"--layers {arguments['layers']}", f"--d-model {arguments['d_model']}", f"--heads {arguments['heads']}",
-             f"--batch {arguments['batch']}", f"--seq {arguments['seq']}", f"--repeats {arguments['repeats']}",
-             f"--formats {arguments['formats']}"] + (["--compile"] if arguments.get("compile") else [])
+        lines.append(
+            f"| {r['format']} | {r['state_bytes'] / 2**20:.1f} | {cells} | {r['sparse_last_layer_ms'] / forward:.3f} "
+            f"| {r['resid_post_ms'] / forward:.3f} |"
+        )
+    parts = [
+        f"--layers {arguments['layers']}",
+        f"--d-model {arguments['d_model']}",
+        f"--heads {arguments['heads']}",
+        f"--batch {arguments['batch']}",
+        f"--seq {arguments['seq']}",
+        f"--repeats {arguments['repeats']}",
+        f"--formats {arguments['formats']}",
+    ] + (["--compile"] if arguments.get("compile") else [])
     env, note = _measured(data, env)
-    return "\n".join(lines) + (f"\n\nDevice {data['device']}; forward-equivalents per query (one eager forward "
-                               f"{forward:.1f} ms){', compiled' if arguments.get('compile') else ', eager'}.{note} Command: "
-                               f"{_command('benchmarks/query_latency.py', parts, path, env)}")
+    return "\n".join(lines) + (
+        f"\n\nDevice {data['device']}; forward-equivalents per query (one eager forward "
+        f"{forward:.1f} ms){', compiled' if arguments.get('compile') else ', eager'}.{note} Command: "
+        f"{_command('benchmarks/query_latency.py', parts, path, env)}"
+    )
 
 
 def forward(files: list[str], env: str) -> str:
     """The transformed model's own forward against the Hugging Face model's (benchmarks/forward.py)."""
-    lines = ["| model (prompts), format | trace s | split + lower s | HF forward ms | per-head model forward ms | ratio |",
-             "|" + " --- |" * 6]
+    lines = [
+        "| model (prompts), format | trace s | split + lower s | HF forward ms | per-head model forward ms | ratio |",
+        "|" + " --- |" * 6,
+    ]
     commands = []
     for path in files:
         data = _load(path)
         arguments = data["arguments"]
         for r in data["results"]:
-            lines.append(f"| {arguments['model']} ({arguments['n']}), {r['format']} | {r['trace_s']:.2f} | "
-                         f"{r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} | {r['forward_ms']:.1f} | {r['ratio']:.2f} |")
+            lines.append(
+                f"| {arguments['model']} ({arguments['n']}), {r['format']} | {r['trace_s']:.2f} | "
+                f"{r['split_lower_s']:.2f} | {r['hf_forward_ms']:.1f} | {r['forward_ms']:.1f} | {r['ratio']:.2f} |"
+            )
         parts = [f"--model {arguments['model']}", f"--task {arguments['task']}"]
         if arguments.get("half"):
             parts.append(f"--half {arguments['half']}")
@@ -234,13 +271,22 @@ def setup_phases(files: list[str], env: str) -> str:
         parts.append(f"--half {arguments['half']}")
     parts += [f"--n {arguments['n']}", f"--threshold {arguments['threshold']:g}", f"--repeats {arguments['repeats']}"]
     env, note = _measured(data, env)
-    return "\n".join(lines) + (f"\n\nOne eager forward {medians['forward'] * 1000:.1f} ms; medians of "
-                               f"{arguments['repeats']} fresh processes, trace cache off.{note} Command: "
-                               f"{_command('benchmarks/setup_phases.py', parts, path, env)}")
+    return "\n".join(lines) + (
+        f"\n\nOne eager forward {medians['forward'] * 1000:.1f} ms; medians of "
+        f"{arguments['repeats']} fresh processes, trace cache off.{note} Command: "
+        f"{_command('benchmarks/setup_phases.py', parts, path, env)}"
+    )
 
 
-KINDS = {"acdc": acdc, "query-depth": query_depth, "acdc-models": acdc_models, "formats": formats, "query-latency": query_latency,
-         "forward": forward, "setup-phases": setup_phases}
+KINDS = {
+    "acdc": acdc,
+    "query-depth": query_depth,
+    "acdc-models": acdc_models,
+    "formats": formats,
+    "query-latency": query_latency,
+    "forward": forward,
+    "setup-phases": setup_phases,
+}
 
 
 def render(text: str) -> str:
@@ -269,8 +315,10 @@ def main() -> None:
                 path.write_text(new)
     if args.check and stale:
         sys.exit(f"tables differ from benchmarks/results in {', '.join(stale)}: run python benchmarks/tables.py")
-    print(f"{'stale' if stale else 'up to date'}: {', '.join(stale) or ', '.join(DOCUMENTS)}"
-          f"{'' if args.check or not stale else ' (rewritten)'}")
+    print(
+        f"{'stale' if stale else 'up to date'}: {', '.join(stale) or ', '.join(DOCUMENTS)}"
+        f"{'' if args.check or not stale else ' (rewritten)'}"
+    )
 
 
 if __name__ == "__main__":

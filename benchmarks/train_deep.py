@@ -58,8 +58,20 @@ def recipe(steps: int, lr: float, halves: tuple[int, ...] = HALVES):
     sys.path.insert(0, str(ROOT))
     from scripts.train_zoo import Recipe
 
-    return Recipe("deep-induction", "gpt2", ("induction",), layers=12, heads=8, kv_heads=8, d_model=256, steps=steps,
-                  lr=lr, batch=TOKENS_PER_STEP // (2 * halves[0]), positions=64, task_options=(("half", max(halves)),))
+    return Recipe(
+        "deep-induction",
+        "gpt2",
+        ("induction",),
+        layers=12,
+        heads=8,
+        kv_heads=8,
+        d_model=256,
+        steps=steps,
+        lr=lr,
+        batch=TOKENS_PER_STEP // (2 * halves[0]),
+        positions=64,
+        task_options=(("half", max(halves)),),
+    )
 
 
 def build(rec, vocab_size: int) -> torch.nn.Module:
@@ -88,15 +100,19 @@ def evaluate(model, tokenizer, halves: tuple[int, ...] = HALVES) -> dict[str, fl
     from pahq_fx.zoo import task_accuracy
 
     model.eval()
-    return {str(h): round(task_accuracy(model, make_task("induction", tokenizer, n=EVAL_N, seed=EVAL_SEED, half=h), tokenizer), 4)
-            for h in sorted(set(halves))}
+    return {
+        str(h): round(task_accuracy(model, make_task("induction", tokenizer, n=EVAL_N, seed=EVAL_SEED, half=h), tokenizer), 4)
+        for h in sorted(set(halves))
+    }
 
 
-def train(out: Path = CACHE, steps: int = 1200, lr: float = 2e-3, seed: int = 0, autocast: bool = True,
-          halves: tuple[int, ...] = HALVES) -> dict:
+def train(
+    out: Path = CACHE, steps: int = 1200, lr: float = 2e-3, seed: int = 0, autocast: bool = True, halves: tuple[int, ...] = HALVES
+) -> dict:
     """Train, evaluate and save to ``out`` (written to a sibling folder first, then moved into place)."""
     torch.set_num_threads(1)
     from pahq_fx.tasks import build_tokenizer, make_task
+
     sys.path.insert(0, str(ROOT))
     from scripts.train_zoo import TRAIN_SEED_BASE, targets
 
@@ -106,9 +122,12 @@ def train(out: Path = CACHE, steps: int = 1200, lr: float = 2e-3, seed: int = 0,
     model = build(rec, len(tokenizer)).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
-    print(f"deep-induction: 12 layers, d_model 256, 8 heads, {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{steps} steps, lr {lr}, halves {halves}, {TOKENS_PER_STEP} tokens a step, "
-          f"{'bf16 autocast' if autocast else 'fp32'}, seed {seed}", flush=True)
+    print(
+        f"deep-induction: 12 layers, d_model 256, 8 heads, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{steps} steps, lr {lr}, halves {halves}, {TOKENS_PER_STEP} tokens a step, "
+        f"{'bf16 autocast' if autocast else 'fp32'}, seed {seed}",
+        flush=True,
+    )
     start, cpu_start = time.time(), time.process_time()
     for step in range(steps):
         half = halves[step % len(halves)]
@@ -124,8 +143,10 @@ def train(out: Path = CACHE, steps: int = 1200, lr: float = 2e-3, seed: int = 0,
         if step % 25 == 0 or step == steps - 1:
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (steps - step - 1)
-            print(f"step {step:5d}/{steps} half {half:2d} loss {loss.item():.4f} elapsed {elapsed:5.0f}s eta {eta:5.0f}s",
-                  flush=True)
+            print(
+                f"step {step:5d}/{steps} half {half:2d} loss {loss.item():.4f} elapsed {elapsed:5.0f}s eta {eta:5.0f}s",
+                flush=True,
+            )
     train_seconds, train_cpu_seconds = time.time() - start, time.process_time() - cpu_start
     accuracy = evaluate(model, tokenizer, halves)
     seconds = time.time() - start
@@ -139,12 +160,22 @@ def train(out: Path = CACHE, steps: int = 1200, lr: float = 2e-3, seed: int = 0,
         "task_options": dict(rec.task_options),
         "benchmark_task": {"task": "induction", **BENCHMARK_TASK},
         "weights_sha256_16": weights_hash(model),
-        "training": {"steps": steps, "tokens_per_step": TOKENS_PER_STEP, "halves": list(halves), "lr": lr, "seed": seed,
-                     "data_seeds": f"{TRAIN_SEED_BASE}..{TRAIN_SEED_BASE + steps - 1}",
-                     "eval": {"n": EVAL_N, "seed": EVAL_SEED}, "autocast": "bf16" if autocast else None,
-                     "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu_seconds, 1),
-                     "seconds": round(seconds, 1), "threads": 1,
-                     "torch": torch.__version__, "script": "benchmarks/train_deep.py"},
+        "training": {
+            "steps": steps,
+            "tokens_per_step": TOKENS_PER_STEP,
+            "halves": list(halves),
+            "lr": lr,
+            "seed": seed,
+            "data_seeds": f"{TRAIN_SEED_BASE}..{TRAIN_SEED_BASE + steps - 1}",
+            "eval": {"n": EVAL_N, "seed": EVAL_SEED},
+            "autocast": "bf16" if autocast else None,
+            "train_seconds": round(train_seconds, 1),
+            "train_cpu_seconds": round(train_cpu_seconds, 1),
+            "seconds": round(seconds, 1),
+            "threads": 1,
+            "torch": torch.__version__,
+            "script": "benchmarks/train_deep.py",
+        },
     }
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -190,8 +221,14 @@ def main() -> None:
         info = json.loads((args.out / "zoo.json").read_text())
         print(f"cached: {args.out} (accuracy {info['accuracy_by_half']}, {info['training']['seconds']} s); --force retrains")
         return
-    train(args.out, steps=args.steps, lr=args.lr, seed=args.seed, autocast=not args.fp32,
-          halves=tuple(int(h) for h in args.halves.split(",")))
+    train(
+        args.out,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        autocast=not args.fp32,
+        halves=tuple(int(h) for h in args.halves.split(",")),
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ with torch.no_grad():
 forward = statistics.median(times[1:])
 # Speed is measured on random models too, whose tasks the task check (newer revisions) would stop.
 weak = {"allow_weak_task": True} if "allow_weak_task" in inspect.signature(pahq_fx.discover).parameters else {}
-circuit = pahq_fx.discover(model, task, threshold=float(sys.argv[3]), precision=sys.argv[4], progress=False, compile=False, **weak)
+circuit = pahq_fx.discover(model, task, threshold=float(sys.argv[3]), precision=sys.argv[4], progress=False,
+                           compile=False, **weak)
 s = circuit.stats
 search = s.wall_s - s.setup_s
 print(json.dumps({"wall_s": s.wall_s, "setup_s": s.setup_s, "search_s": search, "queries": s.queries,
@@ -91,14 +92,21 @@ def main() -> None:
         for repeat in range(args.repeats):
             for precision in args.precisions.split(","):
                 for name, tree in trees.items():
-                    done = subprocess.run([sys.executable, "-c", RUN, str(model_dir), str(task_file), str(args.threshold), precision],
-                                          check=False, capture_output=True, text=True, cwd=tree,
-                                          env=dict(os.environ, PYTHONPATH=str(tree)))
+                    done = subprocess.run(
+                        [sys.executable, "-c", RUN, str(model_dir), str(task_file), str(args.threshold), precision],
+                        check=False,
+                        capture_output=True,
+                        text=True,
+                        cwd=tree,
+                        env=dict(os.environ, PYTHONPATH=str(tree)),
+                    )
                     if done.returncode != 0:
                         sys.exit(f"{name} {precision} failed:\n{done.stderr[-3000:]}")
                     runs.setdefault((name, precision), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
-                    print(f"repeat {repeat + 1}/{args.repeats} {name} {precision}: {runs[(name, precision)][-1]['wall_s']:.2f}s",
-                          file=sys.stderr)
+                    print(
+                        f"repeat {repeat + 1}/{args.repeats} {name} {precision}: {runs[(name, precision)][-1]['wall_s']:.2f}s",
+                        file=sys.stderr,
+                    )
     medians = {}
     for key, results in runs.items():
         best = dict(results[0])
@@ -106,19 +114,27 @@ def main() -> None:
             best[field] = statistics.median(r[field] for r in results)
         medians[key] = best
     print(f"model {args.model}, task {args.task}, n={args.n}, threshold {args.threshold}, eager, median of {args.repeats}")
-    print("| precision | revision | wall s | setup s | search s | queries | fwd-equiv / query | peak MB | edges "
-          "| search speed-up | wall speed-up | same circuit |")
+    print(
+        "| precision | revision | wall s | setup s | search s | queries | fwd-equiv / query | peak MB | edges "
+        "| search speed-up | wall speed-up | same circuit |"
+    )
     print("|" + " --- |" * 12)
     for precision in args.precisions.split(","):
         before = medians[(args.revision, precision)]
         for name in trees:
             r = medians[(name, precision)]
-            print(f"| {precision} | {name} | {r['wall_s']:.2f} | {r['setup_s']:.2f} | {r['search_s']:.3f} | {r['queries']} "
-                  f"| {r['forward_equivalents']:.3f} | {r['peak_memory_mb']:.0f} | {len(r['edges'])} "
-                  f"| {before['search_s'] / r['search_s']:.1f}x | {before['wall_s'] / r['wall_s']:.2f}x "
-                  f"| {'yes' if r['edges'] == before['edges'] else 'no'} |")
-    Path(args.out).write_text(json.dumps({"arguments": vars(args), "results": [dict(r, revision=n, precision=p)
-                                          for (n, p), r in medians.items()]}, indent=2) + "\n")
+            print(
+                f"| {precision} | {name} | {r['wall_s']:.2f} | {r['setup_s']:.2f} | {r['search_s']:.3f} | {r['queries']} "
+                f"| {r['forward_equivalents']:.3f} | {r['peak_memory_mb']:.0f} | {len(r['edges'])} "
+                f"| {before['search_s'] / r['search_s']:.1f}x | {before['wall_s'] / r['wall_s']:.2f}x "
+                f"| {'yes' if r['edges'] == before['edges'] else 'no'} |"
+            )
+    Path(args.out).write_text(
+        json.dumps(
+            {"arguments": vars(args), "results": [dict(r, revision=n, precision=p) for (n, p), r in medians.items()]}, indent=2
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

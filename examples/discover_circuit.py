@@ -1,7 +1,7 @@
 """Discover the circuit of a shipped model on its task with PAHQ-accelerated ACDC, and check its faithfulness.
 
-    python examples/discover_circuit.py                       # gpt2-induction, induction, fp8
-    python examples/discover_circuit.py --model llama-ioi --task ioi --precision bf16
+python examples/discover_circuit.py                       # gpt2-induction, induction, fp8
+python examples/discover_circuit.py --model llama-ioi --task ioi --precision bf16
 """
 
 import argparse

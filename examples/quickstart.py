@@ -6,8 +6,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import pahq_fx
 
 torch.manual_seed(0)
-config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                     intermediate_size=128, vocab_size=100, max_position_embeddings=32)
+config = LlamaConfig(
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=100,
+    max_position_embeddings=32,
+)
 model = LlamaForCausalLM(config).eval()
 ids = torch.randint(0, 100, (2, 10))
 

@@ -30,14 +30,30 @@ aten = torch.ops.aten
 
 # Ops that map each element on its own, with Python scalars as their only other arguments.
 _POINTWISE = {
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.mul.Tensor,
-    aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten.neg.default, aten.tanh.default,
-    aten.erf.default, aten.exp.default, aten.sigmoid.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.rsub.Scalar,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.pow.Tensor_Scalar,
+    aten.neg.default,
+    aten.tanh.default,
+    aten.erf.default,
+    aten.exp.default,
+    aten.sigmoid.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
     aten.reciprocal.default,
 }
 
 # Where the probes are dense: GELU bends within a few units of zero and is x or 0 beyond.
-_PROBES = torch.cat([torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64), torch.tensor([-60.0, -30.0, 30.0, 60.0], dtype=torch.float64)])
+_PROBES = torch.cat(
+    [torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64), torch.tensor([-60.0, -30.0, 30.0, 60.0], dtype=torch.float64)]
+)
 _TOLERANCE = 1e-6
 
 
@@ -57,8 +73,12 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     sigmoid(2u)``) with in-place passes over one temporary, which is faster than ``aten.gelu`` there.
     Everywhere else (CUDA's one fused kernel, half-precision inputs that ``aten.gelu`` computes in float32,
     gradients, and under ``torch.compile``, which fuses either form) it is ``aten.gelu``."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
-            or torch.is_grad_enabled() and x.requires_grad):
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
         return aten.gelu.default(x, approximate="tanh")
     inner = x * x
     inner.mul_(_TWO_SQRT_2_OVER_PI * 0.044715).add_(_TWO_SQRT_2_OVER_PI).mul_(x)
@@ -79,8 +99,7 @@ class Activation:
 
 
 ACTIVATIONS = (
-    Activation("gelu_tanh", lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
-               gelu_tanh, {}),
+    Activation("gelu_tanh", lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))), gelu_tanh, {}),
     Activation("gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), aten.gelu.default, {}),
 )
 
@@ -144,7 +163,7 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
         outermost = not any(user in regions and regions[user][0] is source for user in output.users)
         closed = all(user in region for node in region - {output} for user in node.users)
         value = source.meta.get("val")  # absent on graphs from the trace cache, which keeps no metadata
-        floating = value is None or isinstance(value, torch.Tensor) and value.is_floating_point()
+        floating = value is None or (isinstance(value, torch.Tensor) and value.is_floating_point())
         if not (outermost and closed and floating and len(region) > 1):
             continue
         activation = _matching(region, source, output)
@@ -170,8 +189,12 @@ def _retarget_tanh_gelu(graph: fx.Graph) -> int:
     :data:`gelu_tanh` too, so that every tanh GELU of the graph takes the faster CPU path; how many."""
     count = 0
     for node in graph.nodes:
-        if (node.op == "call_function" and node.target is aten.gelu.default and len(node.args) == 1
-                and node.kwargs == {"approximate": "tanh"}):
+        if (
+            node.op == "call_function"
+            and node.target is aten.gelu.default
+            and len(node.args) == 1
+            and node.kwargs == {"approximate": "tanh"}
+        ):
             node.target, node.kwargs = gelu_tanh, {}
             count += 1
     return count

@@ -49,13 +49,22 @@ class _MaskRecorder:
     def __init__(self) -> None:
         self.calls: list[bool] = []
 
-    def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    def __call__(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         causal_call = kwargs.get("is_causal")
         causal_call = getattr(module, "is_causal", True) if causal_call is None else causal_call
-        exact = attention_mask is None or bool(causal_call) and kwargs.get("position_bias") is None and _is_causal_pattern(attention_mask)
+        exact = attention_mask is None or (
+            bool(causal_call) and kwargs.get("position_bias") is None and _is_causal_pattern(attention_mask)
+        )
         self.calls.append(exact)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -96,7 +105,9 @@ def _mask_free_is_exact(model: nn.Module, input_ids: torch.Tensor) -> bool:
 def mask_free_attention(model: nn.Module, input_ids: torch.Tensor) -> Iterator[bool]:
     """Within: the model on :data:`CAUSAL_SDPA` where that is exact at ``input_ids``'s shape (yields whether it
     is). Expects a model already on ``"sdpa"`` (the trace's setup) and restores that on exit."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" or not hasattr(
+        model, "set_attn_implementation"
+    ):
         yield False
         return
     try:
@@ -105,7 +116,7 @@ def mask_free_attention(model: nn.Module, input_ids: torch.Tensor) -> Iterator[b
                 exact = _mask_free_is_exact(model, input_ids)
         # An eager forward can fail where the export does not: Dots3-Note's attention indexes the mask that
         # transformers skips outside a trace. The masked trace then decides, and reports its own errors.
-        except Exception:  # noqa: BLE001
+        except Exception:
             exact = False
         if not exact:
             _switched(model, "sdpa")

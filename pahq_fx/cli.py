@@ -56,8 +56,9 @@ def _task_source(spec: str):
         return spec
     path = Path(spec)
     if path.is_dir():
-        raise PahqError(f"task {spec!r} is a folder; give a task name ({', '.join(GENERATORS)}) or a task file "
-                        "(.jsonl or .safetensors)")
+        raise PahqError(
+            f"task {spec!r} is a folder; give a task name ({', '.join(GENERATORS)}) or a task file (.jsonl or .safetensors)"
+        )
     if path.suffix == ".jsonl":
         from .acdc.text_task import read_records
 
@@ -95,8 +96,21 @@ def _load_task(source, tokenizer, n: int, seed: int):
 
 RUN_FILE = "run.json"
 # What pahq-fx writes into an out folder: a folder holding any of these holds a run.
-_OUTPUTS = {"checkpoint.json", "circuit.json", "circuit.dot", "circuit.png", "circuit.svg", "report.md", "report.json",
-            "summary.md", "summary.json", "edges_vs_threshold.png", "faithfulness_vs_edges.png", "roc.png", RUN_FILE}
+_OUTPUTS = {
+    "checkpoint.json",
+    "circuit.json",
+    "circuit.dot",
+    "circuit.png",
+    "circuit.svg",
+    "report.md",
+    "report.json",
+    "summary.md",
+    "summary.json",
+    "edges_vs_threshold.png",
+    "faithfulness_vs_edges.png",
+    "roc.png",
+    RUN_FILE,
+}
 
 
 def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
@@ -111,8 +125,10 @@ def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
 
 
 def _described(identity: dict) -> str:
-    return "pahq-fx " + " ".join([identity.get("command", "?")] + [
-        f"--{k.replace('_', '-')} {v}" for k, v in identity.items() if k != "command" and v is not None])
+    return "pahq-fx " + " ".join(
+        [identity.get("command", "?")]
+        + [f"--{k.replace('_', '-')} {v}" for k, v in identity.items() if k != "command" and v is not None]
+    )
 
 
 def _check_out(out: Path, identity: dict, overwrite: bool) -> list[str]:
@@ -136,8 +152,7 @@ def _check_out(out: Path, identity: dict, overwrite: bool) -> list[str]:
     # nothing of it is lost by starting another.
     if ours and ours != [RUN_FILE] and not overwrite:
         other = f"the run of `{_described(previous)}`" if isinstance(previous, dict) else f"other results ({', '.join(ours[:4])})"
-        raise PahqError(f"--out {out} already holds {other}; write this run to another folder, or pass --overwrite "
-                        "to replace it")
+        raise PahqError(f"--out {out} already holds {other}; write this run to another folder, or pass --overwrite to replace it")
     return ours
 
 
@@ -203,8 +218,12 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         "edges_kept": len(circuit.edges),
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
-        "faithfulness": {"circuit": faithfulness.circuit, "full_model": faithfulness.full_model,
-                         "every_edge_patched": faithfulness.empty_circuit, "normalised": faithfulness.normalised},
+        "faithfulness": {
+            "circuit": faithfulness.circuit,
+            "full_model": faithfulness.full_model,
+            "every_edge_patched": faithfulness.empty_circuit,
+            "normalised": faithfulness.normalised,
+        },
         "agreement_jaccard": agreement,
         "task_check": circuit.task_check,
     }
@@ -213,7 +232,8 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| precision (non-investigated heads) | {circuit.precision}{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
+        f"| precision (non-investigated heads) | {circuit.precision}"
+        f"{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
         f"| execution | {s.execution} |",
         f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
         f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
@@ -232,14 +252,20 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
     ]
     check = circuit.task_check
     if check:
-        lines.append(f"| task check: metric clean / every edge patched | {check['full_model']:.4g} / {check['every_edge_patched']:.4g} |")
+        lines.append(
+            f"| task check: metric clean / every edge patched | {check['full_model']:.4g} / {check['every_edge_patched']:.4g} |"
+        )
         if check["clean_accuracy"] is not None:
             lines.append(f"| clean accuracy (correct preferred to incorrect) | {check['clean_accuracy']:.0%} |")
     if agreement is not None:
         lines.append(f"| agreement with previous circuit (edge Jaccard) | {agreement:.3f} |")
     if check.get("problems"):
-        lines += ["", "**WARNING: this task does not exercise the model; the circuit is likely meaningless.** "
-                  + "; ".join(check["problems"]) + "."]
+        lines += [
+            "",
+            "**WARNING: this task does not exercise the model; the circuit is likely meaningless.** "
+            + "; ".join(check["problems"])
+            + ".",
+        ]
     return data, "\n".join(lines) + "\n"
 
 
@@ -266,11 +292,20 @@ def cmd_discover(args: argparse.Namespace) -> None:
     _stage(args, "checking the task, then tracing, splitting and caching the model")
     # discover writes circuit.json as soon as the search ends, before the faithfulness pass (the run's peak memory),
     # and removes the checkpoint only then: a run that dies from there on has its circuit on disk.
-    circuit = discover(model, task, threshold=args.threshold, metric=args.metric, precision=args.precision,
-                       checkpoint=checkpoint, progress=not args.no_progress,
-                       compile=False if args.no_compile else True if args.compile else "auto",
-                       allow_weak_task=args.allow_weak_task, faithfulness=True, save_to=out / "circuit.json",
-                       speculation=args.speculation)
+    circuit = discover(
+        model,
+        task,
+        threshold=args.threshold,
+        metric=args.metric,
+        precision=args.precision,
+        checkpoint=checkpoint,
+        progress=not args.no_progress,
+        compile=False if args.no_compile else True if args.compile else "auto",
+        allow_weak_task=args.allow_weak_task,
+        faithfulness=True,
+        save_to=out / "circuit.json",
+        speculation=args.speculation,
+    )
     write_text(out / "circuit.dot", circuit.to_dot())
     agreement = circuit.jaccard(previous) if previous is not None else None
     data, markdown = _report(circuit, agreement, args.model)
@@ -291,8 +326,10 @@ def _interrupted_discover(out: Path) -> str:
     if checkpoint.exists():
         return f"interrupted; the finished receivers are in {checkpoint}: run the same command again to resume from them"
     if circuit.exists():
-        return (f"interrupted; the circuit is complete in {circuit}, its pictures or report may be missing: run the "
-                "same command again to redo them")
+        return (
+            f"interrupted; the circuit is complete in {circuit}, its pictures or report may be missing: run the "
+            "same command again to redo them"
+        )
     return "interrupted before the search began: run the same command again to start it"
 
 
@@ -319,16 +356,27 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     source = _task_source(args.task)
     _claim(out, identity, others)
-    args.interrupted = (f"interrupted; the circuits of the thresholds finished are in {out}/tau=*/circuit.json (a "
-                        "sweep keeps no checkpoint): the same command starts the sweep again")
+    args.interrupted = (
+        f"interrupted; the circuits of the thresholds finished are in {out}/tau=*/circuit.json (a "
+        "sweep keeps no checkpoint): the same command starts the sweep again"
+    )
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)
     model, _ = _load_model(args.model, tokenizer)
     _preflight(args, model, task)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
-    result = sweep(model, task, thresholds, metric=args.metric, precision=args.precision,
-                   reference=args.reference, progress=not args.no_progress, allow_weak_task=args.allow_weak_task,
-                   compile=False if args.no_compile else True if args.compile else "auto", save_to=out)
+    result = sweep(
+        model,
+        task,
+        thresholds,
+        metric=args.metric,
+        precision=args.precision,
+        reference=args.reference,
+        progress=not args.no_progress,
+        allow_weak_task=args.allow_weak_task,
+        compile=False if args.no_compile else True if args.compile else "auto",
+        save_to=out,
+    )
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
@@ -355,9 +403,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if args.batch is None or args.seq is None:
             raise PahqError("--config needs --batch and --seq (the task's prompts and tokens per prompt)")
         config = AutoConfig.from_pretrained(args.config)
-        result = planning.plan_from_config(config, args.batch, args.seq, positions=args.positions,
-                                           device=args.device or "cpu", max_memory=args.max_memory, assume=args.assume,
-                                           name=args.config)
+        result = planning.plan_from_config(
+            config,
+            args.batch,
+            args.seq,
+            positions=args.positions,
+            device=args.device or "cpu",
+            max_memory=args.max_memory,
+            assume=args.assume,
+            name=args.config,
+        )
     else:
         if not args.task:
             raise PahqError("plan --model needs --task")
@@ -367,9 +422,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
         model, _ = _load_model(args.model, tokenizer)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
         _stage(args, "planning" + (": tracing, caching and timing a few queries per layer" if not args.no_calibrate else ""))
-        result = planning.plan(model, task, metric=args.metric, precision=args.precision, max_memory=args.max_memory,
-                               calibrate=not args.no_calibrate, queries_per_role=args.queries_per_role, layers=layers,
-                               assume=args.assume, check=False)
+        result = planning.plan(
+            model,
+            task,
+            metric=args.metric,
+            precision=args.precision,
+            max_memory=args.max_memory,
+            calibrate=not args.no_calibrate,
+            queries_per_role=args.queries_per_role,
+            layers=layers,
+            assume=args.assume,
+            check=False,
+        )
         result = dataclasses.replace(result, model=args.model)
     print(result.describe(), end="")
     if args.json:
@@ -403,12 +467,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _memory_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-memory", default=None,
-                        help="memory the run may use, e.g. 20GiB or 80GB (default: the device's free memory plus the "
-                             "model's weights on it; 'none' skips the check)")
-    parser.add_argument("--assume", default="bound", choices=("bound", "dense"),
-                        help="check the peak bound, which a search at any threshold stays under (default), or a dense "
-                             "circuit's peak")
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory the run may use, e.g. 20GiB or 80GB (default: the device's free memory plus the "
+        "model's weights on it; 'none' skips the check)",
+    )
+    parser.add_argument(
+        "--assume",
+        default="bound",
+        choices=("bound", "dense"),
+        help="check the peak bound, which a search at any threshold stays under (default), or a dense circuit's peak",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,13 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("discover", help="discover a circuit and write circuit.json/.dot, report.md/.json")
     d.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
-    d.add_argument("--task", required=True, help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), or a saved task (.safetensors)")
+    d.add_argument(
+        "--task",
+        required=True,
+        help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), "
+        "or a saved task (.safetensors)",
+    )
     d.add_argument("--threshold", required=True, type=_finite_threshold)
-    d.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="format of the heads not under investigation; auto: a few queries timed in each format at the "
-                        "start, a low-precision one chosen where it is 1.15x faster than fp32")
-    d.add_argument("--speculation", default="off", choices=SPECULATIONS,
-                   help="batch a receiver's queries on predicted decisions (the same circuit); off (default): one at a time")
+    d.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="format of the heads not under investigation; auto: a few queries timed in each format at the "
+        "start, a low-precision one chosen where it is 1.15x faster than fp32",
+    )
+    d.add_argument(
+        "--speculation",
+        default="off",
+        choices=SPECULATIONS,
+        help="batch a receiver's queries on predicted decisions (the same circuit); off (default): one at a time",
+    )
     d.add_argument("--metric", default="kl", choices=METRICS)
     d.add_argument("--out", required=True, help="output folder: one run's (the same command resumes it)")
     d.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
@@ -431,11 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compare", help="a previous circuit.json to report agreement with")
     # Runs always checkpoint to DIR/checkpoint.json and resume from it; the flag stays for scripts that pass it.
     d.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
-    d.add_argument("--allow-weak-task", action="store_true",
-                   help="search even when the corrupted prompts barely move the metric (the circuit would mean little)")
+    d.add_argument(
+        "--allow-weak-task",
+        action="store_true",
+        help="search even when the corrupted prompts barely move the metric (the circuit would mean little)",
+    )
     d.add_argument("--no-progress", action="store_true")
     compiling = d.add_mutually_exclusive_group()
-    compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)")
+    compiling.add_argument(
+        "--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)"
+    )
     compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(d)
     d.set_defaults(run=cmd_discover)
@@ -453,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--allow-weak-task", action="store_true", help="sweep even when the corrupted prompts barely move the metric")
     w.add_argument("--no-progress", action="store_true")
     sweep_compiling = w.add_mutually_exclusive_group()
-    sweep_compiling.add_argument("--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)")
+    sweep_compiling.add_argument(
+        "--compile", action="store_true", help="force torch.compile (default: eager, measured faster on a CPU and an H100)"
+    )
     sweep_compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(w)
     w.set_defaults(run=cmd_sweep)

@@ -87,7 +87,9 @@ def compile_module(module: nn.Module, inner: str | Callable = "inductor") -> tup
 
 
 def _token_input_index(example_inputs: list[Any]) -> int:
-    integer = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
+    integer = [
+        i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
+    ]
     if len(integer) != 1:
         raise UnsupportedArchitectureError(
             "pahq_fx.backend expects a graph with exactly one integer [batch, seq] input (input_ids); this one has "
@@ -99,9 +101,11 @@ def _token_input_index(example_inputs: list[Any]) -> int:
 def _has_attention(gm: fx.GraphModule) -> bool:
     """Whether a graph dynamo captured computes attention: an SDPA call, or softmax and matmul as eager attention."""
     targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+
     def has(word: str) -> bool:
         return any(word in t for t in targets)
-    return has("scaled_dot_product_attention") or has("softmax") and (has("matmul") or has("bmm"))
+
+    return has("scaled_dot_product_attention") or (has("softmax") and (has("matmul") or has("bmm")))
 
 
 class _GraphAsModel(nn.Module):
@@ -223,7 +227,8 @@ def _identities(args: tuple[Any, ...], token_index: int) -> tuple:
     """What identifies the bound inputs (parameters, buffers): storage, shape and version of each tensor."""
     return tuple(
         (a.data_ptr(), tuple(a.shape), a._version) if isinstance(a, torch.Tensor) else a
-        for i, a in enumerate(args) if i != token_index
+        for i, a in enumerate(args)
+        if i != token_index
     )
 
 

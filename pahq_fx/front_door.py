@@ -24,8 +24,14 @@ class PahqModel(nn.Module):
     buffers, so a compiled model is not retraced or recompiled (see :attr:`compilations`).
     """
 
-    def __init__(self, graph: fx.GraphModule, head: HeadSpec, compiled: bool, inner: str | Callable,
-                 limits: tuple[int | None, int | None] = (None, None)) -> None:
+    def __init__(
+        self,
+        graph: fx.GraphModule,
+        head: HeadSpec,
+        compiled: bool,
+        inner: str | Callable,
+        limits: tuple[int | None, int | None] = (None, None),
+    ) -> None:
         super().__init__()
         self.graph = graph
         self._limits = limits  # vocabulary size and maximum positions, checked on every call

@@ -112,7 +112,7 @@ class HeadGraph:
             if layer.has_output_norm:
                 out.append(layer.output_norm_name)
             out += [c.name for c in layer.components]
-        return out + [names.RESID_POST]
+        return [*out, names.RESID_POST]
 
     def describe(self) -> str:
         lines = [f"{self.n_layers} attention layers, d_model={self.d_model}"]
@@ -124,7 +124,9 @@ class HeadGraph:
                 roles = "/".join(r.name.lower() for r in Role if r in layer.coupled_roles)
                 norm = f"; {roles} inputs reach every head (a norm across heads)" + norm
             mlp = "".join(f"; {c.name} reads {'+'.join(c.reads)}" for c in layer.components)
-            lines.append(f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}")
+            lines.append(
+                f"  layer {layer.index}: {layer.n_heads} heads{gqa}; attention reads {'+'.join(layer.attention_reads)}{norm}{mlp}"
+            )
         lines.append(f"  {names.RESID_POST} reads {'+'.join(self.final_reads)}")
         lines.append(f"  {len(self.senders())} senders, {len(self.receivers())} receivers")
         return "\n".join(lines)

@@ -104,7 +104,8 @@ def parse(name: str) -> Name:
     match = _PATTERN.match(name)
     if match is None:
         raise ValueError(
-            f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, a{{L}}.out, m{{L}}[.{{K}}], "
+            f"{name!r} is not a canonical node name (embed, a{{L}}.h{{H}}[.q|.k|.v], a{{L}}.g{{G}}.k|v, a{{L}}.out, "
+            f"m{{L}}[.{{K}}], "
             "resid_post)"
         )
     special, mlp_layer, position, output_layer, layer, unit, index, role = match.groups()

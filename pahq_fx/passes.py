@@ -1,6 +1,7 @@
 """The passes as plain functions, for use inside other compile pipelines.
 
-``trace(model) -> GraphModule``; ``fuse_activations(GraphModule) -> GraphModule`` (in place); ``split_heads(GraphModule) -> GraphModule``;
+``trace(model) -> GraphModule``; ``fuse_activations(GraphModule) -> GraphModule`` (in place);
+``split_heads(GraphModule) -> GraphModule``;
 ``lower_precision(GraphModule, PrecisionConfig | format, granularity) -> GraphModule``; ``set_head(GraphModule, head)``;
 ``build(model, example_inputs, PrecisionConfig)``: the four in order, as every entry point of pahq_fx runs them.
 """

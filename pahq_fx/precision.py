@@ -102,9 +102,7 @@ class PrecisionConfig:
             try:
                 object.__setattr__(self, "granularity", Granularity(str(self.granularity).lower()))
             except ValueError:
-                raise UnsupportedFormatError(
-                    f"unknown granularity {self.granularity!r}; choose per_row or per_tensor"
-                ) from None
+                raise UnsupportedFormatError(f"unknown granularity {self.granularity!r}; choose per_row or per_tensor") from None
 
 
 def fp8_kernel_for(device: torch.device, in_features: int, out_features: int) -> Kernel:
@@ -210,7 +208,9 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         b_h = None if self.bias is None else self.bias.index_select(0, index).squeeze(0)
         return F.linear(x_h, w_h, b_h).unsqueeze(-2)
 
-    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False) -> torch.Tensor:
+    def units(
+        self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False
+    ) -> torch.Tensor:
         """The listed heads only, [..., len(units), in] -> [..., len(units), out] (with ``shared_input``, one input
         [..., in] that every listed head reads): ``full_precision_unit`` in FP32 (``F.linear``, the same computation
         as :meth:`full_precision`), every other listed head in the format."""
@@ -226,10 +226,7 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
             if unit == full_precision_unit:
                 columns.append(self.fp32_unit(x_i, unit))
                 continue
-            if fp8:
-                y = F.linear(low_i, self.low_weights[unit])
-            else:
-                y = F.linear(low_i, self.low_weight[unit]).to(x.dtype)
+            y = F.linear(low_i, self.low_weights[unit]) if fp8 else F.linear(low_i, self.low_weight[unit]).to(x.dtype)
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
 
@@ -302,7 +299,9 @@ class PrecisionReport:
         if self.config.low_precision is Format.FP32:
             return "fp32 (no quantization)"
         kernels = "; ".join(self.kernels)
-        text = f"{fmt} {self.config.granularity.value}: {self.quantized_weights}/{self.total_weights} per-head weights via {kernels}"
+        text = (
+            f"{fmt} {self.config.granularity.value}: {self.quantized_weights}/{self.total_weights} per-head weights via {kernels}"
+        )
         return text + "".join(f"; {n}" for n in self.notes)
 
 
@@ -368,7 +367,9 @@ def check_head(gm: nn.Module, head: HeadSpec) -> None:
     if head is None:
         return
     blocks = attention_blocks(gm)
-    if not (isinstance(head, tuple | list) and len(head) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in head)):
+    if not (
+        isinstance(head, tuple | list) and len(head) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in head)
+    ):
         raise InvalidHeadError(f"head must be a (layer, head) pair of ints or None, got {head!r}")
     layer, index = head
     if not 0 <= layer < len(blocks):
@@ -391,7 +392,8 @@ def set_plan(gm: nn.Module, plan: Callable[[AttentionBlock], FullPrecisionUnits]
     with torch.no_grad():
         for block in attention_blocks(gm):
             units = plan(block)
-            for name, value in zip(PROJECTIONS, (units.query_head, units.kv_group, units.kv_group, units.query_head)):
+            values = (units.query_head, units.kv_group, units.kv_group, units.query_head)
+            for name, value in zip(PROJECTIONS, values, strict=True):
                 getattr(block, name).full_precision_head.fill_(value)
 
 

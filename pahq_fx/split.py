@@ -64,7 +64,9 @@ class PerHeadLinear(nn.Module):
         bias = None if self.bias is None else self.bias.flatten()
         return torch.nn.functional.linear(x, self.weight.flatten(0, 1), bias).unflatten(-1, (self.n_heads, -1))
 
-    def units(self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False) -> torch.Tensor:
+    def units(
+        self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False
+    ) -> torch.Tensor:
         """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out]; with
         ``shared_input``, ``x`` is one input [..., in] that every listed head reads, projected by one matrix
         multiply over their stacked weights rather than once per head on copies of it.
@@ -79,7 +81,9 @@ class PerHeadLinear(nn.Module):
         index = torch.tensor(units, device=self.weight.device)
         if shared_input:
             bias = None if self.bias is None else self.bias.index_select(0, index).flatten()
-            return torch.nn.functional.linear(x, self.weight.index_select(0, index).flatten(0, 1), bias).unflatten(-1, (len(units), -1))
+            return torch.nn.functional.linear(x, self.weight.index_select(0, index).flatten(0, 1), bias).unflatten(
+                -1, (len(units), -1)
+            )
         y = torch.einsum("...hi,hoi->...ho", x, self.weight.index_select(0, index))
         return y if self.bias is None else y + self.bias.index_select(0, index)
 
@@ -156,7 +160,13 @@ class AttentionBlock(nn.Module):
         return self.q(qn), self.k(kn), self.v(vn)
 
     def forward(
-        self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *aux, extra_outputs: bool = False, one_stream: bool = False
+        self,
+        q_in: torch.Tensor,
+        k_in: torch.Tensor,
+        v_in: torch.Tensor,
+        *aux,
+        extra_outputs: bool = False,
+        one_stream: bool = False,
     ) -> Any:
         """Per-head outputs; with ``extra_outputs``, also the graph outputs computed in the core, as
         ``(heads, (extra, ...))`` (they see the per-head projections, so the precision plan too).
@@ -377,10 +387,14 @@ class _Builder:
     def attention(self, site: AttentionSite, extras: list[fx.Node]) -> tuple[AttentionBlock, tuple[int, ...]]:
         name = names.attention(site.layer)
         norm, norm_aux = self.component(self.between([site.read], site.normed), [site.read], site.normed, f"Norm_{name}")
-        core_nodes = self.between(site.projection_outputs, site.z).union(*(self.between(site.projection_outputs, e) for e in extras))
+        core_nodes = self.between(site.projection_outputs, site.z).union(
+            *(self.between(site.projection_outputs, e) for e in extras)
+        )
         core, core_aux = self.component(core_nodes, site.projection_outputs, [site.z, *extras], f"Core_{name}")
         weight = torch.cat([p.weight for p in site.projections])
-        biases = [p.bias if p.bias is not None else torch.zeros(p.weight.shape[0], device=p.weight.device) for p in site.projections]
+        biases = [
+            p.bias if p.bias is not None else torch.zeros(p.weight.shape[0], device=p.weight.device) for p in site.projections
+        ]
         bias = None if all(p.bias is None for p in site.projections) else torch.cat(biases)
         q, k, v = (_per_role_linear(site, role, weight, bias) for role in Role)
         widths = [p.weight.shape[0] for p in site.projections]
@@ -389,8 +403,19 @@ class _Builder:
         o = PerHeadLinear(torch.stack([w_o[:, f] for f in site.z_features]), None)
         z_order = torch.tensor([f for features in site.z_features for f in features], dtype=torch.long, device=weight.device)
         block = AttentionBlock(
-            site.layer, norm, len(norm_aux), q, k, v, _scatter_indices(site, widths, weight.device), core, z_order, o, o_bias,
-            site.kv_group_of_head, len(extras),
+            site.layer,
+            norm,
+            len(norm_aux),
+            q,
+            k,
+            v,
+            _scatter_indices(site, widths, weight.device),
+            core,
+            z_order,
+            o,
+            o_bias,
+            site.kv_group_of_head,
+            len(extras),
         )
         return block, norm_aux + core_aux
 
@@ -414,19 +439,27 @@ def _place_outputs(
     unembed_extras: list[fx.Node] = []
     unembed_region = descendants([layout.final_read])
     # What each attention core computes: downstream of its projections, not of (or at) its output z.
-    cores = [(s, descendants(s.projection_outputs) - descendants([s.z]) - {s.z}) for s in layout.sites] if len(layout.outputs) > 1 else []
+    cores = (
+        [(s, descendants(s.projection_outputs) - descendants([s.z]) - {s.z}) for s in layout.sites]
+        if len(layout.outputs) > 1
+        else []
+    )
     for node in layout.outputs:
         if node is layout.logits:
             plan.append(GraphOutput(OutputHome.LOGITS))
         elif node is layout.embed or node in layout.leaves:
-            plan.append(GraphOutput(OutputHome.STREAM, reads=tuple(contribution_names[l] for l in layout.leaves.get(node, [node]))))
+            plan.append(
+                GraphOutput(OutputHome.STREAM, reads=tuple(contribution_names[l] for l in layout.leaves.get(node, [node])))
+            )
         elif node not in builder.stream:
             if node not in builder.aux:
                 builder.aux.append(node)
             plan.append(GraphOutput(OutputHome.PRELUDE, index=builder.aux.index(node)))
         elif site := next((s for s, core in cores if node in core), None):
             core_extras[site.layer].append(node)
-            plan.append(GraphOutput(OutputHome.ATTENTION, component=names.attention(site.layer), index=len(core_extras[site.layer]) - 1))
+            plan.append(
+                GraphOutput(OutputHome.ATTENTION, component=names.attention(site.layer), index=len(core_extras[site.layer]) - 1)
+            )
         elif node in unembed_region:
             unembed_extras.append(node)
             plan.append(GraphOutput(OutputHome.UNEMBED, index=len(unembed_extras) - 1))
@@ -476,7 +509,11 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
     for i, (want, have) in enumerate(zip(expected_flat, got_flat, strict=True)):
         scale = want.abs().max().clamp_min(1e-6)
         if want.shape != have.shape or not torch.allclose(have, want, rtol=1e-4, atol=1e-4 * float(scale)):
-            diff = (have - want).abs().max().item() if want.shape == have.shape else f"shape {tuple(have.shape)} vs {tuple(want.shape)}"
+            diff = (
+                (have - want).abs().max().item()
+                if want.shape == have.shape
+                else f"shape {tuple(have.shape)} vs {tuple(want.shape)}"
+            )
             what = "logits" if len(expected_flat) == 1 else f"output {i}"
             raise UnsupportedArchitectureError(
                 f"the per-head model does not reproduce the original {what} (max difference {diff}); "
@@ -507,8 +544,10 @@ def check_finite_weights(model: nn.Module) -> None:
         for name, weight in model.named_parameters():
             if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
                 kind = "NaN" if bool(torch.isnan(weight).any()) else "infinite"
-                raise NonFiniteError(f"the model's parameter {name} holds {kind} values; the checkpoint is damaged "
-                                     "or the model diverged in training")
+                raise NonFiniteError(
+                    f"the model's parameter {name} holds {kind} values; the checkpoint is damaged "
+                    "or the model diverged in training"
+                )
 
 
 def wide_weights_note(weights: Iterable[torch.Tensor]) -> str:
@@ -517,8 +556,10 @@ def wide_weights_note(weights: Iterable[torch.Tensor]) -> str:
     wide = " and ".join(sorted(name for name, width in _float_dtypes(weights).items() if width > 4))
     if not wide:
         return ""
-    return (f"the model's weights are {wide}: the investigated head and every head or layer the format does not lower "
-            f"compute in {wide}, not float32")
+    return (
+        f"the model's weights are {wide}: the investigated head and every head or layer the format does not lower "
+        f"compute in {wide}, not float32"
+    )
 
 
 def _float_dtypes(weights: Iterable[torch.Tensor]) -> dict[str, int]:
@@ -564,7 +605,9 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
             # A whole component reads the residual stream; a post-attention norm reads its block's output (the heads' sum).
             kind, read = (StepKind.MLP, site.read) if isinstance(site, MLPSite) else (StepKind.OUTPUT_NORM, site.contribution)
             prefix = "MLP" if kind is StepKind.MLP else "OutputNorm"
-            component, aux = builder.component(builder.between([read], contribution), [read], contribution, f"{prefix}_{names.identifier(name)}")
+            component, aux = builder.component(
+                builder.between([read], contribution), [read], contribution, f"{prefix}_{names.identifier(name)}"
+            )
             block = component if layout.values[contribution].shape == layout.values[read].shape else StreamShaped(component)
         step = Step(kind, name, tuple(contribution_names[l] for l in layout.leaves[read]), aux)
         blocks[step.module] = block
@@ -577,7 +620,9 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     outputs = [layout.embed, *builder.aux]
     prelude, _ = extract(gm, ancestors(outputs) | set(outputs), [placeholder], outputs, "Prelude", always_tuple=True)
     final_reads = tuple(contribution_names[l] for l in layout.leaves[layout.final_read])
-    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(example.device)
+    model = PerHeadModel(prelude, len(builder.aux), blocks, steps, unembed, final_reads, final_aux, output_plan).to(
+        example.device
+    )
     _check_equivalent(gm, model, example)
     if graph_meta.dynamic_dims(gm):
         _check_equivalent(gm, model, _other_shape(example, graph_meta.dynamic_dims(gm)))

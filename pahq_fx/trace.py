@@ -85,24 +85,28 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
         if not inputs:
             raise InvalidInputsError(f"{what} is an empty {type(inputs).__name__}; pass (input_ids,)")
         ids = inputs[0]
-    elif isinstance(inputs, Mapping) or hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"):
+    elif isinstance(inputs, Mapping) or (hasattr(inputs, "keys") and hasattr(inputs, "__getitem__")):
         if "input_ids" not in inputs:
             raise InvalidInputsError(f"{what} has no 'input_ids' entry (it has {sorted(inputs.keys())})")
         ids = inputs["input_ids"]
     if not isinstance(ids, torch.Tensor):
         raise InvalidInputsError(f"{what}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise InvalidInputsError(f"{what}: input_ids must be integer token ids, got a {ids.dtype} tensor (embeddings are not accepted)")
+        raise InvalidInputsError(
+            f"{what}: input_ids must be integer token ids, got a {ids.dtype} tensor (embeddings are not accepted)"
+        )
     if ids.dtype not in (torch.int64, torch.int32):
-        raise InvalidInputsError(f"{what}: input_ids must be int64 or int32 token ids, got a {ids.dtype} tensor; "
-                                 "convert them with .long()")
+        raise InvalidInputsError(
+            f"{what}: input_ids must be int64 or int32 token ids, got a {ids.dtype} tensor; convert them with .long()"
+        )
     if ids.dim() == 1:
         raise InvalidInputsError(f"{what}: input_ids have shape {tuple(ids.shape)}; add the batch dimension ([1, seq])")
     if ids.dim() != 2:
         raise InvalidInputsError(f"{what}: input_ids must have shape [batch, seq], got {tuple(ids.shape)}")
     if ids.numel() == 0:
-        raise InvalidInputsError(f"{what}: input_ids have shape {tuple(ids.shape)}: "
-                                 f"{'no prompt' if ids.shape[0] == 0 else 'prompts without a token'}")
+        raise InvalidInputsError(
+            f"{what}: input_ids have shape {tuple(ids.shape)}: {'no prompt' if ids.shape[0] == 0 else 'prompts without a token'}"
+        )
     low = int(ids.min())
     if low < 0:
         raise InvalidInputsError(f"{what}: input_ids hold the negative token id {low}")
@@ -118,7 +122,8 @@ def _refuse_padding(inputs: Any, ids: torch.Tensor, what: str) -> None:
         raise InvalidInputsError(
             f"{what}: the attention_mask marks padding, which pahq_fx cannot honour (its graph takes input_ids alone, "
             "and the padded rows would attend to the padding); pass prompts of one length without padding "
-            "(tokenize without padding=True, or one prompt per call)")
+            "(tokenize without padding=True, or one prompt per call)"
+        )
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -145,7 +150,9 @@ def check_ids_fit(ids: torch.Tensor, limits: tuple[int | None, int | None], what
         if high >= vocab:
             raise InvalidInputsError(f"{what}: input_ids hold the token id {high}, outside the model's vocabulary [0, {vocab})")
     if positions is not None and ids.shape[1] > positions:
-        raise InvalidInputsError(f"{what}: input_ids are {ids.shape[1]} tokens long, longer than the model's {positions} positions")
+        raise InvalidInputsError(
+            f"{what}: input_ids are {ids.shape[1]} tokens long, longer than the model's {positions} positions"
+        )
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 6) -> torch.Tensor:
@@ -194,7 +201,9 @@ def _dynamic_dims_of(dynamic_shapes: DynamicShapes) -> tuple[int, ...]:
     raise InvalidInputsError(f"dynamic_shapes must be True, False or 'batch', got {dynamic_shapes!r}")
 
 
-def _export(module: nn.Module, model: nn.Module, example: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.export.ExportedProgram, tuple[int, ...]]:
+def _export(
+    module: nn.Module, model: nn.Module, example: torch.Tensor, dims: tuple[int, ...]
+) -> tuple[torch.export.ExportedProgram, tuple[int, ...]]:
     """The program and the dimensions it kept dynamic: ``dims``; else, for the batch alone, batch and sequence
     (export's guards can fail to simplify with a fixed length where they do with a symbolic one: Llama 4's
     chunked attention); else none, as some models specialise shapes. Where the sequence length is fixed, a causal
@@ -276,7 +285,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     (``meta["dynamic_dims"]``: ``(0, 1)``, ``(0,)`` or ``()``). ``dynamic_shapes="batch"`` keeps the sequence
     length at the example's: where every input has one length (ACDC's tasks), that trace costs about half of a
     dynamic one (it is a fixed-batch trace made batch-generic and checked against the model at two other batch sizes;
-    a model it does not reproduce is exported with a dynamic batch; see :func:`_fixed_shape_graph`). ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
+    a model it does not reproduce is exported with a dynamic batch; see :func:`_fixed_shape_graph`).
+    ``dynamic_shapes=False`` traces at the example's shape without first trying dynamic dimensions:
     for a model already known to specialise them, whose failed dynamic attempt can cost more than the trace itself
     (Qwen3-Next's unrolled recurrence). A model whose batch-only trace fails is traced with both dimensions
     dynamic; one that specialises a dimension it was asked to keep dynamic is traced at the example's shape.
@@ -305,7 +315,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     return gm
 
 
-def _trace_afresh(model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
+def _trace_afresh(
+    model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]
+) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """(graph, the dimensions that stayed dynamic). A dynamic batch alone comes from a trace at a fixed batch made
     batch-generic (:mod:`pahq_fx.batch_generic`) where that reproduces the model; otherwise from export's own
     dynamic shapes."""
@@ -332,7 +344,7 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
     with _lean_trace(), _attention_for(model, example, ()):
         try:
             gm = _fixed_batch_graph(model, batch_generic.tiled(example, batch))
-        except Exception:  # noqa: BLE001 - export's dynamic path then decides, and reports its own errors
+        except Exception:
             return None
     batch_generic.generalise(gm, batch)
     checks = (example[:1], batch_generic.tiled(example, 2) if example.shape[0] < 2 else example)
@@ -391,9 +403,10 @@ def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -
     Dots3-Note's attention)."""
     try:
         got, want = gm(input_ids), as_traced(model)(input_ids)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     got_flat, want_flat = (list(x) if isinstance(x, tuple) else [x] for x in (got, want))
     return len(got_flat) == len(want_flat) and all(
         g.shape == w.shape and bool(torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1e-6))))
-        for g, w in zip(got_flat, want_flat))
+        for g, w in zip(got_flat, want_flat, strict=True)
+    )

@@ -79,11 +79,18 @@ def _private(path: Path, what: str) -> bool:
     if not hasattr(os, "getuid"):  # no owners to check (Windows): the folder's own permissions decide
         return True
     info = os.stat(path)
-    problem = (f"belongs to another user (uid {info.st_uid})" if info.st_uid != os.getuid()
-               else "is writable by other users" if info.st_mode & 0o022 else "")
+    problem = (
+        f"belongs to another user (uid {info.st_uid})"
+        if info.st_uid != os.getuid()
+        else "is writable by other users"
+        if info.st_mode & 0o022
+        else ""
+    )
     if problem:
-        _warn_once(f"pahq_fx: the trace cache's {what} {path} {problem}, so the cache is not used and every model is "
-                   f"traced afresh; point {ENV} at a folder of your own, or set it to 'off'")
+        _warn_once(
+            f"pahq_fx: the trace cache's {what} {path} {problem}, so the cache is not used and every model is "
+            f"traced afresh; point {ENV} at a folder of your own, or set it to 'off'"
+        )
     return not problem
 
 
@@ -116,8 +123,10 @@ def _secret() -> bytes | None:
             if hasattr(os, "getuid"):
                 info = os.fstat(file.fileno())
                 if info.st_uid != os.getuid() or info.st_mode & 0o077:
-                    _warn_once(f"pahq_fx: the trace cache's key {path} is not private to this user (it must be "
-                               "yours with mode 0600), so the cache is not used; delete it to make a new one")
+                    _warn_once(
+                        f"pahq_fx: the trace cache's key {path} is not private to this user (it must be "
+                        "yours with mode 0600), so the cache is not used; delete it to make a new one"
+                    )
                     return None
             key = file.read()
     except OSError:
@@ -160,13 +169,26 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> st
     from . import __version__
 
     holders = _first_holders(model)  # tied weights name their first holder
-    layout = [(name, tuple(t.shape), str(t.dtype), str(t.device), holders[t.untyped_storage().data_ptr()])
-              for name, t in _named_tensors(model)]
+    layout = [
+        (name, tuple(t.shape), str(t.dtype), str(t.device), holders[t.untyped_storage().data_ptr()])
+        for name, t in _named_tensors(model)
+    ]
     config = model.config
-    parts = [__version__, torch.__version__, transformers.__version__, type(model).__module__,
-             type(model).__qualname__, _source_digest(type(model)), _config_fields(config),
-             getattr(config, "_attn_implementation", None), layout, tuple(example.shape), str(example.dtype),
-             str(example.device), dynamic]
+    parts = [
+        __version__,
+        torch.__version__,
+        transformers.__version__,
+        type(model).__module__,
+        type(model).__qualname__,
+        _source_digest(type(model)),
+        _config_fields(config),
+        getattr(config, "_attn_implementation", None),
+        layout,
+        tuple(example.shape),
+        str(example.dtype),
+        str(example.device),
+        dynamic,
+    ]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -216,8 +238,16 @@ def _graph_records(graph: fx.Graph) -> list[tuple]:
     """The graph node by node, nodes named rather than referenced: exactly the graph, rebuilt by :func:`_graph_of`
     (FX's own pickling re-traces the generated code instead, which folds every computation that does not depend on
     the input into a constant: a different graph)."""
-    return [(n.op, n.name, _portable_target(n.target), fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
-             fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name))) for n in graph.nodes]
+    return [
+        (
+            n.op,
+            n.name,
+            _portable_target(n.target),
+            fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
+            fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name)),
+        )
+        for n in graph.nodes
+    ]
 
 
 def _graph_of(records: list[tuple], codegen: Any) -> fx.Graph:
@@ -243,16 +273,27 @@ def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: tuple[int, 
         return
     owners = _first_holders(model)
     tensors = {n.target: attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    aliases = {t: owners[v.untyped_storage().data_ptr()] for t, v in tensors.items()
-               if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in owners}
+    aliases = {
+        t: owners[v.untyped_storage().data_ptr()]
+        for t, v in tensors.items()
+        if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in owners
+    }
     constants = {t: v for t, v in tensors.items() if t not in aliases}
     buffer = io.BytesIO()
     try:
-        torch.save({"graph": _graph_records(gm.graph), "codegen": gm.graph._codegen, "aliases": aliases,
-                    "constants": constants, "dynamic": dynamic}, buffer)
+        torch.save(
+            {
+                "graph": _graph_records(gm.graph),
+                "codegen": gm.graph._codegen,
+                "aliases": aliases,
+                "constants": constants,
+                "dynamic": dynamic,
+            },
+            buffer,
+        )
         payload = buffer.getvalue()
         write_bytes(directory / f"{entry}.pt", _MAGIC + _mac(secret, entry, payload) + payload, mode=0o600)
-    except Exception:  # noqa: BLE001 - an unpicklable graph (higher-order ops) or an unwritable directory: no entry
+    except Exception:
         return
 
 
@@ -273,8 +314,11 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
         return None
     header = len(_MAGIC) + _MAC_BYTES
     payload = content[header:]
-    if not (content.startswith(_MAGIC) and len(content) > header
-            and hmac.compare_digest(content[len(_MAGIC):header], _mac(secret, entry, payload))):
+    if not (
+        content.startswith(_MAGIC)
+        and len(content) > header
+        and hmac.compare_digest(content[len(_MAGIC) : header], _mac(secret, entry, payload))
+    ):
         _reject(path)
         return None
     try:
@@ -284,7 +328,7 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
         tensors = dict(_named_tensors(model))
         root = {**saved["constants"], **{t: tensors[name] for t, name in saved["aliases"].items()}}
         return fx.GraphModule(root, _graph_of(saved["graph"], saved["codegen"])), tuple(saved["dynamic"])
-    except Exception:  # noqa: BLE001 - authentic but stale (another torch): a miss
+    except Exception:
         return None
 
 
@@ -295,5 +339,7 @@ def _reject(path: Path) -> None:
         os.replace(path, aside)
     except OSError:
         aside = path
-    _warn_once(f"pahq_fx: ignored the trace cache entry {path}: it was not written by your pahq_fx (its signature does "
-               f"not verify), so it was not loaded; it is kept as {aside} for inspection, and the model is traced afresh")
+    _warn_once(
+        f"pahq_fx: ignored the trace cache entry {path}: it was not written by your pahq_fx (its signature does "
+        f"not verify), so it was not loaded; it is kept as {aside} for inspection, and the model is traced afresh"
+    )

@@ -39,13 +39,42 @@ import pahq_fx
 from pahq_fx.errors import PahqError
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-             intermediate_size=64, ffn_dim=64, head_dim=8, max_position_embeddings=64, n_positions=64,
-             bos_token_id=0, eos_token_id=0, pad_token_id=0, moe_intermediate_size=16, shared_expert_intermediate_size=16,
-             num_experts=4, num_local_experts=4, num_experts_per_tok=2, rotary_dim=4,
-             d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-             mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, mamba_dt_rank=4, mamba_d_ssm=64,
-             lru_width=32, attn_layer_indices=[1], attn_layer_period=2, attn_layer_offset=1, block_types=["recurrent", "attention"])
+SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    ffn_dim=64,
+    head_dim=8,
+    max_position_embeddings=64,
+    n_positions=64,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    rotary_dim=4,
+    d_model=32,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_d_state=4,
+    mamba_n_groups=1,
+    mamba_dt_rank=4,
+    mamba_d_ssm=64,
+    lru_width=32,
+    attn_layer_indices=[1],
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    block_types=["recurrent", "attention"],
+)
 THRESHOLD = 1e-3
 OUTCOMES = ("exact", "MISMATCH", "refused", "ERROR", "timed out", "not built")
 
@@ -59,7 +88,7 @@ def _set_size(config: transformers.PretrainedConfig, key: str, value: object) ->
     try:
         if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
             setattr(config, key, value)
-    except Exception:  # noqa: BLE001, S110 - a property without setter or a per-layer attribute: keep the derived value
+    except Exception:
         pass
 
 
@@ -94,7 +123,7 @@ def tiny_model(model_type: str) -> torch.nn.Module:
         model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=False)
     except NotBuilt:
         raise
-    except Exception as error:  # noqa: BLE001 - anything Hugging Face raises at this size is "not built"
+    except Exception as error:
         raise NotBuilt(f"{type(error).__name__}: {error}") from None
     return model
 
@@ -119,13 +148,14 @@ def check(model_type: str) -> dict:
         generator = torch.Generator().manual_seed(2)
         task = pahq_fx.Task(torch.randint(1, 64, (4, 6), generator=generator), torch.randint(1, 64, (4, 6), generator=generator))
         reference, _ = ReferenceACDC(model, task.clean_input_ids, task.corrupted_input_ids, task.metric_mask).run(THRESHOLD)
-        circuit = pahq_fx.discover(model, task, threshold=THRESHOLD, precision="fp32", progress=False, compile=False,
-                                   allow_weak_task=True)
+        circuit = pahq_fx.discover(
+            model, task, threshold=THRESHOLD, precision="fp32", progress=False, compile=False, allow_weak_task=True
+        )
     except PahqError as refusal:
         return {"outcome": "refused", "detail": f"{type(refusal).__name__}: {refusal}"}
     except TimeoutError:
         raise
-    except Exception as error:  # noqa: BLE001 - reported as a bug in the table
+    except Exception as error:
         return {"outcome": "ERROR", "detail": f"{type(error).__name__}: {error}"}
     same = circuit.edge_set() == reference
     detail = f"split error {error:.1e}, {shape}, {len(reference)} reference edges"
@@ -158,8 +188,11 @@ def main() -> None:
         print(f"| {model_type} | {results[model_type]['outcome']} | {results[model_type]['detail'][:160]} |", flush=True)
     counts = {o: sum(r["outcome"] == o for r in results.values()) for o in OUTCOMES}
     print(", ".join(f"{n} {o}" for o, n in counts.items()), f"(transformers {transformers.__version__})")
-    Path(args.out).write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                                          "counts": counts, "results": results}, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {"transformers": transformers.__version__, "torch": torch.__version__, "counts": counts, "results": results}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

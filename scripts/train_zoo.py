@@ -42,23 +42,50 @@ class Recipe:
 RECIPES = {
     "gpt2-induction": Recipe("gpt2-induction", "gpt2", ("induction",), layers=2, heads=4, kv_heads=4, d_model=64, steps=1500),
     "llama-ioi": Recipe("llama-ioi", "llama", ("ioi",), layers=2, heads=4, kv_heads=2, d_model=64, steps=2500),
-    "gpt2-greater-than": Recipe("gpt2-greater-than", "gpt2", ("greater_than", "docstring"), layers=2, heads=4, kv_heads=4,
-                                d_model=64, steps=2500),
+    "gpt2-greater-than": Recipe(
+        "gpt2-greater-than", "gpt2", ("greater_than", "docstring"), layers=2, heads=4, kv_heads=4, d_model=64, steps=2500
+    ),
     # The shape of docs/runtime.md's measurements: 8 heads, d_model 128, 64-token induction prompts.
-    "gpt2-induction-8h": Recipe("gpt2-induction-8h", "gpt2", ("induction",), layers=2, heads=8, kv_heads=8, d_model=128,
-                                steps=2500, positions=64, task_options=(("half", 32),)),
+    "gpt2-induction-8h": Recipe(
+        "gpt2-induction-8h",
+        "gpt2",
+        ("induction",),
+        layers=2,
+        heads=8,
+        kv_heads=8,
+        d_model=128,
+        steps=2500,
+        positions=64,
+        task_options=(("half", 32),),
+    ),
 }
 
 
 def build_model(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
     if recipe.architecture == "gpt2":
-        config = GPT2Config(n_layer=recipe.layers, n_head=recipe.heads, n_embd=recipe.d_model, n_positions=recipe.positions,
-                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = GPT2Config(
+            n_layer=recipe.layers,
+            n_head=recipe.heads,
+            n_embd=recipe.d_model,
+            n_positions=recipe.positions,
+            vocab_size=vocab_size,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         return GPT2LMHeadModel(config)
-    config = LlamaConfig(num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
-                         num_key_value_heads=recipe.kv_heads, hidden_size=recipe.d_model,
-                         intermediate_size=2 * recipe.d_model, max_position_embeddings=recipe.positions, vocab_size=vocab_size,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads,
+        hidden_size=recipe.d_model,
+        intermediate_size=2 * recipe.d_model,
+        max_position_embeddings=recipe.positions,
+        vocab_size=vocab_size,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -94,8 +121,9 @@ def train(recipe: Recipe) -> dict:
             print(f"{recipe.name} step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
     options = dict(recipe.task_options)
-    accuracy = {t: round(task_accuracy(model, make_task(t, tokenizer, n=256, seed=1, **options), tokenizer), 4)
-                for t in recipe.tasks}
+    accuracy = {
+        t: round(task_accuracy(model, make_task(t, tokenizer, n=256, seed=1, **options), tokenizer), 4) for t in recipe.tasks
+    }
     out = ZOO_DIR / recipe.name
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -107,8 +135,14 @@ def train(recipe: Recipe) -> dict:
         "accuracy": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
         "task_options": options,
-        "training": {"steps": recipe.steps, "batch": recipe.batch, "lr": recipe.lr, "seed": 0,
-                     "seconds": round(time.time() - start, 1), "script": "scripts/train_zoo.py"},
+        "training": {
+            "steps": recipe.steps,
+            "batch": recipe.batch,
+            "lr": recipe.lr,
+            "seed": 0,
+            "seconds": round(time.time() - start, 1),
+            "script": "scripts/train_zoo.py",
+        },
     }
     (out / "zoo.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info), flush=True)

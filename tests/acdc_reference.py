@@ -91,9 +91,17 @@ class ReferenceACDC:
                 outputs.update({name: self.clean_outputs[name] for name in self.components(step.name)})
             elif step.kind is StepKind.ATTENTION:
                 layer = self.hg.layers[block.layer]
-                q = [self.receiver_input(layer.query_name(h), step.reads, outputs, removed, corrupt) for h in range(layer.n_heads)]
-                k = [self.receiver_input(layer.kv_name(g, Role.KEY), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
-                v = [self.receiver_input(layer.kv_name(g, Role.VALUE), step.reads, outputs, removed, corrupt) for g in range(layer.n_kv_groups)]
+                q = [
+                    self.receiver_input(layer.query_name(h), step.reads, outputs, removed, corrupt) for h in range(layer.n_heads)
+                ]
+                k = [
+                    self.receiver_input(layer.kv_name(g, Role.KEY), step.reads, outputs, removed, corrupt)
+                    for g in range(layer.n_kv_groups)
+                ]
+                v = [
+                    self.receiver_input(layer.kv_name(g, Role.VALUE), step.reads, outputs, removed, corrupt)
+                    for g in range(layer.n_kv_groups)
+                ]
                 heads = block(torch.stack(q, 2), torch.stack(k, 2), torch.stack(v, 2), *args)
                 for h in range(layer.n_heads):
                     outputs[layer.head_name(h)] = heads[:, :, h]
@@ -116,7 +124,9 @@ class ReferenceACDC:
         out = [("resid_post", self.senders_of(self.structure.final_reads), [])]
         # From the output backwards, layer by layer; within a layer its whole components and norm (last first), then
         # its heads' inputs, whatever order a parallel block computes them in.
-        order = sorted(enumerate(self.structure.steps), key=lambda p: (-_layer_of(p[1].name), p[1].kind is StepKind.ATTENTION, -p[0]))
+        order = sorted(
+            enumerate(self.structure.steps), key=lambda p: (-_layer_of(p[1].name), p[1].kind is StepKind.ATTENTION, -p[0])
+        )
         for _, step in order:
             if step.kind is not StepKind.ATTENTION:  # an MLP, a hybrid's mixer, a post-attention norm
                 out.append((step.name, self.senders_of(step.reads), [step.name]))
@@ -129,7 +139,9 @@ class ReferenceACDC:
                     heads = [layer.head_name(h) for h in range(layer.n_heads) if layer.kv_group_of_head[h] == g]
                     out.append((layer.kv_name(g, role), senders, every_head if role in layer.coupled_roles else heads))
             for h in reversed(range(layer.n_heads)):
-                out.append((layer.query_name(h), senders, every_head if Role.QUERY in layer.coupled_roles else [layer.head_name(h)]))
+                out.append(
+                    (layer.query_name(h), senders, every_head if Role.QUERY in layer.coupled_roles else [layer.head_name(h)])
+                )
         return out
 
     def run(self, threshold):

@@ -23,7 +23,7 @@ from transformers import (
 
 FAMILIES = ("gpt2", "neox", "llama")
 # Gemma 2: post-attention norms, so heads send to a{L}.out; OLMo 2 also norms queries and keys across heads.
-RUNTIME_FAMILIES = FAMILIES + ("opt", "gemma2", "olmo2")
+RUNTIME_FAMILIES = (*FAMILIES, "opt", "gemma2", "olmo2")
 VOCAB = 40
 MAX_POS = 16
 
@@ -48,36 +48,87 @@ def build(spec: Spec) -> torch.nn.Module:
     torch.manual_seed(spec.seed)
     d = spec.d_model
     if spec.family == "gpt2":
-        config = GPT2Config(n_layer=spec.layers, n_head=spec.heads, n_embd=d, vocab_size=VOCAB, n_positions=MAX_POS,
-                            bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            n_layer=spec.layers,
+            n_head=spec.heads,
+            n_embd=d,
+            vocab_size=VOCAB,
+            n_positions=MAX_POS,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = GPT2LMHeadModel(config)
     elif spec.family == "neox":
-        config = GPTNeoXConfig(num_hidden_layers=spec.layers, num_attention_heads=spec.heads, hidden_size=d,
-                               intermediate_size=2 * d, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
-                               rotary_pct=0.5, use_parallel_residual=spec.parallel, bos_token_id=0, eos_token_id=0)
+        config = GPTNeoXConfig(
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            vocab_size=VOCAB,
+            max_position_embeddings=MAX_POS,
+            rotary_pct=0.5,
+            use_parallel_residual=spec.parallel,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = GPTNeoXForCausalLM(config)
     elif spec.family == "llama":
-        config = LlamaConfig(num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                             num_key_value_heads=spec.kv_heads, hidden_size=d, intermediate_size=2 * d,
-                             vocab_size=VOCAB, max_position_embeddings=MAX_POS, head_dim=spec.head_dim,
-                             bos_token_id=0, eos_token_id=0)
+        config = LlamaConfig(
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            vocab_size=VOCAB,
+            max_position_embeddings=MAX_POS,
+            head_dim=spec.head_dim,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = LlamaForCausalLM(config)
     elif spec.family == "opt":
-        config = OPTConfig(num_hidden_layers=spec.layers, num_attention_heads=spec.heads, hidden_size=d, ffn_dim=2 * d,
-                           vocab_size=VOCAB, max_position_embeddings=MAX_POS, word_embed_proj_dim=d, bos_token_id=0,
-                           eos_token_id=0, pad_token_id=0)
+        config = OPTConfig(
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            hidden_size=d,
+            ffn_dim=2 * d,
+            vocab_size=VOCAB,
+            max_position_embeddings=MAX_POS,
+            word_embed_proj_dim=d,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = OPTForCausalLM(config)
     elif spec.family == "gemma2":
-        config = Gemma2Config(num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                              num_key_value_heads=spec.kv_heads, hidden_size=d, intermediate_size=2 * d,
-                              vocab_size=VOCAB, max_position_embeddings=MAX_POS, head_dim=spec.head_dim,
-                              sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = Gemma2Config(
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            vocab_size=VOCAB,
+            max_position_embeddings=MAX_POS,
+            head_dim=spec.head_dim,
+            sliding_window=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = Gemma2ForCausalLM(config)
     elif spec.family == "olmo2":
-        config = Olmo2Config(num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                             num_key_value_heads=spec.kv_heads, hidden_size=d, intermediate_size=2 * d,
-                             vocab_size=VOCAB, max_position_embeddings=MAX_POS, bos_token_id=0, eos_token_id=0,
-                             pad_token_id=0)
+        config = Olmo2Config(
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            vocab_size=VOCAB,
+            max_position_embeddings=MAX_POS,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = Olmo2ForCausalLM(config)
     else:
         raise ValueError(spec.family)

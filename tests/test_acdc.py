@@ -79,8 +79,12 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         investigated += 1
         info = graph.head_graph.layers[receiver.layer]
         if receiver.role.value == "q":
-            expected = {"q": receiver.unit, "o": receiver.unit, "k": info.kv_group_of_head[receiver.unit],
-                        "v": info.kv_group_of_head[receiver.unit]}
+            expected = {
+                "q": receiver.unit,
+                "o": receiver.unit,
+                "k": info.kv_group_of_head[receiver.unit],
+                "v": info.kv_group_of_head[receiver.unit],
+            }
         else:
             head = -1 if info.grouped else receiver.unit
             expected = {"q": head, "o": head, "k": receiver.unit, "v": receiver.unit}
@@ -95,8 +99,12 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
 def test_threshold_zero_keeps_exactly_the_edges_that_increase_the_metric(metric):
     model = build(Spec("gpt2", 2, 2, 2, 8))
     base = make_task(5)
-    task = pahq_fx.Task(base.clean_input_ids, base.corrupted_input_ids, correct_ids=base.clean_input_ids[:, 0],
-                        incorrect_ids=base.corrupted_input_ids[:, 0])
+    task = pahq_fx.Task(
+        base.clean_input_ids,
+        base.corrupted_input_ids,
+        correct_ids=base.clean_input_ids[:, 0],
+        incorrect_ids=base.corrupted_input_ids[:, 0],
+    )
     circuit = pahq_fx.discover(model, task, threshold=0.0, metric=metric, precision="fp32", progress=False, compile=False)
     assert circuit.edges
     if metric == "logit_diff":
@@ -133,8 +141,9 @@ def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoint_module, "WRITE_BUDGET", write_budget)
     model = build(Spec("llama", 2, 4, 2, 8))
     task = make_task(7)
-    uninterrupted = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
-                                     speculation=speculation)
+    uninterrupted = pahq_fx.discover(
+        model, task, threshold=0.005, precision="fp8", progress=False, compile=False, speculation=speculation
+    )
 
     class Stop(Exception):
         pass
@@ -149,12 +158,29 @@ def test_resume_after_interruption_gives_the_same_circuit(tmp_path, monkeypatch,
     checkpoint = tmp_path / "run.json"
     for k in (3, 9):
         with pytest.raises(Stop):
-            pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
-                             checkpoint=checkpoint, callback=stop_after(k), speculation=speculation)
+            pahq_fx.discover(
+                model,
+                task,
+                threshold=0.005,
+                precision="fp8",
+                progress=False,
+                compile=False,
+                checkpoint=checkpoint,
+                callback=stop_after(k),
+                speculation=speculation,
+            )
     resumed_from = []
-    resumed = pahq_fx.discover(model, task, threshold=0.005, precision="fp8", progress=False, compile=False,
-                               checkpoint=checkpoint, callback=lambda d: resumed_from.append(d.index),
-                               speculation=speculation)
+    resumed = pahq_fx.discover(
+        model,
+        task,
+        threshold=0.005,
+        precision="fp8",
+        progress=False,
+        compile=False,
+        checkpoint=checkpoint,
+        callback=lambda d: resumed_from.append(d.index),
+        speculation=speculation,
+    )
     assert resumed_from[0] == 10
     assert resumed.edge_set() == uninterrupted.edge_set()
     assert [e.effect for e in resumed.edges] == [e.effect for e in uninterrupted.edges]
@@ -183,12 +209,21 @@ def test_checkpoint_of_another_run_is_refused_and_a_finished_run_removes_its_own
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False,
-                         checkpoint=checkpoint, callback=interrupt)
+        pahq_fx.discover(
+            model,
+            make_task(1),
+            threshold=0.01,
+            precision="fp32",
+            progress=False,
+            compile=False,
+            checkpoint=checkpoint,
+            callback=interrupt,
+        )
     assert checkpoint.exists()
     with pytest.raises(pahq_fx.CheckpointError, match="belongs to another run \\(its threshold differ"):
-        pahq_fx.discover(model, make_task(1), threshold=0.02, precision="fp32", progress=False, compile=False,
-                         checkpoint=checkpoint)
+        pahq_fx.discover(
+            model, make_task(1), threshold=0.02, precision="fp32", progress=False, compile=False, checkpoint=checkpoint
+        )
     assert checkpoint.exists(), "a refused run must not touch the other run's checkpoint"
     pahq_fx.discover(model, make_task(1), threshold=0.01, precision="fp32", progress=False, compile=False, checkpoint=checkpoint)
     assert not checkpoint.exists()
@@ -204,7 +239,10 @@ def _assert_same_decisions_but_ties(first, second, threshold: float) -> None:
     one, other = _effects(first), _effects(second)
     for edge in first.edge_set() ^ second.edge_set():
         assert abs(one[edge] - threshold) <= 0.01 * threshold and abs(other[edge] - threshold) <= 0.01 * threshold, (
-            edge, one[edge], other[edge])
+            edge,
+            one[edge],
+            other[edge],
+        )
 
 
 def test_compiled_discovery_matches_eager_and_compiles_once_per_component_kind():
@@ -257,8 +295,11 @@ def test_circuit_roundtrip_dot_and_evaluate(tmp_path):
     assert circuit.stats.queries > 0 and circuit.stats.peak_memory_mb > 0
     assert set(circuit.versions) >= {"torch", "torchao", "transformers", "pahq_fx"}
     grouped = dataclasses.replace(loaded, edges=(CircuitEdge("embed", "a0.g0.k", 1.0),))  # GPT-2 has no key/value groups
-    with pytest.raises(pahq_fx.PahqError, match=r"the circuit \(found on LlamaForCausalLM\) has 1 edge that this model "
-                                                 r"\(GPT2LMHeadModel\) does not have: \[\('embed', 'a0.g0.k'\)\]"):
+    with pytest.raises(
+        pahq_fx.PahqError,
+        match=r"the circuit \(found on LlamaForCausalLM\) has 1 edge that this model "
+        r"\(GPT2LMHeadModel\) does not have: \[\('embed', 'a0.g0.k'\)\]",
+    ):
         grouped.evaluate(build(Spec("gpt2", 2, 2, 2, 8)), task)
 
 
@@ -266,8 +307,9 @@ def test_logit_difference_metric_needs_answers():
     model = build(Spec("gpt2", 1, 2, 2, 8))
     with pytest.raises(pahq_fx.TaskError, match="needs correct_ids"):
         pahq_fx.discover(model, make_task(1), threshold=0.1, metric="logit_diff", progress=False, compile=False)
-    task = pahq_fx.Task(token_ids(3, 5), token_ids(3, 5, seed=4), correct_ids=torch.tensor([1, 2, 3]),
-                        incorrect_ids=torch.tensor([4, 5, 6]))
+    task = pahq_fx.Task(
+        token_ids(3, 5), token_ids(3, 5, seed=4), correct_ids=torch.tensor([1, 2, 3]), incorrect_ids=torch.tensor([4, 5, 6])
+    )
     circuit = pahq_fx.discover(model, task, threshold=0.1, metric="logit_diff", progress=False, compile=False)
     assert circuit.metric == "logit_diff"
 
@@ -285,8 +327,10 @@ def test_fp8_and_bf16_circuits_agree_with_fp32_on_trained_models(model_name, tas
 
     model, tokenizer = zoo.load(model_name)
     task = make_task(task_name, tokenizer, n=16, seed=0)
-    circuits = {p: pahq_fx.discover(model, task, threshold=0.05, precision=p, progress=False, compile=False)
-                for p in ("fp32", "fp8", "bf16")}
+    circuits = {
+        p: pahq_fx.discover(model, task, threshold=0.05, precision=p, progress=False, compile=False)
+        for p in ("fp32", "fp8", "bf16")
+    }
     assert circuits["fp32"].edges
     for precision in ("fp8", "bf16"):
         jaccard = circuits[precision].jaccard(circuits["fp32"])
@@ -295,7 +339,7 @@ def test_fp8_and_bf16_circuits_agree_with_fp32_on_trained_models(model_name, tas
 
 
 def test_a_float64_model_is_searched_exactly_and_its_report_says_so():
-    """"fp32" leaves a float64 model's unlowered heads in float64: the circuit is the float64 reference's, and the
+    """ "fp32" leaves a float64 model's unlowered heads in float64: the circuit is the float64 reference's, and the
     precision note says what fp32 meant; a float32 model's note does not mention it."""
     model = build(Spec("llama", 2, 4, 2, 8)).double()
     task = make_task(3)

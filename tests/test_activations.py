@@ -25,8 +25,16 @@ FUSED_OP = {"gelu_tanh": gelu_tanh, "gelu": aten.gelu.default}
 
 def _gpt2(activation: str, layers: int, heads: int, head_dim: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=layers, n_head=heads, n_embd=heads * head_dim, vocab_size=VOCAB, n_positions=MAX_POS,
-                        activation_function=activation, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=layers,
+        n_head=heads,
+        n_embd=heads * head_dim,
+        vocab_size=VOCAB,
+        n_positions=MAX_POS,
+        activation_function=activation,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -35,8 +43,15 @@ def _targets(gm: torch.fx.GraphModule) -> list:
 
 
 @settings(max_examples=12, deadline=None)
-@given(activation=st.sampled_from([*WRITTEN_OUT_GELU, *TANH_GELU_OP, *OTHERS]), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]),
-       head_dim=st.sampled_from([4, 8]), seed=st.integers(0, 2**16), batch=st.integers(1, 3), seq=st.integers(1, MAX_POS))
+@given(
+    activation=st.sampled_from([*WRITTEN_OUT_GELU, *TANH_GELU_OP, *OTHERS]),
+    layers=st.integers(1, 3),
+    heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([4, 8]),
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, MAX_POS),
+)
 @example(activation="gelu_pytorch_tanh", layers=2, heads=2, head_dim=8, seed=0, batch=2, seq=5)
 @example(activation="gelu_new", layers=2, heads=2, head_dim=8, seed=0, batch=2, seq=5)
 def test_written_out_gelu_becomes_one_op_and_outputs_agree(activation, layers, heads, head_dim, seed, batch, seq):
@@ -115,8 +130,12 @@ def test_transform_runs_the_fused_activation():
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), scale=st.floats(1e-3, 30.0),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    scale=st.floats(1e-3, 30.0),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
 def test_gelu_tanh_is_aten_gelu_to_round_off(shape, scale, dtype, seed):
     """The CPU sigmoid form (float32/64) agrees with ``aten.gelu(approximate="tanh")`` in float64 to a few ulps of the
     input's magnitude; other dtypes run ``aten.gelu`` itself, bit for bit. (Not SQNR: where every input is far below

@@ -79,5 +79,5 @@ def test_decoding_with_a_cache_is_a_clear_error():
     compiled = torch.compile(model, backend=pahq_fx.backend(head=(0, 0), inner="eager"))
     with torch.no_grad():
         first = compiled(ids)
-        with pytest.raises(Exception, match="past_key_values.*only input_ids may vary"):
+        with pytest.raises(Exception, match=r"past_key_values.*only input_ids may vary"):
             compiled(ids[:, -1:], past_key_values=first.past_key_values)

@@ -38,8 +38,12 @@ def traces(monkeypatch):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(spec=specs(families=RUNTIME_FAMILIES), batches=st.lists(st.integers(1, 7), min_size=1, max_size=3),
-       seq=st.integers(2, 8), example_batch=st.integers(1, 3))
+@given(
+    spec=specs(families=RUNTIME_FAMILIES),
+    batches=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    seq=st.integers(2, 8),
+    example_batch=st.integers(1, 3),
+)
 def test_a_batch_only_trace_is_one_fixed_batch_trace_exact_at_every_batch(traces, spec, batches, seq, example_batch):
     traces.clear()
     model = build(spec).eval()
@@ -52,7 +56,7 @@ def test_a_batch_only_trace_is_one_fixed_batch_trace_exact_at_every_batch(traces
         torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
-@given(known=st.lists(st.integers(-10**6, 10**6), max_size=30), seq=st.integers(1, 300))
+@given(known=st.lists(st.integers(-(10**6), 10**6), max_size=30), seq=st.integers(1, 300))
 def test_the_tracing_batch_exceeds_every_small_integer_of_the_config_and_divides_none(known, seq):
     """No index or size of the model can equal it, and no product of its sizes can be a multiple of it."""
     model = build(Spec("gpt2", 1, 2, 2, 8))
@@ -62,8 +66,9 @@ def test_the_tracing_batch_exceeds_every_small_integer_of_the_config_and_divides
     example = token_ids(2, seq)
     batch = batch_generic.tracing_batch(model, example)
     assert all(batch % d for d in range(2, batch))
-    integers = [abs(v) for v in (*known, 64, 2 * 67, *example.shape, *model.config.to_dict().values(), 2**63 - 1)
-                if type(v) is int and v]
+    integers = [
+        abs(v) for v in (*known, 64, 2 * 67, *example.shape, *model.config.to_dict().values(), 2**63 - 1) if type(v) is int and v
+    ]
     assert all(v % batch for v in integers)
     assert batch > max(v for v in integers if v <= 8192)
 

@@ -35,7 +35,7 @@ def test_the_probe_leaves_the_runtime_as_set_up():
     before = [o.clone() for o in runtime.outputs]
     assert seconds_per_query(runtime, receiver) > 0
     assert runtime.queries == 0 and not runtime.removed and runtime.active_from == len(runtime.steps)
-    assert all(torch.equal(a, b) for a, b in zip(before, runtime.outputs))
+    assert all(torch.equal(a, b) for a, b in zip(before, runtime.outputs, strict=True))
 
 
 @pytest.mark.parametrize("faster", [Format.FP32, Format.BF16])

@@ -39,9 +39,19 @@ def test_a_fixed_length_trace_of_a_causal_model_has_no_mask_and_keeps_the_logits
 def test_a_sliding_window_keeps_its_mask_where_it_is_shorter_than_the_sequence(seq):
     """Up to the window's length a sliding-window mask is the causal one; beyond it, it is not."""
     torch.manual_seed(seq)
-    config = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                           intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=MAX_POS, sliding_window=WINDOW,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = MistralConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POS,
+        sliding_window=WINDOW,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = MistralForCausalLM(config).eval()
     gm = trace(model, token_ids(2, seq), dynamic_shapes="batch")
     assert all(m is None for m in _attention_masks(gm)) == (seq <= WINDOW)

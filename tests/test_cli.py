@@ -22,8 +22,22 @@ def run(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> su
 
 def test_discover_writes_circuit_and_report(tmp_path):
     first = tmp_path / "first"
-    result = run("discover", "--model", "gpt2-induction", "--task", "induction", "--n", "8", "--threshold", "0.05",
-                 "--precision", "fp8", "--out", str(first), "--no-compile")
+    result = run(
+        "discover",
+        "--model",
+        "gpt2-induction",
+        "--task",
+        "induction",
+        "--n",
+        "8",
+        "--threshold",
+        "0.05",
+        "--precision",
+        "fp8",
+        "--out",
+        str(first),
+        "--no-compile",
+    )
     assert result.returncode == 0, result.stderr
     assert "ACDC" in result.stderr  # the progress bar
     assert "pahq-fx: loading" not in result.stderr  # stage lines go to a terminal only
@@ -36,15 +50,32 @@ def test_discover_writes_circuit_and_report(tmp_path):
     assert "| edges kept |" in (first / "report.md").read_text()
 
     second = tmp_path / "second"
-    result = run("discover", "--model", "gpt2-induction", "--task", "induction", "--n", "8", "--threshold", "0.05",
-                 "--precision", "fp32", "--out", str(second), "--no-compile", "--no-progress",
-                 "--compare", str(first / "circuit.json"))
+    result = run(
+        "discover",
+        "--model",
+        "gpt2-induction",
+        "--task",
+        "induction",
+        "--n",
+        "8",
+        "--threshold",
+        "0.05",
+        "--precision",
+        "fp32",
+        "--out",
+        str(second),
+        "--no-compile",
+        "--no-progress",
+        "--compare",
+        str(first / "circuit.json"),
+    )
     assert result.returncode == 0, result.stderr
     agreement = json.loads((second / "report.json").read_text())["agreement_jaccard"]
     assert 0.0 <= agreement <= 1.0
 
-    evaluated = run("evaluate", "--circuit", str(first / "circuit.json"), "--model", "gpt2-induction", "--task",
-                    "induction", "--n", "8")
+    evaluated = run(
+        "evaluate", "--circuit", str(first / "circuit.json"), "--model", "gpt2-induction", "--task", "induction", "--n", "8"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert "circuit" in evaluated.stdout and "full model" in evaluated.stdout
 
@@ -60,14 +91,32 @@ def test_inspect_reports_heads_and_groups():
     [
         (["discover", "--model", "./no-such-model", "--task", "ioi", "--threshold", "0.1", "--out", "x"], "no such directory"),
         (["discover", "--model", "gpt2-induction", "--task", "nope", "--threshold", "0.1", "--out", "x"], "neither a task name"),
-        (["discover", "--model", "gpt2-induction", "--task", "missing.safetensors", "--threshold", "0.1", "--out", "x"],
-         "does not exist"),
+        (
+            ["discover", "--model", "gpt2-induction", "--task", "missing.safetensors", "--threshold", "0.1", "--out", "x"],
+            "does not exist",
+        ),
         (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "-1", "--out", "x"], "threshold"),
         (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "abc", "--out", "x"], "invalid float"),
-        (["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "0.1", "--precision", "int4", "--out", "x"],
-         "invalid choice"),
-        (["discover", "--model", "gpt2-induction", "--task", "induction", "--threshold", "0.1", "--metric", "logit_diff",
-          "--out", "x"], "needs correct_ids"),
+        (
+            ["discover", "--model", "gpt2-induction", "--task", "ioi", "--threshold", "0.1", "--precision", "int4", "--out", "x"],
+            "invalid choice",
+        ),
+        (
+            [
+                "discover",
+                "--model",
+                "gpt2-induction",
+                "--task",
+                "induction",
+                "--threshold",
+                "0.1",
+                "--metric",
+                "logit_diff",
+                "--out",
+                "x",
+            ],
+            "needs correct_ids",
+        ),
         (["evaluate", "--circuit", "missing.json", "--model", "gpt2-induction", "--task", "ioi"], "not a circuit file"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
@@ -94,8 +143,10 @@ def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, mon
     monkeypatch.setattr(sys, "stderr", terminal)
     assert cli.main([*args, "--out", str(tmp_path / "shown")]) == 0
     text = terminal.getvalue()
-    stages = [text.index(line) for line in ("pahq-fx: loading gpt2-induction", "pahq-fx: checking the task", "ACDC",
-                                            "pahq-fx: drawing the circuit")]
+    stages = [
+        text.index(line)
+        for line in ("pahq-fx: loading gpt2-induction", "pahq-fx: checking the task", "ACDC", "pahq-fx: drawing the circuit")
+    ]
     assert stages == sorted(stages), text
     quiet = _Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
@@ -108,17 +159,19 @@ def test_the_parser_choices_are_the_formats_and_metrics():
     from pahq_fx.acdc.speculation import check_speculation
     from pahq_fx.precision import AUTO, Format
 
-    assert cli.PRECISIONS == (AUTO, *(f.value for f in Format))
-    assert cli.METRICS == tuple(m.value for m in Metric)
+    assert (AUTO, *(f.value for f in Format)) == cli.PRECISIONS
+    assert tuple(m.value for m in Metric) == cli.METRICS
     for speculation in cli.SPECULATIONS:  # every choice the parser offers is one discover takes
         check_speculation(speculation)
 
 
 def test_help_and_argument_errors_import_no_torch():
     """``pahq-fx --help`` and a mistyped argument answer without the two seconds torch and transformers take."""
-    check = ("import sys\nfrom pahq_fx import cli\ntry:\n    cli.build_parser().parse_args(['discover', '--help'])\n"
-             "except SystemExit:\n    pass\nassert cli.main(['frobnicate']) == 2\nprint(sorted(m for m in sys.modules"
-             " if m.split('.')[0] in ('torch', 'transformers', 'torchao')))")
+    check = (
+        "import sys\nfrom pahq_fx import cli\ntry:\n    cli.build_parser().parse_args(['discover', '--help'])\n"
+        "except SystemExit:\n    pass\nassert cli.main(['frobnicate']) == 2\nprint(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('torch', 'transformers', 'torchao')))"
+    )
     result = subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

@@ -19,8 +19,20 @@ from tests.test_cli import SCRIPT, run
 
 
 def test_task_the_model_cannot_do_stops_loudly_unless_allowed(tmp_path):
-    common = ("discover", "--model", "gpt2-induction", "--task", "ioi", "--n", "8", "--threshold", "0.05",
-              "--precision", "fp32", "--no-progress")
+    common = (
+        "discover",
+        "--model",
+        "gpt2-induction",
+        "--task",
+        "ioi",
+        "--n",
+        "8",
+        "--threshold",
+        "0.05",
+        "--precision",
+        "fp32",
+        "--no-progress",
+    )
     stopped = run(*common, "--out", str(tmp_path / "stopped"))
     assert stopped.returncode == 2
     assert "does not exercise the model" in stopped.stderr and "--allow-weak-task" in stopped.stderr
@@ -58,8 +70,23 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     model_dir = tmp_path / "deep-gpt2"
     _save_deep_model(model_dir)
     out = tmp_path / "out"
-    args = ["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--threshold", "0",
-            "--precision", "fp32", "--no-progress", "--allow-weak-task", "--out", str(out)]
+    args = [
+        "discover",
+        "--model",
+        str(model_dir),
+        "--task",
+        "induction",
+        "--n",
+        "8",
+        "--threshold",
+        "0",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--allow-weak-task",
+        "--out",
+        str(out),
+    ]
     command = [str(SCRIPT)] if SCRIPT.exists() else ["python", "-m", "pahq_fx.cli"]
     process = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = out / "checkpoint.json"

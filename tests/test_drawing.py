@@ -20,14 +20,15 @@ from tests.test_cli import run
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.sampled_from([(1, 1, 1), (4, 4, 1), (4, 2, 0), (8, 1, 1), (6, 3, 3)]), min_size=1, max_size=5),
-       st.integers(0, 4))
+@given(
+    st.lists(st.sampled_from([(1, 1, 1), (4, 4, 1), (4, 2, 0), (8, 1, 1), (6, 3, 3)]), min_size=1, max_size=5), st.integers(0, 4)
+)
 def test_layout_puts_layers_in_rows_and_heads_in_order(layers, leading):
     """Heads in order within their layer's row, whole components (a hybrid's several) in order within theirs,
     the rows in the residual stream's order."""
     at = _Positions([_Layer(*layer) for layer in layers], leading)
     rows = [at.row(NodeKind.EMBED, None)] + ([at.row(NodeKind.MLP, -1)] if leading else [])
-    for index, (heads, groups, components) in enumerate(layers):
+    for index, (heads, groups, _components) in enumerate(layers):
         rows += [at.row(NodeKind.HEAD, index), at.row(NodeKind.MLP, index)]
         xs = [at.head_x(index, h) for h in range(heads)]
         assert xs == sorted(xs) and len(set(xs)) == heads
@@ -50,19 +51,36 @@ def test_layout_puts_layers_in_rows_and_heads_in_order(layers, leading):
 
 
 def _circuit(architecture, edges) -> Circuit:
-    return Circuit(edges=tuple(CircuitEdge(s, r, e) for s, r, e in edges), threshold=0.1, metric="kl", precision="fp32",
-                   abs_threshold=False, model={"name": "toy"}, task={"name": "toy"}, stats=RunStats(0, 0, 0, 0, 0),
-                   total_edges=40, groups={"a0.g0": ["a0.h0", "a0.h1"], "a0.g1": ["a0.h2", "a0.h3"]},
-                   architecture=architecture)
+    return Circuit(
+        edges=tuple(CircuitEdge(s, r, e) for s, r, e in edges),
+        threshold=0.1,
+        metric="kl",
+        precision="fp32",
+        abs_threshold=False,
+        model={"name": "toy"},
+        task={"name": "toy"},
+        stats=RunStats(0, 0, 0, 0, 0),
+        total_edges=40,
+        groups={"a0.g0": ["a0.h0", "a0.h1"], "a0.g1": ["a0.h2", "a0.h3"]},
+        architecture=architecture,
+    )
 
 
 @pytest.mark.parametrize("with_architecture", [True, False], ids=["recorded", "from-names"])
 def test_svg_shows_every_head_the_groups_and_the_roles(tmp_path, with_architecture):
     architecture = ({"heads": 4, "kv_groups": 2, "mlp": True}, {"heads": 4, "kv_groups": 2, "mlp": True})
-    circuit = _circuit(architecture if with_architecture else (), [
-        ("embed", "a0.g1.v", 1.5), ("embed", "a0.h3.q", 0.2), ("a0.h3", "a1.g0.k", 0.4), ("a1.h1", "m1", 0.3),
-        ("m1", "resid_post", 2.0), ("a0.h0", "resid_post", 0.1), ("m0", "a1.h3.q", 0.2),
-    ])
+    circuit = _circuit(
+        architecture if with_architecture else (),
+        [
+            ("embed", "a0.g1.v", 1.5),
+            ("embed", "a0.h3.q", 0.2),
+            ("a0.h3", "a1.g0.k", 0.4),
+            ("a1.h1", "m1", 0.3),
+            ("m1", "resid_post", 2.0),
+            ("a0.h0", "resid_post", 0.1),
+            ("m0", "a1.h3.q", 0.2),
+        ],
+    )
     svg_path, png_path = draw_circuit(circuit, tmp_path / "c.svg", tmp_path / "c.png")
     svg = svg_path.read_text()
     for layer in (0, 1):
@@ -87,8 +105,23 @@ def test_cli_draws_png_and_svg_without_graphviz(tmp_path):
     env = {**os.environ, "PATH": str(python_only)}
     assert shutil.which("dot", path=env["PATH"]) is None
     out = tmp_path / "out"
-    result = run("discover", "--model", "llama-ioi", "--task", "ioi", "--n", "8", "--threshold", "0.05",
-                 "--precision", "fp32", "--no-progress", "--out", str(out), env=env)
+    result = run(
+        "discover",
+        "--model",
+        "llama-ioi",
+        "--task",
+        "ioi",
+        "--n",
+        "8",
+        "--threshold",
+        "0.05",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "circuit.png").read_bytes()[:4] == b"\x89PNG"
     svg = (out / "circuit.svg").read_text()

@@ -74,7 +74,10 @@ class NoAttentionLM(nn.Module):
 
 
 def test_model_without_attention_is_rejected():
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="no attention call found.*scaled_dot_product_attention.*matmul -> softmax -> matmul"):
+    with pytest.raises(
+        pahq_fx.UnsupportedArchitectureError,
+        match=r"no attention call found.*scaled_dot_product_attention.*matmul -> softmax -> matmul",
+    ):
         pahq_fx.transform(NoAttentionLM(), example_inputs=torch.randint(0, 20, (2, 5)), compile=False)
 
 
@@ -92,11 +95,16 @@ def test_attention_without_projection_is_rejected():
         pahq_fx.transform(FusedAttentionLM(), example_inputs=torch.randint(0, 20, (2, 5)), compile=False)
 
 
-
-
 def test_every_error_is_a_pahq_error():
-    for cls in (pahq_fx.InvalidHeadError, pahq_fx.UnsupportedArchitectureError, pahq_fx.UnsupportedFormatError,
-                pahq_fx.QuantizationError, pahq_fx.TaskError, pahq_fx.InvalidInputsError, pahq_fx.CheckpointError):
+    for cls in (
+        pahq_fx.InvalidHeadError,
+        pahq_fx.UnsupportedArchitectureError,
+        pahq_fx.UnsupportedFormatError,
+        pahq_fx.QuantizationError,
+        pahq_fx.TaskError,
+        pahq_fx.InvalidInputsError,
+        pahq_fx.CheckpointError,
+    ):
         assert issubclass(cls, pahq_fx.PahqError)
 
 
@@ -133,9 +141,18 @@ def test_a_float32_model_with_a_half_precision_buffer_is_not_refused():
     """Buffers are not weights: RecurrentGemma keeps its embedding scale in bf16 on purpose, in a float32 model."""
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
-    config = RecurrentGemmaConfig(num_hidden_layers=2, vocab_size=64, hidden_size=32, lru_width=32, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8, intermediate_size=64, attention_window_size=16,
-                                  block_types=["recurrent", "attention"])
+    config = RecurrentGemmaConfig(
+        num_hidden_layers=2,
+        vocab_size=64,
+        hidden_size=32,
+        lru_width=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        attention_window_size=16,
+        block_types=["recurrent", "attention"],
+    )
     model = RecurrentGemmaForCausalLM(config).eval()
     assert model.model.normalizer.dtype == torch.bfloat16
     ids = torch.randint(0, 64, (2, 6))

@@ -8,8 +8,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quickstart_runs():
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], check=False, capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert "PahqModel(head=(1, 2)" in result.stdout
     assert "2 key/value groups" in result.stdout

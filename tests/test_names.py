@@ -27,13 +27,21 @@ def test_built_names_parse_back(layer, index, role):
         for after in (layer, -1):
             component = names.parse(names.mlp(after, position))
             assert (component.kind, component.layer, component.index, component.node) == (
-                NodeKind.MLP, after, position, names.mlp(after, position))
+                NodeKind.MLP,
+                after,
+                position,
+                names.mlp(after, position),
+            )
     norm = names.parse(names.attention_output(layer))
     assert (norm, norm.node) == (names.Name(NodeKind.ATTENTION_OUTPUT, layer), names.attention_output(layer))
 
 
-@given(n_layers=st.integers(1, 4), heads_and_groups=st.sampled_from([(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)]),
-       output_norm=st.booleans(), components=st.lists(st.integers(0, 3), min_size=5, max_size=5))
+@given(
+    n_layers=st.integers(1, 4),
+    heads_and_groups=st.sampled_from([(1, 1), (4, 4), (4, 2), (8, 1), (6, 3)]),
+    output_norm=st.booleans(),
+    components=st.lists(st.integers(0, 3), min_size=5, max_size=5),
+)
 def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups, output_norm, components):
     """Any layout, hybrids included (several whole components after a layer, and before the first)."""
     n_heads, n_groups = heads_and_groups
@@ -44,8 +52,15 @@ def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups,
 
     leading = after(-1, components[-1], (names.EMBED,))
     layers = tuple(
-        LayerInfo(l, n_heads, n_groups, tuple(h * n_groups // n_heads for h in range(n_heads)), (names.EMBED,),
-                  after(l, components[l], (names.EMBED, attention(l))), has_output_norm=output_norm)
+        LayerInfo(
+            l,
+            n_heads,
+            n_groups,
+            tuple(h * n_groups // n_heads for h in range(n_heads)),
+            (names.EMBED,),
+            after(l, components[l], (names.EMBED, attention(l))),
+            has_output_norm=output_norm,
+        )
         for l in range(n_layers)
     )
     graph = EdgeGraph(HeadGraph(layers, (names.EMBED,), 16, leading))
@@ -56,8 +71,14 @@ def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups,
             expected = NodeKind.KV_GROUP if n_groups != n_heads and receiver.role is not Role.QUERY else NodeKind.HEAD
             assert parsed.kind is expected and parsed.index == receiver.unit
         else:
-            assert parsed.kind is {ReceiverKind.MLP: NodeKind.MLP, ReceiverKind.OUTPUT_NORM: NodeKind.ATTENTION_OUTPUT,
-                                   ReceiverKind.RESID_POST: NodeKind.RESID_POST}[receiver.kind]
+            assert (
+                parsed.kind
+                is {
+                    ReceiverKind.MLP: NodeKind.MLP,
+                    ReceiverKind.OUTPUT_NORM: NodeKind.ATTENTION_OUTPUT,
+                    ReceiverKind.RESID_POST: NodeKind.RESID_POST,
+                }[receiver.kind]
+            )
     for sender in graph.senders:
         assert names.parse(sender.name).node == sender.name
     components_sent = [s.name for s in graph.senders if names.parse(s.name).kind is NodeKind.MLP]
@@ -73,8 +94,26 @@ def test_every_sender_and_receiver_of_a_graph_parses(n_layers, heads_and_groups,
         assert all(r.kind is ReceiverKind.OUTPUT_NORM for r in graph.receivers if heads & set(r.senders))
 
 
-@pytest.mark.parametrize("bad", ["a1", "a1.out.q", "a.out", "a1.h2.x", "a1.g0.q", "a1.g", "m", "resid", "a1.h2.q.k", "A1.h2",
-                                 "m-2", "m0.0", "m1.02", "m1.q", "m-1.h0"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a1",
+        "a1.out.q",
+        "a.out",
+        "a1.h2.x",
+        "a1.g0.q",
+        "a1.g",
+        "m",
+        "resid",
+        "a1.h2.q.k",
+        "A1.h2",
+        "m-2",
+        "m0.0",
+        "m1.02",
+        "m1.q",
+        "m-1.h0",
+    ],
+)
 def test_other_strings_are_refused_by_name(bad):
-    with pytest.raises(ValueError, match="canonical node name|no query input"):
+    with pytest.raises(ValueError, match=r"canonical node name|no query input"):
         names.parse(bad)

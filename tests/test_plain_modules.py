@@ -24,7 +24,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.size()
-        q, k, v = (t.view(batch, seq, self.heads, width // self.heads).transpose(1, 2) for t in self.c_attn(x).split(width, dim=2))
+        q, k, v = (
+            t.view(batch, seq, self.heads, width // self.heads).transpose(1, 2) for t in self.c_attn(x).split(width, dim=2)
+        )
         if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -67,8 +69,9 @@ class NanoGPT(nn.Module):
 def test_transform_keeps_batch_and_length_dynamic_whatever_the_input_is_called(sdpa):
     torch.manual_seed(0)
     model = NanoGPT(2, 4, 8, sdpa).eval()
-    pahq = pahq_fx.transform(model, head=(1, 2), low_precision="fp32", compile=False,
-                             example_inputs=torch.randint(0, VOCAB, (2, 10)))
+    pahq = pahq_fx.transform(
+        model, head=(1, 2), low_precision="fp32", compile=False, example_inputs=torch.randint(0, VOCAB, (2, 10))
+    )
     assert pahq.graph.meta["dynamic_dims"] == (0, 1)
     for shape in [(1, 3), (5, 17)]:
         ids = torch.randint(0, VOCAB, shape)
@@ -77,8 +80,13 @@ def test_transform_keeps_batch_and_length_dynamic_whatever_the_input_is_called(s
 
 
 @settings(max_examples=4, deadline=None)
-@given(layers=st.integers(1, 2), heads=st.sampled_from([2, 4]), sdpa=st.booleans(), log_threshold=st.floats(-5, -2),
-       seed=st.integers(0, 100))
+@given(
+    layers=st.integers(1, 2),
+    heads=st.sampled_from([2, 4]),
+    sdpa=st.booleans(),
+    log_threshold=st.floats(-5, -2),
+    seed=st.integers(0, 100),
+)
 def test_fp32_discovery_equals_the_reference(layers, heads, sdpa, log_threshold, seed):
     torch.manual_seed(seed)
     model = NanoGPT(layers, heads, 8, sdpa).eval()
@@ -86,7 +94,8 @@ def test_fp32_discovery_equals_the_reference(layers, heads, sdpa, log_threshold,
     mask = torch.zeros_like(clean, dtype=torch.bool)
     mask[:, -3:] = True
     threshold = 10**log_threshold
-    circuit = pahq_fx.discover(model, pahq_fx.Task(clean, corrupted, mask), threshold=threshold, precision="fp32",
-                               progress=False, allow_weak_task=True)
+    circuit = pahq_fx.discover(
+        model, pahq_fx.Task(clean, corrupted, mask), threshold=threshold, precision="fp32", progress=False, allow_weak_task=True
+    )
     edges, _ = ReferenceACDC(model, clean, corrupted, mask).run(threshold)
     assert {(e.sender, e.receiver) for e in circuit.edges} == set(edges)

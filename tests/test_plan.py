@@ -64,7 +64,8 @@ def _run(model, task, threshold, speculation="off"):
     what prepare left beyond what the plan counts."""
     gc.collect()  # fx graph modules of earlier runs are cyclic garbage: collected now, not during the measurement
     session, prepare_peak, left = planning.measured_allocation(
-        lambda: prepare(model, task, precision="fp32", allow_weak_task=True))
+        lambda: prepare(model, task, precision="fp32", allow_weak_task=True)
+    )
     largest = [session.runtime.state_bytes()]
     original = search_module._search_receiver
 
@@ -74,8 +75,7 @@ def _run(model, task, threshold, speculation="off"):
 
     search_module._search_receiver = searched
     try:
-        circuit, search_peak = planning.measured_peak(
-            lambda: search(session, threshold, progress=False, speculation=speculation))
+        circuit, search_peak = planning.measured_peak(lambda: search(session, threshold, progress=False, speculation=speculation))
     finally:
         search_module._search_receiver = original
     garbage = max(0, left - _live_after_prepare(session))
@@ -102,12 +102,14 @@ def test_peak_of_a_real_run(spec):
     task = _task(batch, seq)
     with torch.no_grad():
         _, split_peak = planning.measured_peak(
-            lambda: lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(Format.FP32, "per_row")))
+            lambda: lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(Format.FP32, "per_row"))
+        )
     geometry = replace(planning.geometry_from_config(model.config), split_peak=split_peak)
     memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch))
     above_weights = memory.peak - memory.weights
-    with_candidates = planning.memory_plan(geometry, planning.Workload(batch, seq, batch),
-                                           candidate_budget=candidate_memory(torch.device("cpu")))
+    with_candidates = planning.memory_plan(
+        geometry, planning.Workload(batch, seq, batch), candidate_budget=candidate_memory(torch.device("cpu"))
+    )
     assert with_candidates.candidates > 0 and with_candidates.peak_bound > memory.peak_bound
     for threshold, speculation in ((0.0, "off"), (0.003, "off"), (10.0, "off"), (0.0, "adaptive"), (0.003, "adaptive")):
         circuit, peak, state, garbage = _run(model, task, threshold, speculation)
@@ -193,8 +195,15 @@ def test_llama_3_8b_from_its_configuration_alone():
     """No weights: the parameters are counted on the meta device. The edge count is docs/runtime.md's formula."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
-                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
     result = pahq_fx.plan_from_config(config, 100, 15, max_memory="80GB")
     L, H, G = 32, 32, 8
     edges = sum((H + 2 * G) * (1 + l * (H + 1)) + 1 + l * (H + 1) + H for l in range(L)) + 1 + L * (H + 1)
@@ -206,8 +215,9 @@ def test_llama_3_8b_from_its_configuration_alone():
         result.check()
 
 
-@pytest.mark.parametrize(("text", "value"), [("20GiB", 20 * 2**30), ("80GB", 80 * 10**9), ("512MiB", 2**29),
-                                             ("1000", 1000), (2048, 2048)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("20GiB", 20 * 2**30), ("80GB", 80 * 10**9), ("512MiB", 2**29), ("1000", 1000), (2048, 2048)]
+)
 def test_parse_bytes(text, value):
     assert planning.parse_bytes(text) == value
 
@@ -219,15 +229,35 @@ def test_parse_bytes_refuses_nonsense():
 
 def test_cli_plan(capsys, tmp_path):
     out = tmp_path / "plan.json"
-    assert cli.main(["plan", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--queries-per-role", "1",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "plan",
+                "--model",
+                "gpt2-induction",
+                "--task",
+                "induction",
+                "--n",
+                "4",
+                "--queries-per-role",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "edges" in text and "peak" in text and "seconds per query" in text
     data = json.loads(out.read_text())
     assert data["fits"] and data["timing"]["total_s"] > 0 and data["model"] == "gpt2-induction"
 
-    assert cli.main(["plan", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--no-calibrate",
-                     "--max-memory", "100KiB"]) == 2
+    assert (
+        cli.main(
+            ["plan", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--no-calibrate", "--max-memory", "100KiB"]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "does not fit" in captured.err and "weights alone" in captured.err
 
@@ -235,8 +265,9 @@ def test_cli_plan(capsys, tmp_path):
 def test_cli_plan_from_a_configuration(capsys, tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                intermediate_size=128, vocab_size=100).save_pretrained(tmp_path)
+    LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128, vocab_size=100
+    ).save_pretrained(tmp_path)
     assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4", "--seq", "8", "--max-memory", "1GiB"]) == 0
     assert "2 layers, 4 heads, 2 key/value groups" in capsys.readouterr().out
     assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4000", "--seq", "512", "--max-memory", "1GiB"]) == 2
@@ -244,8 +275,26 @@ def test_cli_plan_from_a_configuration(capsys, tmp_path):
 
 
 def test_discover_refuses_a_run_that_cannot_fit(capsys, tmp_path):
-    assert cli.main(["discover", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--threshold", "0.1",
-                     "--out", str(tmp_path), "--max-memory", "1MiB"]) == 2
+    assert (
+        cli.main(
+            [
+                "discover",
+                "--model",
+                "gpt2-induction",
+                "--task",
+                "induction",
+                "--n",
+                "4",
+                "--threshold",
+                "0.1",
+                "--out",
+                str(tmp_path),
+                "--max-memory",
+                "1MiB",
+            ]
+        )
+        == 2
+    )
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "circuit.json").exists()
 

@@ -29,7 +29,9 @@ def test_only_investigated_head_is_full_precision(spec, data, fmt):
     expected = reference_logits(model, ids)
     transformed = pahq_fx.transform(model, head=(layer, head), low_precision=fmt, compile=False)
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
-    other = data.draw(st.sampled_from([(l, h) for l in range(spec.layers) for h in range(spec.heads) if (l, h) != (layer, head)] or [None]))
+    other = data.draw(
+        st.sampled_from([(l, h) for l in range(spec.layers) for h in range(spec.heads) if (l, h) != (layer, head)] or [None])
+    )
     transformed.set_head(other)
     assert sqnr_db(expected, transformed(ids)) < 80, "FP8 did not change the only head that writes: it did not run"
 
@@ -146,7 +148,8 @@ def test_shared_input_equals_the_per_head_copies(heads, out_features, in_feature
 )
 def test_units_of_one_shared_input_equal_the_units_of_its_copies(heads, fmt, granularity, bias, data):
     """``units(..., shared_input=True)`` (one input every listed head reads, one matmul over their stacked weights
-    where the format allows) gives what ``units`` gives on per-head copies of that input: FP32 to round-off, low-precision heads to
+    where the format allows) gives what ``units`` gives on per-head copies of that input: FP32 to round-off,
+    low-precision heads to
     their own round-off, the FP32 unit exactly."""
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     source = PerHeadLinear(torch.randn(heads, 16, 32), torch.randn(heads, 16) if bias else None)

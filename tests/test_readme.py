@@ -50,7 +50,7 @@ def resolve(dotted: str):
 
 def shown_parameters(line: str) -> list[tuple[str, str, object]]:
     """(name, kind, default) of a signature written as ``name(a, b=1, *, c='x', **options)``."""
-    function = ast.parse(f"def _{line[line.index('('):]}: pass").body[0]
+    function = ast.parse(f"def _{line[line.index('(') :]}: pass").body[0]
     args = function.args
     shown = []
     positional = args.posonlyargs + args.args
@@ -91,7 +91,7 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     assert code, "README.md has no python blocks"
     namespace: dict = {"__name__": "__readme__"}
     for block in code:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own examples
+        exec(compile(block, str(README), "exec"), namespace)
     assert (tmp_path / "circuit.json").exists() and (tmp_path / "circuit.png").exists()
 
 
@@ -126,6 +126,7 @@ def test_no_commit_hashes(path):
 
 
 def test_tables_match_benchmark_results():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr

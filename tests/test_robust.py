@@ -53,6 +53,7 @@ def _injected(*args, **kwargs):
 
 # A finished search is never lost
 
+
 def test_a_failure_in_the_faithfulness_pass_loses_no_search(induction, reference, tmp_path, monkeypatch):
     model, _, task = induction
     checkpoint, saved = tmp_path / "checkpoint.json", tmp_path / "circuit.json"
@@ -102,6 +103,7 @@ def test_ctrl_c_during_the_search_says_the_same_command_resumes(tmp_path, monkey
             if len(calls) == 3:
                 raise KeyboardInterrupt
             return original(*a, **k)
+
         return run
 
     for name in ("_search_receiver", "search_receiver"):  # one receiver at a time, or in candidate batches
@@ -114,13 +116,16 @@ def test_ctrl_c_during_the_search_says_the_same_command_resumes(tmp_path, monkey
 
 # Writes are atomic and follow no planted link; an out folder holds one run
 
+
 def test_the_writer_replaces_a_planted_symlink_instead_of_following_it(tmp_path, reference):
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    for name, write in (("plain", lambda p: atomic.write_text(p, "new")),
-                        ("circuit.json", reference.save),
-                        ("checkpoint.json", lambda p: Checkpoint(p, {}).save([], [], {}, 0)),
-                        ("circuit.png", lambda p: reference.draw(p))):
+    for name, write in (
+        ("plain", lambda p: atomic.write_text(p, "new")),
+        ("circuit.json", reference.save),
+        ("checkpoint.json", lambda p: Checkpoint(p, {}).save([], [], {}, 0)),
+        ("circuit.png", lambda p: reference.draw(p)),
+    ):
         target = tmp_path / name
         target.symlink_to(victim)
         write(target)
@@ -146,8 +151,9 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_asked(tmp_path, cap
     assert _main(capsys, "discover", *COMMON, "--threshold", "0.05", "--out", str(out))[0] == 0
     code, err = _main(capsys, "discover", *COMMON, "--threshold", "0.2", "--out", str(out))
     assert code == 2
-    _one_line(err, "already holds the run of `pahq-fx discover --model gpt2-induction --task induction --n 4 --seed 0 "
-                   "--threshold 0.05")
+    _one_line(
+        err, "already holds the run of `pahq-fx discover --model gpt2-induction --task induction --n 4 --seed 0 --threshold 0.05"
+    )
     assert "--overwrite" in err and pahq_fx.Circuit.load(out / "circuit.json").threshold == 0.05
     code, err = _main(capsys, "discover", *COMMON, "--threshold", "0.2", "--out", str(out), "--overwrite")
     assert code == 0, err
@@ -180,23 +186,27 @@ def test_sweep_folders_are_exact_and_distinct(reference, tmp_path):
 
 # Checkpoints: structure and digest
 
+
 def _checkpoint(path, **fields) -> None:
     data = {"format": CHECKPOINT_FORMAT, "fingerprint": {}, "done": [], "removed": [], "effects": [], "queries": 0, **fields}
     data["digest"] = _digest(data)
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("[]", "is not a pahq_fx checkpoint"),
-    ("null", "is not a pahq_fx checkpoint"),
-    ('{"format": "pahq_fx.acdc.checkpoint/1", "done": []}', "written by another version of pahq_fx"),
-    ("{not json", "is unreadable"),
-    (dict(done="abc"), "'done' must be a list of distinct receiver names"),
-    (dict(removed=[[1, "x"]]), "'removed' must be a list of [receiver, sender] index pairs"),
-    (dict(effects=[[0, 1, "big"]]), "'effects' must be a list of [receiver, sender, effect] triples"),
-    (dict(queries=-3), "'queries' must be a non-negative integer"),
-    (dict(queries=True), "'queries' must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "is not a pahq_fx checkpoint"),
+        ("null", "is not a pahq_fx checkpoint"),
+        ('{"format": "pahq_fx.acdc.checkpoint/1", "done": []}', "written by another version of pahq_fx"),
+        ("{not json", "is unreadable"),
+        (dict(done="abc"), "'done' must be a list of distinct receiver names"),
+        (dict(removed=[[1, "x"]]), "'removed' must be a list of [receiver, sender] index pairs"),
+        (dict(effects=[[0, 1, "big"]]), "'effects' must be a list of [receiver, sender, effect] triples"),
+        (dict(queries=-3), "'queries' must be a non-negative integer"),
+        (dict(queries=True), "'queries' must be a non-negative integer"),
+    ],
+)
 def test_a_malformed_checkpoint_is_refused_with_its_name(tmp_path, content, message):
     path = tmp_path / "checkpoint.json"
     if isinstance(content, dict):
@@ -229,8 +239,15 @@ def test_a_checkpoint_of_other_decisions_is_refused_untouched(induction, tmp_pat
     model, _, task = induction
     path = tmp_path / "checkpoint.json"
     with pytest.raises(ZeroDivisionError):
-        pahq_fx.discover(model, task, threshold=0.05, precision="fp32", progress=False, checkpoint=path,
-                         callback=lambda done: 1 / 0 if done.index == 2 else None)
+        pahq_fx.discover(
+            model,
+            task,
+            threshold=0.05,
+            precision="fp32",
+            progress=False,
+            checkpoint=path,
+            callback=lambda done: 1 / 0 if done.index == 2 else None,
+        )
     data = json.loads(path.read_text())
     data["done"] = list(reversed(data["done"]))
     data["digest"] = _digest(data)
@@ -241,17 +258,21 @@ def test_a_checkpoint_of_other_decisions_is_refused_untouched(induction, tmp_pat
 
 # One-line errors from the command line (exit 2), before the model loads where the model is not needed
 
+
 @pytest.fixture()
 def no_model(monkeypatch):
     monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded for a check that needs none"))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--threshold", "inf"), "threshold must be a finite non-negative number, got 'inf'"),
-    (("--threshold", "1e400"), "got '1e400'"),
-    (("--threshold", "nan"), "got 'nan'"),
-    (("--threshold", "0.1", "--n", "0"), "must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--threshold", "inf"), "threshold must be a finite non-negative number, got 'inf'"),
+        (("--threshold", "1e400"), "got '1e400'"),
+        (("--threshold", "nan"), "got 'nan'"),
+        (("--threshold", "0.1", "--n", "0"), "must be at least 1"),
+    ],
+)
 def test_bad_arguments_are_one_line_before_the_model_loads(args, message, tmp_path, capsys, no_model):
     code, err = _main(capsys, "discover", "--model", MODEL, "--task", "ioi", *args, "--out", str(tmp_path / "o"))
     assert code == 2
@@ -272,18 +293,32 @@ def test_task_files_are_checked_before_the_model_loads(tmp_path, capsys, no_mode
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"clean": "a", "corrupted": "b"}\n{"clean": "a"\n')
     uint8 = tmp_path / "uint8.safetensors"
-    save_file({"clean_input_ids": torch.ones(2, 3, dtype=torch.uint8), "corrupted_input_ids": torch.ones(2, 3, dtype=torch.uint8)}, uint8)
+    save_file(
+        {"clean_input_ids": torch.ones(2, 3, dtype=torch.uint8), "corrupted_input_ids": torch.ones(2, 3, dtype=torch.uint8)},
+        uint8,
+    )
     ids = torch.ones(2, 3, dtype=torch.long)
     bool_answers = tmp_path / "bool.safetensors"
-    save_file({"clean_input_ids": ids, "corrupted_input_ids": ids.clone(), "correct_ids": torch.ones(2, dtype=torch.bool),
-               "incorrect_ids": torch.zeros(2, dtype=torch.bool)}, bool_answers)
-    cases = [(folder, "is a folder"), (latin1, "latin1.jsonl, line 2: not UTF-8 text (byte 0xe9 at column 15)"),
-             (broken, "broken.jsonl, line 2: not valid JSON"),
-             (uint8, "clean_input_ids must be an integer tensor (int64 or int32) of shape [N, T], got torch.uint8"),
-             (bool_answers, "correct_ids must be an integer tensor (int64 or int32) of shape [2], got torch.bool")]
+    save_file(
+        {
+            "clean_input_ids": ids,
+            "corrupted_input_ids": ids.clone(),
+            "correct_ids": torch.ones(2, dtype=torch.bool),
+            "incorrect_ids": torch.zeros(2, dtype=torch.bool),
+        },
+        bool_answers,
+    )
+    cases = [
+        (folder, "is a folder"),
+        (latin1, "latin1.jsonl, line 2: not UTF-8 text (byte 0xe9 at column 15)"),
+        (broken, "broken.jsonl, line 2: not valid JSON"),
+        (uint8, "clean_input_ids must be an integer tensor (int64 or int32) of shape [N, T], got torch.uint8"),
+        (bool_answers, "correct_ids must be an integer tensor (int64 or int32) of shape [2], got torch.bool"),
+    ]
     for task, message in cases:
-        code, err = _main(capsys, "discover", "--model", MODEL, "--task", str(task), "--threshold", "0.1",
-                          "--out", str(tmp_path / "o"))
+        code, err = _main(
+            capsys, "discover", "--model", MODEL, "--task", str(task), "--threshold", "0.1", "--out", str(tmp_path / "o")
+        )
         assert code == 2, (task, err)
         _one_line(err, message)
 
@@ -292,8 +327,9 @@ def test_mistakes_the_tokenizer_finds_are_told_before_the_model_loads(tmp_path, 
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"clean": "Mary went", "corrupted": "Zyzzyva went"}\n')
     for args, message in (
-            (("--task", str(unknown)), "unknown.jsonl, line 1: 'corrupted' has word(s) the tokenizer does not know"),
-            (("--task", "induction", "--metric", "logit_diff"), "metric logit_diff needs correct_ids")):
+        (("--task", str(unknown)), "unknown.jsonl, line 1: 'corrupted' has word(s) the tokenizer does not know"),
+        (("--task", "induction", "--metric", "logit_diff"), "metric logit_diff needs correct_ids"),
+    ):
         code, err = _main(capsys, "discover", "--model", "llama-ioi", *args, "--threshold", "0.1", "--out", str(tmp_path / "o"))
         assert code == 2
         _one_line(err, message)
@@ -313,6 +349,7 @@ def test_damaged_models_are_one_line_naming_the_file_or_parameter(tmp_path, caps
         def change(model):
             with torch.no_grad():
                 model.transformer.h[1].mlp.c_fc.weight[0, 0] = value
+
         return change
 
     truncated = _model_folder(tmp_path, "truncated", lambda m: None)
@@ -322,15 +359,33 @@ def test_damaged_models_are_one_line_naming_the_file_or_parameter(tmp_path, caps
     pickled = _model_folder(tmp_path, "pickled", lambda m: None)
     os.remove(os.path.join(pickled, "model.safetensors"))
     torch.save({"weight": torch.ones(1), "code": print}, os.path.join(pickled, "pytorch_model.bin"))
-    cases = [(truncated, (), "weights (model.safetensors) are damaged or truncated"),
-             (pickled, (), "weights (pytorch_model.bin) hold pickled objects besides tensors"),
-             (_model_folder(tmp_path, "nan", poison(math.nan)), (),
-              "parameter transformer.h.1.mlp.c_fc.weight holds NaN values"),
-             (_model_folder(tmp_path, "inf", poison(math.inf)), ("--allow-weak-task",),
-              "parameter transformer.h.1.mlp.c_fc.weight holds infinite values")]
+    cases = [
+        (truncated, (), "weights (model.safetensors) are damaged or truncated"),
+        (pickled, (), "weights (pytorch_model.bin) hold pickled objects besides tensors"),
+        (_model_folder(tmp_path, "nan", poison(math.nan)), (), "parameter transformer.h.1.mlp.c_fc.weight holds NaN values"),
+        (
+            _model_folder(tmp_path, "inf", poison(math.inf)),
+            ("--allow-weak-task",),
+            "parameter transformer.h.1.mlp.c_fc.weight holds infinite values",
+        ),
+    ]
     for model, extra, message in cases:
-        code, err = _main(capsys, "discover", "--model", model, "--task", "induction", "--n", "4", "--threshold", "0.1",
-                          "--no-progress", *extra, "--out", str(tmp_path / f"o-{os.path.basename(model)}"))
+        code, err = _main(
+            capsys,
+            "discover",
+            "--model",
+            model,
+            "--task",
+            "induction",
+            "--n",
+            "4",
+            "--threshold",
+            "0.1",
+            "--no-progress",
+            *extra,
+            "--out",
+            str(tmp_path / f"o-{os.path.basename(model)}"),
+        )
         assert code == 2, (model, err)
         _one_line(err, message)
 
@@ -339,7 +394,9 @@ def test_a_prompt_longer_than_the_model_is_one_line(tmp_path, capsys):
     long = tmp_path / "long.safetensors"
     ids = torch.ones(2, 40, dtype=torch.long)  # the model has 32 positions
     save_file({"clean_input_ids": ids, "corrupted_input_ids": ids.clone()}, long)
-    code, err = _main(capsys, "discover", "--model", MODEL, "--task", str(long), "--threshold", "0.1", "--out", str(tmp_path / "o"))
+    code, err = _main(
+        capsys, "discover", "--model", MODEL, "--task", str(long), "--threshold", "0.1", "--out", str(tmp_path / "o")
+    )
     assert code == 2
     _one_line(err, "prompts are 40 tokens long, longer than the model's 32 positions")
 
@@ -355,25 +412,37 @@ def test_a_metric_that_is_not_a_number_is_its_own_error(induction):
 
 # Inputs of transform / PahqModel: one error each, never a raw torch error, and padding never dropped
 
+
 @pytest.fixture(scope="module")
 def transformed(induction):
     model = induction[0]
     return pahq_fx.transform(model, example_inputs=torch.ones(2, 5, dtype=torch.long), low_precision="fp32", compile=False)
 
 
-@pytest.mark.parametrize(("ids", "message"), [
-    (torch.ones(2, 5, dtype=torch.int8), "int64 or int32 token ids, got a torch.int8"),
-    (torch.ones(2, 5, dtype=torch.uint8), "got a torch.uint8"),
-    (torch.full((2, 5), 248), "token id 248, outside the model's vocabulary [0, 248)"),
-    (torch.full((2, 5), -1), "negative token id -1"),
-    (torch.ones(2, 0, dtype=torch.long), "prompts without a token"),
-    (torch.ones(0, 5, dtype=torch.long), "no prompt"),
-    (torch.ones(1, 33, dtype=torch.long), "33 tokens long, longer than the model's 32 positions"),
-    (BatchEncoding({"input_ids": torch.ones(2, 5, dtype=torch.long),
-                    "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1] * 5])}), "the attention_mask marks padding"),
-    (BatchEncoding({"input_ids": torch.ones(2, 5, dtype=torch.long),
-                    "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5])}), "tokenize without padding=True"),
-])
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.ones(2, 5, dtype=torch.int8), "int64 or int32 token ids, got a torch.int8"),
+        (torch.ones(2, 5, dtype=torch.uint8), "got a torch.uint8"),
+        (torch.full((2, 5), 248), "token id 248, outside the model's vocabulary [0, 248)"),
+        (torch.full((2, 5), -1), "negative token id -1"),
+        (torch.ones(2, 0, dtype=torch.long), "prompts without a token"),
+        (torch.ones(0, 5, dtype=torch.long), "no prompt"),
+        (torch.ones(1, 33, dtype=torch.long), "33 tokens long, longer than the model's 32 positions"),
+        (
+            BatchEncoding(
+                {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1] * 5])}
+            ),
+            "the attention_mask marks padding",
+        ),
+        (
+            BatchEncoding(
+                {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5])}
+            ),
+            "tokenize without padding=True",
+        ),
+    ],
+)
 def test_bad_input_ids_are_an_invalid_inputs_error(induction, transformed, ids, message):
     with pytest.raises(pahq_fx.InvalidInputsError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         transformed(ids)
@@ -393,14 +462,17 @@ def test_the_command_line_imports_no_torch_for_its_cheap_checks(tmp_path):
     out.mkdir()
     (out / "run.json").write_text('{"command": "discover", "threshold": 1}')
     (out / "circuit.json").write_text("{}")
-    check = ("import sys\nfrom pahq_fx import cli\n"
-             f"assert cli.main(['discover', '--model', 'm', '--task', 'ioi', '--threshold', '2', '--out', {str(out)!r}]) == 2\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    check = (
+        "import sys\nfrom pahq_fx import cli\n"
+        f"assert cli.main(['discover', '--model', 'm', '--task', 'ioi', '--threshold', '2', '--out', {str(out)!r}]) == 2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
     result = subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]" and "already holds the run of" in result.stderr
 
 
 # Killed at any moment: a resume to the identical circuit, or the circuit already complete
+
 
 def test_a_run_killed_at_any_moment_resumes_or_has_its_circuit(tmp_path):
     import random
@@ -414,13 +486,34 @@ def test_a_run_killed_at_any_moment_resumes_or_has_its_circuit(tmp_path):
     model_dir = tmp_path / "deep-gpt2"
     _save_deep_model(model_dir)
     out = tmp_path / "out"
-    args = ["discover", "--model", str(model_dir), "--task", "induction", "--n", "4", "--threshold", "0",
-            "--precision", "fp32", "--no-progress", "--allow-weak-task", "--out", str(out)]
+    args = [
+        "discover",
+        "--model",
+        str(model_dir),
+        "--task",
+        "induction",
+        "--n",
+        "4",
+        "--threshold",
+        "0",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--allow-weak-task",
+        "--out",
+        str(out),
+    ]
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pahq_fx.cli"]
     model, tokenizer = zoo.load(str(model_dir))
     with pytest.warns(UserWarning, match="does not exercise the model"):
-        expected = pahq_fx.discover(model, make_task("induction", tokenizer, n=4, seed=0), threshold=0.0,
-                                    precision="fp32", progress=False, allow_weak_task=True)
+        expected = pahq_fx.discover(
+            model,
+            make_task("induction", tokenizer, n=4, seed=0),
+            threshold=0.0,
+            precision="fp32",
+            progress=False,
+            allow_weak_task=True,
+        )
 
     def searched() -> bool:
         try:
@@ -429,8 +522,12 @@ def test_a_run_killed_at_any_moment_resumes_or_has_its_circuit(tmp_path):
             return False
 
     delay = random.Random(33).uniform(0.5, 4.0)
-    triggers = {"during the search": searched, "at a random moment": lambda: time.monotonic() - start > delay,
-                "after the search": (out / "circuit.json").exists, "while reporting": (out / "report.json").exists}
+    triggers = {
+        "during the search": searched,
+        "at a random moment": lambda: time.monotonic() - start > delay,
+        "after the search": (out / "circuit.json").exists,
+        "while reporting": (out / "report.json").exists,
+    }
     killed, progress = [], False
     for moment, trigger in triggers.items():
         if moment == "after the search":
@@ -478,7 +575,7 @@ def test_padding_is_refused_never_dropped_on_every_family(family):
     torch.testing.assert_close(pahq(unpadded), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
     for mask in ([[0, 0, 1, 1, 1], [1] * 5], [[1, 1, 1, 0, 0], [1] * 5]):
         padded = BatchEncoding({"input_ids": ids, "attention_mask": torch.tensor(mask)})
-        with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding.*without padding"):
+        with pytest.raises(pahq_fx.InvalidInputsError, match=r"attention_mask marks padding.*without padding"):
             pahq(padded)
         with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
             pahq_fx.transform(model, example_inputs=padded, low_precision="fp32", compile=False)
@@ -488,8 +585,9 @@ def test_another_runs_checkpoint_is_refused_before_the_setup(induction, tmp_path
     model, _, task = induction
     path = tmp_path / "checkpoint.json"
     with pytest.raises(ZeroDivisionError):
-        pahq_fx.discover(model, task, threshold=0.05, progress=False, checkpoint=path,
-                         callback=lambda done: 1 / 0 if done.index == 2 else None)
+        pahq_fx.discover(
+            model, task, threshold=0.05, progress=False, checkpoint=path, callback=lambda done: 1 / 0 if done.index == 2 else None
+        )
     monkeypatch.setattr(search_module, "prepare", lambda *a, **k: pytest.fail("traced before the checkpoint was checked"))
     with pytest.raises(pahq_fx.CheckpointError, match=r"belongs to another run \(its threshold differs from this one's\)"):
         pahq_fx.discover(model, task, threshold=0.06, progress=False, checkpoint=path)

@@ -15,8 +15,9 @@ from tests.acdc_reference import ReferenceACDC
 from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_ids
 
 
-def runtime_and_reference(spec: Spec, precision: str, seed: int = 0, dynamic_shapes: bool | str = True
-                          ) -> tuple[PatchingRuntime, ReferenceACDC]:
+def runtime_and_reference(
+    spec: Spec, precision: str, seed: int = 0, dynamic_shapes: bool | str = True
+) -> tuple[PatchingRuntime, ReferenceACDC]:
     """``dynamic_shapes="batch"`` (ACDC's trace) packs the metric rows into sequences of the task's length, ``True``
     runs them one token each (:class:`~pahq_fx.acdc.row_batch.RowBatch`)."""
     model = build(spec)
@@ -54,13 +55,19 @@ def assert_state_matches(runtime: PatchingRuntime, reference: ReferenceACDC, met
 
 
 @settings(max_examples=12, deadline=None)
-@given(spec=specs(RUNTIME_FAMILIES), precision=st.sampled_from(["fp32", "fp32", "bf16", "fp8"]),
-       dynamic_shapes=st.sampled_from([True, "batch"]), data=st.data())
+@given(
+    spec=specs(RUNTIME_FAMILIES),
+    precision=st.sampled_from(["fp32", "fp32", "bf16", "fp8"]),
+    dynamic_shapes=st.sampled_from([True, "batch"]),
+    data=st.data(),
+)
 def test_state_equals_dense_evaluation_after_any_flips(spec, precision, dynamic_shapes, data):
     """Random receivers in visiting order, random flips committed or rolled back, plan switches between them, on
     a trace with a dynamic sequence length and on one with the task's length fixed."""
     spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
-    runtime, reference = runtime_and_reference(spec, precision, seed=data.draw(st.integers(0, 100)), dynamic_shapes=dynamic_shapes)
+    runtime, reference = runtime_and_reference(
+        spec, precision, seed=data.draw(st.integers(0, 100)), dynamic_shapes=dynamic_shapes
+    )
     low = precision != "fp32"
     receivers = runtime.edges.receivers
     visited = data.draw(st.integers(1, len(receivers)))

@@ -101,9 +101,9 @@ def test_split_leaves_its_input_graph_as_it_was_and_missing_passes_are_named():
     assert traced.code == code, "split_heads rewrote its input graph"
     torch.testing.assert_close(traced(ids), expected, rtol=0, atol=0)
     torch.testing.assert_close(split(ids), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="run pahq_fx.passes.split_heads"):
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"run pahq_fx.passes.split_heads"):
         graph_meta.head_graph(traced)
-    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match="run pahq_fx.passes.split_heads"):
+    with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"run pahq_fx.passes.split_heads"):
         passes.lower_precision(traced, "fp8")
     assert graph_meta.precision_report(split) is None
     lowered = passes.build(model, ids, pahq_fx.PrecisionConfig("bf16"))

@@ -56,8 +56,11 @@ def test_roc_needs_positives_and_negatives():
         roc_point({E[0]}, set(E), 4)
 
 
-@pytest.mark.parametrize("full, empty", [(0.0, 2.3), (-4.0, 1.5), (3.0, 0.5), (10.0, -2.0)],
-                         ids=["kl", "negated-logit-diff", "larger-is-better", "larger-is-better-signed"])
+@pytest.mark.parametrize(
+    "full, empty",
+    [(0.0, 2.3), (-4.0, 1.5), (3.0, 0.5), (10.0, -2.0)],
+    ids=["kl", "negated-logit-diff", "larger-is-better", "larger-is-better-signed"],
+)
 def test_normalisation_is_one_for_the_full_model_and_zero_for_the_empty_circuit(full, empty):
     assert normalised_faithfulness(full, full, empty) == 1.0
     assert normalised_faithfulness(empty, full, empty) == 0.0
@@ -100,8 +103,24 @@ def test_sweep_equals_separate_runs_and_sets_up_once(monkeypatch):
 
 def test_cli_sweep_against_fp32_writes_circuits_table_and_plots(tmp_path):
     out = tmp_path / "sweep"
-    result = run("sweep", "--model", "llama-ioi", "--task", "ioi", "--n", "8", "--thresholds", "0.01,0.1,0.3",
-                 "--precision", "bf16", "--reference", "fp32", "--out", str(out), "--no-progress")
+    result = run(
+        "sweep",
+        "--model",
+        "llama-ioi",
+        "--task",
+        "ioi",
+        "--n",
+        "8",
+        "--thresholds",
+        "0.01,0.1,0.3",
+        "--precision",
+        "bf16",
+        "--reference",
+        "fp32",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     for t in ("0.01", "0.1", "0.3"):
         assert pahq_fx.Circuit.load(out / f"tau={t}" / "circuit.json").precision == "bf16"

@@ -8,8 +8,13 @@ from tests.builders import Spec, build, token_ids
 
 
 def test_default_mask_is_last_position_and_roundtrip(tmp_path):
-    task = pahq_fx.Task(token_ids(3, 5), token_ids(3, 5, seed=2), correct_ids=torch.tensor([1, 2, 3]),
-                        incorrect_ids=torch.tensor([3, 2, 1]), name="demo")
+    task = pahq_fx.Task(
+        token_ids(3, 5),
+        token_ids(3, 5, seed=2),
+        correct_ids=torch.tensor([1, 2, 3]),
+        incorrect_ids=torch.tensor([3, 2, 1]),
+        name="demo",
+    )
     assert task.metric_mask.sum() == 3 and task.metric_mask[:, -1].all()
     task.save(tmp_path / "t.safetensors")
     loaded = pahq_fx.Task.load(tmp_path / "t.safetensors")
@@ -21,16 +26,40 @@ def test_default_mask_is_last_position_and_roundtrip(tmp_path):
     ("kwargs", "message"),
     [
         (dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 6)), "differ in shape"),
-        (dict(clean_input_ids=torch.zeros(0, 5, dtype=torch.long), corrupted_input_ids=torch.zeros(0, 5, dtype=torch.long)), "empty"),
+        (
+            dict(clean_input_ids=torch.zeros(0, 5, dtype=torch.long), corrupted_input_ids=torch.zeros(0, 5, dtype=torch.long)),
+            "empty",
+        ),
         (dict(clean_input_ids=torch.randn(3, 5), corrupted_input_ids=token_ids(3, 5)), "integer tensor"),
-        (dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 5), metric_mask=torch.zeros(3, 5, dtype=torch.bool)),
-         "selects no position"),
-        (dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 5), metric_mask=torch.ones(3, 4, dtype=torch.bool)),
-         "metric_mask must be a bool tensor"),
-        (dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 5), correct_ids=torch.tensor([1, 2, 3])),
-         "both correct_ids and incorrect_ids"),
-        (dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 5), correct_ids=torch.tensor([1, 2]),
-              incorrect_ids=torch.tensor([1, 2])), r"shape \[3\]"),
+        (
+            dict(
+                clean_input_ids=token_ids(3, 5),
+                corrupted_input_ids=token_ids(3, 5),
+                metric_mask=torch.zeros(3, 5, dtype=torch.bool),
+            ),
+            "selects no position",
+        ),
+        (
+            dict(
+                clean_input_ids=token_ids(3, 5),
+                corrupted_input_ids=token_ids(3, 5),
+                metric_mask=torch.ones(3, 4, dtype=torch.bool),
+            ),
+            "metric_mask must be a bool tensor",
+        ),
+        (
+            dict(clean_input_ids=token_ids(3, 5), corrupted_input_ids=token_ids(3, 5), correct_ids=torch.tensor([1, 2, 3])),
+            "both correct_ids and incorrect_ids",
+        ),
+        (
+            dict(
+                clean_input_ids=token_ids(3, 5),
+                corrupted_input_ids=token_ids(3, 5),
+                correct_ids=torch.tensor([1, 2]),
+                incorrect_ids=torch.tensor([1, 2]),
+            ),
+            r"shape \[3\]",
+        ),
     ],
 )
 def test_invalid_task(kwargs, message):

@@ -49,7 +49,10 @@ def test_greater_than_corrupts_only_the_year():
     task = make_task("greater_than", TOKENIZER, n=20, seed=2)
     differs = task.clean_input_ids != task.corrupted_input_ids
     assert (differs.sum(1) <= 1).all() and differs[:, 7].sum() >= 19
-    year = lambda i: int(TOKENIZER.convert_ids_to_tokens(int(i)))
+
+    def year(i):
+        return int(TOKENIZER.convert_ids_to_tokens(int(i)))
+
     for row in range(20):
         assert year(task.correct_ids[row]) > year(task.clean_input_ids[row, 7]) > year(task.incorrect_ids[row])
 
@@ -75,8 +78,11 @@ def test_a_tokenizer_with_only_special_tokens_is_named_as_the_problem(name, tmp_
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab={"<|endoftext|>": 0}, unk_token="<|endoftext|>")),
-                                    unk_token="<|endoftext|>", eos_token="<|endoftext|>")
+    empty = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab={"<|endoftext|>": 0}, unk_token="<|endoftext|>")),
+        unk_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+    )
     message = r"the tokenizer \(\w+\) has no tokens besides its 1 special one\(s\): .*tokenizer files"
     with pytest.raises(pahq_fx.TaskError, match=message):
         make_task(name, empty)

@@ -19,7 +19,9 @@ def write_jsonl(path, task, tokenizer, answers: bool = True) -> None:
     for i in range(task.n_examples):
         record = {"clean": tokenizer.decode(task.clean_input_ids[i]), "corrupted": tokenizer.decode(task.corrupted_input_ids[i])}
         if answers:
-            record.update(correct=" " + tokenizer.decode(task.correct_ids[i]), incorrect=" " + tokenizer.decode(task.incorrect_ids[i]))
+            record.update(
+                correct=" " + tokenizer.decode(task.correct_ids[i]), incorrect=" " + tokenizer.decode(task.incorrect_ids[i])
+            )
         lines.append(json.dumps(record))
     path.write_text("\n".join(lines) + "\n")
 
@@ -60,11 +62,23 @@ def test_lines_of_different_lengths_are_padded_and_read_at_their_own_positions(i
         ('{"clean": "Mary went"}', r"line 2: missing 'corrupted'"),
         ('{"clean": "Mary went", "corrupted": "Tom went", "answer": " Mary"}', r"line 2: unknown key\(s\) 'answer'"),
         ('{"clean": "Mary went", "corrupted": 3}', r"line 2: 'corrupted' must be a non-empty string"),
-        ('{"clean": "Mary went", "corrupted": "Tom and Tom went"}', r"line 2: clean and corrupted prompts tokenize to different lengths \(2 vs 4"),
-        ('{"clean": "Mary went", "corrupted": "Zyzzyva went"}', r"line 2: 'corrupted' has word\(s\) the tokenizer does not know: 'Zyzzyva'"),
-        ('{"clean": "Mary went", "corrupted": "Tom went", "correct": " Mary John", "incorrect": " Tom"}', r"line 2: 'correct' answer ' Mary John' is 2 tokens"),
+        (
+            '{"clean": "Mary went", "corrupted": "Tom and Tom went"}',
+            r"line 2: clean and corrupted prompts tokenize to different lengths \(2 vs 4",
+        ),
+        (
+            '{"clean": "Mary went", "corrupted": "Zyzzyva went"}',
+            r"line 2: 'corrupted' has word\(s\) the tokenizer does not know: 'Zyzzyva'",
+        ),
+        (
+            '{"clean": "Mary went", "corrupted": "Tom went", "correct": " Mary John", "incorrect": " Tom"}',
+            r"line 2: 'correct' answer ' Mary John' is 2 tokens",
+        ),
         ('{"clean": "Mary went", "corrupted": "Tom went", "correct": " Mary"}', r"line 2: give both 'correct' and 'incorrect'"),
-        ('{"clean": "Mary went", "corrupted": "Tom went", "positions": [5]}', r"line 2: position 5 is outside the prompt's 2 tokens"),
+        (
+            '{"clean": "Mary went", "corrupted": "Tom went", "positions": [5]}',
+            r"line 2: position 5 is outside the prompt's 2 tokens",
+        ),
         ('{"clean": "Mary went", "corrupted": "Tom went", "positions": "last"}', r"line 2: 'positions' must be a non-empty list"),
     ],
 )
@@ -79,8 +93,10 @@ def test_each_malformed_line_gets_its_error(ioi, tmp_path, line, message):
 def test_answers_on_some_lines_only_and_empty_files_are_errors(ioi, tmp_path):
     _, tokenizer, _ = ioi
     path = tmp_path / "some.jsonl"
-    path.write_text('{"clean": "John went", "corrupted": "Paul went", "correct": " Mary", "incorrect": " Tom"}\n'
-                    '{"clean": "John went", "corrupted": "Paul went"}\n')
+    path.write_text(
+        '{"clean": "John went", "corrupted": "Paul went", "correct": " Mary", "incorrect": " Tom"}\n'
+        '{"clean": "John went", "corrupted": "Paul went"}\n'
+    )
     with pytest.raises(pahq_fx.TaskError, match="some lines give correct/incorrect answers"):
         pahq_fx.Task.from_jsonl(path, tokenizer)
     (tmp_path / "empty.jsonl").write_text("\n\n")

@@ -163,8 +163,9 @@ def test_a_model_class_without_a_readable_source_file_is_still_traced_and_cached
     monkeypatch.setenv(trace_cache.ENV, str(tmp_path))
     model = build(Spec("gpt2", 1, 2, 2, 4))
     original = trace_cache.inspect.getsourcefile
-    monkeypatch.setattr(trace_cache.inspect, "getsourcefile",
-                        lambda obj: "<ipython-input-1>" if obj is type(model) else original(obj))
+    monkeypatch.setattr(
+        trace_cache.inspect, "getsourcefile", lambda obj: "<ipython-input-1>" if obj is type(model) else original(obj)
+    )
     gm = trace(model, token_ids(2, 5))
     assert len(list(tmp_path.glob("*.pt"))) == 1
     torch.testing.assert_close(gm(token_ids(3, 8)), reference_logits(model, token_ids(3, 8)), rtol=1e-5, atol=1e-5)

@@ -79,8 +79,10 @@ class Calibration:
         times = ", ".join(f"{fmt.value} {s * 1e3:.3g} ms" for fmt, s in self.seconds.items())
         speed = "" if self.chosen is Format.FP32 else f" ({fp32 / self.seconds[self.chosen]:.2f}x faster than fp32)"
         skipped = "".join(f"; {fmt.value} could not run ({why})" for fmt, why in self.failed.items())
-        return (f"auto: per query into {self.receiver} ({CANDIDATES} queries, best of {REPEATS}): {times}; "
-                f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32{skipped}")
+        return (
+            f"auto: per query into {self.receiver} ({CANDIDATES} queries, best of {REPEATS}): {times}; "
+            f"{self.chosen.value} chosen{speed}; a low-precision format must be {MARGIN}x faster than fp32{skipped}"
+        )
 
 
 def estimated_search_seconds(edges: int, forward_s: float) -> float:
@@ -94,8 +96,10 @@ def worth_measuring(setup_s: float, search_s: float) -> bool:
 
 
 def unmeasured_note(setup_s: float, search_s: float) -> str:
-    return (f"auto: fp32 without measuring: timing another format would cost about {setup_s:.2g} s, over "
-            f"{MEASURE_SHARE:.0%} of a search estimated at {search_s:.2g} s (edges x {FORWARDS_PER_EDGE} forward)")
+    return (
+        f"auto: fp32 without measuring: timing another format would cost about {setup_s:.2g} s, over "
+        f"{MEASURE_SHARE:.0%} of a search estimated at {search_s:.2g} s (edges x {FORWARDS_PER_EDGE} forward)"
+    )
 
 
 def choose(seconds: dict[Format, float]) -> Format:

@@ -66,19 +66,28 @@ class Checkpoint:
         if not isinstance(data, dict) or not str(data.get("format", "")).startswith(_FORMAT_PREFIX):
             raise CheckpointError(f"{where} is not a pahq_fx checkpoint; delete it to start afresh")
         if data["format"] != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{where} was written by another version of pahq_fx ({data['format']}); "
-                                  "delete it to start afresh")
+            raise CheckpointError(
+                f"{where} was written by another version of pahq_fx ({data['format']}); delete it to start afresh"
+            )
         if data.get("digest") != _digest(data):
-            raise CheckpointError(f"{where} was changed after pahq_fx wrote it (its digest does not match its content); "
-                                  "delete it to start afresh")
+            raise CheckpointError(
+                f"{where} was changed after pahq_fx wrote it (its digest does not match its content); delete it to start afresh"
+            )
         _check_types(data, where)
         return data
 
     def due(self) -> bool:
         return self.path is not None and time.perf_counter() >= self._next_write
 
-    def save(self, done: list[str], removed: list[tuple[int, int]], effects: dict[tuple[int, int], float], queries: int,
-             evaluated: int | None = None, predictor: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        done: list[str],
+        removed: list[tuple[int, int]],
+        effects: dict[tuple[int, int], float],
+        queries: int,
+        evaluated: int | None = None,
+        predictor: dict[str, Any] | None = None,
+    ) -> None:
         """``evaluated``: queries computed (dropped speculative candidates included); ``predictor``: the speculation
         predictor's state, so that a resumed run batches as the uninterrupted one would."""
         if self.path is None:
@@ -109,11 +118,17 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
 
 
-def replay(runtime: PatchingRuntime, edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
-           effects: dict[tuple[int, int], float]) -> None:
+def replay(
+    runtime: PatchingRuntime,
+    edges: EdgeGraph,
+    done: list[str],
+    removed: set[tuple[int, int]],
+    effects: dict[tuple[int, int], float],
+) -> None:
     """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
     state as the uninterrupted run, speculative or not: both commit one removal at a time; no edge is measured
-    again). A receiver without measured effects was pruned. The decisions are checked against the model's edges first: one that does not fit is a
+    again). A receiver without measured effects was pruned. The decisions are checked against the model's edges
+    first: one that does not fit is a
     :class:`CheckpointError` and the runtime is left untouched."""
     _check_decisions(edges, done, removed, effects)
     for name in done:
@@ -141,44 +156,59 @@ def _is_int(value: Any) -> bool:
 
 def _check_types(data: dict[str, Any], where: str) -> None:
     """Every field of a checkpoint has the type and shape :meth:`Checkpoint.save` writes."""
+
     def wrong(field: str, expected: str) -> CheckpointError:
         return CheckpointError(f"{where} is malformed: {field!r} must be {expected}; delete it to start afresh")
 
     done, removed, effects = data.get("done"), data.get("removed"), data.get("effects")
     if not isinstance(done, list) or not all(isinstance(d, str) for d in done) or len(set(done)) != len(done):
         raise wrong("done", "a list of distinct receiver names")
-    if not isinstance(removed, list) or not all(isinstance(e, list) and len(e) == 2 and all(map(_is_int, e))
-                                                for e in removed):
+    if not isinstance(removed, list) or not all(isinstance(e, list) and len(e) == 2 and all(map(_is_int, e)) for e in removed):
         raise wrong("removed", "a list of [receiver, sender] index pairs")
     if not isinstance(effects, list) or not all(
-            isinstance(e, list) and len(e) == 3 and _is_int(e[0]) and _is_int(e[1])
-            and isinstance(e[2], (int, float)) and not isinstance(e[2], bool) for e in effects):
+        isinstance(e, list)
+        and len(e) == 3
+        and _is_int(e[0])
+        and _is_int(e[1])
+        and isinstance(e[2], (int, float))
+        and not isinstance(e[2], bool)
+        for e in effects
+    ):
         raise wrong("effects", "a list of [receiver, sender, effect] triples")
     if not _is_int(data.get("queries")) or data["queries"] < 0:
         raise wrong("queries", "a non-negative integer")
     if not _is_int(data.get("evaluated", 0)) or data.get("evaluated", 0) < 0:
         raise wrong("evaluated", "a non-negative integer")
     predictor = data.get("predictor", {"decisions": [], "hits": [], "counts": [0] * 5})
-    if not isinstance(predictor, dict) or not all(
+    if (
+        not isinstance(predictor, dict)
+        or not all(
             isinstance(predictor.get(k), list) and all(map(_is_int, predictor[k])) for k in ("decisions", "hits", "counts")
-    ) or len(predictor["counts"]) != 5:
+        )
+        or len(predictor["counts"]) != 5
+    ):
         raise wrong("predictor", "the predictor's state (decisions, hits and five counts, as integers)")
     if not isinstance(data.get("chosen_precision", ""), str):
         raise wrong("chosen_precision", "a format name")
 
 
-def _check_decisions(edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]],
-                     effects: dict[tuple[int, int], float]) -> None:
+def _check_decisions(
+    edges: EdgeGraph, done: list[str], removed: set[tuple[int, int]], effects: dict[tuple[int, int], float]
+) -> None:
     """The decisions are those of a run of this model: the first receivers in search order, and edges into them."""
     names = [r.name for r in edges.receivers]
     if done != names[: len(done)]:
-        raise CheckpointError("its finished receivers are not the first receivers of this model in search "
-                              "order; it does not belong to this run: delete it to start afresh")
+        raise CheckpointError(
+            "its finished receivers are not the first receivers of this model in search "
+            "order; it does not belong to this run: delete it to start afresh"
+        )
     for kind, pairs in (("removed", removed), ("measured", effects)):
         for row, sender in pairs:
             if not 0 <= row < len(done) or sender not in edges.receivers[row].senders:
-                raise CheckpointError(f"its {kind} edge ({row}, {sender}) is not an edge into a finished "
-                                      "receiver of this model; delete it to start afresh")
+                raise CheckpointError(
+                    f"its {kind} edge ({row}, {sender}) is not an edge into a finished "
+                    "receiver of this model; delete it to start afresh"
+                )
     for row in range(len(done)):
         senders = edges.receivers[row].senders
         measured = [(row, s) in effects for s in senders]

@@ -126,8 +126,12 @@ class Circuit:
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fillcolor=white];']
         for node in self.nodes:
             kind = parse(node).kind
-            colour = {NodeKind.MLP: "lightyellow", NodeKind.ATTENTION_OUTPUT: "lavender", NodeKind.EMBED: "lightgrey",
-                      NodeKind.RESID_POST: "lightgrey"}.get(kind, "lightblue")
+            colour = {
+                NodeKind.MLP: "lightyellow",
+                NodeKind.ATTENTION_OUTPUT: "lavender",
+                NodeKind.EMBED: "lightgrey",
+                NodeKind.RESID_POST: "lightgrey",
+            }.get(kind, "lightblue")
             lines.append(f'  "{node}" [fillcolor={colour}];')
         used = set(self.nodes)
         for group, heads in sorted(self.groups.items()):
@@ -168,8 +172,8 @@ class Circuit:
         s = self.stats
         if s.hit_rate is None:
             return f"; speculation {s.speculation}" if s.speculation else ""
-        return (f"; speculation {s.speculation}: {s.evaluated} queries evaluated for {s.queries} decided, "
-                f"{s.candidates_per_batch:.1f} per batch, predictor hit rate {s.hit_rate:.0%}, "
-                f"{s.near_threshold} decisions within round-off of the threshold")
-
-
+        return (
+            f"; speculation {s.speculation}: {s.evaluated} queries evaluated for {s.queries} decided, "
+            f"{s.candidates_per_batch:.1f} per batch, predictor hit rate {s.hit_rate:.0%}, "
+            f"{s.near_threshold} decisions within round-off of the threshold"
+        )

@@ -1,7 +1,8 @@
 """A layered picture of a circuit with matplotlib: no Graphviz binary, which a ``pip install`` user does not have.
 
 Rows are the residual stream's order: ``embed`` at the bottom, each layer's heads, then its post-attention norm
-(if any) and its MLP, ``resid_post`` at the top. Every head of the model is drawn (faint when the circuit does not use it); under grouped-query attention a
+(if any) and its MLP, ``resid_post`` at the top. Every head of the model is drawn (faint when the circuit does not
+use it); under grouped-query attention a
 bracket below the heads shows each key/value group. An edge ends at the receiver's query, key or value input
 (left, middle, right of the head, or at the group's bracket), coloured by that role; its width grows with the
 measured effect (the metric's increase when the edge was patched).
@@ -61,8 +62,15 @@ def _architecture(circuit: Circuit) -> tuple[list[_Layer], int]:
                 layer["output_norm"] = 1
     leading = max(seen.get(-1, 0), int(circuit.architecture[0].get("leading", 0)) if circuit.architecture else 0)
     if circuit.architecture:
-        return [_Layer(int(a["heads"]), int(a["kv_groups"]), max(int(a.get("components", a["mlp"])), seen.get(i, 0)),
-                       bool(a.get("output_norm", False))) for i, a in enumerate(circuit.architecture)], leading
+        return [
+            _Layer(
+                int(a["heads"]),
+                int(a["kv_groups"]),
+                max(int(a.get("components", a["mlp"])), seen.get(i, 0)),
+                bool(a.get("output_norm", False)),
+            )
+            for i, a in enumerate(circuit.architecture)
+        ], leading
     for group, heads in circuit.groups.items():
         layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "output_norm": 0})
         layer["heads"] = max([layer["heads"], *(names.parse(h).index + 1 for h in heads)])
@@ -159,9 +167,18 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
     axes.set_axis_off()
 
     def box(x: float, y: float, label: str, fill: str, strong: bool, width: float = BOX_W) -> None:
-        axes.add_patch(FancyBboxPatch((x - width / 2, y - BOX_H / 2), width, BOX_H, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                      facecolor=fill, edgecolor="#333333" if strong else "#bbbbbb", linewidth=1.2 if strong else 0.6,
-                                      zorder=3))
+        axes.add_patch(
+            FancyBboxPatch(
+                (x - width / 2, y - BOX_H / 2),
+                width,
+                BOX_H,
+                boxstyle="round,pad=0.02,rounding_size=0.08",
+                facecolor=fill,
+                edgecolor="#333333" if strong else "#bbbbbb",
+                linewidth=1.2 if strong else 0.6,
+                zorder=3,
+            )
+        )
         axes.text(x, y, label, ha="center", va="center", fontsize=7.5, color="#111111" if strong else "#aaaaaa", zorder=4)
 
     box(at.centre(), 0.0, names.EMBED, USED if names.EMBED in used else UNUSED, names.EMBED in used, width=1.2)
@@ -186,13 +203,32 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
                 group = names.kv_group(index, g)
                 strong = group in used
                 left, right, gy = min(heads) - BOX_W / 2, max(heads) + BOX_W / 2, y - BOX_H / 2 - 0.18
-                axes.plot([left, left, right, right], [gy + 0.08, gy, gy, gy + 0.08], color="#333333" if strong else "#cccccc",
-                          linewidth=1.0, zorder=2)
-                axes.text((left + right) / 2, gy + 0.075, group, fontsize=6, ha="center", va="center",
-                          color="#333333" if strong else "#aaaaaa")
+                axes.plot(
+                    [left, left, right, right],
+                    [gy + 0.08, gy, gy, gy + 0.08],
+                    color="#333333" if strong else "#cccccc",
+                    linewidth=1.0,
+                    zorder=2,
+                )
+                axes.text(
+                    (left + right) / 2,
+                    gy + 0.075,
+                    group,
+                    fontsize=6,
+                    ha="center",
+                    va="center",
+                    color="#333333" if strong else "#aaaaaa",
+                )
         if layer.output_norm:
             name = names.attention_output(index)
-            box(at.centre(), at.row(NodeKind.ATTENTION_OUTPUT, index), name, USED if name in used else UNUSED, name in used, width=0.9)
+            box(
+                at.centre(),
+                at.row(NodeKind.ATTENTION_OUTPUT, index),
+                name,
+                USED if name in used else UNUSED,
+                name in used,
+                width=0.9,
+            )
         components(index)
 
     effects = [e.effect for e in circuit.edges if math.isfinite(e.effect)]
@@ -202,17 +238,35 @@ def draw_circuit(circuit: Circuit, *paths: str | Path) -> list[Path]:
         strength = abs(edge.effect) / largest if math.isfinite(edge.effect) else 0.0
         start, end = at.sender(edge.sender), at.receiver(edge.receiver)
         bend = 0.25 if abs(start[0] - end[0]) < 1e-6 and end[1] - start[1] > 1.5 else 0.08
-        axes.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=7, color=ROLE_COLOURS[role],
-                                       linewidth=0.6 + 3.4 * math.sqrt(strength), alpha=0.45 + 0.5 * strength,
-                                       connectionstyle=f"arc3,rad={bend}", zorder=1))
+        axes.add_patch(
+            FancyArrowPatch(
+                start,
+                end,
+                arrowstyle="-|>",
+                mutation_scale=7,
+                color=ROLE_COLOURS[role],
+                linewidth=0.6 + 3.4 * math.sqrt(strength),
+                alpha=0.45 + 0.5 * strength,
+                connectionstyle=f"arc3,rad={bend}",
+                zorder=1,
+            )
+        )
     legend = [Line2D([0], [0], color=ROLE_COLOURS[r], linewidth=2, label=f"to {r.name.lower()}") for r in Role]
     legend.append(Line2D([0], [0], color=ROLE_COLOURS[None], linewidth=2, label="to norm / MLP / resid_post"))
-    axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
-                title=f"width: effect (max {largest:.3g})", title_fontsize=7)
+    axes.legend(
+        handles=legend,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
+        frameon=False,
+        title=f"width: effect (max {largest:.3g})",
+        title_fontsize=7,
+    )
     axes.set_xlim(-1.6, at.width + 0.2)
     axes.set_ylim(-0.6, rows - 0.4)
     axes.set_title(
-        f"{Path(str(circuit.model.get('name', ''))).name} on {circuit.task.get('name', '')}: {len(circuit.edges)}/{circuit.total_edges} edges "
+        f"{Path(str(circuit.model.get('name', ''))).name} on {circuit.task.get('name', '')}: "
+        f"{len(circuit.edges)}/{circuit.total_edges} edges "
         f"({circuit.metric}, threshold {circuit.threshold:g}, {circuit.precision})",
         fontsize=9,
     )

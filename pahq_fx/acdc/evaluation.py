@@ -37,12 +37,15 @@ class Faithfulness:
         return normalised_faithfulness(self.circuit, self.full_model, self.empty_circuit)
 
     def describe(self) -> str:
-        return (f"{self.metric}: circuit {self.circuit:.4g}, full model {self.full_model:.4g}, "
-                f"every edge patched {self.empty_circuit:.4g} (normalised faithfulness {self.normalised:.3f})")
+        return (
+            f"{self.metric}: circuit {self.circuit:.4g}, full model {self.full_model:.4g}, "
+            f"every edge patched {self.empty_circuit:.4g} (normalised faithfulness {self.normalised:.3f})"
+        )
 
 
-def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl",
-                     found_on: dict[str, Any] | None = None) -> Faithfulness:
+def evaluate_circuit(
+    kept: set[tuple[str, str]], model: nn.Module, task: Task, metric: str | Metric = "kl", found_on: dict[str, Any] | None = None
+) -> Faithfulness:
     """Run the circuit given by its kept (sender, receiver) edges alone in FP32, and compare with the full model
     and with nothing kept. ``found_on`` (a :class:`Circuit`'s ``model``) names where the circuit came from in the
     error that edges this model lacks raise."""
@@ -51,7 +54,9 @@ def evaluate_circuit(kept: set[tuple[str, str]], model: nn.Module, task: Task, m
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
     this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"
     known = found_on or {}
-    circuit = f"the circuit (found on {_described(known['class'], known.get('name', ''))})" if known.get("class") else "the circuit"
+    circuit = (
+        f"the circuit (found on {_described(known['class'], known.get('name', ''))})" if known.get("class") else "the circuit"
+    )
     return evaluate_edges(runtime, edges, kept, circuit=circuit, model=this)
 
 
@@ -59,8 +64,14 @@ def _described(cls: str, name: str) -> str:
     return f"{cls} {name!r}" if name and name != cls else cls
 
 
-def evaluate_edges(runtime: PatchingRuntime, edges: EdgeGraph, kept: set[tuple[str, str]], *,
-                   circuit: str = "the circuit", model: str = "this model") -> Faithfulness:
+def evaluate_edges(
+    runtime: PatchingRuntime,
+    edges: EdgeGraph,
+    kept: set[tuple[str, str]],
+    *,
+    circuit: str = "the circuit",
+    model: str = "this model",
+) -> Faithfulness:
     """:func:`evaluate_circuit` on an existing runtime, which it resets; every head in FP32 whatever its format."""
     names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
     unknown = kept - set(names)
@@ -71,8 +82,10 @@ def evaluate_edges(runtime: PatchingRuntime, edges: EdgeGraph, kept: set[tuple[s
         runtime.reset()
         full_model = runtime.run_from(0)
         every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
-        outside = {i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
-                   for i, senders in every_edge.items()}
+        outside = {
+            i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
+            for i, senders in every_edge.items()
+        }
         circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
         runtime.rollback()
         empty = runtime.try_remove_edges(every_edge)
@@ -112,7 +125,11 @@ class TaskCheck:
         """Why a circuit on this task would mean nothing (empty when the task is fine)."""
         if abs(self.movement) >= MIN_MOVEMENT:
             return []
-        accuracy = "" if self.clean_accuracy is None else f" (the clean model prefers the correct answer in {self.clean_accuracy:.0%} of the examples)"
+        accuracy = (
+            ""
+            if self.clean_accuracy is None
+            else f" (the clean model prefers the correct answer in {self.clean_accuracy:.0%} of the examples)"
+        )
         problem = (
             f"the corrupted prompts barely move the metric: {self.metric} goes from {self.full_model:.4g} (clean) to "
             f"{self.every_edge_patched:.4g} with every edge patched, a change of {self.movement:.3g}, smaller than "
@@ -129,8 +146,11 @@ class TaskCheck:
         return f"{self.metric}: clean {self.full_model:.4g}, every edge patched {self.every_edge_patched:.4g}{accuracy}"
 
     def warning(self) -> str:
-        return ("this task does not exercise the model, so the circuit would be meaningless: " + "; ".join(self.problems)
-                + ". Check that the model can do the task and that the corrupted prompts change what it must compute.")
+        return (
+            "this task does not exercise the model, so the circuit would be meaningless: "
+            + "; ".join(self.problems)
+            + ". Check that the model can do the task and that the corrupted prompts change what it must compute."
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "movement": self.movement, "problems": self.problems}

@@ -107,8 +107,18 @@ def head_graph_from_config(config: Any) -> HeadGraph:
         attention = names.attention_output(index) if output_norm else names.attention(index)
         mlp = names.mlp(index)
         reads = tuple(written) if parallel else (*written, attention)
-        layers.append(LayerInfo(index, n_heads, n_groups, tuple(h // per_group for h in range(n_heads)), tuple(written),
-                                (Component(mlp, reads),), output_norm, coupled))
+        layers.append(
+            LayerInfo(
+                index,
+                n_heads,
+                n_groups,
+                tuple(h // per_group for h in range(n_heads)),
+                tuple(written),
+                (Component(mlp, reads),),
+                output_norm,
+                coupled,
+            )
+        )
         written += [attention, mlp]
     return HeadGraph(tuple(layers), tuple(written), d_model)
 
@@ -119,7 +129,8 @@ def _sizes(config: Any) -> tuple[int, int, int, int]:
     if kind not in known:
         raise UnsupportedArchitectureError(
             f"no configuration-only plan for model_type {kind!r} (known: {', '.join(sorted(known))}); "
-            "pahq_fx.plan(model, task) traces the model instead")
+            "pahq_fx.plan(model, task) traces the model instead"
+        )
     n_layers = _first(config, "num_hidden_layers", "n_layer")
     n_heads = _first(config, "num_attention_heads", "n_head")
     n_groups = getattr(config, "num_key_value_heads", None) or n_heads
@@ -141,8 +152,12 @@ def geometry_from_config(config: Any, name: str | None = None, model_bytes: int 
     kind = config.model_type
     n_layers, n_heads, n_groups, d_model = _sizes(config)
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             or getattr(config, "ffn_dim", None) or 4 * d_model)
+    d_mlp = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or getattr(config, "ffn_dim", None)
+        or 4 * d_model
+    )
     vocab = int(config.vocab_size)
     model_bytes = _meta_model_bytes(config) if model_bytes is None else model_bytes
     q_bias = kind in ("gpt2", "gpt_neox", "opt", "qwen2") or bool(getattr(config, "attention_bias", False))
@@ -150,8 +165,16 @@ def geometry_from_config(config: Any, name: str | None = None, model_bytes: int 
     width = (n_heads + 2 * n_groups) * d_head
     per_layer = 4 * (width * d_model + n_heads * d_head * d_model + (width if q_bias else 0) + (d_model if o_bias else 0))
     per_layer += 8 * (width + n_heads * d_head) + 32  # int64 scatter and z-order indices, four FP32-head buffers
-    return Geometry(name or getattr(config, "_name_or_path", "") or kind, head_graph_from_config(config), int(d_head),
-                    int(d_mlp), vocab, kind in _GATED, model_bytes, n_layers * per_layer)
+    return Geometry(
+        name or getattr(config, "_name_or_path", "") or kind,
+        head_graph_from_config(config),
+        int(d_head),
+        int(d_mlp),
+        vocab,
+        kind in _GATED,
+        model_bytes,
+        n_layers * per_layer,
+    )
 
 
 def _meta_model_bytes(config: Any) -> int:
@@ -187,20 +210,40 @@ def geometry_from_runtime(runtime: Any, model: Any) -> Geometry:
     head_graph = graph_meta.head_graph(graph)
     block = next(getattr(graph, s.module) for s in runtime.steps if s.kind is StepKind.ATTENTION)
     d_head = int(block.q.weight.shape[1])
-    mlp_widths = [p.shape[0] for n, p in model.named_parameters() if p.dim() == 2 and p.shape[0] != head_graph.d_model
-                  and p.shape[1] == head_graph.d_model and "embed" not in n and "wte" not in n and "lm_head" not in n
-                  and "embed_out" not in n]
+    mlp_widths = [
+        p.shape[0]
+        for n, p in model.named_parameters()
+        if p.dim() == 2
+        and p.shape[0] != head_graph.d_model
+        and p.shape[1] == head_graph.d_model
+        and "embed" not in n
+        and "wte" not in n
+        and "lm_head" not in n
+        and "embed_out" not in n
+    ]
     config = getattr(model, "config", None)
-    d_mlp = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-                or getattr(config, "ffn_dim", None) or (max(mlp_widths) if mlp_widths else 4 * head_graph.d_model))
+    d_mlp = int(
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or getattr(config, "ffn_dim", None)
+        or (max(mlp_widths) if mlp_widths else 4 * head_graph.d_model)
+    )
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     model_tensors = list(model.parameters()) + list(model.buffers())
     model_ptrs = {t.data_ptr() for t in model_tensors}
     split = _tensor_bytes(list(graph.parameters()) + list(graph.buffers()), exclude=model_ptrs)
     kind = getattr(config, "model_type", "")
-    return Geometry(getattr(config, "_name_or_path", "") or type(model).__name__, head_graph, d_head, d_mlp, vocab,
-                    kind in _GATED, _tensor_bytes(model_tensors), split,
-                    token_wise=len(runtime.final_rows) == len(runtime.positions))
+    return Geometry(
+        getattr(config, "_name_or_path", "") or type(model).__name__,
+        head_graph,
+        d_head,
+        d_mlp,
+        vocab,
+        kind in _GATED,
+        _tensor_bytes(model_tensors),
+        split,
+        token_wise=len(runtime.final_rows) == len(runtime.positions),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- workload
@@ -255,27 +298,40 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.weights + max(self.forward, self.split_peak,
-                                  self.split_weights + max(self.setup_peak, self.search_peak))
+        return self.weights + max(self.forward, self.split_peak, self.split_weights + max(self.setup_peak, self.search_peak))
 
     @property
     def peak_bound(self) -> int:
         bound = self.cache_bytes + self.state_bound + self.query_bound + self.candidates
-        return self.weights + max(self.forward, self.split_peak,
-                                  self.split_weights + max(self.setup_peak, self.search_peak, bound))
+        return self.weights + max(
+            self.forward, self.split_peak, self.split_weights + max(self.setup_peak, self.search_peak, bound)
+        )
 
     def needed(self, assume: str) -> int:
         """The peak a check compares with the memory: ``bound`` (any threshold) or ``dense`` (a dense circuit)."""
         return self.peak_bound if assume == BOUND else self.peak
 
     def to_json(self) -> dict[str, Any]:
-        return {"storage": self.storage, "available": self.available, "weights": self.weights,
-                "split_weights": self.split_weights, "split_peak": self.split_peak, "caches": dict(self.caches), "cache_bytes": self.cache_bytes,
-                "state_start": self.state_start, "state_bound": self.state_bound, "query": self.query,
-                "query_bound": self.query_bound,
-                "component": self.component, "setup_peak": self.setup_peak, "forward": self.forward,
-                "candidates": self.candidates,
-                "search_peak": self.search_peak, "peak": self.peak, "peak_bound": self.peak_bound}
+        return {
+            "storage": self.storage,
+            "available": self.available,
+            "weights": self.weights,
+            "split_weights": self.split_weights,
+            "split_peak": self.split_peak,
+            "caches": dict(self.caches),
+            "cache_bytes": self.cache_bytes,
+            "state_start": self.state_start,
+            "state_bound": self.state_bound,
+            "query": self.query,
+            "query_bound": self.query_bound,
+            "component": self.component,
+            "setup_peak": self.setup_peak,
+            "forward": self.forward,
+            "candidates": self.candidates,
+            "search_peak": self.search_peak,
+            "peak": self.peak,
+            "peak_bound": self.peak_bound,
+        }
 
 
 def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, candidate_budget: int = 0) -> MemoryPlan:
@@ -314,8 +370,16 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
     # recomputed, its tentative inputs, projections, outputs and changes held until the query ends; the peak is the
     # most held at once, with the running component's own temporaries (the trailing MLP runs at the final rows).
     mlp_hidden = 4 * n * g.d_mlp * (3 if g.gated_mlp else 2)
-    cores = {layer.index: 4 * (2 * workload.batch * layer.n_heads * workload.seq**2 + n * layer.n_heads * g.d_head
-                               + n * d + n * (layer.n_heads + 2 * layer.n_kv_groups) * g.d_head) for layer in hg.layers}
+    cores = {
+        layer.index: 4
+        * (
+            2 * workload.batch * layer.n_heads * workload.seq**2
+            + n * layer.n_heads * g.d_head
+            + n * d
+            + n * (layer.n_heads + 2 * layer.n_kv_groups) * g.d_head
+        )
+        for layer in hg.layers
+    }
     component = max(mlp_hidden, *cores.values())
     first = hg.layers[0]
     unit_heads = first.n_heads if first.coupled_roles else max(1, first.n_heads // first.n_kv_groups)
@@ -350,8 +414,21 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
     from .speculation import MAX_CANDIDATES
 
     candidates = min((MAX_CANDIDATES - 1) * query_bound, candidate_budget)
-    return MemoryPlan(storage, g.model_bytes, g.split_bytes, split_peak, caches, state_start, state_bound, query, query_bound,
-                      component, setup_peak, forward, candidates)
+    return MemoryPlan(
+        storage,
+        g.model_bytes,
+        g.split_bytes,
+        split_peak,
+        caches,
+        state_start,
+        state_bound,
+        query,
+        query_bound,
+        component,
+        setup_peak,
+        forward,
+        candidates,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- time
@@ -376,19 +453,33 @@ class Timing:
         return self.total_s / max(self.queries, 1) / self.forward_s
 
     def to_json(self) -> dict[str, Any]:
-        return {"forward_s": self.forward_s, "seconds_per_query_by_layer": {str(k): v for k, v in self.by_layer.items()},
-                "investigate_s": self.investigate_s, "query_s": self.query_s, "total_s": self.total_s,
-                "queries": self.queries, "forward_equivalents_per_query": self.forward_equivalents_per_query,
-                "calibration_s": self.calibration_s, "measured": self.measured,
-                "note": "dense upper bound: every edge queried, each query's cone as with every edge kept"}
+        return {
+            "forward_s": self.forward_s,
+            "seconds_per_query_by_layer": {str(k): v for k, v in self.by_layer.items()},
+            "investigate_s": self.investigate_s,
+            "query_s": self.query_s,
+            "total_s": self.total_s,
+            "queries": self.queries,
+            "forward_equivalents_per_query": self.forward_equivalents_per_query,
+            "calibration_s": self.calibration_s,
+            "measured": self.measured,
+            "note": "dense upper bound: every edge queried, each query's cone as with every edge kept",
+        }
 
 
-def calibrate_runtime(runtime: Any, forward_s: float, queries_per_role: int = 2, layers: Sequence[int] | None = None,
-                      min_seconds: float = 0.1, max_queries: int = 64) -> Timing:
+def calibrate_runtime(
+    runtime: Any,
+    forward_s: float,
+    queries_per_role: int = 2,
+    layers: Sequence[int] | None = None,
+    min_seconds: float = 0.1,
+    max_queries: int = 64,
+) -> Timing:
     """Time ``investigate`` and at least ``queries_per_role`` edge queries (``try_remove`` then ``rollback``; more, up to
     ``max_queries``, until they took ``min_seconds``: a fast query's time is noisy) on the first receiver ACDC visits
     of each role of each step in ``layers`` (default: every layer; the first and last are always included), in ACDC's
-    order, then :meth:`~PatchingRuntime.reset`. A query's time is the median of its samples. Steps not measured take the linear interpolation
+    order, then :meth:`~PatchingRuntime.reset`. A query's time is the median of its samples. Steps not measured take
+    the linear interpolation
     of their role's measured neighbours. Every edge is kept throughout: each query's cone is a dense circuit's."""
     start = time.perf_counter()
     edges = runtime.edges
@@ -432,8 +523,14 @@ def calibrate_runtime(runtime: Any, forward_s: float, queries_per_role: int = 2,
             times.append(time.perf_counter() - t0)
         key = (k, receiver.role or receiver.kind)
         per_key[key] = statistics.median(times)
-        measured.append({"step": runtime.steps[k].name if k < len(runtime.steps) else names.RESID_POST,
-                         "receiver": receiver.name, "layer": step_layer[k], "seconds": times})
+        measured.append(
+            {
+                "step": runtime.steps[k].name if k < len(runtime.steps) else names.RESID_POST,
+                "receiver": receiver.name,
+                "layer": step_layer[k],
+                "seconds": times,
+            }
+        )
     runtime.reset()
     # Per-edge-query seconds of every row: its (step, role) measured, or interpolated along the steps of that role.
     by_role: dict[Any, list[tuple[int, float]]] = {}
@@ -527,11 +624,15 @@ class Plan:
     def refusal(self) -> str:
         m, w = self.memory, self.workload
         what = "at any threshold" if self.assume == BOUND else "for a dense circuit"
-        lines = [(f"{self.model} on {w.batch} x {w.seq} tokens does not fit {_gib(self.max_memory)} "
-                  f"({self.max_memory_source}): its peak {what} is {_gib(self.needed)} (weights "
-                  f"{_gib(m.weights + m.split_weights)}, caches {_gib(m.cache_bytes)}, state up to "
-                  f"{_gib(m.state_bound if self.assume == BOUND else m.state_start)}, a query up to "
-                  f"{_gib(m.query_bound if self.assume == BOUND else m.query)}; setup {_gib(m.setup_peak)})")]
+        lines = [
+            (
+                f"{self.model} on {w.batch} x {w.seq} tokens does not fit {_gib(self.max_memory)} "
+                f"({self.max_memory_source}): its peak {what} is {_gib(self.needed)} (weights "
+                f"{_gib(m.weights + m.split_weights)}, caches {_gib(m.cache_bytes)}, state up to "
+                f"{_gib(m.state_bound if self.assume == BOUND else m.state_start)}, a query up to "
+                f"{_gib(m.query_bound if self.assume == BOUND else m.query)}; setup {_gib(m.setup_peak)})"
+            )
+        ]
         if self.largest_batch:
             lines.append(f"at most {self.largest_batch} prompts of {w.seq} tokens fit ({self.largest_batch * w.seq} tokens)")
         elif m.weights + m.split_weights >= self.max_memory:
@@ -542,25 +643,45 @@ class Plan:
             lines.append(f"a dense circuit's run would fit ({_gib(m.peak)}; assume='dense', --assume dense, to allow it)")
         for storage, projection in self.projections.items():
             if projection.needed(self.assume) <= self.max_memory:
-                lines.append(f"{storage} state storage would fit ({_gib(projection.needed(self.assume))}), but the runtime "
-                             "does not offer it yet")
+                lines.append(
+                    f"{storage} state storage would fit ({_gib(projection.needed(self.assume))}), but the runtime "
+                    "does not offer it yet"
+                )
         return "; ".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         g, w = self.geometry, self.workload
         return {
-            "model": self.model, "batch": w.batch, "seq": w.seq, "tokens": w.tokens, "positions": w.positions,
-            "layers": g.layers, "heads": g.head_graph.layers[0].n_heads,
-            "kv_groups": g.head_graph.layers[0].n_kv_groups, "d_model": g.d_model,
-            "d_head": g.d_head, "d_mlp": g.d_mlp, "vocab": g.vocab,
-            "senders": self.senders, "receivers": self.receivers, "edges": self.edges, "queries_upper_bound": self.queries,
+            "model": self.model,
+            "batch": w.batch,
+            "seq": w.seq,
+            "tokens": w.tokens,
+            "positions": w.positions,
+            "layers": g.layers,
+            "heads": g.head_graph.layers[0].n_heads,
+            "kv_groups": g.head_graph.layers[0].n_kv_groups,
+            "d_model": g.d_model,
+            "d_head": g.d_head,
+            "d_mlp": g.d_mlp,
+            "vocab": g.vocab,
+            "senders": self.senders,
+            "receivers": self.receivers,
+            "edges": self.edges,
+            "queries_upper_bound": self.queries,
             "memory": self.memory.to_json(),
             "projections_not_available": {k: v.to_json() for k, v in self.projections.items()},
             "measured": dict(self.measured),
-            "device": self.device, "max_memory": self.max_memory, "max_memory_source": self.max_memory_source,
-            "loaded_bytes": self.loaded_bytes, "assume": self.assume, "needed": self.needed, "fits": self.fits,
-            "fits_dense": self.fits_dense, "largest_batch": self.largest_batch,
-            "timing": None if self.timing is None else self.timing.to_json(), "notes": list(self.notes),
+            "device": self.device,
+            "max_memory": self.max_memory,
+            "max_memory_source": self.max_memory_source,
+            "loaded_bytes": self.loaded_bytes,
+            "assume": self.assume,
+            "needed": self.needed,
+            "fits": self.fits,
+            "fits_dense": self.fits_dense,
+            "largest_batch": self.largest_batch,
+            "timing": None if self.timing is None else self.timing.to_json(),
+            "notes": list(self.notes),
         }
 
     @property
@@ -573,10 +694,14 @@ class Plan:
         lines = [
             f"# Plan: {self.model} on {w.batch} x {w.seq} tokens ({w.positions} metric rows)",
             "",
-            (f"{g.layers} layers, {layer.n_heads} heads, {layer.n_kv_groups} key/value groups, d_model {g.d_model}, "
-            f"d_head {g.d_head}, d_mlp {g.d_mlp}, vocab {g.vocab}"),
-            (f"{self.edges:,} edges, {self.senders:,} senders, {self.receivers:,} receivers; at most {self.queries:,} "
-            "queries (one per edge, one per receiver)"),
+            (
+                f"{g.layers} layers, {layer.n_heads} heads, {layer.n_kv_groups} key/value groups, d_model {g.d_model}, "
+                f"d_head {g.d_head}, d_mlp {g.d_mlp}, vocab {g.vocab}"
+            ),
+            (
+                f"{self.edges:,} edges, {self.senders:,} senders, {self.receivers:,} receivers; at most {self.queries:,} "
+                "queries (one per edge, one per receiver)"
+            ),
             "",
             "| memory (state in FP32) | bytes |",
             "| --- | --- |",
@@ -585,34 +710,44 @@ class Plan:
             f"| trace and split at their peak, above the weights ({self._split_source}) | {_gib(m.split_peak)} |",
         ]
         lines += [f"| cache: {k} | {_gib(v)} |" for k, v in m.caches.items()]
-        measured = ("" if "setup_state_bytes" not in self.measured
-                    else f" (state_bytes() after setup: {_gib(self.measured['setup_state_bytes'])})")
+        measured = (
+            ""
+            if "setup_state_bytes" not in self.measured
+            else f" (state_bytes() after setup: {_gib(self.measured['setup_state_bytes'])})"
+        )
         lines += [
             f"| caches in all{measured} | {_gib(m.cache_bytes)} |",
             f"| state, every edge kept (projections, rows) | {_gib(m.state_start)} |",
             f"| state bound (every component changed) | {_gib(m.state_bound)} |",
             f"| a dense first-layer query's transient tensors | {_gib(m.query)} |",
             f"| setup's own peak (above the weights and copies) | {_gib(m.setup_peak)}"
-            + (f" (measured {_gib(self.measured['setup_peak'])})" if "setup_peak" in self.measured else "") + " |",
+            + (f" (measured {_gib(self.measured['setup_peak'])})" if "setup_peak" in self.measured else "")
+            + " |",
             f"| **peak, a dense circuit** | **{_gib(m.peak)}** |",
             f"| **peak bound, any threshold** (state and query bounds) | **{_gib(m.peak_bound)}** |",
             f"| max_memory ({self.max_memory_source}) | {_gib(self.max_memory)} |",
-            (f"| fits ({'any threshold: the bound' if self.assume == BOUND else 'a dense circuit'}) | "
-            f"{'yes' if self.fits else 'NO'} |"),
+            (
+                f"| fits ({'any threshold: the bound' if self.assume == BOUND else 'a dense circuit'}) | "
+                f"{'yes' if self.fits else 'NO'} |"
+            ),
         ]
         if self.largest_batch is not None and not self.fits:
             lines.append(f"| largest batch that fits | {self.largest_batch} x {w.seq} |")
         for storage, p in self.projections.items():
-            lines.append(f"| projection, not available yet: {storage} state storage: caches + state, peak, bound | "
-                         f"{_gib(p.cache_bytes + p.state_start)}, {_gib(p.peak)}, {_gib(p.peak_bound)} |")
+            lines.append(
+                f"| projection, not available yet: {storage} state storage: caches + state, peak, bound | "
+                f"{_gib(p.cache_bytes + p.state_start)}, {_gib(p.peak)}, {_gib(p.peak_bound)} |"
+            )
         t = self.timing
         if t is not None:
             lines += [
                 "",
-                (f"Time, extrapolated from {len(t.measured)} calibration receivers ({t.calibration_s:.1f} s), an upper "
-                f"bound for a dense circuit (every edge queried, cones as with every edge kept): {_duration(t.total_s)} "
-                f"({t.queries:,} queries, {t.forward_equivalents_per_query:.3g} forward-equivalents per query; one eager "
-                f"forward {t.forward_s * 1000:.1f} ms)"),
+                (
+                    f"Time, extrapolated from {len(t.measured)} calibration receivers ({t.calibration_s:.1f} s), an upper "
+                    f"bound for a dense circuit (every edge queried, cones as with every edge kept): {_duration(t.total_s)} "
+                    f"({t.queries:,} queries, {t.forward_equivalents_per_query:.3g} forward-equivalents per query; one eager "
+                    f"forward {t.forward_s * 1000:.1f} ms)"
+                ),
                 "",
                 "| receiver layer | seconds per query | forward-equivalents |",
                 "| --- | --- | --- |",
@@ -669,14 +804,26 @@ def free_memory(device: Any) -> tuple[int, str]:
     raise PlanError("cannot read the free memory of this machine: pass max_memory")
 
 
-def _assemble(geometry: Geometry, workload: Workload, *, storage: str, device: str, max_memory: int | str | None,
-              loaded_bytes: int, assume: str = BOUND, timing: Timing | None = None, measured: dict[str, int] | None = None,
-              notes: tuple[str, ...] = ()) -> Plan:
+def _assemble(
+    geometry: Geometry,
+    workload: Workload,
+    *,
+    storage: str,
+    device: str,
+    max_memory: int | str | None,
+    loaded_bytes: int,
+    assume: str = BOUND,
+    timing: Timing | None = None,
+    measured: dict[str, int] | None = None,
+    notes: tuple[str, ...] = (),
+) -> Plan:
     if assume not in (BOUND, DENSE):
         raise PlanError(f"assume must be {BOUND!r} (any threshold) or {DENSE!r} (a dense circuit), got {assume!r}")
     if storage not in AVAILABLE_STORAGE:
-        raise PlanError(f"storage {storage!r} is not available: the runtime stores its state in FP32 "
-                        f"(bf16 and fp8 figures are projections, in Plan.projections)")
+        raise PlanError(
+            f"storage {storage!r} is not available: the runtime stores its state in FP32 "
+            f"(bf16 and fp8 figures are projections, in Plan.projections)"
+        )
     if max_memory is None:
         free, source = free_memory(device)
         limit = free + loaded_bytes
@@ -690,8 +837,25 @@ def _assemble(geometry: Geometry, workload: Workload, *, storage: str, device: s
     largest = None
     if memory.needed(assume) > limit:
         largest = _largest_batch(geometry, workload, storage, limit, assume, budget)
-    return Plan(geometry.name, workload, geometry, edges.edges, edges.receivers, edges.senders, memory, projections,
-                device, limit, source, loaded_bytes, timing, measured or {}, largest, notes, assume)
+    return Plan(
+        geometry.name,
+        workload,
+        geometry,
+        edges.edges,
+        edges.receivers,
+        edges.senders,
+        memory,
+        projections,
+        device,
+        limit,
+        source,
+        loaded_bytes,
+        timing,
+        measured or {},
+        largest,
+        notes,
+        assume,
+    )
 
 
 def _candidate_budget(device: str, limit: int) -> int:
@@ -732,22 +896,51 @@ class EdgeCounts:
         return cls(len(graph.senders), len(graph.receivers), sum(len(r.senders) for r in graph.receivers))
 
 
-def plan_from_config(config: Any, batch: int, seq: int, *, positions: int | None = None, storage: str = FP32,
-                     device: str = "cpu", max_memory: int | str | None = None, name: str | None = None,
-                     assume: str = BOUND, check: bool = False) -> Plan:
+def plan_from_config(
+    config: Any,
+    batch: int,
+    seq: int,
+    *,
+    positions: int | None = None,
+    storage: str = FP32,
+    device: str = "cpu",
+    max_memory: int | str | None = None,
+    name: str | None = None,
+    assume: str = BOUND,
+    check: bool = False,
+) -> Plan:
     """The plan of a run on ``batch`` prompts of ``seq`` tokens (``positions`` metric rows, default one per prompt)
     from a Hugging Face configuration alone: no weights, no runtime, no timing. ``check`` raises
     :class:`~pahq_fx.errors.PlanError` where it does not fit."""
     geometry = geometry_from_config(config, name)
-    result = _assemble(geometry, Workload(batch, seq, positions or batch), storage=storage, device=device,
-                       max_memory=max_memory, loaded_bytes=0, assume=assume)
+    result = _assemble(
+        geometry,
+        Workload(batch, seq, positions or batch),
+        storage=storage,
+        device=device,
+        max_memory=max_memory,
+        loaded_bytes=0,
+        assume=assume,
+    )
     return result.check() if check else result
 
 
-def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", storage: str = FP32,
-         max_memory: int | str | None = None, calibrate: bool = True, queries_per_role: int = 2,
-         layers: Sequence[int] | None = None, granularity: str = "per_row", compile: bool | str = "auto",
-         assume: str = BOUND, check: bool = True) -> Plan:
+def plan(
+    model: Any,
+    task: Any,
+    *,
+    metric: str = "kl",
+    precision: str = "auto",
+    storage: str = FP32,
+    max_memory: int | str | None = None,
+    calibrate: bool = True,
+    queries_per_role: int = 2,
+    layers: Sequence[int] | None = None,
+    granularity: str = "per_row",
+    compile: bool | str = "auto",
+    assume: str = BOUND,
+    check: bool = True,
+) -> Plan:
     """The plan of ``discover(model, task, ...)``: edges, queries (an upper bound), weights, caches, state and peak
     memory, and (``calibrate``) time from ``queries_per_role`` real queries per receiver role of each of ``layers``
     (default every layer) on a runtime built as ``discover`` builds it, extrapolated to a whole dense run.
@@ -755,7 +948,8 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
     ``max_memory`` (bytes or ``"20GiB"``; default the device's free memory plus the model's weights already on it):
     with ``check``, a run that cannot fit raises :class:`~pahq_fx.errors.PlanError`, saying what would fit, before
     anything is built. ``assume="bound"`` (default) checks the peak bound, which a search at any threshold stays under;
-    ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage`` is fp32, the only state format the runtime has; ``Plan.projections`` gives bf16
+    ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage`` is fp32,
+    the only state format the runtime has; ``Plan.projections`` gives bf16
     and fp8 figures as projections."""
     import torch
 
@@ -783,39 +977,59 @@ def plan(model: Any, task: Any, *, metric: str = "kl", precision: str = "auto", 
         notes.append(f"no configuration-only geometry ({error}); the runtime was built to read it")
     fmt = Format.FP32 if precision == AUTO else parse_format(precision)
     if precision == AUTO:
-        notes.append("precision='auto' times each format at the start of the run, holding two runtimes while it "
-                     "measures; planned in fp32")
+        notes.append(
+            "precision='auto' times each format at the start of the run, holding two runtimes while it measures; planned in fp32"
+        )
     if geometry is not None:
-        early = _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory,
-                          loaded_bytes=loaded, assume=assume, notes=tuple(notes))
+        early = _assemble(
+            geometry,
+            workload,
+            storage=storage,
+            device=str(device),
+            max_memory=max_memory,
+            loaded_bytes=loaded,
+            assume=assume,
+            notes=tuple(notes),
+        )
         if check:
             early.check()  # refuse before anything is traced or cached
         if not calibrate:
             return early
     if fmt.value != FP32:
-        notes.append(f"the other heads in {fmt.value}: the split weights include their low-precision copies (counted "
-                     "from the built runtime; the check before it counted FP32 copies only)")
+        notes.append(
+            f"the other heads in {fmt.value}: the split weights include their low-precision copies (counted "
+            "from the built runtime; the check before it counted FP32 copies only)"
+        )
     compiled, _ = resolve_compile(compile, device)
     # As setup.build_runtime builds it, in two measured phases: the trace and split, then the runtime's caches.
     with torch.no_grad():
-        graph, split_peak = measured_peak(lambda: lower_split(_trace_for(model, ids), PrecisionConfig(fmt, granularity)),
-                                          device)
+        graph, split_peak = measured_peak(lambda: lower_split(_trace_for(model, ids), PrecisionConfig(fmt, granularity)), device)
         edges = EdgeGraph(graph_meta.head_graph(graph))
-        runtime, setup_peak = measured_peak(lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled),
-                                            device)
+        runtime, setup_peak = measured_peak(lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled), device)
     measured = {"setup_state_bytes": runtime.state_bytes(), "split_peak": split_peak, "setup_peak": setup_peak}
     geometry = replace(geometry_from_runtime(runtime, model), split_peak=split_peak)
     timing = None
     if calibrate:
         forward_s = statistics.median(eager_forward_seconds(model, ids, repeats=3))
         timing = calibrate_runtime(runtime, forward_s, queries_per_role, layers)
-    result = _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory,
-                       loaded_bytes=loaded, assume=assume, timing=timing, measured=measured, notes=tuple(notes))
+    result = _assemble(
+        geometry,
+        workload,
+        storage=storage,
+        device=str(device),
+        max_memory=max_memory,
+        loaded_bytes=loaded,
+        assume=assume,
+        timing=timing,
+        measured=measured,
+        notes=tuple(notes),
+    )
     return result.check() if check else result
 
 
-def preflight(model: Any, task: Any, *, max_memory: int | str | None = None, storage: str = FP32,
-              assume: str = BOUND) -> Plan | None:
+def preflight(
+    model: Any, task: Any, *, max_memory: int | str | None = None, storage: str = FP32, assume: str = BOUND
+) -> Plan | None:
     """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
     where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
     discover`` and ``sweep`` run before anything else."""
@@ -828,8 +1042,9 @@ def preflight(model: Any, task: Any, *, max_memory: int | str | None = None, sto
     ids = task.clean_input_ids
     workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
     loaded = _tensor_bytes([t for t in tensors if t.device == device])
-    return _assemble(geometry, workload, storage=storage, device=str(device), max_memory=max_memory, loaded_bytes=loaded,
-                     assume=assume).check()
+    return _assemble(
+        geometry, workload, storage=storage, device=str(device), max_memory=max_memory, loaded_bytes=loaded, assume=assume
+    ).check()
 
 
 def write_json(result: Plan, path: str) -> None:
@@ -838,8 +1053,22 @@ def write_json(result: Plan, path: str) -> None:
         out.write("\n")
 
 
-__all__ = ["Geometry", "MemoryPlan", "Plan", "Timing", "Workload", "calibrate_runtime", "free_memory", "geometry_from_config",
-           "geometry_from_runtime", "head_graph_from_config", "memory_plan", "parse_bytes", "plan", "plan_from_config"]
+__all__ = [
+    "Geometry",
+    "MemoryPlan",
+    "Plan",
+    "Timing",
+    "Workload",
+    "calibrate_runtime",
+    "free_memory",
+    "geometry_from_config",
+    "geometry_from_runtime",
+    "head_graph_from_config",
+    "memory_plan",
+    "parse_bytes",
+    "plan",
+    "plan_from_config",
+]
 
 
 def measured_peak(fn: Any, device: Any = "cpu") -> tuple[Any, int]:
@@ -867,8 +1096,11 @@ def measured_allocation(fn: Any, device: Any = "cpu") -> tuple[Any, int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     cpu = torch.autograd.DeviceType.CPU
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == cpu)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
     running = peak = 0
     for _, nbytes in events:
         running += nbytes

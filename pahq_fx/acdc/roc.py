@@ -28,7 +28,9 @@ def roc_point(found: Iterable[Edge], reference: Iterable[Edge], total_edges: int
     found, reference = set(found), set(reference)
     negatives = total_edges - len(reference)
     if not reference or negatives <= 0:
-        raise ValueError(f"a reference of {len(reference)} of {total_edges} edges has no positives or no negatives to score against")
+        raise ValueError(
+            f"a reference of {len(reference)} of {total_edges} edges has no positives or no negatives to score against"
+        )
     if len(found | reference) > total_edges:
         raise ValueError(f"{len(found | reference)} distinct edges named, but the graph has {total_edges}")
     return RocPoint(len(found & reference) / len(reference), len(found - reference) / negatives)

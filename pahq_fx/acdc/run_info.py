@@ -37,8 +37,13 @@ def library_versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"pahq_fx": __version__, "torch": torch.__version__, "torchao": torchao.__version__,
-            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    return {
+        "pahq_fx": __version__,
+        "torch": torch.__version__,
+        "torchao": torchao.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def peak_memory_mb(device: torch.device) -> float:

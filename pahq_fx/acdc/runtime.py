@@ -123,8 +123,10 @@ class _AttentionLayout:
         offsets = {Role.QUERY: 0, Role.KEY: self.n_heads * dq, Role.VALUE: self.n_heads * dq + self.n_groups * dk}
         widths = {Role.QUERY: dq, Role.KEY: dk, Role.VALUE: dv}
         self.features = {
-            role: [torch.arange(offsets[role] + u * widths[role], offsets[role] + (u + 1) * widths[role], device=device)
-                   for u in range(self.n_heads if role is Role.QUERY else self.n_groups)]
+            role: [
+                torch.arange(offsets[role] + u * widths[role], offsets[role] + (u + 1) * widths[role], device=device)
+                for u in range(self.n_heads if role is Role.QUERY else self.n_groups)
+            ]
             for role in ROLES
         }
         self.dz = block.z_order.numel() // self.n_heads
@@ -155,7 +157,9 @@ class PatchingRuntime:
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self._index_graph()
         self._components, self._cores, self._metric = self._kernels(compile)
-        self._layouts = {k: _AttentionLayout(getattr(graph, s.module)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
+        self._layouts = {
+            k: _AttentionLayout(getattr(graph, s.module)) for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION
+        }
         self.device = task.clean_input_ids.device
         self._clean_ids = task.clean_input_ids
         self._compiled = compile
@@ -249,9 +253,9 @@ class PatchingRuntime:
         if not compile:
             return mlps, cores, self._final_metric
         inner = [m.component if isinstance(m, StreamShaped) else m for m in mlps.values()]
-        for k, fn in zip(list(mlps), compile_by_structure(inner, self.counter)):
+        for k, fn in zip(list(mlps), compile_by_structure(inner, self.counter), strict=True):
             mlps[k] = _stream_shaped(fn)
-        compiled_cores = dict(zip(cores, compile_by_structure(list(cores.values()), self.counter)))
+        compiled_cores = dict(zip(cores, compile_by_structure(list(cores.values()), self.counter), strict=True))
         return mlps, compiled_cores, torch.compile(self._final_metric, backend=self.counter, dynamic=False)
 
     def _aux(self, indices: Iterable[int]) -> list[torch.Tensor]:
@@ -268,7 +272,7 @@ class PatchingRuntime:
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
         corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
         # In place, one copy at a time; contiguous() gives a broadcast view (a bias expanded to the stream) its own memory.
-        self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean)]
+        self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean, strict=True)]
         full = self._unembed_all(clean_final)
         self.clean_distribution = CleanDistribution.of(full)
         batch, seq = clean_final.shape[:2]
@@ -283,8 +287,11 @@ class PatchingRuntime:
         self._final_clean = self._rows(clean_final)
         self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
         self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(self.row_batch)
-        self._token_wise_components = {k for k, step in enumerate(self.steps)
-                                 if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)}
+        self._token_wise_components = {
+            k
+            for k, step in enumerate(self.steps)
+            if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)
+        }
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
@@ -319,7 +326,9 @@ class PatchingRuntime:
     def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor, rows: RowBatch) -> bool:
         """Whether the final norm and unembedding act per token, so only the metric rows need to go through them."""
         try:
-            got = rows.unpack(self.graph.unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux))
+            got = rows.unpack(
+                self.graph.unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux)
+            )
             return got.shape == full.shape and bool(torch.allclose(got, full, rtol=1e-5, atol=1e-5))
         except (RuntimeError, IndexError):  # a graph specialised to the batch shape: the whole batch goes through
             return False
@@ -330,7 +339,7 @@ class PatchingRuntime:
         ids = self._clean_ids.new_zeros(rows.shape)
         try:
             return tuple(self.graph.prelude(ids)[1:])
-        except Exception:  # noqa: BLE001 - a static trace cannot run at another shape: no row-only components
+        except Exception:
             return None
 
     def _row_aux(self, k: int) -> list[torch.Tensor]:
@@ -342,7 +351,9 @@ class PatchingRuntime:
         if self._candidates is None:
             return self.row_batch.unpack(self._components[k](self.row_batch.pack(x), *self._row_aux(k)))
         rows = self._candidate_rows[self._candidates][0]
-        return rows.unpack(self._components[k](rows.pack(x.flatten(0, 1)), *self._row_aux(k))).unflatten(0, (self._candidates, -1))
+        return rows.unpack(self._components[k](rows.pack(x.flatten(0, 1)), *self._row_aux(k))).unflatten(
+            0, (self._candidates, -1)
+        )
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         """A candidate batch's [K, B, ...] as the [K * B, ...] batch the traced components take; the state's
@@ -365,7 +376,8 @@ class PatchingRuntime:
             return False
         full = self.clean[self.step_senders[k][0]]  # its clean output, computed from this same read
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
-            torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5))
+            torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5)
+        )
 
     def _final_metric(self, final_rows: torch.Tensor) -> torch.Tensor:
         """The metric of a final read [rows, d] (a candidate batch's [K, rows, d]: one value per candidate)."""
@@ -385,8 +397,16 @@ class PatchingRuntime:
 
     def state_bytes(self) -> int:
         """Bytes held by the state and the caches (distinct tensors counted once)."""
-        tensors = [*self.clean, *self.corrupt_minus_clean, *self.outputs, *self.clean_reads, *self._cmc_rows,
-                   *(t for t in self.inputs if t is not None), *self.projections.values(), self.final]
+        tensors = [
+            *self.clean,
+            *self.corrupt_minus_clean,
+            *self.outputs,
+            *self.clean_reads,
+            *self._cmc_rows,
+            *(t for t in self.inputs if t is not None),
+            *self.projections.values(),
+            self.final,
+        ]
         seen: dict[int, int] = {}
         for t in tensors:
             storage = t.untyped_storage()
@@ -453,15 +473,15 @@ class PatchingRuntime:
         if len(senders) > 1:
             self._prepare_candidates(len(senders))
         self.evaluated += len(senders)
-        removed = [(row, s) for s, before in zip(senders, removed_before) if before]
-        self._candidate_removed = [tuple(removed[:sum(removed_before[:i])]) + ((row, s),) for i, s in enumerate(senders)]
+        removed = [(row, s) for s, before in zip(senders, removed_before, strict=True) if before]
+        self._candidate_removed = [(*tuple(removed[: sum(removed_before[:i])]), (row, s)) for i, s in enumerate(senders)]
         if len(senders) == 1:  # the sequential query itself: its values are the commit's
             self._pending = self._remove({row: senders})
             return [self._pending.metric]
         self._pending = None
         base = self.final if row == self.final_row else self.inputs[row]
         inputs, prefix = [], base
-        for s, before in zip(senders, removed_before):
+        for s, before in zip(senders, removed_before, strict=True):
             inputs.append(prefix + self._removal_change(row, s))
             if before:
                 prefix = inputs[-1]
@@ -504,7 +524,7 @@ class PatchingRuntime:
             try:
                 self._prepare_candidates(2)
                 self._candidate_support = True
-            except Exception as error:  # noqa: BLE001 - a graph that cannot run at another batch: one query at a time
+            except Exception as error:
                 self._candidate_support = False
                 self.candidate_refusal = str(error).splitlines()[0] if str(error) else type(error).__name__
         return self._candidate_support
@@ -525,7 +545,9 @@ class PatchingRuntime:
             elif mine.dim() and theirs.shape == (k * mine.shape[0], *mine.shape[1:]):
                 expected = mine.repeat(k, *([1] * (mine.dim() - 1)))
             else:
-                raise ValueError(f"an auxiliary value of shape {tuple(mine.shape)} has shape {tuple(theirs.shape)} at {k} candidates")
+                raise ValueError(
+                    f"an auxiliary value of shape {tuple(mine.shape)} has shape {tuple(theirs.shape)} at {k} candidates"
+                )
             if not torch.equal(expected, theirs):
                 raise ValueError(f"an auxiliary value of shape {tuple(mine.shape)} is not repeated per candidate")
         rows = RowBatch(k * self.row_batch.rows, self.row_batch.seq)
@@ -658,8 +680,14 @@ class PatchingRuntime:
                 self.inputs[row] = self._rows(self.inputs[row])
                 self.outputs[sender] = self._rows(self.outputs[sender])
 
-    def _cascade(self, changes: dict[int, torch.Tensor], activate_from: int | None, plan: dict[int, FullPrecisionUnits] | None,
-                 removed: tuple[tuple[int, int], ...] = (), new_inputs: dict[int, torch.Tensor] | None = None) -> _Pending:
+    def _cascade(
+        self,
+        changes: dict[int, torch.Tensor],
+        activate_from: int | None,
+        plan: dict[int, FullPrecisionUnits] | None,
+        removed: tuple[tuple[int, int], ...] = (),
+        new_inputs: dict[int, torch.Tensor] | None = None,
+    ) -> _Pending:
         """Recompute, in step order, every component that ``changes`` (input deltas by receiver row), ``new_inputs``
         (inputs given whole, by receiver row), newly running steps or a new plan reach, following kept edges; the
         tentative state and metric."""
@@ -681,8 +709,11 @@ class PatchingRuntime:
         if new_from < self.active_from:
             pending.active_from = new_from
         deltas = _Deltas()
-        first = min([self.row_step[r] for r in (*changes, *given) if r != self.final_row]
-                    + [new_from if new_from < self.active_from else len(self.steps)] + list(plan_changes))
+        first = min(
+            [self.row_step[r] for r in (*changes, *given) if r != self.final_row]
+            + [new_from if new_from < self.active_from else len(self.steps)]
+            + list(plan_changes)
+        )
         for k in range(first, len(self.steps)):
             activating = new_from <= k < self.active_from
             new_inputs, changed = self._step_inputs(k, changes, given, deltas, kept_in, activating)
@@ -692,8 +723,9 @@ class PatchingRuntime:
                 old_units = plan_changes.get(k)
                 if not new_inputs and old_units is None:
                     continue
-                outputs = self._attention(k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units,
-                                          activating, pending)
+                outputs = self._attention(
+                    k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units, activating, pending
+                )
                 pending.outputs.update(outputs)
                 deltas.add_heads(k, {s: out - self.outputs[s] for s, out in outputs.items()})
             else:
@@ -727,8 +759,15 @@ class PatchingRuntime:
         self.last_recomputed = pending.recomputed
         return pending
 
-    def _step_inputs(self, k: int, changes: dict[int, torch.Tensor], given: dict[int, torch.Tensor], deltas: _Deltas,
-                     kept_in: list[set[int]], activating: bool) -> tuple[dict[int, torch.Tensor], list[int]]:
+    def _step_inputs(
+        self,
+        k: int,
+        changes: dict[int, torch.Tensor],
+        given: dict[int, torch.Tensor],
+        deltas: _Deltas,
+        kept_in: list[set[int]],
+        activating: bool,
+    ) -> tuple[dict[int, torch.Tensor], list[int]]:
         """New inputs of step k's receivers that ``changes``, ``given`` or upstream deltas reach (all of them when the
         step starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
         from the one the component's current output was computed from."""
@@ -765,8 +804,9 @@ class PatchingRuntime:
                     changed.append(row)
         return new_inputs, changed
 
-    def _input_sum(self, k: int, row: int, activating: bool, reaching: list[int], deltas: _Deltas,
-                   change: torch.Tensor | None) -> torch.Tensor:
+    def _input_sum(
+        self, k: int, row: int, activating: bool, reaching: list[int], deltas: _Deltas, change: torch.Tensor | None
+    ) -> torch.Tensor:
         """Receiver ``row``'s new input: its base (the clean read plus its removed edges' corruption when step k starts
         running, its state input otherwise), then its own change, then the deltas reaching it (:meth:`_Deltas.terms`), in
         that order."""
@@ -782,8 +822,15 @@ class PatchingRuntime:
             x = x + self._as_read_by(row, d, s)
         return x
 
-    def _projections(self, block: AttentionBlock, rows: dict[Role, list[int]], order: dict[Role, list[int]],
-                     units: FullPrecisionUnits, norm_aux: list[torch.Tensor], new_inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    def _projections(
+        self,
+        block: AttentionBlock,
+        rows: dict[Role, list[int]],
+        order: dict[Role, list[int]],
+        units: FullPrecisionUnits,
+        norm_aux: list[torch.Tensor],
+        new_inputs: dict[int, torch.Tensor],
+    ) -> list[torch.Tensor]:
         """The listed units' projections, by role, [B, T, units, width]. Receivers often hold one shared input tensor
         (every q/k/v input of a layer in a dense circuit, :meth:`_step_inputs`): each distinct input is normed once
         (the norm acts per position), and a role whose units all read one input projects it with one matrix
@@ -814,8 +861,16 @@ class PatchingRuntime:
                 parts.append(projection.units(x, order[role], fp32))
         return parts
 
-    def _attention(self, k: int, new_inputs: dict[int, torch.Tensor], changed: list[int], units: FullPrecisionUnits,
-                   old_units: FullPrecisionUnits | None, activating: bool, pending: _Pending) -> dict[int, torch.Tensor]:
+    def _attention(
+        self,
+        k: int,
+        new_inputs: dict[int, torch.Tensor],
+        changed: list[int],
+        units: FullPrecisionUnits,
+        old_units: FullPrecisionUnits | None,
+        activating: bool,
+        pending: _Pending,
+    ) -> dict[int, torch.Tensor]:
         """Recompute the projections of attention step k that new inputs or a precision change reach (all of them
         when the step starts running), and the outputs of the heads whose value can differ from the state's."""
         block: AttentionBlock = getattr(self.graph, self.steps[k].module)
@@ -842,7 +897,9 @@ class PatchingRuntime:
         order = {role: sorted(dirty[role]) for role in ROLES}
         aux = self._aux(self.steps[k].aux)
         norm_aux, core_aux = aux[: block.n_norm_aux], aux[block.n_norm_aux :]
-        values = torch.cat([part.flatten(-2) for part in self._projections(block, rows, order, units, norm_aux, new_inputs)], dim=-1)
+        values = torch.cat(
+            [part.flatten(-2) for part in self._projections(block, rows, order, units, norm_aux, new_inputs)], dim=-1
+        )
         if activating:
             projections = values
         else:

@@ -78,13 +78,15 @@ def discover(
     eagerly (compilation was not repaid on a CPU or an H100), ``True`` forces it. ``speculation``: how the edges into
     a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive``, ``kept`` or ``removed``
     predict the decisions and evaluate several queries in one pass, the same circuit as ``off`` (one query at a
-    time, the default); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for the algorithm, docs/runtime.md for the runtime.
+    time, the default); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for
+    the algorithm, docs/runtime.md for the runtime.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
-    written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes from them, and the file is removed when
+    written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes
+    from them, and the file is removed when
     the run has finished: once the circuit is saved to ``save_to`` where that is given (right after the search,
     before the faithfulness pass), otherwise once this function returns the circuit. With ``faithfulness``, the
     circuit alone is measured afterwards on the same runtime (no second trace, but a full patched pass on top of
@@ -95,23 +97,38 @@ def discover(
     requested = AUTO if precision == AUTO else parse_format(precision).value
 
     def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
-        return {"model": identity["fingerprint"], "task": task.fingerprint(), "threshold": threshold,
-                "metric": parsed_metric.value, "precision": requested, "granularity": granularity, "abs": abs_threshold}
+        return {
+            "model": identity["fingerprint"],
+            "task": task.fingerprint(),
+            "threshold": threshold,
+            "metric": parsed_metric.value,
+            "precision": requested,
+            "granularity": granularity,
+            "abs": abs_threshold,
+        }
 
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():  # another run's checkpoint is refused before the setup (minutes on a large model)
         saved = Checkpoint(path, fingerprint_of(model_identity(model), parse_metric(metric, task))).load()
         if saved is not None and precision == AUTO and "chosen_precision" in saved:
             precision = saved["chosen_precision"]  # a resumed run keeps the format its start measured
-    session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
-                      allow_weak_task=allow_weak_task)
+    session = prepare(
+        model, task, metric=metric, precision=precision, granularity=granularity, compile=compile, allow_weak_task=allow_weak_task
+    )
     if requested == AUTO and not session.precision_note.startswith("auto:"):
         resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
         session.precision_note = "; ".join(n for n in (resumed, session.precision_note) if n)
     store = Checkpoint(path, fingerprint_of(session.identity, session.metric), chosen_precision=session.format.value)
     try:
-        circuit = search(session, threshold, abs_threshold=abs_threshold, store=store, progress=progress, callback=callback,
-                         speculation=speculation)
+        circuit = search(
+            session,
+            threshold,
+            abs_threshold=abs_threshold,
+            store=store,
+            progress=progress,
+            callback=callback,
+            speculation=speculation,
+        )
     except CheckpointError as error:  # the replay's checks know the decisions, not the file: name it
         raise CheckpointError(error if str(path) in str(error) else f"checkpoint {path}: {error}") from None
     # The search is the run's cost; what follows (faithfulness: the run's peak memory) may fail. So the circuit is
@@ -120,8 +137,7 @@ def discover(
         circuit.save(save_to)
         store.finish()
     if faithfulness:
-        circuit = dataclasses.replace(
-            circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
+        circuit = dataclasses.replace(circuit, faithfulness=evaluate_edges(session.runtime, session.edges, circuit.edge_set()))
         if save_to is not None:
             circuit.save(save_to)
     store.finish()
@@ -167,10 +183,15 @@ def prepare(
     compiled, execution = resolve_compile(compile, device)
     check_vocabulary(model, task)
     task_check = check_task(model, task, parsed_metric)
-    for value, where in ((task_check.full_model, "of the clean model"), (task_check.every_edge_patched, "with every edge patched")):
+    for value, where in (
+        (task_check.full_model, "of the clean model"),
+        (task_check.every_edge_patched, "with every edge patched"),
+    ):
         if not math.isfinite(value):
-            raise NonFiniteError(f"the metric ({parsed_metric.value}) {where} is {value} on this task: the model's "
-                                 "logits overflow or are not numbers on these prompts")
+            raise NonFiniteError(
+                f"the metric ({parsed_metric.value}) {where} is {value} on this task: the model's "
+                "logits overflow or are not numbers on these prompts"
+            )
     if task_check.weak:
         if not allow_weak_task:
             raise WeakTaskError(task_check.warning() + " Pass allow_weak_task=True (--allow-weak-task) to search anyway.")
@@ -182,8 +203,7 @@ def prepare(
         build_s = time.perf_counter() - start
         search_s = estimated_search_seconds(runtime.total_edges, statistics.median(forward_samples))
         if worth_measuring(build_s, search_s):
-            runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled,
-                                                              (runtime, edges))
+            runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled, (runtime, edges))
             fmt, precision_note = calibration.chosen, calibration.note()
         else:
             fmt, precision_note = Format.FP32, unmeasured_note(build_s, search_s)
@@ -191,12 +211,25 @@ def prepare(
         runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
         precision_note = ""
     precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
-    return Session(model, task, parsed_metric, fmt, precision_note, execution, runtime, edges, model_identity(model),
-                   task_check, forward_samples, time.perf_counter() - start)
+    return Session(
+        model,
+        task,
+        parsed_metric,
+        fmt,
+        precision_note,
+        execution,
+        runtime,
+        edges,
+        model_identity(model),
+        task_check,
+        forward_samples,
+        time.perf_counter() - start,
+    )
 
 
-def _calibrated_runtime(model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool,
-                        fp32: tuple[PatchingRuntime, EdgeGraph]) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
+def _calibrated_runtime(
+    model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool, fp32: tuple[PatchingRuntime, EdgeGraph]
+) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
     """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
     queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime (a low-precision winner is
     built again). At most two runtimes are held at once: FP32's and one other."""
@@ -254,9 +287,14 @@ def search(
     resume_s = time.perf_counter() - start_time
     memory_limit = candidate_memory(runtime.device)
     work = _work(runtime, edges)
-    bar = tqdm(total=sum(work), initial=sum(w for w, r in zip(work, edges.receivers) if r.name in done),
-               disable=not progress, unit="work", desc="ACDC",
-               bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(
+        total=sum(work),
+        initial=sum(w for w, r in zip(work, edges.receivers, strict=True) if r.name in done),
+        disable=not progress,
+        unit="work",
+        desc="ACDC",
+        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
+    )
     loop_start, loop_queries = time.perf_counter(), runtime.queries
     finished_queries, finished_evaluated = runtime.queries, runtime.evaluated
     unfinished: int | None = None
@@ -276,8 +314,9 @@ def search(
                 _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
-            bar.set_postfix(receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept,
-                            queries_per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's own pace
+            bar.set_postfix(
+                receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False
+            )  # drawn at tqdm's own pace
             bar.update(work[r_index])
             if callback is not None:
                 callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
@@ -312,15 +351,30 @@ def search(
         precision=session.format.value,
         abs_threshold=abs_threshold,
         model=session.identity,
-        task={"name": task.name, "fingerprint": task.fingerprint(), "examples": task.n_examples,
-              "seq_len": int(task.clean_input_ids.shape[1])},
-        stats=RunStats(setup + search_s, queries, (queries - loop_queries) / max(search_s, 1e-9), peak_memory_mb(runtime.device),
-                       runtime.compilations, setup, compile_s=runtime.compile_seconds, forward_s=forward_s,
-                       forward_equivalents=per_query / forward_s, state_bytes=runtime.state_bytes(), execution=session.execution,
-                       speculation=_speculation_note(speculation, predictor, runtime), evaluated=runtime.evaluated,
-                       hit_rate=None if predictor is None or not predictor.decided else predictor.hit_rate,
-                       candidates_per_batch=None if predictor is None else predictor.evaluated / max(predictor.batches, 1),
-                       near_threshold=None if predictor is None else predictor.near_threshold),
+        task={
+            "name": task.name,
+            "fingerprint": task.fingerprint(),
+            "examples": task.n_examples,
+            "seq_len": int(task.clean_input_ids.shape[1]),
+        },
+        stats=RunStats(
+            setup + search_s,
+            queries,
+            (queries - loop_queries) / max(search_s, 1e-9),
+            peak_memory_mb(runtime.device),
+            runtime.compilations,
+            setup,
+            compile_s=runtime.compile_seconds,
+            forward_s=forward_s,
+            forward_equivalents=per_query / forward_s,
+            state_bytes=runtime.state_bytes(),
+            execution=session.execution,
+            speculation=_speculation_note(speculation, predictor, runtime),
+            evaluated=runtime.evaluated,
+            hit_rate=None if predictor is None or not predictor.decided else predictor.hit_rate,
+            candidates_per_batch=None if predictor is None else predictor.evaluated / max(predictor.batches, 1),
+            near_threshold=None if predictor is None else predictor.near_threshold,
+        ),
         total_edges=runtime.total_edges,
         versions=library_versions(),
         removed=removed_edges,
@@ -351,16 +405,29 @@ def _speculation_note(speculation: str | Predictor, predictor: Predictor | None,
 def _architecture(head_graph: HeadGraph) -> tuple[dict[str, Any], ...]:
     """Per attention layer, what the circuit file records for drawing it: heads, key/value groups, post-attention
     norm, the number of whole components after it (``mlp``: any), and on the first layer those before it."""
-    layers = tuple({"heads": layer.n_heads, "kv_groups": layer.n_kv_groups, "mlp": layer.has_mlp,
-                    "components": len(layer.components), "output_norm": layer.has_output_norm}
-                   for layer in head_graph.layers)
+    layers = tuple(
+        {
+            "heads": layer.n_heads,
+            "kv_groups": layer.n_kv_groups,
+            "mlp": layer.has_mlp,
+            "components": len(layer.components),
+            "output_norm": layer.has_output_norm,
+        }
+        for layer in head_graph.layers
+    )
     if head_graph.leading:
         layers[0]["leading"] = len(head_graph.leading)
     return layers
 
 
-def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver, threshold: float, abs_threshold: bool,
-                     effects: dict[tuple[int, int], float]) -> None:
+def _search_receiver(
+    runtime: PatchingRuntime,
+    r_index: int,
+    receiver: Receiver,
+    threshold: float,
+    abs_threshold: bool,
+    effects: dict[tuple[int, int], float],
+) -> None:
     """ACDC at one receiver: prune it if its node sends nothing any more, otherwise test its edges in order and keep
     each removal whose effect stays under the threshold."""
     if not runtime.is_live(r_index):
@@ -376,8 +443,15 @@ def _search_receiver(runtime: PatchingRuntime, r_index: int, receiver: Receiver,
             runtime.rollback()
 
 
-def _save(store: Checkpoint, runtime: PatchingRuntime, done: list[str], effects: dict[tuple[int, int], float],
-          counts: tuple[int, int], unfinished: int | None, predictor: dict[str, Any] | None) -> None:
+def _save(
+    store: Checkpoint,
+    runtime: PatchingRuntime,
+    done: list[str],
+    effects: dict[tuple[int, int], float],
+    counts: tuple[int, int],
+    unfinished: int | None,
+    predictor: dict[str, Any] | None,
+) -> None:
     """The state after the last finished receiver: the decisions of ``unfinished`` (the receiver being searched, whose
     removals all go into its own row) are left out, to be taken again on resume; ``predictor`` is the predictor's
     state after that receiver."""

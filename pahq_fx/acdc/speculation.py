@@ -105,8 +105,11 @@ class Predictor:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a resumed run batches as the uninterrupted one would."""
-        return {"decisions": [int(d) for d in self._recent_decisions], "hits": [int(h) for h in self._recent_hits],
-                "counts": [self.evaluated, self.decided, self.hits, self.batches, self.near_threshold]}
+        return {
+            "decisions": [int(d) for d in self._recent_decisions],
+            "hits": [int(h) for h in self._recent_hits],
+            "counts": [self.evaluated, self.decided, self.hits, self.batches, self.near_threshold],
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._recent_decisions.clear()
@@ -158,8 +161,16 @@ def last_level_cache() -> int:
     return max(sizes, default=DEFAULT_CACHE)
 
 
-def search_receiver(runtime: PatchingRuntime, row: int, receiver: Receiver, threshold: float, abs_threshold: bool,
-                    effects: dict[tuple[int, int], float], predictor: Predictor, memory_limit: int) -> None:
+def search_receiver(
+    runtime: PatchingRuntime,
+    row: int,
+    receiver: Receiver,
+    threshold: float,
+    abs_threshold: bool,
+    effects: dict[tuple[int, int], float],
+    predictor: Predictor,
+    memory_limit: int,
+) -> None:
     """ACDC at one live receiver, in candidate batches; the same decisions as the sequential search."""
     baseline = runtime.investigate(receiver)
     senders = list(receiver.senders)
@@ -173,7 +184,7 @@ def search_receiver(runtime: PatchingRuntime, row: int, receiver: Receiver, thre
         predictor.evaluated += len(batch)
         predictor.batches += 1
         kept_index, decided = None, 0
-        for i, (sender, metric) in enumerate(zip(batch, metrics)):
+        for i, (sender, metric) in enumerate(zip(batch, metrics, strict=True)):
             effect = metric - baseline
             effects[(row, sender)] = effect
             measured = abs(effect) if abs_threshold else effect

@@ -42,8 +42,12 @@ class SweepPoint:
     def row(self) -> dict[str, Any]:
         c, f = self.circuit, self.faithfulness
         out = {
-            "threshold": self.threshold, "edges": len(c.edges), "nodes": len(c.nodes), "queries": c.stats.queries,
-            "search_s": round(c.stats.wall_s - c.stats.setup_s, 4), "metric_of_circuit": f.circuit,
+            "threshold": self.threshold,
+            "edges": len(c.edges),
+            "nodes": len(c.nodes),
+            "queries": c.stats.queries,
+            "search_s": round(c.stats.wall_s - c.stats.setup_s, 4),
+            "metric_of_circuit": f.circuit,
             "normalised_faithfulness": f.normalised,
         }
         if self.roc is not None:
@@ -80,8 +84,15 @@ class Sweep:
         lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for i, p in enumerate(self.points):
             r = p.row()
-            cells = [repr(p.threshold), str(r["edges"]), str(r["nodes"]), str(r["queries"]), f"{r['search_s']:.3f}",
-                     f"{r['metric_of_circuit']:.4g}", f"{r['normalised_faithfulness']:.3f}"]
+            cells = [
+                repr(p.threshold),
+                str(r["edges"]),
+                str(r["nodes"]),
+                str(r["queries"]),
+                f"{r['search_s']:.3f}",
+                f"{r['metric_of_circuit']:.4g}",
+                f"{r['normalised_faithfulness']:.3f}",
+            ]
             if self.reference_name:
                 cells += [f"{r['tpr']:.3f}", f"{r['fpr']:.4f}"]
             if self.fp32 is not None:
@@ -96,8 +107,12 @@ class Sweep:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "precision": self.precision, "metric": self.metric, "setup_s": self.setup_s, "auc": self.auc,
-            "reference": self.reference_name, "reference_edges": self.reference_edges,
+            "precision": self.precision,
+            "metric": self.metric,
+            "setup_s": self.setup_s,
+            "auc": self.auc,
+            "reference": self.reference_name,
+            "reference_edges": self.reference_edges,
             "points": [p.row() for p in self.points],
             "fp32": None if self.fp32 is None else self.fp32.to_json(),
             "agreement_jaccard": list(self.agreement),
@@ -152,21 +167,26 @@ def sweep(
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
-    session = prepare(model, task, metric=metric, precision=precision, granularity=granularity, compile=compile,
-                      allow_weak_task=allow_weak_task)
+    session = prepare(
+        model, task, metric=metric, precision=precision, granularity=granularity, compile=compile, allow_weak_task=allow_weak_task
+    )
     circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
     name = f"the FP32 circuit at threshold {values[0]:g}"
     if session.format is Format.FP32:
         return _result(session, circuits, circuits[0].edge_set(), name)
-    fp32_session = prepare(model, task, metric=metric, precision=Format.FP32.value, granularity=granularity,
-                           compile=compile, allow_weak_task=True)
+    fp32_session = prepare(
+        model, task, metric=metric, precision=Format.FP32.value, granularity=granularity, compile=compile, allow_weak_task=True
+    )
     fp32_circuits = _search_all(fp32_session, values, progress)
     reference_edges = fp32_circuits[0].edge_set()
     agreement = tuple(jaccard(a.edge_set(), b.edge_set()) for a, b in zip(circuits, fp32_circuits, strict=True))
-    return dataclasses.replace(_result(session, circuits, reference_edges, name), agreement=agreement,
-                               fp32=_result(fp32_session, fp32_circuits, reference_edges, name))
+    return dataclasses.replace(
+        _result(session, circuits, reference_edges, name),
+        agreement=agreement,
+        fp32=_result(fp32_session, fp32_circuits, reference_edges, name),
+    )
 
 
 def _search_all(session: Session, thresholds: Iterable[float], progress: bool, folder: Path | None = None) -> list[Circuit]:
@@ -203,5 +223,11 @@ def _result(session: Session, circuits: list[Circuit], reference: set[tuple[str,
         faithfulness = evaluate_edges(session.runtime, session.edges, circuit.edge_set())
         roc = None if reference is None else roc_point(circuit.edge_set(), reference, total)
         points.append(SweepPoint(circuit.threshold, dataclasses.replace(circuit, faithfulness=faithfulness), roc))
-    return Sweep(session.format.value, session.metric.value, tuple(points), session.setup_s, name,
-                 0 if reference is None else len(reference))
+    return Sweep(
+        session.format.value,
+        session.metric.value,
+        tuple(points),
+        session.setup_s,
+        name,
+        0 if reference is None else len(reference),
+    )

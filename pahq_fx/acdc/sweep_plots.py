@@ -61,11 +61,16 @@ def _edges_vs_threshold(axes: Axes, sweeps: list[Sweep]) -> None:
 def _faithfulness_vs_edges(axes: Axes, sweeps: list[Sweep]) -> None:
     for s in sweeps:
         points = sorted(s.points, key=lambda p: len(p.circuit.edges))
-        axes.plot([len(p.circuit.edges) for p in points], [p.faithfulness.normalised for p in points], marker="o", label=_label(s))
+        axes.plot(
+            [len(p.circuit.edges) for p in points], [p.faithfulness.normalised for p in points], marker="o", label=_label(s)
+        )
     axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     axes.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
-    axes.set(xlabel="edges kept", ylabel="normalised faithfulness",
-             title=f"faithfulness ({sweeps[0].metric}; 1 = full model, 0 = empty)")
+    axes.set(
+        xlabel="edges kept",
+        ylabel="normalised faithfulness",
+        title=f"faithfulness ({sweeps[0].metric}; 1 = full model, 0 = empty)",
+    )
     axes.legend(fontsize=8)
 
 
@@ -75,8 +80,13 @@ def _roc(axes: Axes, sweeps: list[Sweep], reference: str) -> None:
             continue
         curve = roc_curve(p.roc for p in s.points)
         axes.step([x for x, _ in curve], [y for _, y in curve], where="post", label=f"{_label(s)} (AUC {s.auc:.3f})")
-        axes.plot([p.roc.false_positive_rate for p in s.points], [p.roc.true_positive_rate for p in s.points], "o", markersize=3,
-                  color=axes.lines[-1].get_color())
+        axes.plot(
+            [p.roc.false_positive_rate for p in s.points],
+            [p.roc.true_positive_rate for p in s.points],
+            "o",
+            markersize=3,
+            color=axes.lines[-1].get_color(),
+        )
     axes.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate", title="edge ROC")
     axes.text(0.98, 0.02, f"reference: {reference}", ha="right", va="bottom", fontsize=6.5, transform=axes.transAxes, wrap=True)

@@ -51,7 +51,9 @@ class Task:
             raise TaskError("give both correct_ids and incorrect_ids, or neither")
         for label, t in (("correct_ids", self.correct_ids), ("incorrect_ids", self.incorrect_ids)):
             if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (clean.shape[0],) or t.dtype not in ID_DTYPES):
-                raise TaskError(f"{label} must be an integer tensor (int64 or int32) of shape [{clean.shape[0]}], got {_describe(t)}")
+                raise TaskError(
+                    f"{label} must be an integer tensor (int64 or int32) of shape [{clean.shape[0]}], got {_describe(t)}"
+                )
 
     @property
     def n_examples(self) -> int:
@@ -74,14 +76,18 @@ class Task:
         ``max_positions`` (the model's position embeddings)."""
         length = self.clean_input_ids.shape[1]
         if max_positions is not None and length > max_positions:
-            raise TaskError(f"the task's prompts are {length} tokens long, longer than the model's {max_positions} "
-                            "positions; use shorter prompts")
+            raise TaskError(
+                f"the task's prompts are {length} tokens long, longer than the model's {max_positions} "
+                "positions; use shorter prompts"
+            )
         for label, t in self._tensors().items():
             if label == "metric_mask":
                 continue
             low, high = int(t.min()), int(t.max())
             if low < 0 or high >= vocab_size:
-                raise TaskError(f"{label} holds token id {high if high >= vocab_size else low} outside the vocabulary [0, {vocab_size})")
+                raise TaskError(
+                    f"{label} holds token id {high if high >= vocab_size else low} outside the vocabulary [0, {vocab_size})"
+                )
 
     def fingerprint(self) -> str:
         """A hash of the task's contents, to recognise it in checkpoints and reports."""
@@ -92,8 +98,11 @@ class Task:
         return digest.hexdigest()[:16]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"clean_input_ids": self.clean_input_ids, "corrupted_input_ids": self.corrupted_input_ids,
-                   "metric_mask": self.metric_mask}
+        tensors = {
+            "clean_input_ids": self.clean_input_ids,
+            "corrupted_input_ids": self.corrupted_input_ids,
+            "metric_mask": self.metric_mask,
+        }
         if self.has_answers:
             tensors.update(correct_ids=self.correct_ids, incorrect_ids=self.incorrect_ids)
         return tensors

@@ -70,8 +70,9 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise TaskError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
-                            "save the file as UTF-8") from None
+            raise TaskError(
+                f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); save the file as UTF-8"
+            ) from None
         if line.strip():
             records.append((where, _record(line, where)))
     if not records:
@@ -87,7 +88,9 @@ def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -
     examples = [_tokenized(record, tokenizer, where) for where, record in records]
     with_answers = {e.correct is not None for e in examples}
     if len(with_answers) > 1:
-        raise TaskError(f"{path.name}: some lines give correct/incorrect answers and others do not; give them on every line or none")
+        raise TaskError(
+            f"{path.name}: some lines give correct/incorrect answers and others do not; give them on every line or none"
+        )
     pad = _pad_id(tokenizer)
     length = max(len(e.clean) for e in examples)
     clean = torch.full((len(examples), length), pad, dtype=torch.long)
@@ -99,7 +102,10 @@ def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -
         mask[row, e.positions] = True
     answers: dict[str, torch.Tensor] = {}
     if with_answers == {True}:
-        answers = {"correct_ids": torch.tensor([e.correct for e in examples]), "incorrect_ids": torch.tensor([e.incorrect for e in examples])}
+        answers = {
+            "correct_ids": torch.tensor([e.correct for e in examples]),
+            "incorrect_ids": torch.tensor([e.incorrect for e in examples]),
+        }
     return Task(clean, corrupted, mask, name=name or path.stem, **answers)
 
 
@@ -115,7 +121,9 @@ def _record(line: str, where: str) -> dict[str, Any]:
         raise TaskError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
     unknown = sorted(set(record) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise TaskError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} (known: {', '.join(REQUIRED + OPTIONAL)})")
+        raise TaskError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} (known: {', '.join(REQUIRED + OPTIONAL)})"
+        )
     for key in ("clean", "corrupted", "correct", "incorrect"):
         if key in record and (not isinstance(record[key], str) or not record[key].strip()):
             raise TaskError(f"{where}: {key!r} must be a non-empty string, got {record[key]!r}")

@@ -199,6 +199,8 @@ def _sum_of(facts: GraphFacts, residual: ResidualStream, a: fx.Node, b: fx.Node,
     reshapes), else None."""
     after_a, after_b = descendants([a]), descendants([b])
     join = min(after_a & after_b, key=facts.order.__getitem__, default=None)
-    if join is None or sorted(residual.decompose(join, stop), key=facts.order.__getitem__) != sorted([a, b], key=facts.order.__getitem__):
+    if join is None or sorted(residual.decompose(join, stop), key=facts.order.__getitem__) != sorted(
+        [a, b], key=facts.order.__getitem__
+    ):
         return None
     return join

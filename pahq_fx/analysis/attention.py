@@ -18,8 +18,16 @@ SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
 # ``bmm`` and ``baddbmm`` (a bias such as ALiBi's first) over [batch * heads, ...] as in Bloom.
 PRODUCT_FACTORS = {aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
 # Ops that only regroup a tensor's dimensions: between a [batch * heads, ...] factor and its [batch, heads, ...] form.
-REGROUP_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-                   aten.permute.default, aten.contiguous.default, aten.clone.default, aten.expand.default}
+REGROUP_TARGETS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.expand.default,
+}
 
 
 class AttentionMatcher:
@@ -58,8 +66,11 @@ class AttentionMatcher:
             user = next(iter(probs.users))
             weighted = self._factors(user) if user.target in PRODUCT_FACTORS else None
             if weighted is not None and weighted[0] is probs:
-                views = [self._heads_form(factors[0], up=True), self._heads_form(factors[1], up=True, transposed=True),
-                         self._heads_form(weighted[1], up=True)]
+                views = [
+                    self._heads_form(factors[0], up=True),
+                    self._heads_form(factors[1], up=True, transposed=True),
+                    self._heads_form(weighted[1], up=True),
+                ]
                 output = self._heads_form(user, up=False)
                 if output is None or any(v is None for v in views):
                     return None
@@ -159,8 +170,9 @@ class AttentionMatcher:
         known = {p.node for p in projections}
         between = descendants([normed]) & ancestors([z])
         gates = [self.facts.linear(n) for n in between if n not in known]
-        return [g for g in gates if g is not None
-                and first_with_shape(g.input, self.facts.values, self.facts.lead, up=True) is normed]
+        return [
+            g for g in gates if g is not None and first_with_shape(g.input, self.facts.values, self.facts.lead, up=True) is normed
+        ]
 
     @staticmethod
     def _reaches_output_around_attention(attention: AttentionCall, outputs: list[fx.Node], z: fx.Node) -> bool:

@@ -42,7 +42,9 @@ class GraphFacts:
         batch, seq = self.values[self.source].shape
         candidates = [o for o in self.outputs if self.values[o].dim() == 3 and tuple(self.values[o].shape[:2]) == (batch, seq)]
         if not candidates:
-            raise UnsupportedArchitectureError(f"none of the graph's {len(self.outputs)} outputs has the logits' shape [batch, seq, vocab]")
+            raise UnsupportedArchitectureError(
+                f"none of the graph's {len(self.outputs)} outputs has the logits' shape [batch, seq, vocab]"
+            )
         return max(candidates, key=self.order.__getitem__)
 
     def _activations(self) -> set[fx.Node]:
@@ -59,9 +61,7 @@ class GraphFacts:
         return as_linear(node, self.values, self.activations)
 
     def is_residual_add(self, node: fx.Node) -> bool:
-        return node.target in ADD_TARGETS and all(
-            isinstance(a, fx.Node) and a in self.activations for a in node.args[:2]
-        )
+        return node.target in ADD_TARGETS and all(isinstance(a, fx.Node) and a in self.activations for a in node.args[:2])
 
     def single_activation_input(self, node: fx.Node) -> fx.Node | None:
         inputs = [p for p in input_nodes(node) if p in self.activations]

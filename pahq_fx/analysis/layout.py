@@ -31,7 +31,6 @@ class AttentionCall:
         return self.output.name
 
 
-
 @dataclass(frozen=True)
 class Linear:
     """A linear op of the graph, normalised to ``y = x @ weight.T + bias``."""

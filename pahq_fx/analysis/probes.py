@@ -37,13 +37,15 @@ class HeadProbe:
         with torch.no_grad():
             return sub(*inputs, *[self.facts.values[e] for e in extra])
 
-    def _probe_output(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
-                      probe: torch.Tensor) -> Any:
+    def _probe_output(
+        self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor
+    ) -> Any:
         """``sub`` on the clean projection outputs with output ``i`` replaced by ``probe``."""
         return self._probe(sub, extra, [probe if j == i else t for j, t in enumerate(clean)])
 
-    def role_features(self, attention: AttentionCall, outputs: list[fx.Node],
-                      gate_target: tuple[fx.Node, list[list[int]]] | None = None) -> RoleLayout:
+    def role_features(
+        self, attention: AttentionCall, outputs: list[fx.Node], gate_target: tuple[fx.Node, list[list[int]]] | None = None
+    ) -> RoleLayout:
         """Assign every projection output feature to (role, head) with NaN probes.
 
         Where the ops between projections and attention act position by position (checked), one probe tests one
@@ -76,8 +78,15 @@ class HeadProbe:
                 raise nan_error from None
             return RoleLayout(features, group_of_head, coupled)
 
-    def _hits(self, attention: AttentionCall, outputs: list[fx.Node], sub: fx.GraphModule, extra: list[fx.Node],
-              poison: float, gate_owner: dict[int, int]) -> dict[Role, dict[int, set[int]]]:
+    def _hits(
+        self,
+        attention: AttentionCall,
+        outputs: list[fx.Node],
+        sub: fx.GraphModule,
+        extra: list[fx.Node],
+        poison: float,
+        gate_owner: dict[int, int],
+    ) -> dict[Role, dict[int, set[int]]]:
         """For every projection feature, its role and the heads a ``poison`` value there reaches (``gate_owner``:
         the head of every output-projection input feature, where gates are probed)."""
         args = attention.inputs
@@ -98,7 +107,11 @@ class HeadProbe:
                     probe[..., first] = poison
                 reached = self._reached(sub, extra, clean, i, probe, per_position, gate_owner, len(features))
                 for p, f in enumerate(features):
-                    touched = [(role, {h for h, hit in enumerate(r[p]) if hit}) for role, r in zip(Role, reached) if any(r[p])]
+                    touched = [
+                        (role, {h for h, hit in enumerate(r[p]) if hit})
+                        for role, r in zip(Role, reached, strict=False)  # past the roles: a gate's heads (below)
+                        if any(r[p])
+                    ]
                     if not touched and len(reached) > len(Role) and sum(reached[-1][p]) == 1:  # a gate of one head
                         touched = [(Role.QUERY, {reached[-1][p].index(True)})]
                     if len(touched) != 1:
@@ -112,8 +125,17 @@ class HeadProbe:
             offset += width
         return hits
 
-    def _reached(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, probe: torch.Tensor,
-                 per_position: bool, gate_owner: dict[int, int], probed: int) -> list[list[list[bool]]]:
+    def _reached(
+        self,
+        sub: fx.GraphModule,
+        extra: list[fx.Node],
+        clean: list[torch.Tensor],
+        i: int,
+        probe: torch.Tensor,
+        per_position: bool,
+        gate_owner: dict[int, int],
+        probed: int,
+    ) -> list[list[list[bool]]]:
         """For each attention input (and the output projection's input, where gates are probed), which heads the
         probe reaches (a value that is not finite): per position for the ``probed`` positions that carry a probed
         feature ([probed][heads]; reading every position into Python cost a quarter of a split traced at a whole
@@ -122,7 +144,11 @@ class HeadProbe:
         reached = []
         for r in results[: len(Role)]:
             poisoned = (~torch.isfinite(r)).any(-1)  # [batch, heads, seq]
-            reached.append((poisoned.permute(0, 2, 1).flatten(0, 1)[:probed] if per_position else poisoned.any(-1).any(0, keepdim=True)).tolist())
+            reached.append(
+                (
+                    poisoned.permute(0, 2, 1).flatten(0, 1)[:probed] if per_position else poisoned.any(-1).any(0, keepdim=True)
+                ).tolist()
+            )
         if len(results) > len(Role):  # the output projection's input, [batch, seq, features]: features to heads
             poisoned = (~torch.isfinite(results[-1])).flatten(0, -2)
             poisoned = poisoned[:probed] if per_position else poisoned.any(0, keepdim=True)
@@ -133,8 +159,9 @@ class HeadProbe:
             reached.append(by_head.tolist())
         return reached
 
-    def _per_position(self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int,
-                      attention_inputs: list[torch.Tensor]) -> bool:
+    def _per_position(
+        self, sub: fx.GraphModule, extra: list[fx.Node], clean: list[torch.Tensor], i: int, attention_inputs: list[torch.Tensor]
+    ) -> bool:
         """Whether a NaN at one position of projection output ``i`` ([batch, seq, width] flattened row-major) reaches the
         attention inputs ([batch, heads, seq, dim]) at that same (batch, seq) position and nowhere else. Checked with
         probes that poison every position whose index has bit k equal to v, for every bit k and both values v: a
@@ -209,8 +236,9 @@ class HeadProbe:
             except UnsupportedArchitectureError:
                 raise nan_error from None
 
-    def _z_owners(self, attention: AttentionCall, z: fx.Node, sub: fx.GraphModule, extra: list[fx.Node],
-                  poison: float) -> list[list[int]]:
+    def _z_owners(
+        self, attention: AttentionCall, z: fx.Node, sub: fx.GraphModule, extra: list[fx.Node], poison: float
+    ) -> list[list[int]]:
         clean = self.facts.values[attention.output]
         owner: dict[int, int] = {}
         for h in range(clean.shape[1]):
@@ -223,5 +251,7 @@ class HeadProbe:
                 owner[f] = h
         width = self.facts.values[z].shape[-1]
         if sorted(owner) != list(range(width)):
-            raise UnsupportedArchitectureError(f"attention call {attention.name}: some output-projection inputs come from no head")
+            raise UnsupportedArchitectureError(
+                f"attention call {attention.name}: some output-projection inputs come from no head"
+            )
         return [[f for f in range(width) if owner[f] == h] for h in range(clean.shape[1])]

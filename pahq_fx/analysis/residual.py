@@ -59,6 +59,10 @@ class ResidualStream:
 
     def stream_shaped(self, node: fx.Node) -> fx.Node:
         """Walk up through token reshapes to the [batch, seq, d] form of a residual-stream node."""
-        while node.target in SHAPE_OPS and self.facts.values[node].dim() != len(self.facts.lead) + 1 and self.token_reshape(node.args[0], node):
+        while (
+            node.target in SHAPE_OPS
+            and self.facts.values[node].dim() != len(self.facts.lead) + 1
+            and self.token_reshape(node.args[0], node)
+        ):
             node = node.args[0]
         return node

@@ -62,7 +62,7 @@ IOI_TEMPLATES = (
 
 
 def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
-    """"When A and B went to the store, B gave a drink to" -> A, with the first two names in either order
+    """ "When A and B went to the store, B gave a drink to" -> A, with the first two names in either order
     (ABBA and BABA, so the answer's position gives nothing away). Corrupted: a third name C replaces the
     repeated B. Answers: A (correct) and B (incorrect)."""
     rng = random.Random(seed)
@@ -78,13 +78,17 @@ def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append([c if w == b and i > 3 else w for i, w in enumerate(words)])  # the repeated B
         correct.append(a)
         incorrect.append(b)
-    return Task(_encode(tokenizer, clean), _encode(tokenizer, corrupted),
-                correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-                incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)), name="ioi")
+    return Task(
+        _encode(tokenizer, clean),
+        _encode(tokenizer, corrupted),
+        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
+        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
+        name="ioi",
+    )
 
 
 def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
-    """"The war lasted from the year 17 YY to the year 17" -> a year above YY. Corrupted: YY = 01.
+    """ "The war lasted from the year 17 YY to the year 17" -> a year above YY. Corrupted: YY = 01.
     Answers: a random year above YY (correct) and one below (incorrect)."""
     rng = random.Random(seed)
     clean, corrupted, correct, incorrect = [], [], [], []
@@ -95,9 +99,13 @@ def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append([("01" if w == f"{yy:02d}" and i == 7 else w) for i, w in enumerate(words)])
         correct.append(f"{rng.randint(yy + 1, 99):02d}")
         incorrect.append(f"{rng.randint(0, yy - 1):02d}")
-    return Task(_encode(tokenizer, clean), _encode(tokenizer, corrupted),
-                correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-                incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)), name="greater_than")
+    return Task(
+        _encode(tokenizer, clean),
+        _encode(tokenizer, corrupted),
+        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
+        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
+        name="greater_than",
+    )
 
 
 def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
@@ -112,9 +120,13 @@ def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append(f"def doc ( self , {others[0]} , {others[1]} , {others[2]} ) : {docs}".split())
         correct.append(c)
         incorrect.append(a)
-    return Task(_encode(tokenizer, clean), _encode(tokenizer, corrupted),
-                correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-                incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)), name="docstring")
+    return Task(
+        _encode(tokenizer, clean),
+        _encode(tokenizer, corrupted),
+        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
+        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
+        name="docstring",
+    )
 
 
 GENERATORS: dict[str, Callable[..., Task]] = {

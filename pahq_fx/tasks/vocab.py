@@ -4,16 +4,82 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-NAMES = ("Mary", "John", "Tom", "Anna", "James", "Sarah", "Paul", "Kate", "Mike", "Lisa", "David", "Emma",
-         "Peter", "Alice", "Mark", "Julia", "Sam", "Laura", "Dan", "Rose")
+NAMES = (
+    "Mary",
+    "John",
+    "Tom",
+    "Anna",
+    "James",
+    "Sarah",
+    "Paul",
+    "Kate",
+    "Mike",
+    "Lisa",
+    "David",
+    "Emma",
+    "Peter",
+    "Alice",
+    "Mark",
+    "Julia",
+    "Sam",
+    "Laura",
+    "Dan",
+    "Rose",
+)
 PLACES = ("store", "park", "school", "office", "garden", "beach", "market", "station")
 OBJECTS = ("drink", "book", "ball", "gift", "letter", "key", "cake", "ring")
 YEARS = tuple(f"{i:02d}" for i in range(100))
-CODE_NAMES = ("x", "y", "z", "size", "name", "data", "path", "value", "index", "count", "mode", "key_id",
-              "items", "limit", "flag", "text")
-FUNCTION_WORDS = ("When", "and", "went", "to", "the", ",", "gave", "a", "The", "war", "lasted", "from",
-                  "year", "17", "def", "(", "self", ")", ":", '"""', ":param", "doc", "then", "Afterwards",
-                  "handed", "While", "were", "at", "in", "of", ".")
+CODE_NAMES = (
+    "x",
+    "y",
+    "z",
+    "size",
+    "name",
+    "data",
+    "path",
+    "value",
+    "index",
+    "count",
+    "mode",
+    "key_id",
+    "items",
+    "limit",
+    "flag",
+    "text",
+)
+FUNCTION_WORDS = (
+    "When",
+    "and",
+    "went",
+    "to",
+    "the",
+    ",",
+    "gave",
+    "a",
+    "The",
+    "war",
+    "lasted",
+    "from",
+    "year",
+    "17",
+    "def",
+    "(",
+    "self",
+    ")",
+    ":",
+    '"""',
+    ":param",
+    "doc",
+    "then",
+    "Afterwards",
+    "handed",
+    "While",
+    "were",
+    "at",
+    "in",
+    "of",
+    ".",
+)
 INDUCTION_TOKENS = tuple(f"t{i}" for i in range(64))
 SPECIAL = ("<pad>", "<unk>")
 

@@ -31,8 +31,15 @@ def available() -> dict[str, ZooEntry]:
     entries = {}
     for info_file in sorted(ZOO_DIR.glob("*/zoo.json")):
         info = json.loads(info_file.read_text())
-        entries[info["name"]] = ZooEntry(info["name"], info["architecture"], tuple(info["tasks"]), info["accuracy"],
-                                         info["parameters"], info_file.parent, info.get("task_options", {}))
+        entries[info["name"]] = ZooEntry(
+            info["name"],
+            info["architecture"],
+            tuple(info["tasks"]),
+            info["accuracy"],
+            info["parameters"],
+            info_file.parent,
+            info.get("task_options", {}),
+        )
     return entries
 
 
@@ -80,10 +87,12 @@ def load(name_or_path: str, tokenizer: object | None = None) -> tuple[nn.Module,
     except (SafetensorError, pickle.UnpicklingError) as error:
         files = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin")) if path.is_dir() else []
         weights = f"its weights ({', '.join(files)})" if files else "its weights"
-        reason = (f"{weights} hold pickled objects besides tensors, which are not loaded (torch.load with "
-                  "weights_only=True); if you trust the file, convert it to safetensors"
-                  if isinstance(error, pickle.UnpicklingError) else
-                  f"{weights} are damaged or truncated: {str(error).splitlines()[0]}")
+        reason = (
+            f"{weights} hold pickled objects besides tensors, which are not loaded (torch.load with "
+            "weights_only=True); if you trust the file, convert it to safetensors"
+            if isinstance(error, pickle.UnpicklingError)
+            else f"{weights} are damaged or truncated: {str(error).splitlines()[0]}"
+        )
         raise PahqError(f"cannot load model {name_or_path!r}: {reason}") from None
     except (OSError, ValueError) as error:
         raise _cannot_load(name_or_path, shipped, error) from None
@@ -106,6 +115,6 @@ def task_accuracy(model: nn.Module, task, tokenizer) -> float:
     if task.name == "greater_than":
         year_of = {tokenizer.convert_tokens_to_ids(f"{y:02d}"): y for y in range(100)}
         prompt_years = [year_of[int(i)] for i in task.clean_input_ids[:, 7]]
-        hits = [year_of.get(int(p), -1) > y for p, y in zip(predicted, prompt_years)]
+        hits = [year_of.get(int(p), -1) > y for p, y in zip(predicted, prompt_years, strict=True)]
         return sum(hits) / len(hits)
     return float((predicted == task.correct_ids).float().mean())
