@@ -465,11 +465,7 @@ class PatchingRuntime:
         build them, bit for bit, and the cone runs once for all of them."""
         if not senders or len(set(senders)) != len(senders) or len(removed_before) != len(senders):
             raise ValueError(f"candidates need distinct senders and one guess each, got {senders} and {removed_before}")
-        for s in senders:
-            if s not in self.kept_in[row]:
-                raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
-        if self.row_step[row] < self.active_from:
-            raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it first")
+        self._check_removable(row, senders)
         if len(senders) > 1:
             self._prepare_candidates(len(senders))
         self.evaluated += len(senders)
@@ -638,15 +634,20 @@ class PatchingRuntime:
         """Removing (s, r) changes r's input by ``corrupt_s - current_s``; the cascade does the rest."""
         changes = {}
         for row, senders in removals.items():
-            if self.row_step[row] < self.active_from:
-                raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it (or run_from) first")
+            self._check_removable(row, senders)
             for s in senders:
-                if s not in self.kept_in[row]:
-                    raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
                 change = self._removal_change(row, s)
                 changes[row] = change if row not in changes else changes[row] + change
         removed = tuple((row, s) for row, senders in removals.items() for s in senders)
         return self._cascade(changes, None, None, removed=removed)
+
+    def _check_removable(self, row: int, senders: Iterable[int]) -> None:
+        """The receiver runs (its step is active) and keeps an edge from every one of ``senders``."""
+        if self.row_step[row] < self.active_from:
+            raise RuntimeError(f"{self.edges.receivers[row].name} does not run yet: investigate it (or run_from) first")
+        for s in senders:
+            if s not in self.kept_in[row]:
+                raise ValueError(f"edge {self.edges.senders[s].name} -> {self.edges.receivers[row].name} is not present")
 
     def _reads_rows(self, row: int) -> bool:
         """Whether this receiver's input is kept at the final read's rows only."""

@@ -108,12 +108,21 @@ def discover(
         }
 
     path = Path(checkpoint) if checkpoint is not None else None
+    identity = None  # hashing every weight is costly on a large model: once per run
     if path is not None and path.exists():  # another run's checkpoint is refused before the setup (minutes on a large model)
-        saved = Checkpoint(path, fingerprint_of(model_identity(model), parse_metric(metric, task))).load()
+        identity = model_identity(model)
+        saved = Checkpoint(path, fingerprint_of(identity, parse_metric(metric, task))).load()
         if saved is not None and precision == AUTO and "chosen_precision" in saved:
             precision = saved["chosen_precision"]  # a resumed run keeps the format its start measured
     session = prepare(
-        model, task, metric=metric, precision=precision, granularity=granularity, compile=compile, allow_weak_task=allow_weak_task
+        model,
+        task,
+        metric=metric,
+        precision=precision,
+        granularity=granularity,
+        compile=compile,
+        allow_weak_task=allow_weak_task,
+        identity=identity,
     )
     if requested == AUTO and not session.precision_note.startswith("auto:"):
         resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
@@ -172,9 +181,11 @@ def prepare(
     granularity: str = "per_row",
     compile: bool | str = AUTO,
     allow_weak_task: bool = False,
+    identity: dict[str, Any] | None = None,
 ) -> Session:
     """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
-    forward, and build the runtime: trace, split, lower, clean and corrupted caches."""
+    forward, and build the runtime: trace, split, lower, clean and corrupted caches. ``identity``: the model's
+    :func:`~pahq_fx.acdc.run_info.model_identity` where the caller has computed it already."""
     parsed_metric = parse_metric(metric, task)
     check_float32_weights(model.parameters())  # before the task check and the trace
     check_finite_weights(model)
@@ -220,7 +231,7 @@ def prepare(
         execution,
         runtime,
         edges,
-        model_identity(model),
+        identity if identity is not None else model_identity(model),
         task_check,
         forward_samples,
         time.perf_counter() - start,
@@ -273,8 +284,9 @@ def search(
         done = list(state["done"])
         effects = {(r, s): e for r, s, e in state["effects"]}
     predictor = speculation if isinstance(speculation, Predictor) else None
-    if predictor is None and check_speculation(speculation) is not None:
-        predictor = Predictor(check_speculation(speculation))
+    kind = check_speculation(speculation)
+    if predictor is None and kind is not None:
+        predictor = Predictor(kind)
     if predictor is not None and not runtime.batches_candidates():
         predictor = None
     if state is not None:
