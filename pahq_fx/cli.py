@@ -19,6 +19,7 @@ from .errors import PahqError
 PRECISIONS = ("auto", "fp32", "fp8", "fp8_e5m2", "bf16", "fp16")
 METRICS = ("kl", "logit_diff", "prob_diff")
 SPECULATIONS = ("adaptive", "kept", "removed", "off")
+STORAGES = ("fp32", "bf16", "fp8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,6 +119,8 @@ def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     identity: dict = {"command": args.command}
     for field in fields:
         value = getattr(args, field)
+        if field == "storage" and value == "fp32":
+            continue  # the default, and the only storage before there was a choice: earlier runs' folders still resume
         if field in ("model", "task", "reference") and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         identity[field] = value
@@ -215,6 +218,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         "forward_s": s.forward_s,
         "forward_equivalents_per_query": round(s.forward_equivalents, 4),
         "state_bytes": s.state_bytes,
+        "storage": s.storage,
         "edges_kept": len(circuit.edges),
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
@@ -235,6 +239,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         f"| precision (non-investigated heads) | {circuit.precision}"
         f"{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
         f"| execution | {s.execution} |",
+        f"| state storage, bytes | {s.storage}, {s.state_bytes / 2**20:.1f} MiB |",
         f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
         f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
         f"| nodes | {len(circuit.nodes)} |",
@@ -271,7 +276,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
 
 def cmd_discover(args: argparse.Namespace) -> None:
     out = Path(args.out)  # every check that needs no model first: the out folder, the task, the circuit to compare
-    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric"))
+    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric", "storage"))
     others = _check_out(out, identity, args.overwrite)
     from .acdc import Circuit, discover
     from .acdc.checkpoint import Checkpoint
@@ -305,6 +310,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
         faithfulness=True,
         save_to=out / "circuit.json",
         speculation=args.speculation,
+        storage=args.storage,
     )
     write_text(out / "circuit.dot", circuit.to_dot())
     agreement = circuit.jaccard(previous) if previous is not None else None
@@ -349,7 +355,7 @@ def _thresholds(text: str) -> list[float]:
 def cmd_sweep(args: argparse.Namespace) -> None:
     thresholds = _thresholds(args.thresholds)
     out = Path(args.out)
-    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference"))
+    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference", "storage"))
     others = _check_out(out, identity, args.overwrite)
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
@@ -376,6 +382,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         allow_weak_task=args.allow_weak_task,
         compile=False if args.no_compile else True if args.compile else "auto",
         save_to=out,
+        storage=args.storage,
     )
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
@@ -388,7 +395,7 @@ def _preflight(args: argparse.Namespace, model, task) -> None:
         return
     from .acdc.plan import preflight
 
-    preflight(model, task, max_memory=args.max_memory, assume=args.assume)
+    preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -410,6 +417,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             positions=args.positions,
             device=args.device or "cpu",
             max_memory=args.max_memory,
+            storage=args.storage,
             assume=args.assume,
             name=args.config,
         )
@@ -428,6 +436,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             metric=args.metric,
             precision=args.precision,
             max_memory=args.max_memory,
+            storage=args.storage,
             calibrate=not args.no_calibrate,
             queries_per_role=args.queries_per_role,
             layers=layers,
@@ -478,6 +487,13 @@ def _memory_arguments(parser: argparse.ArgumentParser) -> None:
         default="bound",
         choices=("bound", "dense"),
         help="check the peak bound, which a search at any threshold stays under (default), or a dense circuit's peak",
+    )
+    parser.add_argument(
+        "--storage",
+        default="fp32",
+        choices=STORAGES,
+        help="how the runtime stores its caches and the senders' outputs: fp32 (exact; default), bf16 (half the "
+        "bytes) or fp8 (a quarter, a scale per row)",
     )
 
 

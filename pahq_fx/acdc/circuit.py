@@ -43,6 +43,7 @@ class RunStats:
     hit_rate: float | None = None  # share of the predictor's guesses that the decisions confirmed
     candidates_per_batch: float | None = None
     near_threshold: int | None = None  # decisions within round-off of the threshold (either way under round-off)
+    storage: str = "fp32"  # how the caches and the senders' outputs were stored (pahq_fx.acdc.storage)
 
 
 @dataclass(frozen=True)
