@@ -147,12 +147,14 @@ class Circuit:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def draw(self, path: str | Path, *more: str | Path) -> Path:
+    def draw(self, path: str | Path, *more: str | Path, top_k: int | None = 50, min_effect: float = 0.0) -> Path:
         """A layered picture of the circuit, PNG or SVG by the suffix (matplotlib; no Graphviz needed), written
-        to ``path`` and to every further path in ``more`` from one layout. Returns ``path``."""
+        to ``path`` and to every further path in ``more`` from one layout. Returns ``path``. It draws the ``top_k``
+        edges of largest effect (``None``: every edge) among those whose effect is at least ``min_effect``, and
+        notes how many it left out: past a few dozen edges a picture of all of them is unreadable."""
         from .drawing import draw_circuit
 
-        return draw_circuit(self, path, *more)[0]
+        return draw_circuit(self, path, *more, top_k=top_k, min_effect=min_effect)[0]
 
     def evaluate(self, model: Any, task: Any) -> Faithfulness:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
