@@ -226,6 +226,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         },
         "agreement_jaccard": agreement,
         "task_check": circuit.task_check,
+        "edges": [dataclasses.asdict(e) for e in circuit.ranked_edges()],
     }
     lines = [
         f"# Circuit report: {model_name} on {circuit.task['name']}",
@@ -266,7 +267,28 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
             + "; ".join(check["problems"])
             + ".",
         ]
-    return data, "\n".join(lines) + "\n"
+    return data, "\n".join(lines + _edge_table(circuit)) + "\n"
+
+
+REPORT_EDGES = 100  # edges report.md lists; circuit.json and report.json hold every one
+
+
+def _edge_table(circuit) -> list[str]:
+    """report.md's edge list, largest effect first, cut at :data:`REPORT_EDGES` with a count of the rest."""
+    ranked = circuit.ranked_edges()
+    lines = [
+        "",
+        "## Edges",
+        "",
+        f"{len(ranked)} edges, largest effect first (effect: the metric's increase when the search patched the edge).",
+        "",
+        "| # | sender | receiver | effect |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {e.sender} | {e.receiver} | {e.effect:.4g} |" for i, e in enumerate(ranked[:REPORT_EDGES], start=1)]
+    if len(ranked) > REPORT_EDGES:
+        lines += ["", f"{len(ranked) - REPORT_EDGES} more edges with smaller effects are in circuit.json and report.json."]
+    return lines
 
 
 def cmd_discover(args: argparse.Namespace) -> None:
