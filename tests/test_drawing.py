@@ -234,6 +234,8 @@ def test_cli_draws_png_and_svg_without_graphviz(tmp_path):
         "--precision",
         "fp32",
         "--no-progress",
+        "--draw-top-k",
+        "3",
         "--out",
         str(out),
         env=env,
@@ -243,4 +245,5 @@ def test_cli_draws_png_and_svg_without_graphviz(tmp_path):
     svg = (out / "circuit.svg").read_text()
     circuit = pahq_fx.Circuit.load(out / "circuit.json")
     assert circuit.architecture and all(node in svg for node in circuit.nodes)
+    assert len(circuit.edges) > 3 and f"the 3 largest; {len(circuit.edges) - 3} weaker not drawn" in svg
     assert "circuit.png, circuit.svg" in result.stdout
