@@ -41,11 +41,20 @@ def _load_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def _load_model(name: str, tokenizer=None):
+def _load_model(name: str, tokenizer=None, device=None):
     _quiet_libraries()
     from .zoo import load
 
-    return load(name, tokenizer)
+    return load(name, tokenizer, device=device)
+
+
+def _device(args: argparse.Namespace):
+    """``--device`` checked before anything loads (None: the CPU, where a model loads)."""
+    if args.device is None:
+        return None
+    from .zoo import check_device
+
+    return check_device(args.device)
 
 
 def _task_source(spec: str):
@@ -73,12 +82,14 @@ def _task_source(spec: str):
 
 
 def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -> tuple:
-    """(task, tokenizer): the task built with the model's tokenizer alone and checked against ``metric``, so that
-    its mistakes are told before the model loads."""
+    """(task, tokenizer): the task built with the model's tokenizer (or ``--tokenizer``) alone and checked against
+    ``metric``, so that its mistakes are told before the model loads; on ``--device`` where one is given."""
     from .acdc.setup import parse_metric
 
-    tokenizer = _load_tokenizer(args.model)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
     task = _load_task(source, tokenizer, args.n, args.seed)
+    if args.device is not None:
+        task = task.to(args.device)
     if metric is not None:
         parse_metric(metric, task)
     return task, tokenizer
@@ -117,11 +128,12 @@ _OUTPUTS = {
 def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     """The arguments that decide a run's results, with local paths made absolute (the same run from another folder)."""
     identity: dict = {"command": args.command}
-    for field in fields:
+    # --tokenizer only where given, so that a run from before the option resumes with the same identity
+    for field in (*fields, *(("tokenizer",) if args.tokenizer else ())):
         value = getattr(args, field)
         if field == "storage" and value == "fp32":
             continue  # the default, and the only storage before there was a choice: earlier runs' folders still resume
-        if field in ("model", "task", "reference") and isinstance(value, str) and Path(value).exists():
+        if field in ("model", "task", "reference", "tokenizer") and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         identity[field] = value
     return identity
@@ -230,6 +242,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         },
         "agreement_jaccard": agreement,
         "task_check": circuit.task_check,
+        "edges": [dataclasses.asdict(e) for e in circuit.ranked_edges()],
     }
     lines = [
         f"# Circuit report: {model_name} on {circuit.task['name']}",
@@ -271,7 +284,28 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
             + "; ".join(check["problems"])
             + ".",
         ]
-    return data, "\n".join(lines) + "\n"
+    return data, "\n".join(lines + _edge_table(circuit)) + "\n"
+
+
+REPORT_EDGES = 100  # edges report.md lists; circuit.json and report.json hold every one
+
+
+def _edge_table(circuit) -> list[str]:
+    """report.md's edge list, largest effect first, cut at :data:`REPORT_EDGES` with a count of the rest."""
+    ranked = circuit.ranked_edges()
+    lines = [
+        "",
+        "## Edges",
+        "",
+        f"{len(ranked)} edges, largest effect first (effect: the metric's increase when the search patched the edge).",
+        "",
+        "| # | sender | receiver | effect |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {e.sender} | {e.receiver} | {e.effect:.4g} |" for i, e in enumerate(ranked[:REPORT_EDGES], start=1)]
+    if len(ranked) > REPORT_EDGES:
+        lines += ["", f"{len(ranked) - REPORT_EDGES} more edges with smaller effects are in circuit.json and report.json."]
+    return lines
 
 
 def cmd_discover(args: argparse.Namespace) -> None:
@@ -280,6 +314,8 @@ def cmd_discover(args: argparse.Namespace) -> None:
     others = _check_out(out, identity, args.overwrite)
     from .acdc import Circuit, discover
     from .acdc.checkpoint import Checkpoint
+
+    device = _device(args)
 
     source = _task_source(args.task)
     previous = Circuit.load(args.compare) if args.compare else None
@@ -290,7 +326,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     args.interrupted = lambda: _interrupted_discover(out)
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)  # with the tokenizer alone: a task's mistakes need no model
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     _preflight(args, model, task)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
@@ -319,7 +355,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     write_text(out / "report.md", markdown)
     pictures = ["circuit.png", "circuit.svg"]
     _stage(args, "drawing the circuit")
-    circuit.draw(*(out / name for name in pictures))
+    circuit.draw(*(out / name for name in pictures), top_k=args.draw_top_k, min_effect=args.draw_min_effect)
     print(circuit.summary())
     print(circuit.faithfulness.describe())
     written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
@@ -360,6 +396,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
 
+    device = _device(args)
     source = _task_source(args.task)
     _claim(out, identity, others)
     args.interrupted = (
@@ -368,7 +405,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     )
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     _preflight(args, model, task)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(
@@ -424,10 +461,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         if not args.task:
             raise PahqError("plan --model needs --task")
+        device = _device(args)
         source = _task_source(args.task)
         _stage(args, f"loading {args.model}")
         task, tokenizer = _checked_task(args, source, args.metric)
-        model, _ = _load_model(args.model, tokenizer)
+        model, _ = _load_model(args.model, tokenizer, device)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
         _stage(args, "planning" + (": tracing, caching and timing a few queries per layer" if not args.no_calibrate else ""))
         result = planning.plan(
@@ -468,9 +506,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .acdc import Circuit
 
+    device = _device(args)
     circuit = Circuit.load(args.circuit)
     task, tokenizer = _checked_task(args, _task_source(args.task), circuit.metric)
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     faithfulness = circuit.evaluate(model, task)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 
@@ -494,6 +533,34 @@ def _memory_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STORAGES,
         help="how the runtime stores its caches and the senders' outputs: fp32 (exact; default), bf16 (half the "
         "bytes) or fp8 (a quarter, a scale per row)",
+    )
+
+
+def _loading_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        help="device to run on: cpu (default), cuda, cuda:1, mps...; checked before the model loads. FP8 needs a GPU that has it",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder, shipped model name or hub id to use instead of the model's own")
+
+
+def _drawn_edges(text: str) -> int | None:
+    """A --draw-top-k value: a positive count, or ``all``."""
+    return None if text == "all" else _count(text)
+
+
+def _drawing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draw-top-k",
+        type=_drawn_edges,
+        default=50,
+        help="edges the picture draws, those of largest effect (default 50; 'all'); the note under it counts the rest",
+    )
+    parser.add_argument(
+        "--draw-min-effect",
+        type=_finite_threshold,
+        default=0.0,
+        help="draw only edges whose effect is at least this large (default 0)",
     )
 
 
@@ -542,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(d)
+    _loading_arguments(d)
+    _drawing_arguments(d)
     d.set_defaults(run=cmd_discover)
     w = sub.add_parser("sweep", help="circuits at several thresholds from one setup, faithfulness, ROC/AUC and plots")
     w.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
@@ -562,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep_compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(w)
+    _loading_arguments(w)
     w.set_defaults(run=cmd_sweep)
     p = sub.add_parser("plan", help="edges, queries, memory and time of a run before it starts; exit 2 where it cannot fit")
     source = p.add_mutually_exclusive_group(required=True)
@@ -573,7 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="prompts (with --config)")
     p.add_argument("--seq", type=int, help="tokens per prompt (with --config)")
     p.add_argument("--positions", type=int, help="metric rows (with --config; default one per prompt)")
-    p.add_argument("--device", help="device whose free memory is the default --max-memory (with --config; default cpu)")
+    p.add_argument(
+        "--device",
+        help="device to run on (with --model: checked before it loads) or to plan for (with --config: need not be "
+        "this machine's); its free memory is the default --max-memory; default cpu",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder, shipped model name or hub id to use instead of the model's own")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--metric", default="kl", choices=METRICS)
     p.add_argument("--no-calibrate", action="store_true", help="memory only: no runtime is built, no query timed")
@@ -592,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", required=True)
     e.add_argument("--n", type=_count, default=32)
     e.add_argument("--seed", type=int, default=0)
+    _loading_arguments(e)
     e.set_defaults(run=cmd_evaluate)
     return parser
 
