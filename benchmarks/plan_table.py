@@ -105,10 +105,10 @@ def table(rows: list[dict]) -> str:
     lines = [
         (
             f"| model | where | edges | queries (bound) | weights + copies | caches | dense query | peak, dense | peak bound "
-            f"| fits in FP32 (dense / any threshold) | prompts of {SEQ} that fit (dense / any) | projected peak bf16, fp8 "
-            "(not available) |"
+            f"| fits in FP32 (dense / any threshold) | prompts of {SEQ} that fit (dense / any) | peak, dense / bound, with "
+            "bf16 storage | with fp8 storage |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         fits = f"{'yes' if r['fits_dense'] else 'no'} / {'yes' if r['fits_any_threshold'] else 'no'}"
@@ -117,7 +117,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['weights_gib'] + r['split_copies_gib']:.1f} GiB | {r['caches_gib']:.1f} GiB | {r['query_gib']:.1f} GiB "
             f"| {r['peak_dense_gib']:.1f} GiB | {r['peak_bound_gib']:.1f} GiB | {fits} "
             f"| {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} "
-            f"| {r['projection_bf16_peak_dense_gib']:.1f}, {r['projection_fp8_peak_dense_gib']:.1f} GiB |"
+            f"| {r['projection_bf16_peak_dense_gib']:.1f} / {r['projection_bf16_peak_bound_gib']:.1f} GiB "
+            f"| {r['projection_fp8_peak_dense_gib']:.1f} / {r['projection_fp8_peak_bound_gib']:.1f} GiB |"
         )
     return "\n".join(lines)
 

@@ -174,19 +174,25 @@ def test_a_query_into_a_layer_normed_across_heads_recomputes_every_head():
 @given(heads=st.integers(2, 5), data=st.data())
 def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_once(heads, data):
     """``_Deltas.terms``: one summed term per attention step whose recomputed heads all reach the receiver, the single
-    changes of the others, and the same total as adding every change on its own."""
+    changes of the others, and the same total as adding every change on its own. A head's change is computed when
+    needed, and kept only where a receiver adds it alone."""
     from pahq_fx.acdc.runtime import _Deltas
 
-    deltas = _Deltas()
     changes = {s: torch.randn(2, 3, 4) for s in range(heads)}
-    deltas.add_heads(0, changes)
-    deltas.add(heads, torch.randn(2, 3, 4))  # an MLP after the heads
+    computed: list[int] = []
+    deltas = _Deltas(lambda s: computed.append(s) or changes[s])
+    deltas.add_heads(0, list(changes))
+    changes[heads] = torch.randn(2, 3, 4)
+    deltas.add(heads, changes[heads])  # an MLP after the heads
     reaching = data.draw(st.lists(st.sampled_from(range(heads + 1)), min_size=1, unique=True).map(sorted))
     terms = deltas.terms(reaching)
     every_head = set(range(heads)) <= set(reaching)
     assert len(terms) == (len(reaching) - heads + 1 if every_head else len(reaching))
     total = sum(d for _, d in terms)
-    assert torch.allclose(total, sum(deltas.by_sender[s] for s in reaching), atol=1e-6)
+    assert torch.allclose(total, sum(changes[s] for s in reaching), atol=1e-6)
+    if every_head and heads > 1:
+        assert sorted(computed) == list(range(heads))  # once each, for the sum
+        assert all(deltas._changes[s] is None for s in range(heads))  # and none of them held
 
 
 @settings(max_examples=30, deadline=None)

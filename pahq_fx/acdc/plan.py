@@ -19,9 +19,10 @@ positions where the unembedding acts per token, ``S`` senders, ``K`` steps):
 * state bound: on top, an own output for every sender but the embedding and an own input for every receiver but
   ``resid_post`` (``(S - 1 + R - 1)`` x ``N x d``): what a search that changes every component would hold.
 * a query's transient tensors, for a dense query into the first layer (its cone is everything above): per attention
-  layer the shared new input, new projections, the heads' new outputs and their per-head changes and summed change
-  (``(2 H + 2) N d + N (H + 2 G) d_head``), per MLP an input, an output and a change (``3 N d``), and the largest
-  component's own temporaries (an MLP's hidden activations, an attention core's scores).
+  layer the shared new input, new projections, the heads' new outputs (stored) and their summed change
+  (``2 N d + N (H + 2 G) d_head`` in FP32, ``H`` stored outputs), per MLP an input, a change and a stored output,
+  and the largest component's own temporaries (an MLP's hidden activations, an attention core's scores); the bound
+  adds the heads' own changes, kept where a receiver adds one alone.
 * setup's own peak: the corrupted run's reads exist next to the caches for a moment.
 
 ``storage`` is the runtime's storage format (:mod:`~pahq_fx.acdc.storage`): the clean and corrupted-minus-clean
@@ -389,18 +390,22 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
             first_attention = False
             projections_new = 4 * n * (info.n_heads + 2 * info.n_kv_groups) * g.d_head
             query = max(query, held + fp32_stream + projections_new + cores[layer])
-            held += fp32_stream + projections_new + (2 * recomputed + (recomputed > 1)) * fp32_stream
+            # the heads' FP32 outputs while they are stored; then the stored ones and the layer's summed change (a
+            # single recomputed head: its own change) stay, the heads' own changes computed for the sum and dropped
+            query = max(query, held + fp32_stream + projections_new + recomputed * (fp32_stream + stream))
+            held += fp32_stream + projections_new + recomputed * stream + fp32_stream
         else:
             query = max(query, held + fp32_stream + mlp_hidden)
-            held += 3 * fp32_stream
+            held += 2 * fp32_stream + stream  # its new input and change, its stored output
         query = max(query, held)
     query = max(query, held + 2 * 4 * f_rows * d)  # the new final read and its change
-    # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input.
-    query_bound = query + sum(layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers) * fp32_stream
-    # Setup (always FP32): the corrupted run's outputs (which become corrupted-minus-clean in place) and its reads
-    # next to the clean caches, and a component's temporaries.
-    fp32_caches = 4 * ((2 * senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
-    setup_peak = fp32_caches + fp32_stream * len(steps) + component
+    # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input, and a head's
+    # change that a receiver adds alone is kept.
+    query_bound = query + sum(2 * layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers) * fp32_stream
+    # Setup: the clean run's FP32 outputs and reads, the corrupted run's changes from them stored as they come, the
+    # step outputs either run sums, and a component's temporaries; the clean outputs are stored after.
+    fp32_caches = 4 * ((senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
+    setup_peak = fp32_caches + senders * stream + fp32_stream * len(steps) + component
     forward = 4 * n * g.vocab + 4 * 4 * n * d + component
     # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
     # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).

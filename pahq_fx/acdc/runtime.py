@@ -63,26 +63,37 @@ class _Pending:
 class _Deltas:
     """Output changes of one query's recomputed senders (``new - state``), and of the heads of each attention step
     together: a receiver that every recomputed head of a step reaches (every later receiver, in a dense circuit)
-    adds their summed change once, computed once per query, instead of one change per head."""
+    adds their summed change once, computed once per query, instead of one change per head.
 
-    def __init__(self) -> None:
-        self.by_sender: dict[int, torch.Tensor] = {}
+    A head's change is computed from its stored new and old outputs when it is first needed, and kept only where a
+    receiver adds it alone: a dense query then holds one summed change per layer, not one change per head (on a
+    large model, most of what a query holds)."""
+
+    def __init__(self, change: Callable[[int], torch.Tensor]) -> None:
+        self._change = change  # sender -> its change, from the stored outputs
+        self._changes: dict[int, torch.Tensor | None] = {}  # by sender, in the order they were recomputed
         self._group_of: dict[int, int] = {}  # sender -> attention step, for steps with several recomputed heads
         self._groups: dict[int, list[int]] = {}  # step -> its recomputed heads' senders
         self._sums: dict[int, torch.Tensor] = {}
 
     def add(self, sender: int, change: torch.Tensor) -> None:
-        self.by_sender[sender] = change
+        self._changes[sender] = change
 
-    def add_heads(self, step: int, changes: dict[int, torch.Tensor]) -> None:
-        """The changes of an attention step's recomputed heads, by sender."""
-        self.by_sender.update(changes)
-        if len(changes) > 1:
-            self._groups[step] = list(changes)
-            self._group_of.update(dict.fromkeys(changes, step))
+    def add_heads(self, step: int, senders: list[int]) -> None:
+        """An attention step's recomputed heads, by sender (their changes computed when needed)."""
+        self._changes.update(dict.fromkeys(senders))
+        if len(senders) > 1:
+            self._groups[step] = list(senders)
+            self._group_of.update(dict.fromkeys(senders, step))
 
     def __iter__(self):
-        return iter(self.by_sender)
+        return iter(self._changes)
+
+    def change(self, sender: int) -> torch.Tensor:
+        """One sender's change, kept once computed."""
+        if self._changes[sender] is None:
+            self._changes[sender] = self._change(sender)
+        return self._changes[sender]
 
     def terms(self, reaching: list[int]) -> list[tuple[int, torch.Tensor]]:
         """(a sender standing for the term, change) for each term a receiver reached by ``reaching`` adds, in
@@ -92,17 +103,20 @@ class _Deltas:
         for s in reaching:
             step = self._group_of.get(s)
             if step is None:
-                terms.append((s, self.by_sender[s]))
+                terms.append((s, self.change(s)))
             elif step not in done and reached.issuperset(self._groups[step]):
                 done.add(step)
                 terms.append((s, self._sum(step)))
             elif step not in done:
-                terms.append((s, self.by_sender[s]))
+                terms.append((s, self.change(s)))
         return terms
 
     def _sum(self, step: int) -> torch.Tensor:
+        """The step's heads' summed change; a head's change not kept already is computed for the sum and dropped."""
         if step not in self._sums:
-            self._sums[step] = functools.reduce(operator.add, (self.by_sender[s] for s in self._groups[step]))
+            kept = self._changes
+            parts = (kept[s] if kept[s] is not None else self._change(s) for s in self._groups[step])
+            self._sums[step] = functools.reduce(operator.add, parts)
         return self._sums[step]
 
 
@@ -282,10 +296,9 @@ class PatchingRuntime:
         self.aux = tuple(prelude[1:])
         self._final_aux = self._aux(self.structure.final_aux)
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
-        corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
-        # In place, one copy at a time; contiguous() gives a broadcast view (a bias expanded to the stream) its own memory.
-        self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean, strict=True)]
-        del corrupted
+        self.corrupt_minus_clean, _, _ = self._full_run(
+            self.graph.prelude(task.corrupted_input_ids)[0], lambda s, x: self.codec.store(x - self.clean[s])
+        )
         full = self._unembed_all(clean_final)
         self.clean_distribution = CleanDistribution.of(full)
         batch, seq = clean_final.shape[:2]
@@ -304,22 +317,29 @@ class PatchingRuntime:
             for k, step in enumerate(self.steps)
             if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)
         }
-        # Stored one tensor at a time, each FP32 one released as its stored form replaces it: setup's peak stays FP32's.
-        for cache in (self.clean, self.corrupt_minus_clean):
-            for i, x in enumerate(cache):
-                cache[i] = self.codec.store(x)
+        # Stored one at a time, each FP32 output released as its stored form replaces it.
+        for i, x in enumerate(self.clean):
+            self.clean[i] = self.codec.store(x)
         self._cmc_rows = [self._rows(self.codec.load(c)) for c in self.corrupt_minus_clean]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
         return x.flatten(-3, -2).index_select(-2, self.final_rows)
 
-    def _full_run(self, embed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def _full_run(
+        self, embed: torch.Tensor, finish: Callable[[int, torch.Tensor], Stored] | None = None
+    ) -> tuple[list[Stored], list[torch.Tensor], torch.Tensor]:
         """Every sender's FP32 output (by sender index: a component that runs before its layer's heads, as Falcon-H1's
-        Mamba mixer beside the attention, still follows them), every step's read, and the final read, for one input."""
-        outputs: list[torch.Tensor] = [embed] * len(self.edges.senders)
+        Mamba mixer beside the attention, still follows them), every step's read, and the final read, for one input.
+        ``finish(sender, output)``, where given, replaces each output as soon as it is computed (the corrupted run
+        keeps its change from the clean run, stored, so its FP32 outputs never all exist at once)."""
+        outputs: list[Stored | None] = [None] * len(self.edges.senders)
         totals = {names.EMBED: embed}
         reads = []
+
+        def keep(sender: int, x: torch.Tensor) -> None:
+            outputs[sender] = x if finish is None else finish(sender, x)
+
         for k, step in enumerate(self.steps):
             read = sum(totals[c] for c in step.reads)
             reads.append(read)
@@ -327,12 +347,15 @@ class PatchingRuntime:
             if step.kind is StepKind.ATTENTION:
                 heads = block.from_stream(read, *self._aux(step.aux))
                 for sender, head in zip(self.step_senders[k], heads.unbind(2), strict=True):
-                    outputs[sender] = head
+                    keep(sender, head)
                 totals[step.name] = block.combine(heads)
             else:
                 out = block(read, *self._aux(step.aux))
-                outputs[self.step_senders[k][0]] = out
+                keep(self.step_senders[k][0], out)
                 totals[step.name] = out
+        for sender, x in enumerate(outputs):  # the embedding's sender: no step writes it
+            if x is None:
+                keep(sender, embed)
         final = sum(totals[c] for c in self.structure.final_reads)
         return outputs, reads, final
 
@@ -731,7 +754,7 @@ class PatchingRuntime:
         current_plan = plan if plan is not None else self.plan
         if new_from < self.active_from:
             pending.active_from = new_from
-        deltas = _Deltas()
+        deltas = _Deltas(lambda sender: self._change(sender, pending.outputs[sender]))
         first = min(
             [self.row_step[r] for r in (*changes, *given) if r != self.final_row]
             + [new_from if new_from < self.active_from else len(self.steps)]
@@ -749,9 +772,8 @@ class PatchingRuntime:
                 outputs = self._attention(
                     k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units, activating, pending
                 )
-                stored = {s: self.codec.store(out) for s, out in outputs.items()}
-                pending.outputs.update(stored)
-                deltas.add_heads(k, {s: self._change(s, new) for s, new in stored.items()})
+                pending.outputs.update({s: self.codec.store(out) for s, out in outputs.items()})
+                deltas.add_heads(k, list(outputs))
             else:
                 if not changed:
                     continue
