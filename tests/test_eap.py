@@ -228,6 +228,14 @@ def test_unreadable_files_are_one_line(tmp_path, name, content, message):
         pahq_fx.load_circuit(tmp_path / name)
 
 
+def test_neuron_level_files_are_refused(tmp_path):
+    data = json.loads(FIXTURE.read_text())
+    data["nodes"]["m0"]["neurons"] = [True] * 16
+    (tmp_path / "neurons.json").write_text(json.dumps(data))
+    with pytest.raises(CircuitFormatError, match="is a neuron-level circuit"):
+        pahq_fx.load_circuit(tmp_path / "neurons.json")
+
+
 def test_edges_missing_from_a_file_are_named(tmp_path):
     data = json.loads(FIXTURE.read_text())
     del data["edges"]["m0->logits"]

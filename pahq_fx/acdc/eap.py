@@ -17,8 +17,9 @@ close it. A file lists every edge of that graph with ``in_graph`` and ``score``.
   patched, for kept and for tested removed edges); an edge never tested (its receiver pruned) gets 0, EAP-IG's own
   score of an unscored edge. Reading, edges in the graph are the circuit's, and edges outside it with a nonzero
   score its tested removals.
-- **What it cannot express**: post-attention norms (``a{L}.out``), a hybrid's extra components (``m{L}.{K}``,
-  ``m-1``), layers without an MLP or with differing head counts are a :class:`CircuitFormatError` naming them.
+- **What it cannot express**: neuron-level circuits, post-attention norms (``a{L}.out``), a hybrid's extra
+  components (``m{L}.{K}``, ``m-1``), layers without an MLP or with differing head counts are a
+  :class:`CircuitFormatError` naming them.
 """
 
 from __future__ import annotations
@@ -299,6 +300,8 @@ def _from_json(data: Any, path: Path) -> _Values:
     if not isinstance(data, dict) or not {"cfg", "nodes", "edges"} <= data.keys():
         raise CircuitFormatError(f"{path} is not an EAP-IG graph file (a JSON object with cfg, nodes and edges)")
     layout = EapLayout.from_cfg(data["cfg"])
+    if any(isinstance(node, dict) and "neurons" in node for node in data["nodes"].values()):
+        _neurons(path)
     edges = data["edges"]
     _check_edge_names(edges.keys(), layout, path)
     try:
@@ -321,6 +324,8 @@ def _read_pt(path: Path) -> _Values:
     if not isinstance(data, dict) or not set(PT_KEYS) <= data.keys():
         raise CircuitFormatError(f"{path} is not an EAP-IG graph file (a torch dict with {', '.join(PT_KEYS)})")
     layout = EapLayout.from_cfg(data["cfg"])
+    if "neurons_in_graph" in data:
+        _neurons(path)
     src, dst = list(data["src_nodes"]), list(data["dst_nodes"])
     if src != layout.src_nodes() or dst != layout.dst_nodes():
         raise CircuitFormatError(f"{path}: src_nodes / dst_nodes are not those of an EAP-IG graph with cfg {layout.cfg}")
@@ -333,6 +338,10 @@ def _read_pt(path: Path) -> _Values:
     score_list = scores.double()[[r for r, _ in cells], [c for _, c in cells]].tolist() if cells else []
     member_list = in_graph.bool()[[r for r, _ in cells], [c for _, c in cells]].tolist() if cells else []
     return _Values(layout.cfg, dict(zip(names_, score_list, strict=True)), dict(zip(names_, member_list, strict=True)))
+
+
+def _neurons(path: Path) -> None:
+    raise CircuitFormatError(f"{path} is a neuron-level circuit: pahq_fx's edges are between whole heads and MLPs")
 
 
 def _check_edge_names(found: Any, layout: EapLayout, path: Path) -> None:
