@@ -24,6 +24,7 @@ close it. A file lists every edge of that graph with ``in_graph`` and ``score``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -124,13 +125,22 @@ class EapLayout:
             return 1
         return self.groups[parsed.layer].count(parsed.index)
 
+    @functools.cached_property
+    def translation(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """Every EAP-IG edge (parent, child), in EAP-IG's order, to pahq_fx's (sender, receiver): built once, since
+        a large model has millions of edges."""
+        receivers: dict[str, str] = {}
+        out = {}
+        for parent, child in self.edges():
+            sender, receiver = names.from_eap_edge(f"{parent}->{child}")
+            if receiver not in receivers:
+                receivers[receiver] = self.receiver(receiver)
+            out[(parent, child)] = sender, receivers[receiver]
+        return out
+
     def canonical_edges(self) -> list[tuple[str, str]]:
         """pahq_fx's edges of this graph, each once, in EAP-IG's order of their first per-head edge."""
-        return list(dict.fromkeys(self.ours(parent, child) for parent, child in self.edges()))
-
-    def ours(self, parent: str, child: str) -> tuple[str, str]:
-        sender, receiver = names.from_eap_edge(f"{parent}->{child}")
-        return sender, self.receiver(receiver)
+        return list(dict.fromkeys(self.translation.values()))
 
 
 def layout_of(head_graph: HeadGraph) -> EapLayout:
@@ -225,12 +235,14 @@ def edge_values(circuit: Circuit, layout: EapLayout) -> _Values:
                 names.eap_node(node)
         raise CircuitFormatError(f"the circuit has {len(unknown)} edges an EAP-IG graph with cfg {layout.cfg} lacks: {first}")
     scores, in_graph = {}, {}
-    for parent, child in layout.edges():
-        edge = layout.ours(parent, child)
+    shares: dict[str, int] = {}
+    for (parent, child), edge in layout.translation.items():
         name = f"{parent}->{child}"
         in_graph[name] = edge in kept
         effect = kept.get(edge, tested.get(edge, 0.0))
-        scores[name] = effect / layout.share(edge[1])
+        if edge[1] not in shares:
+            shares[edge[1]] = layout.share(edge[1])
+        scores[name] = effect / shares[edge[1]]
     return _Values(layout.cfg, scores, in_graph)
 
 
@@ -370,14 +382,17 @@ def group(values: dict[tuple[str, str], Any], layout: EapLayout, combine: Any) -
     """Per-head edges folded onto the model's receivers: each key/value group's edges combined by ``combine`` over
     its heads' values (``any`` of memberships, the sum of scores); other edges unchanged."""
     gathered: dict[tuple[str, str], list[Any]] = {}
+    receivers: dict[str, str] = {}
     for (sender, receiver), value in values.items():
-        gathered.setdefault((sender, layout.receiver(receiver)), []).append(value)
+        if receiver not in receivers:
+            receivers[receiver] = layout.receiver(receiver)
+        gathered.setdefault((sender, receivers[receiver]), []).append(value)
     return {edge: combine(found) for edge, found in gathered.items()}
 
 
 def to_circuit(values: _Values, layout: EapLayout, source: str) -> Circuit:
     """A :class:`Circuit` of a file's edges on ``layout`` (the model's, or the file's own without groups)."""
-    per_head = {names.from_eap_edge(name): name for name in values.scores}
+    per_head = {(s, r): f"{p}->{c}" for (p, c), (s, r) in EapLayout.from_cfg(values.cfg).translation.items()}
     members = group({edge: values.in_graph[name] for edge, name in per_head.items()}, layout, list)
     split = sum(1 for found in members.values() if any(found) and not all(found))
     if split:
