@@ -19,6 +19,7 @@ from .errors import PahqError
 PRECISIONS = ("auto", "fp32", "fp8", "fp8_e5m2", "bf16", "fp16")
 METRICS = ("kl", "logit_diff", "prob_diff")
 SPECULATIONS = ("adaptive", "kept", "removed", "off")
+STORAGES = ("fp32", "bf16", "fp8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,11 +41,20 @@ def _load_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def _load_model(name: str, tokenizer=None):
+def _load_model(name: str, tokenizer=None, device=None):
     _quiet_libraries()
     from .zoo import load
 
-    return load(name, tokenizer)
+    return load(name, tokenizer, device=device)
+
+
+def _device(args: argparse.Namespace):
+    """``--device`` checked before anything loads (None: the CPU, where a model loads)."""
+    if args.device is None:
+        return None
+    from .zoo import check_device
+
+    return check_device(args.device)
 
 
 def _task_source(spec: str):
@@ -72,12 +82,14 @@ def _task_source(spec: str):
 
 
 def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -> tuple:
-    """(task, tokenizer): the task built with the model's tokenizer alone and checked against ``metric``, so that
-    its mistakes are told before the model loads."""
+    """(task, tokenizer): the task built with the model's tokenizer (or ``--tokenizer``) alone and checked against
+    ``metric``, so that its mistakes are told before the model loads; on ``--device`` where one is given."""
     from .acdc.setup import parse_metric
 
-    tokenizer = _load_tokenizer(args.model)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
     task = _load_task(source, tokenizer, args.n, args.seed)
+    if args.device is not None:
+        task = task.to(args.device)
     if metric is not None:
         parse_metric(metric, task)
     return task, tokenizer
@@ -116,9 +128,12 @@ _OUTPUTS = {
 def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     """The arguments that decide a run's results, with local paths made absolute (the same run from another folder)."""
     identity: dict = {"command": args.command}
-    for field in fields:
+    # --tokenizer only where given, so that a run from before the option resumes with the same identity
+    for field in (*fields, *(("tokenizer",) if args.tokenizer else ())):
         value = getattr(args, field)
-        if field in ("model", "task", "reference") and isinstance(value, str) and Path(value).exists():
+        if field == "storage" and value == "fp32":
+            continue  # the default, and the only storage before there was a choice: earlier runs' folders still resume
+        if field in ("model", "task", "reference", "tokenizer") and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         identity[field] = value
     return identity
@@ -215,6 +230,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         "forward_s": s.forward_s,
         "forward_equivalents_per_query": round(s.forward_equivalents, 4),
         "state_bytes": s.state_bytes,
+        "storage": s.storage,
         "edges_kept": len(circuit.edges),
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
@@ -226,6 +242,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         },
         "agreement_jaccard": agreement,
         "task_check": circuit.task_check,
+        "edges": [dataclasses.asdict(e) for e in circuit.ranked_edges()],
     }
     lines = [
         f"# Circuit report: {model_name} on {circuit.task['name']}",
@@ -235,6 +252,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
         f"| precision (non-investigated heads) | {circuit.precision}"
         f"{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
         f"| execution | {s.execution} |",
+        f"| state storage, bytes | {s.storage}, {s.state_bytes / 2**20:.1f} MiB |",
         f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
         f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
         f"| nodes | {len(circuit.nodes)} |",
@@ -266,15 +284,38 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
             + "; ".join(check["problems"])
             + ".",
         ]
-    return data, "\n".join(lines) + "\n"
+    return data, "\n".join(lines + _edge_table(circuit)) + "\n"
+
+
+REPORT_EDGES = 100  # edges report.md lists; circuit.json and report.json hold every one
+
+
+def _edge_table(circuit) -> list[str]:
+    """report.md's edge list, largest effect first, cut at :data:`REPORT_EDGES` with a count of the rest."""
+    ranked = circuit.ranked_edges()
+    lines = [
+        "",
+        "## Edges",
+        "",
+        f"{len(ranked)} edges, largest effect first (effect: the metric's increase when the search patched the edge).",
+        "",
+        "| # | sender | receiver | effect |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {e.sender} | {e.receiver} | {e.effect:.4g} |" for i, e in enumerate(ranked[:REPORT_EDGES], start=1)]
+    if len(ranked) > REPORT_EDGES:
+        lines += ["", f"{len(ranked) - REPORT_EDGES} more edges with smaller effects are in circuit.json and report.json."]
+    return lines
 
 
 def cmd_discover(args: argparse.Namespace) -> None:
     out = Path(args.out)  # every check that needs no model first: the out folder, the task, the circuit to compare
-    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric"))
+    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric", "storage"))
     others = _check_out(out, identity, args.overwrite)
     from .acdc import Circuit, discover
     from .acdc.checkpoint import Checkpoint
+
+    device = _device(args)
 
     source = _task_source(args.task)
     previous = Circuit.load(args.compare) if args.compare else None
@@ -285,7 +326,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     args.interrupted = lambda: _interrupted_discover(out)
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)  # with the tokenizer alone: a task's mistakes need no model
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     _preflight(args, model, task)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}", file=sys.stderr)
@@ -305,6 +346,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
         faithfulness=True,
         save_to=out / "circuit.json",
         speculation=args.speculation,
+        storage=args.storage,
     )
     write_text(out / "circuit.dot", circuit.to_dot())
     agreement = circuit.jaccard(previous) if previous is not None else None
@@ -313,7 +355,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     write_text(out / "report.md", markdown)
     pictures = ["circuit.png", "circuit.svg"]
     _stage(args, "drawing the circuit")
-    circuit.draw(*(out / name for name in pictures))
+    circuit.draw(*(out / name for name in pictures), top_k=args.draw_top_k, min_effect=args.draw_min_effect)
     print(circuit.summary())
     print(circuit.faithfulness.describe())
     written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
@@ -349,11 +391,12 @@ def _thresholds(text: str) -> list[float]:
 def cmd_sweep(args: argparse.Namespace) -> None:
     thresholds = _thresholds(args.thresholds)
     out = Path(args.out)
-    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference"))
+    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference", "storage"))
     others = _check_out(out, identity, args.overwrite)
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
 
+    device = _device(args)
     source = _task_source(args.task)
     _claim(out, identity, others)
     args.interrupted = (
@@ -362,7 +405,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     )
     _stage(args, f"loading {args.model}")
     task, tokenizer = _checked_task(args, source, args.metric)
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     _preflight(args, model, task)
     _stage(args, "checking the task, then tracing, splitting and caching the model once for every threshold")
     result = sweep(
@@ -376,6 +419,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         allow_weak_task=args.allow_weak_task,
         compile=False if args.no_compile else True if args.compile else "auto",
         save_to=out,
+        storage=args.storage,
     )
     written = result.save(out) + plot_sweep(result, out)
     print(result.table())
@@ -388,7 +432,7 @@ def _preflight(args: argparse.Namespace, model, task) -> None:
         return
     from .acdc.plan import preflight
 
-    preflight(model, task, max_memory=args.max_memory, assume=args.assume)
+    preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -410,16 +454,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
             positions=args.positions,
             device=args.device or "cpu",
             max_memory=args.max_memory,
+            storage=args.storage,
             assume=args.assume,
             name=args.config,
         )
     else:
         if not args.task:
             raise PahqError("plan --model needs --task")
+        device = _device(args)
         source = _task_source(args.task)
         _stage(args, f"loading {args.model}")
         task, tokenizer = _checked_task(args, source, args.metric)
-        model, _ = _load_model(args.model, tokenizer)
+        model, _ = _load_model(args.model, tokenizer, device)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
         _stage(args, "planning" + (": tracing, caching and timing a few queries per layer" if not args.no_calibrate else ""))
         result = planning.plan(
@@ -428,6 +474,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             metric=args.metric,
             precision=args.precision,
             max_memory=args.max_memory,
+            storage=args.storage,
             calibrate=not args.no_calibrate,
             queries_per_role=args.queries_per_role,
             layers=layers,
@@ -459,10 +506,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .acdc import load_circuit
 
+    device = _device(args)
     circuit = load_circuit(args.circuit)
     metric = args.metric or circuit.metric
     task, tokenizer = _checked_task(args, _task_source(args.task), metric)
-    model, _ = _load_model(args.model, tokenizer)
+    model, _ = _load_model(args.model, tokenizer, device)
     faithfulness = circuit.evaluate(model, task, metric)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 
@@ -479,6 +527,41 @@ def _memory_arguments(parser: argparse.ArgumentParser) -> None:
         default="bound",
         choices=("bound", "dense"),
         help="check the peak bound, which a search at any threshold stays under (default), or a dense circuit's peak",
+    )
+    parser.add_argument(
+        "--storage",
+        default="fp32",
+        choices=STORAGES,
+        help="how the runtime stores its caches and the senders' outputs: fp32 (exact; default), bf16 (half the "
+        "bytes) or fp8 (a quarter, a scale per row)",
+    )
+
+
+def _loading_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        help="device to run on: cpu (default), cuda, cuda:1, mps...; checked before the model loads. FP8 needs a GPU that has it",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder, shipped model name or hub id to use instead of the model's own")
+
+
+def _drawn_edges(text: str) -> int | None:
+    """A --draw-top-k value: a positive count, or ``all``."""
+    return None if text == "all" else _count(text)
+
+
+def _drawing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draw-top-k",
+        type=_drawn_edges,
+        default=50,
+        help="edges the picture draws, those of largest effect (default 50; 'all'); the note under it counts the rest",
+    )
+    parser.add_argument(
+        "--draw-min-effect",
+        type=_finite_threshold,
+        default=0.0,
+        help="draw only edges whose effect is at least this large (default 0)",
     )
 
 
@@ -527,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(d)
+    _loading_arguments(d)
+    _drawing_arguments(d)
     d.set_defaults(run=cmd_discover)
     w = sub.add_parser("sweep", help="circuits at several thresholds from one setup, faithfulness, ROC/AUC and plots")
     w.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
@@ -547,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep_compiling.add_argument("--no-compile", action="store_true", help="run eagerly everywhere")
     _memory_arguments(w)
+    _loading_arguments(w)
     w.set_defaults(run=cmd_sweep)
     p = sub.add_parser("plan", help="edges, queries, memory and time of a run before it starts; exit 2 where it cannot fit")
     source = p.add_mutually_exclusive_group(required=True)
@@ -558,7 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="prompts (with --config)")
     p.add_argument("--seq", type=int, help="tokens per prompt (with --config)")
     p.add_argument("--positions", type=int, help="metric rows (with --config; default one per prompt)")
-    p.add_argument("--device", help="device whose free memory is the default --max-memory (with --config; default cpu)")
+    p.add_argument(
+        "--device",
+        help="device to run on (with --model: checked before it loads) or to plan for (with --config: need not be "
+        "this machine's); its free memory is the default --max-memory; default cpu",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder, shipped model name or hub id to use instead of the model's own")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--metric", default="kl", choices=METRICS)
     p.add_argument("--no-calibrate", action="store_true", help="memory only: no runtime is built, no query timed")
@@ -582,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_count, default=32)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--metric", choices=METRICS, help="default: the circuit's own (kl for an EAP-IG graph, which records none)")
+    _loading_arguments(e)
     e.set_defaults(run=cmd_evaluate)
     return parser
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import pahq_fx
 from pahq_fx.acdc import checkpoint as checkpoint_module
 from pahq_fx.acdc.circuit import CircuitEdge
+from pahq_fx.names import node_of
 from pahq_fx.precision import LowPrecisionPerHeadLinear, attention_blocks
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import Spec, build, keep_only_head, specs, token_ids
@@ -287,8 +288,12 @@ def test_circuit_roundtrip_dot_and_evaluate(tmp_path):
     dot = circuit.to_dot()
     assert dot.startswith("digraph circuit {") and dot.count("[label=") == len(circuit.edges)
     assert circuit.groups == {"a0.g0": ["a0.h0", "a0.h1"], "a1.g0": ["a1.h0", "a1.h1"]}
-    for group in circuit.groups:
-        assert (f'"{group}" -> "{group[:2]}.h0" [style=dashed' in dot) == (group in circuit.nodes)
+    arrows = [line.split('"')[1::2][:2] for line in dot.splitlines() if " -> " in line]
+    assert sorted(map(tuple, arrows)) == sorted((e.sender, node_of(e.receiver)) for e in circuit.edges), "circuit edges only"
+    for group, heads in circuit.groups.items():
+        assert (
+            f'subgraph "cluster_{group.replace(".", "_")}" {{ label="{group}: keys and values of {", ".join(heads)}"' in dot
+        ) == (group in circuit.nodes)
     faith = circuit.evaluate(model, task)
     assert faith.full_model == pytest.approx(0.0, abs=1e-6)
     assert faith.empty_circuit >= faith.circuit - 1e-6

@@ -163,6 +163,10 @@ def test_the_parser_choices_are_the_formats_and_metrics():
     assert tuple(m.value for m in Metric) == cli.METRICS
     for speculation in cli.SPECULATIONS:  # every choice the parser offers is one discover takes
         check_speculation(speculation)
+    from pahq_fx.acdc.plan import STORAGE
+    from pahq_fx.acdc.storage import Storage
+
+    assert tuple(s.value for s in Storage) == cli.STORAGES == tuple(STORAGE)
 
 
 def test_help_and_argument_errors_import_no_torch():

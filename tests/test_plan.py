@@ -152,10 +152,10 @@ def test_plan_reports_edges_queries_and_time():
     assert result.geometry.split_peak == result.measured["split_peak"] > 0
     assert result.fits and result.timing is not None and result.timing.forward_s > 0
     text = result.describe()
-    assert "forward-equivalents" in text and "projection, not available yet: bf16" in text
+    assert "forward-equivalents" in text and "with bf16 storage" in text
     data = result.to_json()
     json.dumps(data)
-    assert data["projections_not_available"]["bf16"]["available"] is False
+    assert data["other_storage"]["bf16"]["storage"] == "bf16"
 
 
 def test_a_run_that_cannot_fit_is_refused_with_what_would():
@@ -299,13 +299,19 @@ def test_discover_refuses_a_run_that_cannot_fit(capsys, tmp_path):
     assert not (tmp_path / "circuit.json").exists()
 
 
-def test_storage_projections_are_never_a_choice():
-    model = build(Spec("gpt2", 1, 2, 2, 4))
-    with pytest.raises(pahq_fx.PlanError, match="not available"):
-        planning.plan(model, _task(2, 4), calibrate=False, storage="bf16")
-    memory = planning.memory_plan(planning.geometry_from_config(model.config), planning.Workload(2, 4, 2), "bf16")
-    fp32 = planning.memory_plan(planning.geometry_from_config(model.config), planning.Workload(2, 4, 2))
-    assert not memory.available and memory.cache_bytes * 2 == fp32.cache_bytes
+def test_a_refusal_names_the_storage_that_would_fit():
+    """The stored caches halve with bf16: a limit between the two peaks refuses FP32 and names ``--storage bf16``."""
+    model, task = build(Spec("gpt2", 3, 4, 4, 16)), _task(8, 16)
+    unchecked = planning.plan(model, task, calibrate=False, check=False)
+    fp32, bf16 = unchecked.memory, unchecked.projections["bf16"]
+    assert bf16.caches["clean outputs"] * 2 == fp32.caches["clean outputs"]
+    assert bf16.needed(planning.BOUND) < fp32.needed(planning.BOUND)
+    limit = (fp32.needed(planning.BOUND) + bf16.needed(planning.BOUND)) // 2
+    with pytest.raises(pahq_fx.PlanError, match="--storage bf16"):
+        planning.plan(model, task, calibrate=False, max_memory=limit)
+    assert planning.plan(model, task, calibrate=False, max_memory=limit, storage="bf16").fits
+    with pytest.raises(pahq_fx.PlanError, match="unknown storage"):
+        planning.plan(model, task, calibrate=False, storage="fp16")
 
 
 def test_torch_free_import_still_holds():

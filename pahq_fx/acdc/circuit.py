@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from ..atomic import write_text
 from ..errors import PahqError
 from ..head_graph import HeadGraph
-from ..names import NodeKind, node_of, parse
+from ..names import NodeKind, identifier, node_of, parse
 from .evaluation import Faithfulness, evaluate_circuit
 
 
@@ -44,6 +45,7 @@ class RunStats:
     hit_rate: float | None = None  # share of the predictor's guesses that the decisions confirmed
     candidates_per_batch: float | None = None
     near_threshold: int | None = None  # decisions within round-off of the threshold (either way under round-off)
+    storage: str = "fp32"  # how the caches and the senders' outputs were stored (pahq_fx.acdc.storage)
 
 
 @dataclass(frozen=True)
@@ -122,38 +124,46 @@ class Circuit:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
 
+    def ranked_edges(self) -> list[CircuitEdge]:
+        """The edges by the size of their effect, largest first (a NaN effect last)."""
+        return sorted(self.edges, key=lambda e: (math.isnan(e.effect), -abs(e.effect) if not math.isnan(e.effect) else 0.0))
+
     def to_dot(self) -> str:
-        """Graphviz DOT text of the circuit (no Graphviz needed to produce it)."""
+        """Graphviz DOT text of the circuit (no Graphviz needed to produce it): the circuit's edges and their
+        endpoints only. Under grouped-query attention a key/value group and the heads of it that the circuit uses
+        sit in a cluster whose label names every head the group feeds."""
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fillcolor=white];']
-        for node in self.nodes:
-            kind = parse(node).kind
+        ends = {e.sender for e in self.edges} | {node_of(e.receiver) for e in self.edges}
+        for node in sorted(ends):
             colour = {
                 NodeKind.MLP: "lightyellow",
                 NodeKind.ATTENTION_OUTPUT: "lavender",
                 NodeKind.EMBED: "lightgrey",
                 NodeKind.RESID_POST: "lightgrey",
-            }.get(kind, "lightblue")
+            }.get(parse(node).kind, "lightblue")
             lines.append(f'  "{node}" [fillcolor={colour}];')
-        used = set(self.nodes)
         for group, heads in sorted(self.groups.items()):
-            if group in used:
-                for head in heads:
-                    lines.append(f'  "{group}" -> "{head}" [style=dashed, arrowhead=none, color=grey];')
+            if group in ends:
+                members = " ".join(f'"{n}";' for n in [group, *(h for h in heads if h in ends)])
+                lines.append(
+                    f'  subgraph "cluster_{identifier(group)}" {{ label="{group}: keys and values of {", ".join(heads)}"; '
+                    f"style=dashed; color=grey; {members} }}"
+                )
         for e in sorted(self.edges, key=lambda e: (e.receiver, e.sender)):
             role = parse(e.receiver).role
             label = f' [label="{role.value} {e.effect:.3g}"]' if role else f' [label="{e.effect:.3g}"]'
             lines.append(f'  "{e.sender}" -> "{node_of(e.receiver)}"{label};')
-        if self.groups:
-            lines.append('  label="dashed: a key/value group and the query heads it feeds (grouped-query attention)";')
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def draw(self, path: str | Path, *more: str | Path) -> Path:
+    def draw(self, path: str | Path, *more: str | Path, top_k: int | None = 50, min_effect: float = 0.0) -> Path:
         """A layered picture of the circuit, PNG or SVG by the suffix (matplotlib; no Graphviz needed), written
-        to ``path`` and to every further path in ``more`` from one layout. Returns ``path``."""
+        to ``path`` and to every further path in ``more`` from one layout. Returns ``path``. It draws the ``top_k``
+        edges of largest effect (``None``: every edge) among those whose effect is at least ``min_effect``, and
+        notes how many it left out: past a few dozen edges a picture of all of them is unreadable."""
         from .drawing import draw_circuit
 
-        return draw_circuit(self, path, *more)[0]
+        return draw_circuit(self, path, *more, top_k=top_k, min_effect=min_effect)[0]
 
     def evaluate(self, model: Any, task: Any, metric: str | None = None) -> Faithfulness:
         """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32; ``metric``

@@ -24,8 +24,9 @@ positions where the unembedding acts per token, ``S`` senders, ``K`` steps):
   component's own temporaries (an MLP's hidden activations, an attention core's scores).
 * setup's own peak: the corrupted run's reads exist next to the caches for a moment.
 
-The state is FP32 today. ``storage`` scales the stream-sized state and caches to another element size; bf16 and
-fp8 figures are projections of a storage format the runtime does not have yet (issue 30, item 3), never a choice.
+``storage`` is the runtime's storage format (:mod:`~pahq_fx.acdc.storage`): the clean and corrupted-minus-clean
+outputs of every sender and the senders' own outputs at that element size (fp8: one FP32 scale per row); clean
+reads, projections, inputs and the final read FP32, as the runtime holds them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from ..names import Role
 FP32 = "fp32"
 # Element bytes of a storage format, and the extra bytes per stored row (fp8: one FP32 scale per row).
 STORAGE = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 4)}
-AVAILABLE_STORAGE = (FP32,)
 GiB = 2**30
 BOUND, DENSE = "bound", "dense"  # what a check assumes of the circuit: anything (the bound), or a dense one
 
@@ -285,10 +285,6 @@ class MemoryPlan:
     candidates: int = 0  # what speculation's candidate batches add at most: more dense queries, within their budget
 
     @property
-    def available(self) -> bool:
-        return self.storage in AVAILABLE_STORAGE
-
-    @property
     def cache_bytes(self) -> int:
         return sum(self.caches.values())
 
@@ -314,7 +310,6 @@ class MemoryPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "storage": self.storage,
-            "available": self.available,
             "weights": self.weights,
             "split_weights": self.split_weights,
             "split_peak": self.split_peak,
@@ -335,9 +330,8 @@ class MemoryPlan:
 
 
 def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, candidate_budget: int = 0) -> MemoryPlan:
-    """The bytes a search on ``workload`` holds, term by term (module docstring). ``storage`` other than fp32 is a
-    projection: the stream-sized caches and state at that element size (fp8 with one FP32 scale per row), the
-    transient tensors of a query and of setup in FP32."""
+    """The bytes a search on ``workload`` holds, term by term (module docstring), with the senders' outputs stored in
+    ``storage``; the transient tensors of a query and of setup are FP32."""
     if storage not in STORAGE:
         raise PlanError(f"unknown storage format {storage!r}; one of {', '.join(STORAGE)}")
     elem, per_row = STORAGE[storage]
@@ -350,22 +344,23 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
     steps = g.steps()
     senders = len(hg.senders())
     receivers = len(hg.receivers())
+    fp32_rows = 4 * f_rows * d
     caches = {
         "clean outputs": senders * stream,
         "corrupted - clean": senders * stream,
-        "clean reads": len(steps) * stream,
-        "corrupted - clean at final rows": senders * rows,
-        "clean final read": rows,
+        "clean reads": len(steps) * fp32_stream,
+        "corrupted - clean at final rows": senders * fp32_rows,
+        "clean final read": fp32_rows,
     }
     widths = [(layer.n_heads + 2 * layer.n_kv_groups) * g.d_head for layer in hg.layers]
-    projections = sum(n * (w * elem + per_row) for w in widths)
+    projections = sum(4 * n * w for w in widths)
     tail = 0
     for kind, _, _ in reversed(steps):  # the last MLP (and norm) send to resid_post alone: moved to the final rows
         if kind == "attention":
             break
         tail += 1 if g.token_wise else 0
-    state_start = projections + 2 * tail * rows
-    state_bound = state_start + (senders - 1 + receivers - 1) * stream + rows
+    state_start = projections + tail * (rows + fp32_rows)  # the trailing MLP's stored output and FP32 input, at the rows
+    state_bound = state_start + (senders - 1) * stream + (receivers - 1) * fp32_stream + fp32_rows
     # A dense query into the first step (a key/value input where that recomputes the most heads): every step above
     # recomputed, its tentative inputs, projections, outputs and changes held until the query ends; the peak is the
     # most held at once, with the running component's own temporaries (the trailing MLP runs at the final rows).
@@ -585,7 +580,7 @@ class Plan:
     receivers: int
     senders: int
     memory: MemoryPlan
-    projections: dict[str, MemoryPlan]  # bf16, fp8 state storage: not available yet
+    projections: dict[str, MemoryPlan]  # the same run with the other storage formats
     device: str
     max_memory: int
     max_memory_source: str
@@ -643,10 +638,7 @@ class Plan:
             lines.append(f"a dense circuit's run would fit ({_gib(m.peak)}; assume='dense', --assume dense, to allow it)")
         for storage, projection in self.projections.items():
             if projection.needed(self.assume) <= self.max_memory:
-                lines.append(
-                    f"{storage} state storage would fit ({_gib(projection.needed(self.assume))}), but the runtime "
-                    "does not offer it yet"
-                )
+                lines.append(f"storage={storage!r} (--storage {storage}) would fit ({_gib(projection.needed(self.assume))})")
         return "; ".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -669,7 +661,7 @@ class Plan:
             "edges": self.edges,
             "queries_upper_bound": self.queries,
             "memory": self.memory.to_json(),
-            "projections_not_available": {k: v.to_json() for k, v in self.projections.items()},
+            "other_storage": {k: v.to_json() for k, v in self.projections.items()},
             "measured": dict(self.measured),
             "device": self.device,
             "max_memory": self.max_memory,
@@ -735,7 +727,7 @@ class Plan:
             lines.append(f"| largest batch that fits | {self.largest_batch} x {w.seq} |")
         for storage, p in self.projections.items():
             lines.append(
-                f"| projection, not available yet: {storage} state storage: caches + state, peak, bound | "
+                f"| with {storage} storage: caches + state, peak, bound | "
                 f"{_gib(p.cache_bytes + p.state_start)}, {_gib(p.peak)}, {_gib(p.peak_bound)} |"
             )
         t = self.timing
@@ -819,11 +811,8 @@ def _assemble(
 ) -> Plan:
     if assume not in (BOUND, DENSE):
         raise PlanError(f"assume must be {BOUND!r} (any threshold) or {DENSE!r} (a dense circuit), got {assume!r}")
-    if storage not in AVAILABLE_STORAGE:
-        raise PlanError(
-            f"storage {storage!r} is not available: the runtime stores its state in FP32 "
-            f"(bf16 and fp8 figures are projections, in Plan.projections)"
-        )
+    if storage not in STORAGE:
+        raise PlanError(f"unknown storage format {storage!r}; one of {', '.join(STORAGE)}")
     if max_memory is None:
         free, source = free_memory(device)
         limit = free + loaded_bytes
@@ -948,9 +937,8 @@ def plan(
     ``max_memory`` (bytes or ``"20GiB"``; default the device's free memory plus the model's weights already on it):
     with ``check``, a run that cannot fit raises :class:`~pahq_fx.errors.PlanError`, saying what would fit, before
     anything is built. ``assume="bound"`` (default) checks the peak bound, which a search at any threshold stays under;
-    ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage`` is fp32,
-    the only state format the runtime has; ``Plan.projections`` gives bf16
-    and fp8 figures as projections."""
+    ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage``: the
+    runtime's storage format (fp32, bf16, fp8); ``Plan.projections`` gives the other formats' figures."""
     import torch
 
     from .. import graph_meta
@@ -960,6 +948,7 @@ def plan(
     from .run_info import eager_forward_seconds
     from .runtime import PatchingRuntime
     from .setup import _trace_for, check_vocabulary, parse_metric, resolve_compile
+    from .storage import Storage
 
     parsed_metric = parse_metric(metric, task)
     check_vocabulary(model, task)
@@ -1005,7 +994,9 @@ def plan(
     with torch.no_grad():
         graph, split_peak = measured_peak(lambda: lower_split(_trace_for(model, ids), PrecisionConfig(fmt, granularity)), device)
         edges = EdgeGraph(graph_meta.head_graph(graph))
-        runtime, setup_peak = measured_peak(lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled), device)
+        runtime, setup_peak = measured_peak(
+            lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled, storage=Storage(storage)), device
+        )
     measured = {"setup_state_bytes": runtime.state_bytes(), "split_peak": split_peak, "setup_peak": setup_peak}
     geometry = replace(geometry_from_runtime(runtime, model), split_peak=split_peak)
     timing = None

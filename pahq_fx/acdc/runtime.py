@@ -14,8 +14,9 @@ and the metric; :meth:`commit` makes them the state, :meth:`rollback` drops them
 Steps below the one under investigation are clean and FP32 (every edge into them is present), so they are
 never run; when the search moves into a new step it is *activated* (its inputs leave the clean cache and its
 heads are recomputed under the plan), and a new precision plan recomputes only the heads whose precision
-changes. Caches are FP32; the final read holds only the rows the metric reads when the unembedding is
-token-wise.
+changes. Caches and sender outputs are held in the run's storage format (:mod:`.storage`: FP32 by default, bf16
+or per-row scaled FP8 to fit large models); inputs, projections and reads are FP32; the final read holds only the
+rows the metric reads when the unembedding is token-wise.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
 from .metrics import CleanDistribution, Metric, metric_value
 from .row_batch import RowBatch
+from .storage import Storage, Stored, codec
 from .task import Task
 
 ROLES = tuple(Role)
@@ -47,7 +49,7 @@ class _Pending:
     """Tentative values of one query, kept apart from the state until commit."""
 
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # receiver row -> new input
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # sender -> new output
+    outputs: dict[int, Stored] = field(default_factory=dict)  # sender -> new output, as stored
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # attention step -> new per-head projections
     final: torch.Tensor | None = None
     metric: float = 0.0
@@ -146,8 +148,18 @@ class _AttentionLayout:
 class PatchingRuntime:
     """State of the patched forward pass of a split model on a task; answers ACDC's queries incrementally."""
 
-    def __init__(self, graph: fx.GraphModule, edges: EdgeGraph, task: Task, metric: Metric, compile: bool = False) -> None:
+    def __init__(
+        self,
+        graph: fx.GraphModule,
+        edges: EdgeGraph,
+        task: Task,
+        metric: Metric,
+        compile: bool = False,
+        storage: Storage = Storage.FP32,
+    ) -> None:
         self.graph = graph
+        self.storage = storage
+        self.codec = codec(storage)
         self.edges = edges
         self.metric_kind = metric
         self.structure = graph_meta.structure(graph)
@@ -273,6 +285,7 @@ class PatchingRuntime:
         corrupted, _, _ = self._full_run(self.graph.prelude(task.corrupted_input_ids)[0])
         # In place, one copy at a time; contiguous() gives a broadcast view (a bias expanded to the stream) its own memory.
         self.corrupt_minus_clean = [c.contiguous().sub_(k) for c, k in zip(corrupted, self.clean, strict=True)]
+        del corrupted
         full = self._unembed_all(clean_final)
         self.clean_distribution = CleanDistribution.of(full)
         batch, seq = clean_final.shape[:2]
@@ -285,13 +298,17 @@ class PatchingRuntime:
         self.final_rows = self.positions if token_wise else torch.arange(batch * seq, device=clean_final.device)
         self._final_shape = None if token_wise else clean_final.shape
         self._final_clean = self._rows(clean_final)
-        self._cmc_rows = [self._rows(c) for c in self.corrupt_minus_clean]
         self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(self.row_batch)
         self._token_wise_components = {
             k
             for k, step in enumerate(self.steps)
             if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)
         }
+        # Stored one tensor at a time, each FP32 one released as its stored form replaces it: setup's peak stays FP32's.
+        for cache in (self.clean, self.corrupt_minus_clean):
+            for i, x in enumerate(cache):
+                cache[i] = self.codec.store(x)
+        self._cmc_rows = [self._rows(self.codec.load(c)) for c in self.corrupt_minus_clean]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
@@ -374,7 +391,7 @@ class PatchingRuntime:
             rows = self.row_batch.unpack(self._components[k](self.row_batch.pack(self._rows(x)), *self._row_aux(k)))
         except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)
             return False
-        full = self.clean[self.step_senders[k][0]]  # its clean output, computed from this same read
+        full = self.clean[self.step_senders[k][0]]  # its FP32 clean output (setup runs this before storing), from this read
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
             torch.allclose(rows, self._rows(full), rtol=1e-5, atol=1e-5)
         )
@@ -397,10 +414,9 @@ class PatchingRuntime:
 
     def state_bytes(self) -> int:
         """Bytes held by the state and the caches (distinct tensors counted once)."""
+        held = (t for stored in (*self.clean, *self.corrupt_minus_clean, *self.outputs) for t in self.codec.tensors(stored))
         tensors = [
-            *self.clean,
-            *self.corrupt_minus_clean,
-            *self.outputs,
+            *held,
             *self.clean_reads,
             *self._cmc_rows,
             *(t for t in self.inputs if t is not None),
@@ -558,7 +574,7 @@ class PatchingRuntime:
         """What one candidate of a batch into ``row`` may hold at most: the state of every step from the
         receiver's on (inputs, outputs, projections) and the final read."""
         step = self.row_step[row]
-        tensors = [self.outputs[s] for s in range(len(self.edges.senders)) if self.sender_step[s] >= step]
+        tensors = [t for s, stored in enumerate(self.outputs) if self.sender_step[s] >= step for t in self.codec.tensors(stored)]
         tensors += [x for r, x in enumerate(self.inputs) if x is not None and self.row_step[r] >= step]
         tensors += [p for k, p in self.projections.items() if k >= step]
         seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*tensors, self.final]}
@@ -662,11 +678,17 @@ class PatchingRuntime:
 
     def _removal_change(self, row: int, sender: int) -> torch.Tensor:
         """``corrupt_s - current_s``: what removing (sender, row) adds to the receiver's input."""
+        load = self.codec.load
         if self.outputs[sender] is self.clean[sender]:
-            return self._cmc_rows[sender] if self._reads_rows(row) else self.corrupt_minus_clean[sender]
+            return self._cmc_rows[sender] if self._reads_rows(row) else load(self.corrupt_minus_clean[sender])
         if self._sends_rows(sender):
-            return self._cmc_rows[sender] + self._rows(self.clean[sender]) - self.outputs[sender]
-        return self._as_read_by(row, self.corrupt_minus_clean[sender] + self.clean[sender] - self.outputs[sender], sender)
+            return self._cmc_rows[sender] + self._rows(load(self.clean[sender])) - load(self.outputs[sender])
+        change = load(self.corrupt_minus_clean[sender]) + load(self.clean[sender]) - load(self.outputs[sender])
+        return self._as_read_by(row, change, sender)
+
+    def _change(self, sender: int, new: Stored) -> torch.Tensor:
+        """A sender's change of output, between stored values: the state's inputs are sums of stored outputs."""
+        return self.codec.load(new) - self.codec.load(self.outputs[sender])
 
     def _update_rows_only(self) -> None:
         """Move MLPs and norms whose kept edges all go to the final read or to row-only ones to row-only state (for
@@ -679,7 +701,7 @@ class PatchingRuntime:
                 self.rows_only.add(k)
                 row = next(iter(self.step_rows[k].values()))[0]  # the component's one receiver
                 self.inputs[row] = self._rows(self.inputs[row])
-                self.outputs[sender] = self._rows(self.outputs[sender])
+                self.outputs[sender] = self.codec.select_rows(self.outputs[sender], self.final_rows)
 
     def _cascade(
         self,
@@ -727,8 +749,9 @@ class PatchingRuntime:
                 outputs = self._attention(
                     k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units, activating, pending
                 )
-                pending.outputs.update(outputs)
-                deltas.add_heads(k, {s: out - self.outputs[s] for s, out in outputs.items()})
+                stored = {s: self.codec.store(out) for s, out in outputs.items()}
+                pending.outputs.update(stored)
+                deltas.add_heads(k, {s: self._change(s, new) for s, new in stored.items()})
             else:
                 if not changed:
                     continue
@@ -738,8 +761,8 @@ class PatchingRuntime:
                     out = self._row_component(k, x)
                 else:
                     out = self._unflat(self._components[k](self._flat(x), *self._aux(step.aux)))
-                pending.outputs[sender] = out
-                deltas.add(sender, out - self.outputs[sender])
+                pending.outputs[sender] = self.codec.store(out)
+                deltas.add(sender, self._change(sender, pending.outputs[sender]))
         final_change = changes.get(self.final_row)
         reaching = [s for s in deltas if s in kept_in[self.final_row]]
         if reaching:
@@ -814,7 +837,7 @@ class PatchingRuntime:
         if activating:
             x = self.clean_reads[k]
             for s in self.removed_from[row]:
-                x = x + self.corrupt_minus_clean[s]
+                x = x + self.codec.load(self.corrupt_minus_clean[s])
         else:
             x = self.inputs[row]
         if change is not None:

@@ -38,6 +38,7 @@ from .run_info import eager_forward_seconds, library_versions, model_identity, p
 from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
 from .speculation import OFF, Predictor, candidate_memory, check_speculation, search_receiver
+from .storage import Storage
 from .task import Task
 
 
@@ -69,6 +70,7 @@ def discover(
     faithfulness: bool = False,
     save_to: str | Path | None = None,
     speculation: str | Predictor = OFF,
+    storage: str = "fp32",
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
@@ -79,7 +81,9 @@ def discover(
     a receiver are batched (:mod:`~pahq_fx.acdc.speculation`): ``adaptive``, ``kept`` or ``removed``
     predict the decisions and evaluate several queries in one pass, the same circuit as ``off`` (one query at a
     time, the default); a :class:`~pahq_fx.acdc.speculation.Predictor` of one's own works too. See docs/acdc.md for
-    the algorithm, docs/runtime.md for the runtime.
+    the algorithm, docs/runtime.md for the runtime. ``storage``: how the runtime stores its caches and the senders'
+    outputs (:mod:`~pahq_fx.acdc.storage`): ``fp32`` (exact, the default), ``bf16`` (half the bytes) or ``fp8``
+    (a quarter, with a scale per row); the rounding is the stored outputs', never accumulated over the search.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
@@ -94,6 +98,7 @@ def discover(
     """
     threshold = check_threshold(threshold)
     check_speculation(speculation)
+    stored = Storage.parse(storage)
     requested = AUTO if precision == AUTO else parse_format(precision).value
 
     def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
@@ -105,6 +110,7 @@ def discover(
             "precision": requested,
             "granularity": granularity,
             "abs": abs_threshold,
+            **({"storage": stored.value} if stored is not Storage.FP32 else {}),
         }
 
     path = Path(checkpoint) if checkpoint is not None else None
@@ -123,6 +129,7 @@ def discover(
         compile=compile,
         allow_weak_task=allow_weak_task,
         identity=identity,
+        storage=stored,
     )
     if requested == AUTO and not session.precision_note.startswith("auto:"):
         resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
@@ -182,11 +189,13 @@ def prepare(
     compile: bool | str = AUTO,
     allow_weak_task: bool = False,
     identity: dict[str, Any] | None = None,
+    storage: str | Storage = Storage.FP32,
 ) -> Session:
     """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
     forward, and build the runtime: trace, split, lower, clean and corrupted caches. ``identity``: the model's
     :func:`~pahq_fx.acdc.run_info.model_identity` where the caller has computed it already."""
     parsed_metric = parse_metric(metric, task)
+    stored = Storage.parse(storage)
     check_float32_weights(model.parameters())  # before the task check and the trace
     check_finite_weights(model)
     device = task.clean_input_ids.device
@@ -210,16 +219,18 @@ def prepare(
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
     if fmt is None:
-        runtime, edges = build_runtime(model, task, parsed_metric, Format.FP32, granularity, compiled)
+        runtime, edges = build_runtime(model, task, parsed_metric, Format.FP32, granularity, compiled, stored)
         build_s = time.perf_counter() - start
         search_s = estimated_search_seconds(runtime.total_edges, statistics.median(forward_samples))
         if worth_measuring(build_s, search_s):
-            runtime, edges, calibration = _calibrated_runtime(model, task, parsed_metric, granularity, compiled, (runtime, edges))
+            runtime, edges, calibration = _calibrated_runtime(
+                model, task, parsed_metric, granularity, compiled, (runtime, edges), stored
+            )
             fmt, precision_note = calibration.chosen, calibration.note()
         else:
             fmt, precision_note = Format.FP32, unmeasured_note(build_s, search_s)
     else:
-        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled)
+        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled, stored)
         precision_note = ""
     precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
     return Session(
@@ -239,7 +250,13 @@ def prepare(
 
 
 def _calibrated_runtime(
-    model: nn.Module, task: Task, metric: Metric, granularity: str, compiled: bool, fp32: tuple[PatchingRuntime, EdgeGraph]
+    model: nn.Module,
+    task: Task,
+    metric: Metric,
+    granularity: str,
+    compiled: bool,
+    fp32: tuple[PatchingRuntime, EdgeGraph],
+    storage: Storage,
 ) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
     """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
     queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime (a low-precision winner is
@@ -249,7 +266,7 @@ def _calibrated_runtime(
     failed: dict[Format, str] = {}
     for fmt in formats_to_try(task.clean_input_ids.device)[1:]:
         try:  # one low-precision runtime at a time beside FP32's: each holds caches of its own
-            runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled)
+            runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage)
             seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
         except (PahqError, RuntimeError) as error:  # a format this model or device cannot run: not a candidate
             failed[fmt] = str(error).splitlines()[0]
@@ -257,7 +274,7 @@ def _calibrated_runtime(
     calibration = Calibration(receiver.name, seconds, choose(seconds), failed)
     if calibration.chosen is Format.FP32:
         return (*fp32, calibration)
-    return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled), calibration)
+    return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled, storage), calibration)
 
 
 def search(
@@ -386,6 +403,7 @@ def search(
             hit_rate=None if predictor is None or not predictor.decided else predictor.hit_rate,
             candidates_per_batch=None if predictor is None else predictor.evaluated / max(predictor.batches, 1),
             near_threshold=None if predictor is None else predictor.near_threshold,
+            storage=runtime.storage.value,
         ),
         total_edges=runtime.total_edges,
         versions=library_versions(),

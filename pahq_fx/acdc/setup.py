@@ -15,6 +15,7 @@ from ..trace import max_positions, trace
 from .edges import EdgeGraph
 from .metrics import Metric
 from .runtime import PatchingRuntime
+from .storage import Storage
 from .task import Task
 
 
@@ -66,10 +67,17 @@ def _trace_for(model: nn.Module, input_ids: torch.Tensor) -> torch.fx.GraphModul
 
 
 def build_runtime(
-    model: nn.Module, task: Task, metric: Metric, precision: Format, granularity: str, compile: bool
+    model: nn.Module,
+    task: Task,
+    metric: Metric,
+    precision: Format,
+    granularity: str,
+    compile: bool,
+    storage: Storage = Storage.FP32,
 ) -> tuple[PatchingRuntime, EdgeGraph]:
-    """Trace, split and lower the model; return the runtime and its edge graph."""
+    """Trace, split and lower the model; return the runtime (its caches and state stored in ``storage``) and its
+    edge graph."""
     check_vocabulary(model, task)
     graph = lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(precision, granularity))
     edges = EdgeGraph(graph_meta.head_graph(graph))
-    return PatchingRuntime(graph, edges, task, metric, compile=compile), edges
+    return PatchingRuntime(graph, edges, task, metric, compile=compile, storage=storage), edges

@@ -21,6 +21,7 @@ from .metrics import Metric
 from .roc import RocPoint, jaccard, roc_auc, roc_point
 from .search import Session, prepare, search
 from .setup import check_threshold
+from .storage import Storage
 from .task import Task
 
 Reference = Circuit | set[tuple[str, str]] | str | None
@@ -155,6 +156,7 @@ def sweep(
     progress: bool = True,
     allow_weak_task: bool = False,
     save_to: str | Path | None = None,
+    storage: str = "fp32",
 ) -> Sweep:
     """ACDC at every threshold, from one setup: each circuit is the one ``discover`` finds at that threshold.
 
@@ -162,19 +164,27 @@ def sweep(
     sweep again in FP32 (unless ``precision`` is FP32 already) and score both sweeps against the FP32 circuit at
     the lowest threshold, with the edge Jaccard between the two per threshold. ``save_to``: a folder where each
     circuit is written as ``tau=<t>/circuit.json`` as soon as its search ends (without its faithfulness, which
-    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished.
+    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished. ``storage``: see
+    :func:`~pahq_fx.acdc.search.discover`; the ``"fp32"`` reference sweep stores in FP32.
     """
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
     session = prepare(
-        model, task, metric=metric, precision=precision, granularity=granularity, compile=compile, allow_weak_task=allow_weak_task
+        model,
+        task,
+        metric=metric,
+        precision=precision,
+        granularity=granularity,
+        compile=compile,
+        allow_weak_task=allow_weak_task,
+        storage=storage,
     )
     circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
     name = f"the FP32 circuit at threshold {values[0]:g}"
-    if session.format is Format.FP32:
+    if session.format is Format.FP32 and session.runtime.storage is Storage.FP32:
         return _result(session, circuits, circuits[0].edge_set(), name)
     fp32_session = prepare(
         model, task, metric=metric, precision=Format.FP32.value, granularity=granularity, compile=compile, allow_weak_task=True

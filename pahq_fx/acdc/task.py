@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,10 @@ class Task:
         if self.has_answers:
             tensors.update(correct_ids=self.correct_ids, incorrect_ids=self.incorrect_ids)
         return tensors
+
+    def to(self, device: str | torch.device) -> Task:
+        """The same task with its tensors on ``device``: a search runs where the task's ids are."""
+        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def save(self, path: str | Path) -> None:
         """Write the task as safetensors (the name goes into the metadata)."""

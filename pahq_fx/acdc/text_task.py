@@ -43,13 +43,17 @@ def check_tokenizer(tokenizer: Any) -> None:
     then read as unknown, which would blame the task's words instead of the missing files."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     if len(tokenizer) <= len(special):
-        origin = getattr(tokenizer, "name_or_path", "")
-        described = type(tokenizer).__name__ + (f", from {origin}" if origin else "")
         raise TaskError(
-            f"the tokenizer ({described}) has no tokens besides its {len(special)} special "
+            f"the tokenizer ({describe_tokenizer(tokenizer)}) has no tokens besides its {len(special)} special "
             "one(s): the checkpoint folder holds no tokenizer files. Save the tokenizer beside the model "
             "(tokenizer.save_pretrained(folder)), or give a task already tokenized (.safetensors)"
         )
+
+
+def describe_tokenizer(tokenizer: Any) -> str:
+    """The tokenizer's class and where it came from, for errors that may be the tokenizer's fault."""
+    origin = getattr(tokenizer, "name_or_path", "")
+    return type(tokenizer).__name__ + (f", from {origin}" if origin else "")
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
@@ -155,7 +159,10 @@ def _encode(tokenizer: Any, text: str, where: str, key: str, special: bool) -> l
         words = [repr(w) for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)] or [repr(text)]
         raise TaskError(f"{where}: {key!r} has word(s) the tokenizer does not know: {', '.join(words)}")
     if not ids:
-        raise TaskError(f"{where}: {key!r} tokenizes to nothing")
+        raise TaskError(
+            f"{where}: {key!r} tokenizes to nothing with the tokenizer {describe_tokenizer(tokenizer)}; "
+            "is it the model's tokenizer? (--tokenizer names another)"
+        )
     return ids
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..acdc.task import Task
-from ..acdc.text_task import check_tokenizer
+from ..acdc.text_task import check_tokenizer, describe_tokenizer
 from ..errors import TaskError
 from . import vocab
 
@@ -23,8 +23,13 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     ids = []
     for word in words:
         encoded = tokenizer.encode(word, add_special_tokens=False)
+        if not encoded:
+            raise TaskError(
+                f"word {word!r} tokenizes to nothing with the tokenizer {describe_tokenizer(tokenizer)}; "
+                "is it the model's tokenizer? (--tokenizer names another)"
+            )
         if len(encoded) != 1 or encoded[0] == getattr(tokenizer, "unk_token_id", None):
-            raise TaskError(f"word {word!r} is not a single known token of this tokenizer")
+            raise TaskError(f"word {word!r} is not a single known token of the tokenizer {describe_tokenizer(tokenizer)}")
         ids.append(encoded[0])
     return ids
 
