@@ -17,12 +17,14 @@ _PUBLIC = {
     "Sweep": ".acdc",
     "Task": ".acdc",
     "discover": ".acdc",
+    "load_circuit": ".acdc",
     "Plan": ".acdc.plan",
     "plan": ".acdc.plan",
     "plan_from_config": ".acdc.plan",
     "sweep": ".acdc",
     "backend": ".compile",
     "CheckpointError": ".errors",
+    "CircuitFormatError": ".errors",
     "InvalidHeadError": ".errors",
     "InvalidInputsError": ".errors",
     "NonFiniteError": ".errors",
@@ -45,6 +47,7 @@ _SUBMODULES = ("passes",)
 __all__ = [
     "CheckpointError",
     "Circuit",
+    "CircuitFormatError",
     "Format",
     "Granularity",
     "HeadGraph",
@@ -65,6 +68,7 @@ __all__ = [
     "UnsupportedFormatError",
     "backend",
     "discover",
+    "load_circuit",
     "passes",
     "plan",
     "plan_from_config",
@@ -74,11 +78,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from . import passes
-    from .acdc import Circuit, Sweep, Task, discover, sweep
+    from .acdc import Circuit, Sweep, Task, discover, load_circuit, sweep
     from .acdc.plan import Plan, plan, plan_from_config
     from .compile import backend
     from .errors import (
         CheckpointError,
+        CircuitFormatError,
         InvalidHeadError,
         InvalidInputsError,
         NonFiniteError,

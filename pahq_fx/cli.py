@@ -504,13 +504,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .acdc import Circuit
+    from .acdc import load_circuit
 
     device = _device(args)
-    circuit = Circuit.load(args.circuit)
-    task, tokenizer = _checked_task(args, _task_source(args.task), circuit.metric)
+    circuit = load_circuit(args.circuit)
+    metric = args.metric or circuit.metric
+    task, tokenizer = _checked_task(args, _task_source(args.task), metric)
     model, _ = _load_model(args.model, tokenizer, device)
-    faithfulness = circuit.evaluate(model, task)
+    faithfulness = circuit.evaluate(model, task, metric)
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 
 
@@ -662,11 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True)
     i.set_defaults(run=cmd_inspect)
     e = sub.add_parser("evaluate", help="metric of a circuit alone next to the full model's")
-    e.add_argument("--circuit", required=True)
+    e.add_argument(
+        "--circuit",
+        required=True,
+        help="a circuit.json written by pahq_fx, or an EAP-IG / MIB graph file (.json or .pt)",
+    )
     e.add_argument("--model", required=True)
     e.add_argument("--task", required=True)
     e.add_argument("--n", type=_count, default=32)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--metric", choices=METRICS, help="default: the circuit's own (kl for an EAP-IG graph, which records none)")
     _loading_arguments(e)
     e.set_defaults(run=cmd_evaluate)
     return parser

@@ -46,3 +46,8 @@ class NonFiniteError(PahqError, ValueError):
 
 class PlanError(PahqError, ValueError):
     """A run that its plan says cannot fit the memory it may use (the message says what would), or a bad plan argument."""
+
+
+class CircuitFormatError(PahqError, ValueError):
+    """A circuit file that is not one pahq_fx reads, one written for another model, or a circuit that a file format
+    (EAP-IG / MIB graphs) cannot express: the message names the node or setting."""

@@ -16,6 +16,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from .errors import CircuitFormatError
+
 EMBED = "embed"
 RESID_POST = "resid_post"
 
@@ -130,3 +132,56 @@ def identifier(name: str) -> str:
 def node_of(receiver: str) -> str:
     """``a1.h2.q`` -> ``a1.h2``; ``a1.g0.k`` -> ``a1.g0``; ``a1.out``, ``m1``, ``m1.2`` and ``resid_post`` unchanged."""
     return parse(receiver).node
+
+
+# EAP-IG's graph (hannamw/EAP-IG, used by MIB): the only other names pahq_fx reads and writes. Nodes ``input``,
+# ``a{L}.h{H}``, ``m{L}``, ``logits``; edges ``PARENT->CHILD`` and ``PARENT->a{L}.h{H}<q|k|v>``. Its key and value
+# inputs are per query head: mapping a key/value group onto its heads needs the model's groups, which the graph
+# files (pahq_fx/acdc/eap.py) know and a name does not.
+EAP_INPUT = "input"
+EAP_LOGITS = "logits"
+_EAP_EDGE = re.compile(r"^(input|a\d+\.h\d+|m\d+)->(?:(a\d+\.h\d+)<([qkv])>|(m\d+|logits))$")
+
+
+def eap_node(name: str) -> str:
+    """The EAP-IG name of a canonical node: ``embed`` -> ``input``, ``resid_post`` -> ``logits``, ``a1.h2`` and ``m1``
+    unchanged. A post-attention norm, a hybrid's extra component or a key/value group has none: a
+    :class:`CircuitFormatError` names it."""
+    parsed = parse(name)
+    if parsed.role is not None:
+        raise ValueError(f"{name!r} is an attention input, not a node: use eap_edge")
+    if parsed.kind is NodeKind.EMBED:
+        return EAP_INPUT
+    if parsed.kind is NodeKind.RESID_POST:
+        return EAP_LOGITS
+    if parsed.kind is NodeKind.HEAD or (parsed.kind is NodeKind.MLP and parsed.layer >= 0 and not parsed.index):
+        return name
+    what = {
+        NodeKind.ATTENTION_OUTPUT: "a post-attention norm (the heads' sum is normalised before the residual add)",
+        NodeKind.KV_GROUP: "a key/value group (EAP-IG and MIB name key and value inputs per query head)",
+        NodeKind.MLP: "a whole component beyond one MLP per attention layer (a hybrid's mixer or MLP)",
+    }[parsed.kind]
+    raise CircuitFormatError(
+        f"{name} is {what}: EAP-IG/MIB graphs have only input, a{{L}}.h{{H}}, m{{L}} (one per layer) and logits"
+    )
+
+
+def eap_edge(sender: str, receiver: str) -> str:
+    """The EAP-IG name of an edge into a canonical receiver: (``embed``, ``a1.h2.q``) -> ``input->a1.h2<q>``,
+    (``a0.h1``, ``m1``) -> ``a0.h1->m1``. A key/value group's receiver has none (ungroup it per query head first)."""
+    parsed = parse(receiver)
+    child = f"{eap_node(parsed.node)}<{parsed.role.value}>" if parsed.role else eap_node(receiver)
+    return f"{eap_node(sender)}->{child}"
+
+
+def from_eap_edge(name: str) -> tuple[str, str]:
+    """The canonical (sender, receiver) of an EAP-IG edge name, key and value inputs per query head
+    (``input->a1.h2<k>`` -> (``embed``, ``a1.h2.k``)); anything else is a :class:`CircuitFormatError` naming it."""
+    match = _EAP_EDGE.match(name)
+    if match is None:
+        raise CircuitFormatError(f"{name!r} is not an EAP-IG edge name (PARENT->CHILD or PARENT->a{{L}}.h{{H}}<q|k|v>)")
+    parent, head_child, role, child = match.groups()
+    sender = {EAP_INPUT: EMBED}.get(parent, parent)
+    if head_child is not None:
+        return sender, attention_input(head_child, Role(role))
+    return sender, {EAP_LOGITS: RESID_POST}.get(child, child)

@@ -1,6 +1,7 @@
 """ACDC circuit discovery on the per-head graph, accelerated by PAHQ."""
 
 from .circuit import Circuit, CircuitEdge, RunStats
+from .eap import load_circuit
 from .edges import Edge, EdgeGraph, Receiver, ReceiverKind, Sender
 from .evaluation import Faithfulness, TaskCheck, WeakTaskError, check_task, evaluate_circuit
 from .metrics import Metric
@@ -30,6 +31,7 @@ __all__ = [
     "check_task",
     "discover",
     "evaluate_circuit",
+    "load_circuit",
     "roc_auc",
     "roc_point",
     "sweep",

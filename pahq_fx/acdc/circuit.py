@@ -10,6 +10,7 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import PahqError
+from ..head_graph import HeadGraph
 from ..names import NodeKind, identifier, node_of, parse
 from .evaluation import Faithfulness, evaluate_circuit
 
@@ -164,9 +165,24 @@ class Circuit:
 
         return draw_circuit(self, path, *more, top_k=top_k, min_effect=min_effect)[0]
 
-    def evaluate(self, model: Any, task: Any) -> Faithfulness:
-        """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32."""
-        return evaluate_circuit(self.edge_set(), model, task, self.metric, found_on=self.model)
+    def evaluate(self, model: Any, task: Any, metric: str | None = None) -> Faithfulness:
+        """Metric of this circuit alone (every other edge patched) next to the full model's, in FP32; ``metric``
+        defaults to the circuit's own (``kl`` for a circuit read from an EAP-IG file)."""
+        return evaluate_circuit(self.edge_set(), model, task, metric or self.metric, found_on=self.model)
+
+    def to_eap_json(self, path: str | Path, head_graph: HeadGraph | None = None) -> Path:
+        """Write the circuit as an EAP-IG / MIB graph (``Graph.to_json``'s layout): every edge of the model's graph,
+        ``in_graph`` for the circuit's, scored with the measured effects (docs/mib.md). ``head_graph``: the model's;
+        without it, the layout this circuit's file records (a run of this pahq_fx records it)."""
+        from .eap import layout_of, layout_of_circuit, write_json
+
+        return write_json(self, path, layout_of(head_graph) if head_graph is not None else layout_of_circuit(self))
+
+    def to_eap_pt(self, path: str | Path, head_graph: HeadGraph | None = None) -> Path:
+        """:meth:`to_eap_json` in EAP-IG's ``Graph.to_pt`` layout (``torch.save`` of plain tensors and dicts)."""
+        from .eap import layout_of, layout_of_circuit, write_pt
+
+        return write_pt(self, path, layout_of(head_graph) if head_graph is not None else layout_of_circuit(self))
 
     def summary(self) -> str:
         s = self.stats

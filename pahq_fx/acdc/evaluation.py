@@ -48,12 +48,17 @@ def evaluate_circuit(
 ) -> Faithfulness:
     """Run the circuit given by its kept (sender, receiver) edges alone in FP32, and compare with the full model
     and with nothing kept. ``found_on`` (a :class:`Circuit`'s ``model``) names where the circuit came from in the
-    error that edges this model lacks raise."""
+    error that edges this model lacks raise; for a circuit read from an EAP-IG file it holds the file's cfg, which
+    must be this model's."""
     metric = parse_metric(metric, task)
     check_finite_weights(model)
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
-    this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"
     known = found_on or {}
+    if "eap_cfg" in known:  # read from an EAP-IG file: checked against this model, key/value edges onto its groups
+        from .eap import fit_to_model
+
+        kept = fit_to_model(kept, known, edges.head_graph)
+    this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"
     circuit = (
         f"the circuit (found on {_described(known['class'], known.get('name', ''))})" if known.get("class") else "the circuit"
     )

@@ -433,8 +433,10 @@ def _speculation_note(speculation: str | Predictor, predictor: Predictor | None,
 
 
 def _architecture(head_graph: HeadGraph) -> tuple[dict[str, Any], ...]:
-    """Per attention layer, what the circuit file records for drawing it: heads, key/value groups, post-attention
-    norm, the number of whole components after it (``mlp``: any), and on the first layer those before it."""
+    """Per attention layer, what the circuit file records for drawing it and for writing it as an EAP-IG graph:
+    heads, key/value groups, post-attention norm, the number of whole components after it (``mlp``: any), whether
+    the first of them reads the layer's attention (``parallel``: it does not, as in GPT-NeoX), and on the first
+    layer those before it and the residual stream's width."""
     layers = tuple(
         {
             "heads": layer.n_heads,
@@ -442,9 +444,13 @@ def _architecture(head_graph: HeadGraph) -> tuple[dict[str, Any], ...]:
             "mlp": layer.has_mlp,
             "components": len(layer.components),
             "output_norm": layer.has_output_norm,
+            "parallel": layer.has_mlp
+            and not {names.attention(layer.index), layer.output_norm_name} & set(layer.components[0].reads),
         }
         for layer in head_graph.layers
     )
+    if layers:
+        layers[0]["d_model"] = head_graph.d_model
     if head_graph.leading:
         layers[0]["leading"] = len(head_graph.leading)
     return layers
