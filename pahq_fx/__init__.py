@@ -17,6 +17,10 @@ _PUBLIC = {
     "Sweep": ".acdc",
     "Task": ".acdc",
     "discover": ".acdc",
+    "EdgeScores": ".acdc.scores",
+    "edge_scores": ".acdc.scores",
+    "load_scores": ".acdc.scores",
+    "mib_evaluate": ".acdc.mib",
     "Plan": ".acdc.plan",
     "plan": ".acdc.plan",
     "plan_from_config": ".acdc.plan",
@@ -45,6 +49,7 @@ _SUBMODULES = ("passes",)
 __all__ = [
     "CheckpointError",
     "Circuit",
+    "EdgeScores",
     "Format",
     "Granularity",
     "HeadGraph",
@@ -65,6 +70,9 @@ __all__ = [
     "UnsupportedFormatError",
     "backend",
     "discover",
+    "edge_scores",
+    "load_scores",
+    "mib_evaluate",
     "passes",
     "plan",
     "plan_from_config",
@@ -75,7 +83,9 @@ __all__ = [
 if TYPE_CHECKING:
     from . import passes
     from .acdc import Circuit, Sweep, Task, discover, sweep
+    from .acdc.mib import mib_evaluate
     from .acdc.plan import Plan, plan, plan_from_config
+    from .acdc.scores import EdgeScores, edge_scores, load_scores
     from .compile import backend
     from .errors import (
         CheckpointError,

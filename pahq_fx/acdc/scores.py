@@ -1,10 +1,11 @@
 """Exact edge scores: the metric's change when one edge alone is patched from the full model (MIB's exact activation
 patching), on the incremental runtime.
 
-The sign rule, for every metric (docs/acdc.md, "Edge scores"): ``score(s -> r) = m(full model with s -> r patched) -
-m(full model)``, with the metric oriented as ACDC's (smaller = more like the clean model). So a larger score is a
-more important edge: for ``kl`` the KL increase, for ``logit_diff`` and ``prob_diff`` the drop in the correct
-answer's logit (probability) lead. This is MIB's attribution sign (its metric is the negated logit difference).
+The sign rule, for every metric (docs/acdc.md, "Edge scores and faithfulness curves"):
+``score(s -> r) = m(full model with s -> r patched) - m(full model)``, with the metric oriented as ACDC's (smaller =
+more like the clean model). So a larger score is a more important edge: for ``kl`` the KL increase, for
+``logit_diff`` and ``prob_diff`` the drop in the correct answer's logit (probability) lead. This is MIB's
+attribution sign (its metric is the negated logit difference).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -222,7 +223,7 @@ def scores_of_session(session: Session, *, progress: bool = True, batch: bool = 
     if runtime.low_precision:
         raise PahqError("exact edge scores are measured in FP32; prepare the session with precision='fp32'")
     begin = time.perf_counter()
-    full, values, passes = exact_scores(runtime, edges, progress=progress, batch=batch)
+    full, values, passes, _ = exact_scores(runtime, edges, progress=progress, batch=batch)
     scoring_s = time.perf_counter() - begin
     after = eager_forward_seconds(session.model, session.task.clean_input_ids, repeats=2, warm_up=False)
     forward_s = statistics.median(session.forward_samples + after)
@@ -251,13 +252,23 @@ def scores_of_session(session: Session, *, progress: bool = True, batch: bool = 
     )
 
 
+class ExactRun(NamedTuple):
+    """What :func:`exact_scores` measured: the full model's metric, scores by (receiver row, sender), passes run,
+    and the seconds each receiver's queries took (the full-model pass before them not included)."""
+
+    full_model: float
+    values: dict[tuple[int, int], float]
+    passes: int
+    seconds: dict[int, float]
+
+
 @torch.no_grad()
 def exact_scores(
     runtime: PatchingRuntime, edges: EdgeGraph, *, progress: bool = True, batch: bool = True, receivers: list[int] | None = None
-) -> tuple[float, dict[tuple[int, int], float], int]:
-    """(metric of the full model, {(receiver row, sender): score}, passes run) for the edges into ``receivers``
-    (rows; default all). Every query starts from the full-model state (every step running, FP32) and is rolled
-    back; a receiver's edges go in candidate batches sized to the runtime's memory budget."""
+) -> ExactRun:
+    """Scores of the edges into ``receivers`` (rows; default all). Every query starts from the full-model state
+    (every step running, FP32) and is rolled back; a receiver's edges go in candidate batches sized to the runtime's
+    memory budget (one query at a time without ``batch``, or where the runtime cannot batch)."""
     from tqdm.auto import tqdm
 
     runtime.reset()
@@ -274,9 +285,11 @@ def exact_scores(
         bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
     )
     values: dict[tuple[int, int], float] = {}
+    seconds: dict[int, float] = {}
     passes = 0
     try:
         for done, row in enumerate(rows, 1):
+            start = time.perf_counter()
             senders = list(edges.receivers[row].senders)
             size = max(1, budget // max(runtime.candidate_bytes(row), 1)) if batched else 1
             for first in range(0, len(senders), size):
@@ -286,9 +299,10 @@ def exact_scores(
                 passes += 1
                 for s, m in zip(chunk, metrics, strict=True):
                     values[(row, s)] = m - full
+            seconds[row] = time.perf_counter() - start
             bar.set_postfix(receivers=f"{done}/{len(rows)}", edges=len(values), refresh=False)
             bar.update(work[row])
     finally:
         bar.close()
         runtime.reset()
-    return full, values, passes
+    return ExactRun(full, values, passes, seconds)
