@@ -85,7 +85,7 @@ class EdgeScores:
     def table(self, fmt: str = "markdown", limit: int | None = None) -> str:
         """The edges by score, most important first: a Markdown table or TSV (``fmt="tsv"``)."""
         ranked = self.ranked()[:limit]
-        header = ["rank", "sender", "receiver", f"score ({self.metric} change when patched alone)"]
+        header = ["rank", "sender", "receiver", f"score ({self.metric}; larger = more important)"]
         if fmt == "tsv":
             rows = ["\t".join(["rank", "sender", "receiver", "score"])]
             rows += [f"{i}\t{e.sender}\t{e.receiver}\t{e.score!r}" for i, e in enumerate(ranked, 1)]
@@ -95,7 +95,10 @@ class EdgeScores:
         return "\n".join(lines) + "\n"
 
     def summary(self) -> str:
-        head = f"{len(self.scores)} edges scored ({self.mode}, metric={self.metric}, full model {self.full_model:.4g})"
+        head = (
+            f"{len(self.scores)} edges scored ({self.mode}, metric={self.metric}, full model {self.full_model:.4g} as ACDC "
+            "orients the metric)"
+        )
         s = self.stats
         if s is None:
             return head
