@@ -93,10 +93,10 @@ def row(name: str, plan: planning.Plan, where: str) -> dict:
         )
         if not plan.fits_dense
         else BATCH,
-        "projection_bf16_peak_dense_gib": bf16.peak / GiB,
-        "projection_bf16_peak_bound_gib": bf16.peak_bound / GiB,
-        "projection_fp8_peak_dense_gib": fp8.peak / GiB,
-        "projection_fp8_peak_bound_gib": fp8.peak_bound / GiB,
+        "bf16_peak_dense_gib": bf16.peak / GiB,
+        "bf16_peak_bound_gib": bf16.peak_bound / GiB,
+        "fp8_peak_dense_gib": fp8.peak / GiB,
+        "fp8_peak_bound_gib": fp8.peak_bound / GiB,
         "plan": plan.to_json(),
     }
 
@@ -117,8 +117,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['weights_gib'] + r['split_copies_gib']:.1f} GiB | {r['caches_gib']:.1f} GiB | {r['query_gib']:.1f} GiB "
             f"| {r['peak_dense_gib']:.1f} GiB | {r['peak_bound_gib']:.1f} GiB | {fits} "
             f"| {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} "
-            f"| {r['projection_bf16_peak_dense_gib']:.1f} / {r['projection_bf16_peak_bound_gib']:.1f} GiB "
-            f"| {r['projection_fp8_peak_dense_gib']:.1f} / {r['projection_fp8_peak_bound_gib']:.1f} GiB |"
+            f"| {r['bf16_peak_dense_gib']:.1f} / {r['bf16_peak_bound_gib']:.1f} GiB "
+            f"| {r['fp8_peak_dense_gib']:.1f} / {r['fp8_peak_bound_gib']:.1f} GiB |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Regenerate the measurement tables of README.md and docs/performance.md from the JSON in benchmarks/results/.
+"""Regenerate the measurement tables of README.md, docs/performance.md and docs/runtime.md from benchmarks/results/.
 
     python benchmarks/tables.py            # rewrite the tables in place
     python benchmarks/tables.py --check    # exit 1 if a table differs from what its JSON gives (the tests run this)
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ("README.md", "docs/performance.md")
+DOCUMENTS = ("README.md", "docs/performance.md", "docs/runtime.md")
 BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 ACDC_ORDER = ("auto", "auto-spec", "fp32", "fp32-spec", "bf16", "bf16-spec", "fp16", "fp8", "fp8_e5m2", "naive", "auto-circuit")
 
@@ -278,6 +278,55 @@ def setup_phases(files: list[str], env: str) -> str:
     )
 
 
+def plan_table(files: list[str], env: str) -> str:
+    """The plan of the four MIB models on one GPU and on this CPU, in each storage format (benchmarks/plan_table.py)."""
+    (path,) = files
+    data = _load(path)
+    lines = [
+        "| model | where | edges | weights + copies | caches (FP32) | dense query | peak, dense / bound: fp32 | bf16 | fp8 "
+        f"| fits in FP32 (dense / any threshold); prompts of {data['seq']} that fit |",
+        "|" + " --- |" * 10,
+    ]
+    for r in data["rows"]:
+        fits = f"{'yes' if r['fits_dense'] else 'no'} / {'yes' if r['fits_any_threshold'] else 'no'}"
+        lines.append(
+            f"| {r['model']} | {r['where']} ({r['max_memory_gib']:.0f} GiB) | {r['edges']:,} "
+            f"| {r['weights_gib'] + r['split_copies_gib']:.1f} GiB | {r['caches_gib']:.1f} GiB | {r['query_gib']:.1f} GiB "
+            f"| {r['peak_dense_gib']:.1f} / {r['peak_bound_gib']:.1f} GiB "
+            f"| {r['bf16_peak_dense_gib']:.1f} / {r['bf16_peak_bound_gib']:.1f} GiB "
+            f"| {r['fp8_peak_dense_gib']:.1f} / {r['fp8_peak_bound_gib']:.1f} GiB "
+            f"| {fits}; {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} |"
+        )
+    note = f"N = {data['batch']} prompts x {data['seq']} tokens. Command: `python benchmarks/plan_table.py` (`{path}`)"
+    return "\n".join(lines) + "\n\n" + note
+
+
+def storage(files: list[str], env: str) -> str:
+    """Bytes, circuits and speed per state storage format (benchmarks/storage.py)."""
+    (path,) = files
+    data = _load(path)
+    rows = data["results"]
+    base = {r["case"]: r for r in rows if r["storage"] == "fp32"}
+    lines = [
+        "| case (threshold) | storage | edges kept | Jaccard vs fp32 | largest effect difference | bytes after setup "
+        "(fp32 / this) | bytes at the end (fp32 / this) | forward-equivalents per query | sweep ROC AUC (vs fp32's) |",
+        "|" + " --- |" * 9,
+    ]
+    for r in rows:
+        b = base[r["case"]]
+        lines.append(
+            f"| {r['case']} ({r['threshold']:g}) | {r['storage']} | {r['edges']}/{r['total_edges']} "
+            f"| {r['jaccard_vs_fp32']:.3f} | {r['max_effect_difference']:.1e} "
+            f"| {r['setup_state_bytes'] / 2**20:.1f} MiB ({b['setup_state_bytes'] / r['setup_state_bytes']:.2f}) "
+            f"| {r['end_state_bytes'] / 2**20:.1f} MiB ({b['end_state_bytes'] / r['end_state_bytes']:.2f}) "
+            f"| {r['forward_equivalents']:.3f} | {r['sweep_auc']:.4f} ({r['sweep_auc'] - b['sweep_auc']:+.4f}) |"
+        )
+    command_env, note = _measured(data, env)
+    cases = ",".join(dict.fromkeys(r["case"] for r in rows))
+    prefix = f"{command_env} " if command_env else ""
+    return "\n".join(lines) + f"\n\nCommand: `{prefix}python benchmarks/storage.py --cases {cases}`" + note
+
+
 KINDS = {
     "acdc": acdc,
     "query-depth": query_depth,
@@ -286,6 +335,8 @@ KINDS = {
     "query-latency": query_latency,
     "forward": forward,
     "setup-phases": setup_phases,
+    "plan-table": plan_table,
+    "storage": storage,
 }
 
 
