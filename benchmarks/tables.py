@@ -327,6 +327,82 @@ def storage(files: list[str], env: str) -> str:
     return "\n".join(lines) + f"\n\nCommand: `{prefix}python benchmarks/storage.py --cases {cases}`" + note
 
 
+MIB_FRACTIONS_SHOWN = (0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def _mib_command(data: dict, path: str, env: str) -> str:
+    arguments = data["arguments"]
+    parts = [
+        f"--models {arguments['models']}",
+        f"--metric {arguments['metric']}",
+        f"--thresholds {arguments['thresholds']}",
+        f"--floor {arguments['floor']:g}",
+    ]
+    return _command("benchmarks/mib_curves.py", parts, path, " ".join(filter(None, [f"OMP_NUM_THREADS={data['threads']}", env])))
+
+
+def _mib_point(curve: dict, fraction: float) -> str:
+    point = next(p for p in curve["points"] if abs(p["fraction"] - fraction) < 1e-12)
+    return f"{point['faithfulness'] + 0.0:.3f} ({point['edges']})"
+
+
+def mib_curves(files: list[str], env: str) -> str:
+    """CPR and CMD of exact edge scores and of an ACDC sweep (all its thresholds, and every other one) per shipped
+    model (benchmarks/mib_curves.py), and the faithfulness curves at a few of MIB's fractions."""
+    (path,) = files
+    data = _load(path)
+    results = data["results"]
+    swept = len(results[0]["acdc"]["thresholds"])
+    lines = [
+        f"| model, task | edges | exact scores: CPR | CMD | seconds | ACDC, {swept} thresholds: CPR | CMD | seconds "
+        f"| ACDC, {(swept + 1) // 2} of them: CPR | CMD "
+        f"| ACDC circuits (edges, by threshold from {data['arguments']['floor']:g} up) |",
+        "|" + " --- |" * 11,
+    ]
+    for r in results:
+        exact, acdc, coarse = r["exact"], r["acdc"], r["acdc"]["every_other"]
+        lines.append(
+            f"| `{r['model']}`, {r['task']} | {r['total_edges']} | {exact['cpr']:.3f} | {exact['cmd']:.3f} "
+            f"| {exact['scores_s'] + exact['curve_s']:.1f} | {acdc['mib']['cpr']:.3f} | {acdc['mib']['cmd']:.3f} "
+            f"| {acdc['sweep_s']:.1f} | {coarse['cpr']:.3f} | {coarse['cmd']:.3f} "
+            f"| {', '.join(str(p['edges']) for p in acdc['points'])} |"
+        )
+    fractions = " | ".join(f"{f * 100:g}%" for f in MIB_FRACTIONS_SHOWN)
+    lines += ["", f"| model, task | curve | {fractions} |", "|" + " --- |" * (len(MIB_FRACTIONS_SHOWN) + 2)]
+    for r in results:
+        curves = [(f"exact, {c['ranking']}", c) for c in r["exact"]["curves"]]
+        curves += [(f"ACDC, {swept} thresholds", r["acdc"]["mib"]["curves"][0])]
+        for name, curve in curves:
+            cells = " | ".join(_mib_point(curve, f) for f in MIB_FRACTIONS_SHOWN)
+            lines.append(f"| `{r['model']}`, {r['task']} | {name} | {cells} |")
+    env, note = _measured(data, env)
+    return "\n".join(lines) + (
+        f"\n\nMetric {data['arguments']['metric']}, FP32, {data['threads']} thread(s), one process; seconds include "
+        f"each call's setup (trace, split, caches); the second table gives faithfulness and, in brackets, edges "
+        f"(after MIB's pruning for the scores, the circuit's own for ACDC).{note} "
+        f"Command: {_mib_command(data, path, env)}"
+    )
+
+
+def mib_curves_brief(files: list[str], env: str) -> str:
+    """The README's short form of :func:`mib_curves`: CPR and CMD per model, exact scores next to ACDC."""
+    (path,) = files
+    data = _load(path)
+    lines = [
+        f"| model, task | edges | CPR: exact scores | CPR: ACDC, {len(data['results'][0]['acdc']['thresholds'])} thresholds "
+        "| CMD: exact scores | CMD: ACDC |",
+        "|" + " --- |" * 6,
+    ]
+    for r in data["results"]:
+        exact, acdc = r["exact"], r["acdc"]["mib"]
+        lines.append(
+            f"| `{r['model']}`, {r['task']} | {r['total_edges']} | {exact['cpr']:.3f} | {acdc['cpr']:.3f} "
+            f"| {exact['cmd']:.3f} | {acdc['cmd']:.3f} |"
+        )
+    env, _ = _measured(data, env)
+    return "\n".join(lines) + f"\n\nMetric {data['arguments']['metric']}, FP32. Command: {_mib_command(data, path, env)}"
+
+
 KINDS = {
     "acdc": acdc,
     "query-depth": query_depth,
@@ -337,6 +413,8 @@ KINDS = {
     "setup-phases": setup_phases,
     "plan-table": plan_table,
     "storage": storage,
+    "mib-curves": mib_curves,
+    "mib-curves-brief": mib_curves_brief,
 }
 
 
