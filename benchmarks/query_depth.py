@@ -33,10 +33,10 @@ KEEP_ALL = -1.0  # every effect is at least this: nothing is removed (KL changes
 def measure(model, task, fmt: str, speculation: str, layers: list[int], forward_s: float) -> list[dict]:
     import torch
 
-    from pahq_fx.acdc.metrics import Metric
     from pahq_fx.acdc.search import _search_receiver
     from pahq_fx.acdc.setup import build_runtime
     from pahq_fx.acdc.speculation import Predictor, candidate_memory, search_receiver
+    from pahq_fx.metrics import Metric
     from pahq_fx.precision import Format
 
     runtime, edges = build_runtime(model, task, Metric.KL, Format(fmt), "per_row", False)

@@ -494,7 +494,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .front_door import transform
 
     model, _ = _load_model(args.model)
-    transformed = transform(model, low_precision="fp32", compile=False)
+    transformed = transform(model, precision="fp32", compile=False)
     graph = transformed.head_graph
     print(f"model {args.model}: {type(model).__name__}")
     print(graph.describe())

@@ -156,6 +156,7 @@ def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, mon
 
 def test_the_parser_choices_are_the_formats_and_metrics():
     from pahq_fx.acdc.metrics import Metric
+
     from pahq_fx.acdc.speculation import check_speculation
     from pahq_fx.precision import AUTO, Format
 

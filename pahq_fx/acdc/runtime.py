@@ -32,11 +32,11 @@ from torch import fx
 from .. import graph_meta, names
 from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
+from ..metrics import CleanDistribution, Metric, metric_value
 from ..names import Role
 from ..precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
-from .metrics import CleanDistribution, Metric, metric_value
 from .row_batch import RowBatch
 from .storage import Storage, Stored, codec
 from .task import Task
