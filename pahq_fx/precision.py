@@ -2,10 +2,10 @@
 
 A :class:`PrecisionConfig` names the low-precision format (a registered :class:`~pahq_fx.formats.Format`: ``fp8`` =
 FP8 e4m3, ``fp8_e5m2``, ``bf16``, ``fp16`` or ``fp32`` for none) and the FP8 scaling granularity.
-:func:`lower_precision` swaps every :class:`~pahq_fx.split.PerHeadLinear` of a split model for a :class:`LowPrecisionPerHeadLinear`, which
-runs all heads in the low-precision format and recomputes the one investigated head in FP32 (written over
-its slice with ``torch.where``, so that slice is exactly the FP32 result). :func:`set_head` chooses that head
-by writing buffers: no retrace, no recompile.
+:func:`lower_precision` swaps every :class:`~pahq_fx.split.PerHeadLinear` of a split model for a
+:class:`LowPrecisionPerHeadLinear`, which runs all heads in the low-precision format (the :class:`LoweredHeads`
+its format made) and recomputes the one investigated head in FP32 (written over its slice with ``torch.where``, so
+that slice is exactly the FP32 result). :func:`set_head` chooses that head by writing buffers: no retrace, no recompile.
 
 FP8 uses torchao's ``Float8Tensor`` with real scaling (per row or per tensor), never an unscaled cast. With
 dynamic activation quantization the matmul is an FP8 x FP8 ``torch._scaled_mm`` (emulated on CPU, FP8 tensor
