@@ -502,6 +502,7 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
         expected = original(example)
         try:
             got = split(example)
+        # Any exception: the split graph runs the model's own operations, and whatever fails is this error, with why.
         except Exception as error:
             raise UnsupportedArchitectureError(f"the per-head model fails to run: {error}") from error
     expected_flat, _ = torch.utils._pytree.tree_flatten(expected)

@@ -379,7 +379,7 @@ class PatchingRuntime:
         ids = self._clean_ids.new_zeros(rows.shape)
         try:
             return tuple(self.graph.prelude(ids)[1:])
-        except Exception:
+        except (RuntimeError, IndexError, ValueError):  # a prelude specialised to the batch: components run on it whole
             return None
 
     def _row_aux(self, k: int) -> list[torch.Tensor]:
@@ -559,6 +559,8 @@ class PatchingRuntime:
             try:
                 self._prepare_candidates(2)
                 self._candidate_support = True
+            # Any exception: this runs the model's own prelude at twice its batch, whatever that code raises; the
+            # refusal is the run's report's note, and the search goes on one query at a time.
             except Exception as error:
                 self._candidate_support = False
                 self.candidate_refusal = str(error).splitlines()[0] if str(error) else type(error).__name__
