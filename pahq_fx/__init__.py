@@ -18,6 +18,10 @@ _PUBLIC = {
     "Task": ".acdc",
     "discover": ".acdc",
     "load_circuit": ".acdc",
+    "EdgeScores": ".acdc.scores",
+    "edge_scores": ".acdc.scores",
+    "load_scores": ".acdc.scores",
+    "mib_evaluate": ".acdc.mib",
     "Plan": ".acdc.plan",
     "plan": ".acdc.plan",
     "plan_from_config": ".acdc.plan",
@@ -48,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "Circuit",
     "CircuitFormatError",
+    "EdgeScores",
     "Format",
     "Granularity",
     "HeadGraph",
@@ -68,7 +73,10 @@ __all__ = [
     "UnsupportedFormatError",
     "backend",
     "discover",
+    "edge_scores",
     "load_circuit",
+    "load_scores",
+    "mib_evaluate",
     "passes",
     "plan",
     "plan_from_config",
@@ -79,7 +87,9 @@ __all__ = [
 if TYPE_CHECKING:
     from . import passes
     from .acdc import Circuit, Sweep, Task, discover, load_circuit, sweep
+    from .acdc.mib import mib_evaluate
     from .acdc.plan import Plan, plan, plan_from_config
+    from .acdc.scores import EdgeScores, edge_scores, load_scores
     from .compile import backend
     from .errors import (
         CheckpointError,

@@ -122,6 +122,13 @@ _OUTPUTS = {
     "edges_vs_threshold.png",
     "faithfulness_vs_edges.png",
     "roc.png",
+    "scores.json",
+    "importances.json",
+    "scores.md",
+    "scores.tsv",
+    "curve.md",
+    "curve.json",
+    "curve.png",
     RUN_FILE,
 }
 
@@ -422,7 +429,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         save_to=out,
         storage=args.storage,
     )
-    written = result.save(out) + plot_sweep(result, out)
+    written = result.save(out) + plot_sweep(result, out) + [result.mib.plot(out / "curve.png")]
     print(result.table())
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
 
@@ -504,7 +511,75 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  {len(EdgeGraph(graph).edges())} edges; senders: {' '.join(graph.senders())}")
 
 
+def cmd_scores(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    identity = _identity(args, ("model", "task", "n", "seed", "metric"))
+    others = _check_out(out, identity, args.overwrite)
+    source = _task_source(args.task)
+    device = _device(args)
+    _claim(out, identity, others)
+    _stage(args, f"loading {args.model}")
+    task, tokenizer = _checked_task(args, source, args.metric)
+    model, _ = _load_model(args.model, tokenizer, device)
+    from .acdc.scores import edge_scores
+
+    _stage(args, "checking the task, then tracing, splitting and caching the model")
+    scores = edge_scores(model, task, metric=args.metric, progress=not args.no_progress, allow_weak_task=args.allow_weak_task)
+    written = _write_scores(scores, out, args.top)
+    print(scores.summary())
+    print(scores.table(limit=min(args.top, 10)), end="")
+    print(f"wrote {', '.join(written)} to {out}")
+
+
+def _write_scores(scores, out: Path, top: int) -> list[str]:
+    """scores.json (pahq_fx), importances.json (EAP-IG's layout, where the graph fits it), scores.tsv (every edge)
+    and scores.md (the top edges), most important first."""
+    scores.save(out / "scores.json")
+    written = ["scores.json"]
+    if scores.eap_config is not None:
+        write_text(out / "importances.json", json.dumps(scores.to_eap_json()) + "\n")
+        written.append("importances.json")
+    write_text(out / "scores.tsv", scores.table("tsv"))
+    write_text(out / "scores.md", f"# Edge scores\n\n{scores.summary()}\n\n{scores.table(limit=top)}")
+    return [*written, "scores.tsv", "scores.md"]
+
+
+def _evaluate_curve(args: argparse.Namespace) -> None:
+    """MIB's faithfulness curves, CPR and CMD, of a score file's edge scores (or of exact scores computed here)."""
+    if args.out is None:
+        raise PahqError("evaluate --curve needs --out (a folder for curve.md, curve.json, curve.png)")
+    from .acdc.scores import load_scores
+
+    scores = load_scores(args.scores) if args.scores else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PahqError(f"--out {out} is a file, not a folder")
+    device = _device(args)
+    task, tokenizer = _checked_task(args, _task_source(args.task), args.metric)
+    model, _ = _load_model(args.model, tokenizer, device)
+    from .acdc.mib import mib_evaluate
+
+    result, scores = mib_evaluate(
+        model,
+        task,
+        scores,
+        metric=args.metric,
+        progress=not args.no_progress,
+        allow_weak_task=args.allow_weak_task,
+        source=args.scores or "",
+    )
+    written = [p.name for p in result.save(out)]
+    if not args.scores:
+        written += _write_scores(scores, out, 50)
+    print(result.table(), end="")
+    print(f"wrote {', '.join(written)} to {out}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.curve:
+        return _evaluate_curve(args)
+    if args.circuit is None:
+        raise PahqError("evaluate needs --circuit (or --curve, for the faithfulness curve of edge scores)")
     from .acdc import load_circuit
 
     device = _device(args)
@@ -667,19 +742,42 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)
     i.set_defaults(run=cmd_inspect)
-    e = sub.add_parser("evaluate", help="metric of a circuit alone next to the full model's")
+    e = sub.add_parser("evaluate", help="metric of a circuit alone next to the full model's, or MIB's faithfulness curve")
     e.add_argument(
         "--circuit",
-        required=True,
-        help="a circuit.json written by pahq_fx, or an EAP-IG / MIB graph file (.json or .pt)",
+        help="a circuit.json written by pahq_fx, or an EAP-IG / MIB graph file (.json or .pt) (without --curve)",
     )
     e.add_argument("--model", required=True)
     e.add_argument("--task", required=True)
     e.add_argument("--n", type=_count, default=32)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--metric", choices=METRICS, help="default: the circuit's own (kl for an EAP-IG graph, which records none)")
+    e.add_argument(
+        "--metric", choices=METRICS, help="default: the circuit's or the scores' own (kl for EAP-IG files, which record none)"
+    )
+    e.add_argument(
+        "--curve",
+        action="store_true",
+        help="MIB's faithfulness curves, CPR and CMD of edge scores (--scores, or exact scores computed here) into --out",
+    )
+    e.add_argument("--scores", help="with --curve: scores.json from pahq-fx scores, or an EAP-IG/MIB graph file")
+    e.add_argument("--out", help="with --curve: folder for curve.md, curve.json, curve.png")
+    e.add_argument("--allow-weak-task", action="store_true", help="with --curve: evaluate even when the task barely moves it")
+    e.add_argument("--no-progress", action="store_true")
     _loading_arguments(e)
     e.set_defaults(run=cmd_evaluate)
+    c = sub.add_parser("scores", help="exact edge scores: each edge alone patched in the full model (MIB's exact patching)")
+    c.add_argument("--model", required=True, help="shipped model name, local checkpoint directory or hub id")
+    c.add_argument("--task", required=True, help="task name, .jsonl prompt pairs or .safetensors task")
+    c.add_argument("--out", required=True, help="output folder: scores.json, importances.json (EAP-IG), scores.tsv, scores.md")
+    c.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    c.add_argument("--metric", default="kl", choices=METRICS)
+    c.add_argument("--n", type=_count, default=32, help="examples to generate for a named task")
+    c.add_argument("--seed", type=int, default=0, help="seed of a generated task")
+    c.add_argument("--top", type=_count, default=50, help="edges listed in scores.md (scores.tsv lists every edge)")
+    c.add_argument("--allow-weak-task", action="store_true", help="score even when the corrupted prompts barely move the metric")
+    c.add_argument("--no-progress", action="store_true")
+    _loading_arguments(c)
+    c.set_defaults(run=cmd_scores)
     return parser
 
 

@@ -128,7 +128,8 @@ def test_cli_sweep_against_fp32_writes_circuits_table_and_plots(tmp_path):
     assert len(summary["points"]) == 3 and 0.0 <= summary["auc"] <= 1.0 and summary["fp32"]["precision"] == "fp32"
     assert len(summary["agreement_jaccard"]) == 3
     assert "| threshold |" in (out / "summary.md").read_text() and "AUC" in result.stdout
-    for plot in ("edges_vs_threshold.png", "faithfulness_vs_edges.png", "roc.png"):
+    assert summary["mib"]["cmd"] >= 0.0 and summary["mib"]["cpr"] <= 1.0 and "CPR" in result.stdout
+    for plot in ("edges_vs_threshold.png", "faithfulness_vs_edges.png", "roc.png", "curve.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     bad = run("sweep", "--model", "llama-ioi", "--task", "ioi", "--thresholds", "0.1,x", "--out", str(out))
     assert bad.returncode == 2 and "comma-separated numbers" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -78,25 +79,42 @@ def evaluate_edges(
     model: str = "this model",
 ) -> Faithfulness:
     """:func:`evaluate_circuit` on an existing runtime, which it resets; every head in FP32 whatever its format."""
+    return evaluate_edge_sets(runtime, edges, [kept], circuit=circuit, model=model)[0]
+
+
+def evaluate_edge_sets(
+    runtime: PatchingRuntime,
+    edges: EdgeGraph,
+    circuits: Sequence[set[tuple[str, str]]],
+    *,
+    circuit: str = "the circuit",
+    model: str = "this model",
+) -> list[Faithfulness]:
+    """:func:`evaluate_edges` for several circuits from one full-model state (a faithfulness curve's circuits): each
+    is one patched pass, every edge outside it removed, rolled back before the next."""
     names = [(edges.senders[s].name, r.name) for r in edges.receivers for s in r.senders]
-    unknown = kept - set(names)
-    if unknown:
-        count = f"{len(unknown)} edge" + ("s" if len(unknown) > 1 else "")
-        raise PahqError(f"{circuit} has {count} that {model} does not have: {sorted(unknown)[:5]}")
+    for kept in circuits:
+        unknown = kept - set(names)
+        if unknown:
+            count = f"{len(unknown)} edge" + ("s" if len(unknown) > 1 else "")
+            raise PahqError(f"{circuit} has {count} that {model} does not have: {sorted(unknown)[:5]}")
     with torch.no_grad(), all_heads_fp32(runtime.graph):
         runtime.reset()
         full_model = runtime.run_from(0)
         every_edge = {i: list(r.senders) for i, r in enumerate(edges.receivers)}
-        outside = {
-            i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
-            for i, senders in every_edge.items()
-        }
-        circuit_value = runtime.try_remove_edges({i: s for i, s in outside.items() if s})
-        runtime.rollback()
+        values = []
+        for kept in circuits:
+            outside = {
+                i: [s for s in senders if (edges.senders[s].name, edges.receivers[i].name) not in kept]
+                for i, senders in every_edge.items()
+            }
+            values.append(runtime.try_remove_edges({i: s for i, s in outside.items() if s}))
+            runtime.rollback()
         empty = runtime.try_remove_edges(every_edge)
         runtime.rollback()
         runtime.reset()
-    return Faithfulness(metric=runtime.metric_kind.value, circuit=circuit_value, full_model=full_model, empty_circuit=empty)
+    metric = runtime.metric_kind.value
+    return [Faithfulness(metric=metric, circuit=v, full_model=full_model, empty_circuit=empty) for v in values]
 
 
 def normalised_faithfulness(circuit: float, full_model: float, empty_circuit: float) -> float:

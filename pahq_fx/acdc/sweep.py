@@ -18,6 +18,7 @@ from ..metrics import Metric
 from ..precision import AUTO, Format
 from .circuit import Circuit
 from .evaluation import Faithfulness, evaluate_edges
+from .mib import MibResult, acdc_curve
 from .roc import RocPoint, jaccard, roc_auc, roc_point
 from .search import Session, prepare, search
 from .setup import check_threshold
@@ -71,6 +72,13 @@ class Sweep:
     agreement: tuple[float, ...] = field(default_factory=tuple)
 
     @property
+    def mib(self) -> MibResult:
+        """MIB's CPR and CMD of the sweep's circuits as one step curve on MIB's edge fractions
+        (:func:`~pahq_fx.acdc.mib.acdc_curve`)."""
+        points = [(len(p.circuit.edges), p.faithfulness) for p in self.points]
+        return acdc_curve(points, self.points[0].circuit.total_edges)
+
+    @property
     def auc(self) -> float | None:
         rocs = [p.roc for p in self.points if p.roc is not None]
         return roc_auc(rocs) if rocs else None
@@ -100,6 +108,7 @@ class Sweep:
                 cells += [str(len(self.fp32.points[i].circuit.edges)), f"{self.agreement[i]:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"precision {self.precision}, metric {self.metric}, setup {self.setup_s:.2f} s once for all thresholds"]
+        notes.append(f"MIB's CPR {self.mib.cpr:.4f}, CMD {self.mib.cmd:.4f} over these circuits")
         if self.auc is not None:
             notes.append(f"AUC {self.auc:.4f} against {self.reference_name} ({self.reference_edges} edges)")
         if self.fp32 is not None and self.fp32.auc is not None:
@@ -112,6 +121,7 @@ class Sweep:
             "metric": self.metric,
             "setup_s": self.setup_s,
             "auc": self.auc,
+            "mib": self.mib.to_json(),
             "reference": self.reference_name,
             "reference_edges": self.reference_edges,
             "points": [p.row() for p in self.points],
