@@ -36,8 +36,8 @@ def measure(model, task, fmt: str, speculation: str, layers: list[int], forward_
     from pahq_fx.acdc.search import _search_receiver
     from pahq_fx.acdc.setup import build_runtime
     from pahq_fx.acdc.speculation import Predictor, candidate_memory, search_receiver
-    from pahq_fx.metrics import Metric
     from pahq_fx.formats import parse_format
+    from pahq_fx.metrics import Metric
 
     runtime, edges = build_runtime(model, task, Metric.KL, parse_format(fmt), "per_row", False)
     predictor = Predictor("adaptive")
