@@ -238,7 +238,7 @@ def run_peer(args: argparse.Namespace, model, task) -> dict:
             checkpoint = folder / "model"
             model.save_pretrained(checkpoint)
         task.save(folder / "task.safetensors")
-        graph = EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
+        graph = EdgeGraph(pahq_fx.transform(model, precision="fp32", compile=False).head_graph)
         (folder / "order.json").write_text(json.dumps([[e.sender, e.receiver] for e in graph.edges()]))
         command = [
             str(python),

@@ -3,7 +3,7 @@
     python benchmarks/forward.py --model gpt2-induction-8h --task induction --half 32 --n 48
     python benchmarks/forward.py --model random-gpt2:12x768x12 --task ioi --n 16     # GPT-2 small's shape
 
-For each format, ``pahq_fx.transform(model, head=(last layer, 0), low_precision=fmt, compile=False)`` on the task's
+For each format, ``pahq_fx.transform(model, head=(last layer, 0), precision=fmt, compile=False)`` on the task's
 clean batch: the seconds to trace, split and lower (setup, split into trace and split + lower), and the median
 forward, as a ratio to the Hugging Face model's forward measured alternately in the same process (on CUDA where
 there is one; ``--compile`` compiles both with ``torch.compile`` first).

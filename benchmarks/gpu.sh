@@ -37,7 +37,7 @@ ids = torch.randint(0, 512, (4, 16), device="cuda")
 with torch.no_grad():
     reference = model(input_ids=ids).logits
     for fmt in ("fp32", "bf16", "fp8"):
-        transformed = pahq_fx.transform(model, head=(1, 0), example_inputs=ids, low_precision=fmt)
+        transformed = pahq_fx.transform(model, head=(1, 0), example_inputs=ids, precision=fmt)
         out = transformed(ids)
         sqnr = 10 * torch.log10(reference.pow(2).mean() / (out - reference).pow(2).mean().clamp(min=1e-30))
         print(f"{fmt}: logits on {out.device}, SQNR {sqnr.item():.1f} dB against the model")

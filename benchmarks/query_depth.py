@@ -33,13 +33,13 @@ KEEP_ALL = -1.0  # every effect is at least this: nothing is removed (KL changes
 def measure(model, task, fmt: str, speculation: str, layers: list[int], forward_s: float) -> list[dict]:
     import torch
 
-    from pahq_fx.acdc.metrics import Metric
     from pahq_fx.acdc.search import _search_receiver
     from pahq_fx.acdc.setup import build_runtime
     from pahq_fx.acdc.speculation import Predictor, candidate_memory, search_receiver
-    from pahq_fx.precision import Format
+    from pahq_fx.formats import parse_format
+    from pahq_fx.metrics import Metric
 
-    runtime, edges = build_runtime(model, task, Metric.KL, Format(fmt), "per_row", False)
+    runtime, edges = build_runtime(model, task, Metric.KL, parse_format(fmt), "per_row", False)
     predictor = Predictor("adaptive")
     names = {f"a{layer}.h0.q": layer for layer in layers}
     rows = [i for i, r in enumerate(edges.receivers) if r.name in names]

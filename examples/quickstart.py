@@ -18,7 +18,7 @@ config = LlamaConfig(
 model = LlamaForCausalLM(config).eval()
 ids = torch.randint(0, 100, (2, 10))
 
-pahq = pahq_fx.transform(model, head=(1, 2), low_precision="fp8", compile=False)
+pahq = pahq_fx.transform(model, head=(1, 2), precision="fp8", compile=False)
 print(pahq)
 
 with torch.no_grad():

@@ -40,7 +40,7 @@ _PUBLIC = {
     "UnsupportedFormatError": ".errors",
     "HeadGraph": ".head_graph",
     "LayerInfo": ".head_graph",
-    "Format": ".precision",
+    "Format": ".formats",
     "Granularity": ".precision",
     "PrecisionConfig": ".precision",
     "PahqModel": ".front_door",
@@ -104,9 +104,10 @@ if TYPE_CHECKING:
         UnsupportedArchitectureError,
         UnsupportedFormatError,
     )
+    from .formats import Format
     from .front_door import PahqModel, transform
     from .head_graph import HeadGraph, LayerInfo
-    from .precision import Format, Granularity, PrecisionConfig
+    from .precision import Granularity, PrecisionConfig
 
 
 def __getattr__(name: str) -> Any:

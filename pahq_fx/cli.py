@@ -14,10 +14,13 @@ from pathlib import Path
 
 from .atomic import write_text
 from .errors import PahqError
+from .formats import AUTO, FORMATS
+from .metrics import METRICS
+from .tasks import GENERATORS
 
-# Spelled out so that parsing (and --help) imports no torch; tests/test_cli.py checks them against Format and Metric.
-PRECISIONS = ("auto", "fp32", "fp8", "fp8_e5m2", "bf16", "fp16")
-METRICS = ("kl", "logit_diff", "prob_diff")
+# The registries above import no torch, so that parsing (and --help) does not either. Spelled out below, and checked
+# against the runtime by tests/test_cli.py, are the choices that no user extends.
+PRECISIONS = (AUTO, *FORMATS)
 SPECULATIONS = ("adaptive", "kept", "removed", "off")
 STORAGES = ("fp32", "bf16", "fp8")
 
@@ -60,8 +63,6 @@ def _device(args: argparse.Namespace):
 def _task_source(spec: str):
     """The task, checked as far as it can be without the model (before the model loads, which can take minutes):
     a generator name, a saved task (loaded), or a JSON Lines file (read and checked line by line)."""
-    from .tasks import GENERATORS
-
     if spec in GENERATORS:
         return spec
     path = Path(spec)
@@ -501,7 +502,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .front_door import transform
 
     model, _ = _load_model(args.model)
-    transformed = transform(model, low_precision="fp32", compile=False)
+    transformed = transform(model, precision="fp32", compile=False)
     graph = transformed.head_graph
     print(f"model {args.model}: {type(model).__name__}")
     print(graph.describe())
@@ -640,6 +641,10 @@ def _drawing_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _metric_help() -> str:
+    return "what the search keeps small: " + "; ".join(f"{m.value}: {m.help}" for m in METRICS.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pahq-fx", description="PAHQ-accelerated ACDC circuit discovery")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -648,8 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--task",
         required=True,
-        help="task name (induction, ioi, greater_than, docstring), a JSON Lines file of prompt pairs (.jsonl), "
-        "or a saved task (.safetensors)",
+        help="task name, a JSON Lines file of prompt pairs (.jsonl), or a saved task (.safetensors); the names: "
+        + "; ".join(f"{t.name}: {t.help}" for t in GENERATORS.values()),
     )
     d.add_argument("--threshold", required=True, type=_finite_threshold)
     d.add_argument(
@@ -665,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SPECULATIONS,
         help="batch a receiver's queries on predicted decisions (the same circuit); off (default): one at a time",
     )
-    d.add_argument("--metric", default="kl", choices=METRICS)
+    d.add_argument("--metric", default="kl", choices=METRICS, help=_metric_help())
     d.add_argument("--out", required=True, help="output folder: one run's (the same command resumes it)")
     d.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     d.add_argument("--n", type=_count, default=32, help="examples to generate for a named task")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .deprecated import renamed
 from .errors import UnsupportedArchitectureError
 from .graph_utils import attribute
 from .split import check_float32_weights
@@ -148,9 +149,10 @@ def _compile_with(inner: str | Callable, gm: fx.GraphModule, example_inputs: lis
     return lookup_backend(inner)(gm, example_inputs)
 
 
+@renamed("low_precision", "precision")
 def backend(
     head: tuple[int, int] | None = None,
-    low_precision: str = "fp8",
+    precision: str = "fp8",
     granularity: str = "per_row",
     inner: str | Callable = "inductor",
 ) -> Callable[[fx.GraphModule, list[Any]], Callable]:
@@ -162,12 +164,13 @@ def backend(
     re-traced to ATen, split per head, lowered, and compiled with ``inner`` (a backend name or any backend
     callable; ``"eager"`` runs the split graph as is); graphs without attention go to ``inner`` untouched.
     Such a graph must take one integer ``[batch, seq]`` input (``input_ids``); anything else is an
-    :class:`UnsupportedArchitectureError` naming what was found.
+    :class:`UnsupportedArchitectureError` naming what was found. ``precision`` and ``granularity`` as in
+    :func:`pahq_fx.transform` (``low_precision=`` is the deprecated name of ``precision``).
     """
     from .pipeline import build as build_graph
     from .precision import PrecisionConfig, set_head
 
-    config = PrecisionConfig(low_precision, granularity)
+    config = PrecisionConfig(precision, granularity)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         if not _has_attention(gm):

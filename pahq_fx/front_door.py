@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from . import graph_meta
 from .compile import CountingBackend, compile_module
+from .deprecated import renamed
 from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
 from .pipeline import build
@@ -85,24 +86,27 @@ class PahqModel(nn.Module):
         return f"PahqModel({self.extra_repr()})\n{self.head_graph.describe()}"
 
 
+@renamed("low_precision", "precision")
 def transform(
     model: nn.Module,
     head: HeadSpec = None,
     *,
     example_inputs: ExampleInputs | None = None,
-    low_precision: str = "fp8",
+    precision: str = "fp8",
     granularity: str = "per_row",
     compile: bool = True,
     inner: str | Callable = "inductor",
 ) -> PahqModel:
-    """Trace ``model``, split its attention per head, keep ``head`` in FP32 and the rest in ``low_precision``.
+    """Trace ``model``, split its attention per head, keep ``head`` in FP32 and the rest in ``precision``.
 
     ``example_inputs`` are the ``input_ids`` used for tracing -- a tensor, ``(input_ids,)`` or a dict /
     tokenizer ``BatchEncoding`` (default: a small random batch); batch and
-    sequence length stay dynamic where the model allows it. ``low_precision`` is one of ``fp8`` (e4m3),
-    ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``; ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only).
+    sequence length stay dynamic where the model allows it. ``precision`` is a registered format
+    (:data:`pahq_fx.formats.FORMATS`: ``fp8`` (e4m3), ``fp8_e5m2``, ``bf16``, ``fp16``, ``fp32``); its default is FP8,
+    PAHQ's format, since ``discover``'s ``auto`` measures ACDC queries and a transformed model runs none.
+    ``granularity`` is ``per_row`` or ``per_tensor`` (FP8 only). ``low_precision=`` is the deprecated name of ``precision``.
     """
-    config = PrecisionConfig(low_precision, granularity)
+    config = PrecisionConfig(precision, granularity)
     check_float32_weights(model.parameters())  # before the trace, which can take a while on a large model
     check_finite_weights(model)
     return PahqModel(build(model, example_inputs, config), head, compile, inner, id_limits(model))

@@ -1,11 +1,11 @@
 """Precision plans and the low-precision lowering of per-head projections through torchao.
 
-A :class:`PrecisionConfig` names the low-precision format (``fp8`` = FP8 e4m3, ``fp8_e5m2``, ``bf16``,
-``fp16`` or ``fp32`` for none) and the FP8 scaling granularity. :func:`lower_precision` swaps every
-:class:`~pahq_fx.split.PerHeadLinear` of a split model for a :class:`LowPrecisionPerHeadLinear`, which
-runs all heads in the low-precision format and recomputes the one investigated head in FP32 (written over
-its slice with ``torch.where``, so that slice is exactly the FP32 result). :func:`set_head` chooses that head
-by writing buffers: no retrace, no recompile.
+A :class:`PrecisionConfig` names the low-precision format (a registered :class:`~pahq_fx.formats.Format`: ``fp8`` =
+FP8 e4m3, ``fp8_e5m2``, ``bf16``, ``fp16`` or ``fp32`` for none) and the FP8 scaling granularity.
+:func:`lower_precision` swaps every :class:`~pahq_fx.split.PerHeadLinear` of a split model for a
+:class:`LowPrecisionPerHeadLinear`, which runs all heads in the low-precision format (the :class:`LoweredHeads`
+its format made) and recomputes the one investigated head in FP32 (written over its slice with ``torch.where``, so
+that slice is exactly the FP32 result). :func:`set_head` chooses that head by writing buffers: no retrace, no recompile.
 
 FP8 uses torchao's ``Float8Tensor`` with real scaling (per row or per tensor), never an unscaled cast. With
 dynamic activation quantization the matmul is an FP8 x FP8 ``torch._scaled_mm`` (emulated on CPU, FP8 tensor
@@ -25,37 +25,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import graph_meta
+from .deprecated import renamed
 from .errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
+from .formats import AUTO as AUTO  # re-exported: discover's callers and the planner name it from here
+from .formats import Format, Kernel, parse_format
 from .split import NO_HEAD, AttentionBlock, PerHeadLinear
 
 HeadSpec = tuple[int, int] | None
-
-
-class Format(enum.Enum):
-    """Numeric format of the heads that are not under investigation."""
-
-    FP32 = "fp32"
-    FP8_E4M3 = "fp8"
-    FP8_E5M2 = "fp8_e5m2"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    @property
-    def is_fp8(self) -> bool:
-        return self in (Format.FP8_E4M3, Format.FP8_E5M2)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return {
-            Format.FP32: torch.float32,
-            Format.FP8_E4M3: torch.float8_e4m3fn,
-            Format.FP8_E5M2: torch.float8_e5m2,
-            Format.BF16: torch.bfloat16,
-            Format.FP16: torch.float16,
-        }[self]
-
-
-_ALIASES = {"fp8_e4m3": Format.FP8_E4M3, "e4m3": Format.FP8_E4M3, "e5m2": Format.FP8_E5M2}
 
 
 class Granularity(enum.Enum):
@@ -63,30 +39,6 @@ class Granularity(enum.Enum):
 
     PER_ROW = "per_row"
     PER_TENSOR = "per_tensor"
-
-
-class Kernel(enum.Enum):
-    """How the low-precision matmul actually runs; shown in reprs and reports."""
-
-    HALF = "half-precision matmul"
-    FP8_SCALED_MM = "torchao Float8Tensor, dynamic FP8 activations, FP8 x FP8 torch._scaled_mm"
-    FP8_WEIGHT_ONLY = "torchao Float8Tensor weight-only (FP8 weights dequantized, FP32 activations)"
-
-
-AUTO = "auto"
-
-
-def parse_format(value: str | Format) -> Format:
-    if isinstance(value, Format):
-        return value
-    key = str(value).lower()
-    if key in _ALIASES:
-        return _ALIASES[key]
-    try:
-        return Format(key)
-    except ValueError:
-        names = ", ".join(f.value for f in Format)
-        raise UnsupportedFormatError(f"unknown low-precision format {value!r}; choose one of {names}") from None
 
 
 @dataclass(frozen=True)
@@ -105,63 +57,140 @@ class PrecisionConfig:
                 raise UnsupportedFormatError(f"unknown granularity {self.granularity!r}; choose per_row or per_tensor") from None
 
 
-def fp8_kernel_for(device: torch.device, in_features: int, out_features: int) -> Kernel:
-    """The FP8 kernel that can run a matmul of these sizes on ``device``."""
-    if in_features < 2:
-        raise UnsupportedFormatError(
-            f"FP8 needs per-head weights with at least 2 input features (got {in_features}); use bf16, fp16 or fp32"
-        )
-    if device.type == "cpu":
-        return Kernel.FP8_SCALED_MM
-    if device.type == "cuda":
-        fast = torch.cuda.get_device_capability(device) >= (8, 9)
-        aligned = in_features % 16 == 0 and out_features % 16 == 0
-        return Kernel.FP8_SCALED_MM if fast and aligned else Kernel.FP8_WEIGHT_ONLY
-    raise UnsupportedFormatError(f"FP8 is not available on device type {device.type!r}; use bf16, fp16 or fp32")
-
-
 # Lower bound on the amax that sets an FP8 scale: an all-zero row (a pruned or dead head, a zero input)
 # would otherwise get scale 0 and turn into NaN.
 AMAX_FLOOR = 1e-12
 
 
-def _float8_weight(weight: torch.Tensor, config: PrecisionConfig, kernel: Kernel) -> torch.Tensor:
-    from torchao.float8.inference import Float8MMConfig
-    from torchao.quantization.granularity import PerRow, PerTensor
-    from torchao.quantization.quantize_.common import KernelPreference
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
-        Float8Tensor,
-        QuantizeTensorToFloat8Kwargs,
-    )
+class LoweredHeads(nn.Module):
+    """A projection's per-head weights ``[heads, out, in]`` in one low-precision format, and the matmuls that read
+    them (no bias): what :meth:`~pahq_fx.formats.Format.lower` returns, so that the per-head linear never asks which
+    kind of format it holds."""
 
-    granularity = PerRow() if config.granularity is Granularity.PER_ROW else PerTensor()
-    dtype = config.low_precision.dtype
+    kernel: Kernel
+
+    def quantized(self) -> int:
+        """How many heads' weights really are in the format (the lowering's check)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head on its own input: [..., heads, in] -> [..., heads, out]."""
+        raise NotImplementedError
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as :meth:`head` reads it, converted once for several heads."""
+        return x
+
+    def head(self, prepared: torch.Tensor, h: int, dtype: torch.dtype) -> torch.Tensor:
+        """Head ``h`` on a :meth:`prepare` d input [..., in] -> [..., out] in ``dtype``."""
+        raise NotImplementedError
+
+    def stacks(self, units: list[int] | None) -> bool:
+        """Whether the listed heads (``None``: all) can be one matmul on a shared input."""
+        raise NotImplementedError
+
+    def stacked(self, x: torch.Tensor, units: list[int] | None) -> torch.Tensor:
+        """The listed heads (``None``: all) on one input [..., in] in one matmul: [..., len(units) * out]."""
+        raise NotImplementedError
+
+
+class CastHeads(LoweredHeads):
+    """The weights cast to a dtype that torch multiplies in directly (bf16, fp16)."""
+
+    kernel = Kernel.HALF
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("low_weight", weight.to(dtype))
+
+    def quantized(self) -> int:
+        return self.low_weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...hi,hoi->...ho", x.to(self.low_weight.dtype), self.low_weight).to(x.dtype)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.low_weight.dtype)
+
+    def head(self, prepared: torch.Tensor, h: int, dtype: torch.dtype) -> torch.Tensor:
+        return F.linear(prepared, self.low_weight[h]).to(dtype)
+
+    def stacks(self, units: list[int] | None) -> bool:
+        return True  # any rows of ``low_weight``
+
+    def stacked(self, x: torch.Tensor, units: list[int] | None) -> torch.Tensor:
+        weight = self.low_weight if units is None else self.low_weight.index_select(0, torch.tensor(units, device=x.device))
+        return F.linear(x.to(self.low_weight.dtype), weight.flatten(0, 1)).to(x.dtype)
+
+
+class Float8Heads(LoweredHeads):
+    """FP8 weights as torchao ``Float8Tensor`` s, each head's matmul one FP8 ``F.linear``.
+
+    Heads that read one input (the forward's queries, keys and values) take one FP8 matmul over the stacked weights
+    instead of one per head, each quantizing the same input again. With per-row scales every output feature keeps its
+    own scale, so the weights are quantized once, stacked, and each head's are a slice of them (the same values as
+    quantizing it alone); a per-tensor scale over all heads would differ from each head's own, so that granularity
+    is quantized per head and has no stacked matmul."""
+
+    def __init__(self, weight: torch.Tensor, fmt: Format, granularity: Granularity, kernel: Kernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        n, out_features, _ = weight.shape
+        self.stacked_weight = None
+        if granularity is Granularity.PER_ROW:
+            stacked = _float8_weight(weight.flatten(0, 1), fmt, granularity, kernel)
+            self.stacked_weight = nn.Parameter(stacked, requires_grad=False)
+            per_head = [stacked[h * out_features : (h + 1) * out_features] for h in range(n)]
+        else:
+            per_head = [_float8_weight(weight[h], fmt, granularity, kernel) for h in range(n)]
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in per_head)
+
+    def quantized(self) -> int:
+        from torchao.quantization import Float8Tensor
+
+        return sum(isinstance(w, Float8Tensor) for w in self.weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.linear(x[..., h, :], w) for h, w in enumerate(self.weights)], dim=-2)
+
+    def head(self, prepared: torch.Tensor, h: int, dtype: torch.dtype) -> torch.Tensor:
+        return F.linear(prepared, self.weights[h])  # torchao returns the input's dtype
+
+    def stacks(self, units: list[int] | None) -> bool:
+        # a row selection of a Float8 tensor is not one: all heads, per-row scaled, or none
+        return self.stacked_weight is not None and (units is None or units == list(range(len(self.weights))))
+
+    def stacked(self, x: torch.Tensor, units: list[int] | None) -> torch.Tensor:
+        return F.linear(x, self.stacked_weight)
+
+
+def _float8_weight(weight: torch.Tensor, fmt: Format, granularity: Granularity, kernel: Kernel) -> torch.Tensor:
+    # torchao's exported names only: its top-level package, and its quantize_ packages' __all__
+    from torchao.quantization import Float8MMConfig, Float8Tensor, PerRow, PerTensor
+    from torchao.quantization.quantize_.common import KernelPreference
+    from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
+
+    scaling = PerRow() if granularity is Granularity.PER_ROW else PerTensor()
     mm_config = Float8MMConfig(use_fast_accum=True)
     preference = KernelPreference.TORCH if weight.device.type == "cpu" else KernelPreference.AUTO
     activation = None
     if kernel is Kernel.FP8_SCALED_MM:
         activation = QuantizeTensorToFloat8Kwargs(
-            float8_dtype=dtype,
-            granularity=granularity,
+            float8_dtype=fmt.dtype,
+            granularity=scaling,
             mm_config=mm_config,
             kernel_preference=preference,
             hp_value_lb=AMAX_FLOOR,
         )
     return Float8Tensor.from_hp(
         weight.contiguous(),
-        float8_dtype=dtype,
-        granularity=granularity,
+        float8_dtype=fmt.dtype,
+        granularity=scaling,
         mm_config=mm_config,
         act_quant_kwargs=activation,
         kernel_preference=preference,
         hp_value_lb=AMAX_FLOOR,
     )
-
-
-def is_float8_tensor(t: torch.Tensor) -> bool:
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
-
-    return isinstance(t, Float8Tensor)
 
 
 class LowPrecisionPerHeadLinear(PerHeadLinear):
@@ -171,33 +200,15 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         super().__init__(source.weight, source.bias)
         self.config = config
         self.exact = False
-        n, out_features, in_features = self.weight.shape
-        self.register_buffer("head_ids", torch.arange(n, device=self.weight.device))
-        fmt = config.low_precision
-        if fmt.is_fp8:
-            self.kernel = fp8_kernel_for(self.weight.device, in_features, out_features)
-            # Heads that read one input (the forward's queries, keys and values) take one FP8 matmul over the stacked
-            # weights instead of one per head, each quantizing the same input again. With per-row scales every output
-            # feature keeps its own scale, so the weights are quantized once, stacked, and each head's are a slice
-            # of them (the same values as quantizing it alone); a per-tensor scale over all heads would differ from
-            # each head's own, so that granularity is quantized per head and has no stacked matmul.
-            self.stacked_low_weight = None
-            if config.granularity is Granularity.PER_ROW:
-                stacked = _float8_weight(self.weight.flatten(0, 1), config, self.kernel)
-                self.stacked_low_weight = nn.Parameter(stacked, requires_grad=False)
-                per_head = [stacked[h * out_features : (h + 1) * out_features] for h in range(n)]
-            else:
-                per_head = [_float8_weight(self.weight[h], config, self.kernel) for h in range(n)]
-            self.low_weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in per_head)
-        else:
-            self.kernel = Kernel.HALF
-            self.register_buffer("low_weight", self.weight.detach().to(fmt.dtype))
+        self.register_buffer("head_ids", torch.arange(self.weight.shape[0], device=self.weight.device))
+        self.lowered = config.low_precision.lower(self.weight.detach(), config.granularity)
+
+    @property
+    def kernel(self) -> Kernel:
+        return self.lowered.kernel
 
     def low_precision(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.low_precision.is_fp8:
-            y = torch.stack([F.linear(x[..., h, :], w) for h, w in enumerate(self.low_weights)], dim=-2)
-        else:
-            y = torch.einsum("...hi,hoi->...ho", x.to(self.low_weight.dtype), self.low_weight).to(x.dtype)
+        y = self.lowered(x)
         return y if self.bias is None else y + self.bias
 
     def full_precision(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,37 +227,24 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         as :meth:`full_precision`), every other listed head in the format."""
         if self.exact:
             return super().units(x, units, full_precision_unit, shared_input)
-        if shared_input and len(units) > 1 and self._stacks(units):
+        if shared_input and len(units) > 1 and self.lowered.stacks(units):
             return self._shared_units(x, units, full_precision_unit)
-        fp8 = self.config.low_precision.is_fp8
-        low = x if fp8 else x.to(self.low_weight.dtype)  # one cast for every listed head
+        low = self.lowered.prepare(x)  # one conversion for every listed head
         columns = []
         for i, unit in enumerate(units):
             x_i, low_i = (x, low) if shared_input else (x[..., i, :], low[..., i, :])
             if unit == full_precision_unit:
                 columns.append(self.fp32_unit(x_i, unit))
                 continue
-            y = F.linear(low_i, self.low_weights[unit]) if fp8 else F.linear(low_i, self.low_weight[unit]).to(x.dtype)
+            y = self.lowered.head(low_i, unit, x.dtype)
             columns.append(y if self.bias is None else y + self.bias[unit])
         return torch.stack(columns, dim=-2)
 
-    def _stacks(self, units: list[int]) -> bool:
-        """Whether the listed units' low-precision weights can be one matmul: half formats always (a row selection of
-        ``low_weight``), per-row FP8 for all heads (its stacked weights; a row selection of a Float8 tensor is not one)."""
-        if not self.config.low_precision.is_fp8:
-            return True
-        return self.stacked_low_weight is not None and units == list(range(self.n_heads))
-
     def _shared_units(self, x: torch.Tensor, units: list[int], full_precision_unit: int) -> torch.Tensor:
         """:meth:`units` of one input [..., in] that every listed unit reads, the low-precision ones in one matmul."""
-        index = torch.tensor(units, device=self.weight.device)
-        if self.config.low_precision.is_fp8:
-            low = F.linear(x, self.stacked_low_weight)
-        else:
-            low = F.linear(x.to(self.low_weight.dtype), self.low_weight.index_select(0, index).flatten(0, 1)).to(x.dtype)
-        low = low.unflatten(-1, (len(units), -1))
+        low = self.lowered.stacked(x, units).unflatten(-1, (len(units), -1))
         if self.bias is not None:
-            low = low + self.bias.index_select(0, index)
+            low = low + self.bias.index_select(0, torch.tensor(units, device=self.weight.device))
         if full_precision_unit in units:
             low[..., units.index(full_precision_unit), :] = self.fp32_unit(x, full_precision_unit)
         return low
@@ -257,13 +255,9 @@ class LowPrecisionPerHeadLinear(PerHeadLinear):
         if self.exact:
             return super().shared(x)
         copies = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_heads, x.shape[-1])
-        if self.config.low_precision.is_fp8:
-            if self.stacked_low_weight is None:
-                return self(copies)
-            low = F.linear(x, self.stacked_low_weight)
-        else:
-            low = F.linear(x.to(self.low_weight.dtype), self.low_weight.flatten(0, 1)).to(x.dtype)
-        low = low.unflatten(-1, (self.n_heads, -1))
+        if not self.lowered.stacks(None):
+            return self(copies)
+        low = self.lowered.stacked(x, None).unflatten(-1, (self.n_heads, -1))
         return self._under_plan(copies, low if self.bias is None else low + self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,8 +290,8 @@ class PrecisionReport:
 
     def describe(self) -> str:
         fmt = self.config.low_precision.value
-        if self.config.low_precision is Format.FP32:
-            return "fp32 (no quantization)"
+        if not self.config.low_precision.quantizes:
+            return f"{fmt} (no quantization)"
         kernels = "; ".join(self.kernels)
         text = (
             f"{fmt} {self.config.granularity.value}: {self.quantized_weights}/{self.total_weights} per-head weights via {kernels}"
@@ -313,21 +307,22 @@ def attention_blocks(gm: nn.Module) -> list[AttentionBlock]:
     return sorted(blocks, key=lambda b: b.layer)
 
 
+@renamed("low_precision", "precision")
 def lower_precision(
-    gm: fx.GraphModule, low_precision: PrecisionConfig | str | Format = "fp8", granularity: str | Granularity = "per_row"
+    gm: fx.GraphModule, precision: PrecisionConfig | str | Format = "fp8", granularity: str | Granularity = "per_row"
 ) -> fx.GraphModule:
     """Lower the per-head projections of a split model (in place) and return it.
 
-    ``low_precision`` is a :class:`PrecisionConfig`, or a format with ``granularity`` beside it.
-    Raises :class:`QuantizationError` if an FP8 format was asked for and no weight ended up quantized.
+    ``precision`` is a :class:`PrecisionConfig`, or a format with ``granularity`` beside it.
+    Raises :class:`QuantizationError` if a format was asked for and not every per-head weight ended up in it.
     The result's ``meta["precision"]`` is a :class:`PrecisionReport`.
     """
-    config = low_precision if isinstance(low_precision, PrecisionConfig) else PrecisionConfig(low_precision, granularity)
+    config = precision if isinstance(precision, PrecisionConfig) else PrecisionConfig(precision, granularity)
     graph_meta.structure(gm)  # a graph split_heads has not run on has no per-head projections to lower
     blocks = attention_blocks(gm)
     kernels: dict[str, None] = {}
     quantized = total = 0
-    if config.low_precision is not Format.FP32:
+    if config.low_precision.quantizes:
         for block in blocks:
             for name in PROJECTIONS:
                 linear = getattr(block, name)
@@ -336,10 +331,7 @@ def lower_precision(
                 setattr(block, name, lowered)
                 kernels[lowered.kernel.value] = None
                 total += lowered.weight.shape[0]
-                if config.low_precision.is_fp8:
-                    quantized += sum(is_float8_tensor(w) for w in lowered.low_weights)
-                else:
-                    quantized += lowered.weight.shape[0]
+                quantized += lowered.lowered.quantized()
         if quantized == 0 or quantized != total:
             raise QuantizationError(f"{config.low_precision.value} lowering quantized {quantized} of {total} per-head weights")
     notes = ()

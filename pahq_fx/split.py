@@ -502,6 +502,7 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
         expected = original(example)
         try:
             got = split(example)
+        # Any exception: the split graph runs the model's own operations, and whatever fails is this error, with why.
         except Exception as error:
             raise UnsupportedArchitectureError(f"the per-head model fails to run: {error}") from error
     expected_flat, _ = torch.utils._pytree.tree_flatten(expected)
@@ -525,14 +526,14 @@ def check_float32_weights(weights: Iterable[torch.Tensor]) -> None:
     """Refuse weights (a model's parameters) in a half-precision or 8-bit float format, naming it and the remedy.
 
     The investigated head, the FP32 layers of ACDC's plan and the split's check against the original all compute in
-    float32, and the low-precision formats are the pass's to apply (``low_precision=...``): a model loaded in bf16
+    float32, and the low-precision formats are the pass's to apply (``precision=...``): a model loaded in bf16
     would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message.
     Buffers are not weights: a float32 model may keep one in bf16 on purpose (RecurrentGemma's embedding scale)."""
     low = sorted(name for name, width in _float_dtypes(weights).items() if width < 4)
     if low:
         raise UnsupportedFormatError(
             f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "
-            "other heads itself (low_precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
+            "other heads itself (precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
             "call model.float() first (bf16 and fp16 weights convert to float32 exactly)"
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from .errors import InvalidInputsError
 from .graph_utils import writes_in_place
 
 aten = torch.ops.aten
+_log = logging.getLogger(__name__)
 
 # Ops that export leaves in an inference graph but that do nothing at inference time.
 _NO_OP_TARGETS = {aten._assert_tensor_metadata.default}
@@ -344,7 +346,10 @@ def _batch_generic_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphMod
     with _lean_trace(), _attention_for(model, example, ()):
         try:
             gm = _fixed_batch_graph(model, batch_generic.tiled(example, batch))
-        except Exception:
+        # Any exception: tracing runs the model's own code at another batch size. The caller falls back to export,
+        # which reports its own errors; the reason is logged for whoever debugs a slow trace.
+        except Exception as error:
+            _log.debug("fixed-batch trace of %s failed, exporting instead: %s", type(model).__name__, error)
             return None
     batch_generic.generalise(gm, batch)
     checks = (example[:1], batch_generic.tiled(example, 2) if example.shape[0] < 2 else example)
@@ -403,7 +408,10 @@ def _reproduces(model: nn.Module, gm: fx.GraphModule, input_ids: torch.Tensor) -
     Dots3-Note's attention)."""
     try:
         got, want = gm(input_ids), as_traced(model)(input_ids)
-    except Exception:
+    # Any exception: both run the model's own code; a graph that fails is one that does not reproduce it, and each
+    # caller falls back to a path that reports its own errors (a fresh trace, or export with a symbolic batch).
+    except Exception as error:
+        _log.debug("%s does not reproduce its graph at shape %s: %s", type(model).__name__, tuple(input_ids.shape), error)
         return False
     got_flat, want_flat = (list(x) if isinstance(x, tuple) else [x] for x in (got, want))
     return len(got_flat) == len(want_flat) and all(

@@ -1,6 +1,6 @@
 """A disk cache of traced graphs: a process that traces a model traced before (same modeling code, config, parameter
 layout, example shape and library versions) skips ``torch.export``, which is most of a run's setup on small models
-(1-2 s cold on the shipped ones) and tens of seconds on models whose recurrences the export unrolls.
+and more on models whose recurrences the export unrolls (docs/performance.md, where a first discovery's setup goes).
 
 A traced graph does not depend on the weights' values (the export runs on fake tensors), so an entry holds the graph
 node by node, its own constants, and the model's parameters and buffers by name only; loading binds them to the model
@@ -293,8 +293,10 @@ def store(gm: fx.GraphModule, model: nn.Module, entry: str, dynamic: tuple[int, 
         )
         payload = buffer.getvalue()
         write_bytes(directory / f"{entry}.pt", _MAGIC + _mac(secret, entry, payload) + payload, mode=0o600)
-    except Exception:
-        return
+    # Any exception: pickling a graph runs the __reduce__ of whatever the model's trace holds (constants, codegen).
+    # The graph is then not cached, and the warning says why.
+    except Exception as error:
+        _warn_once(f"pahq_fx: trace cache: the trace of {type(model).__name__} was not cached ({type(error).__name__}: {error})")
 
 
 def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphModule, tuple[int, ...]] | None:
@@ -328,7 +330,10 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
         tensors = dict(_named_tensors(model))
         root = {**saved["constants"], **{t: tensors[name] for t, name in saved["aliases"].items()}}
         return fx.GraphModule(root, _graph_of(saved["graph"], saved["codegen"])), tuple(saved["dynamic"])
-    except Exception:
+    # Any exception: unpickling an entry runs the __setstate__ of what it holds (signed by this user, so never foreign).
+    # It is then a miss, the model is traced afresh, and the warning says why.
+    except Exception as error:
+        _warn_once(f"pahq_fx: trace cache: entry {entry} could not be loaded ({type(error).__name__}: {error}); tracing afresh")
         return None
 
 

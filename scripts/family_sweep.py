@@ -139,7 +139,7 @@ def check(model_type: str) -> dict:
     try:
         with torch.no_grad():
             expected = model(input_ids=ids, use_cache=False).logits
-        transformed = pahq_fx.transform(model, head=(0, 1), example_inputs=ids, low_precision="fp32", compile=False)
+        transformed = pahq_fx.transform(model, head=(0, 1), example_inputs=ids, precision="fp32", compile=False)
         error = (transformed(ids) - expected).abs().max().item()
         layer = transformed.head_graph.layers[0]
         shape = f"{layer.n_heads} heads, {layer.n_kv_groups} kv groups"

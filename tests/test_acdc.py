@@ -70,7 +70,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         calls.clear()
 
     pahq_fx.discover(model, make_task(3), threshold=1e-4, precision="fp8", progress=False, compile=False, callback=on_receiver)
-    graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
+    graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, precision="fp32", compile=False).head_graph)
     investigated = 0
     for receiver in graph.receivers:
         seen = per_receiver[receiver.name]

@@ -121,7 +121,7 @@ def test_only_gelu_itself_is_fused(relative, leak):
 def test_transform_runs_the_fused_activation():
     """The front door's graph has one GELU per MLP where GPT-2 writes it out, and still reproduces the model."""
     model = _gpt2("gelu_new", 2, 2, 8, seed=1)
-    transformed = pahq_fx.transform(model, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, precision="fp32", compile=False)
     ops = [t for module in transformed.graph.modules() if isinstance(module, torch.fx.GraphModule) for t in _targets(module)]
     assert ops.count(gelu_tanh) == 2 and aten.tanh.default not in ops
     ids = token_ids(2, 9, seed=1)

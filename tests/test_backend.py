@@ -37,7 +37,7 @@ def test_fp32_backend_reproduces_cache_and_hidden_states(spec):
     ids = token_ids(2, 6)
     with torch.no_grad():
         plain = model(ids, output_hidden_states=True)
-        out = torch.compile(model, backend=pahq_fx.backend(head=(0, 1), low_precision="fp32", inner="eager"))(
+        out = torch.compile(model, backend=pahq_fx.backend(head=(0, 1), precision="fp32", inner="eager"))(
             ids, output_hidden_states=True
         )
     torch.testing.assert_close(out.logits, plain.logits, rtol=1e-4, atol=1e-4)

@@ -154,19 +154,23 @@ def test_a_terminal_is_told_each_stage_before_and_after_the_search(tmp_path, mon
     assert "pahq-fx:" not in quiet.getvalue() and "ACDC" not in quiet.getvalue()
 
 
-def test_the_parser_choices_are_the_formats_and_metrics():
-    from pahq_fx.acdc.metrics import Metric
+def test_the_parser_offers_the_registries_and_the_runtime_takes_every_choice():
+    """Formats, metrics and tasks come from their registries; the choices spelled out in cli.py are checked here."""
+    from pahq_fx.acdc.plan import STORAGE
     from pahq_fx.acdc.speculation import check_speculation
-    from pahq_fx.precision import AUTO, Format
+    from pahq_fx.acdc.storage import CODECS
+    from pahq_fx.formats import AUTO, FORMATS
+    from pahq_fx.metrics import METRICS
+    from pahq_fx.tasks import GENERATORS
 
-    assert (AUTO, *(f.value for f in Format)) == cli.PRECISIONS
-    assert tuple(m.value for m in Metric) == cli.METRICS
+    parser = cli.build_parser()
+    assert (AUTO, *FORMATS) == cli.PRECISIONS
     for speculation in cli.SPECULATIONS:  # every choice the parser offers is one discover takes
         check_speculation(speculation)
-    from pahq_fx.acdc.plan import STORAGE
-    from pahq_fx.acdc.storage import Storage
-
-    assert tuple(s.value for s in Storage) == cli.STORAGES == tuple(STORAGE)
+    assert tuple(s.value for s in CODECS) == cli.STORAGES == tuple(STORAGE)
+    discover_help = parser._subparsers._group_actions[0].choices["discover"].format_help()
+    for name in (*METRICS, *GENERATORS):
+        assert name in discover_help
 
 
 def test_help_and_argument_errors_import_no_torch():

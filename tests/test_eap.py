@@ -41,7 +41,7 @@ SPECS = {
 
 
 def head_graph_of(model: torch.nn.Module) -> pahq_fx.HeadGraph:
-    return pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph
+    return pahq_fx.transform(model, precision="fp32", compile=False).head_graph
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ import torch
 from torch import nn
 
 import pahq_fx
-from pahq_fx.precision import fp8_kernel_for
 from tests.builders import Spec, build
 
 
 @pytest.fixture(scope="module")
 def transformed():
-    return pahq_fx.transform(build(Spec("llama", 2, 4, 2, 8)), low_precision="fp32", compile=False)
+    return pahq_fx.transform(build(Spec("llama", 2, 4, 2, 8)), precision="fp32", compile=False)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +55,7 @@ def test_unknown_granularity():
 
 def test_fp8_on_unsupported_device():
     with pytest.raises(pahq_fx.UnsupportedFormatError, match="FP8 is not available on device type 'mps'"):
-        fp8_kernel_for(torch.device("mps"), 16, 16)
+        pahq_fx.Format.FP8_E4M3.kernel_for(torch.device("mps"), 16, 16)
 
 
 class NoAttentionLM(nn.Module):
@@ -112,9 +111,9 @@ def test_quantization_that_did_not_happen_is_an_error(monkeypatch):
     """As when torchao skips a weight (dims not multiples of 16, a module type it does not match): loud, not silent."""
     from pahq_fx import precision
 
-    monkeypatch.setattr(precision, "_float8_weight", lambda weight, config, kernel: weight.clone())
+    monkeypatch.setattr(precision, "_float8_weight", lambda weight, fmt, granularity, kernel: weight.clone())
     with pytest.raises(pahq_fx.QuantizationError, match="quantized 0 of 8 per-head weights"):
-        pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), low_precision="fp8", compile=False)
+        pahq_fx.transform(build(Spec("gpt2", 1, 2, 2, 8)), precision="fp8", compile=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,7 +133,7 @@ def test_half_precision_model_is_refused_with_the_remedy(dtype):
     compiled = torch.compile(model, backend=pahq_fx.backend(head=(0, 1), inner="eager"))
     with pytest.raises(pahq_fx.UnsupportedFormatError, match=message):  # weights reach it as the graph's constants
         compiled(ids)
-    assert pahq_fx.transform(model.float(), compile=False, low_precision="fp32")(ids).dtype == torch.float32
+    assert pahq_fx.transform(model.float(), compile=False, precision="fp32")(ids).dtype == torch.float32
 
 
 def test_a_float32_model_with_a_half_precision_buffer_is_not_refused():
@@ -156,6 +155,6 @@ def test_a_float32_model_with_a_half_precision_buffer_is_not_refused():
     model = RecurrentGemmaForCausalLM(config).eval()
     assert model.model.normalizer.dtype == torch.bfloat16
     ids = torch.randint(0, 64, (2, 6))
-    pahq = pahq_fx.transform(model, head=(0, 0), low_precision="fp32", compile=False, example_inputs=ids)
+    pahq = pahq_fx.transform(model, head=(0, 0), precision="fp32", compile=False, example_inputs=ids)
     with torch.no_grad():
         torch.testing.assert_close(pahq(ids), model(input_ids=ids, use_cache=False).logits)

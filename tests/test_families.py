@@ -243,7 +243,7 @@ def test_family_splits_exactly(name):
     config_class, model_class, config, groups, sequential = SUPPORTED[name]
     model = build(config_class, model_class, config)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    transformed = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, precision="fp32", compile=False)
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
@@ -253,7 +253,7 @@ def test_family_splits_exactly(name):
     assert layer.has_output_norm is ("post-attention norm" in name)
     coupled = {Role.QUERY, Role.KEY} if "q/k norm across heads" in name else set(Role) if "sub-norm across" in name else set()
     assert layer.coupled_roles == coupled
-    fp8 = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, low_precision="fp8", compile=False)
+    fp8 = pahq_fx.transform(model, head=(1, 1), example_inputs=ids, precision="fp8", compile=False)
     assert torch.isfinite(fp8(ids)).all()
 
 
@@ -280,7 +280,7 @@ def test_hybrid_layer_schedules_split_exactly(schedule, heads_and_groups, batch,
         ),
     )
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    transformed = pahq_fx.transform(model, head=(0, heads - 1), example_inputs=ids, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=(0, heads - 1), example_inputs=ids, precision="fp32", compile=False)
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
@@ -360,7 +360,7 @@ def test_static_trace_rejects_other_shapes_clearly():
         ),
     )
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
-    transformed = pahq_fx.transform(model, example_inputs=ids, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, example_inputs=ids, precision="fp32", compile=False)
     with torch.no_grad():
         torch.testing.assert_close(transformed(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
     if not transformed.graph.meta["dynamic_dims"]:
@@ -423,7 +423,7 @@ def test_discovery_equals_reference_on_unusual_blocks(name, threshold):
 def test_post_layer_norm_is_rejected_clearly(config_class, model_class, config):
     model = build(config_class, model_class, config)
     with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"not carried on by an addition.*post-layer-norm"):
-        pahq_fx.transform(model, low_precision="fp32", compile=False)
+        pahq_fx.transform(model, precision="fp32", compile=False)
 
 
 def _llama4() -> torch.nn.Module:
@@ -529,7 +529,7 @@ def test_multi_head_latent_attention_is_rejected_clearly():
         ),
     )
     with pytest.raises(pahq_fx.UnsupportedArchitectureError, match=r"read 2 different inputs \(.* reads .*latent attention"):
-        pahq_fx.transform(model, low_precision="fp32", compile=False)
+        pahq_fx.transform(model, precision="fp32", compile=False)
 
 
 @settings(max_examples=6, deadline=None)
@@ -562,7 +562,7 @@ def test_attention_sinks_split_exactly_for_random_configurations(heads, data, he
     model = build("GptOssConfig", "GptOssForCausalLM", config)
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
     head = (data.draw(st.integers(0, len(layer_types) - 1)), data.draw(st.integers(0, heads - 1)))
-    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, precision="fp32", compile=False)
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)
@@ -602,7 +602,7 @@ def test_post_attention_norms_split_exactly_for_random_configurations(
     model = build(*family, config)
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
     head = (data.draw(st.integers(0, layers - 1)), data.draw(st.integers(0, heads - 1)))
-    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=head, example_inputs=ids, precision="fp32", compile=False)
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(transformed(ids), expected, rtol=1e-5, atol=1e-5)

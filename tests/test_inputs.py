@@ -23,7 +23,7 @@ FORMS = {
 def model_and_expected():
     model = build(Spec("llama", layers=1, heads=2, kv_heads=1, head_dim=8))
     ids = token_ids(2, 5)
-    expected = pahq_fx.transform(model, head=(0, 1), example_inputs=ids, low_precision="bf16", compile=False)(ids)
+    expected = pahq_fx.transform(model, head=(0, 1), example_inputs=ids, precision="bf16", compile=False)(ids)
     return model, ids, expected
 
 
@@ -31,7 +31,7 @@ def model_and_expected():
 def test_each_form_traces_the_same_model(model_and_expected, form):
     model, ids, expected = model_and_expected
     example = FORMS[form](ids)
-    pahq = pahq_fx.transform(model, head=(0, 1), example_inputs=example, low_precision="bf16", compile=False)
+    pahq = pahq_fx.transform(model, head=(0, 1), example_inputs=example, precision="bf16", compile=False)
     torch.testing.assert_close(pahq(ids), expected, rtol=0, atol=0)
     torch.testing.assert_close(pahq(example), expected, rtol=0, atol=0)
     gm = passes.trace(model, example)

@@ -69,9 +69,7 @@ class NanoGPT(nn.Module):
 def test_transform_keeps_batch_and_length_dynamic_whatever_the_input_is_called(sdpa):
     torch.manual_seed(0)
     model = NanoGPT(2, 4, 8, sdpa).eval()
-    pahq = pahq_fx.transform(
-        model, head=(1, 2), low_precision="fp32", compile=False, example_inputs=torch.randint(0, VOCAB, (2, 10))
-    )
+    pahq = pahq_fx.transform(model, head=(1, 2), precision="fp32", compile=False, example_inputs=torch.randint(0, VOCAB, (2, 10)))
     assert pahq.graph.meta["dynamic_dims"] == (0, 1)
     for shape in [(1, 3), (5, 17)]:
         ids = torch.randint(0, VOCAB, shape)

@@ -416,7 +416,7 @@ def test_a_metric_that_is_not_a_number_is_its_own_error(induction):
 @pytest.fixture(scope="module")
 def transformed(induction):
     model = induction[0]
-    return pahq_fx.transform(model, example_inputs=torch.ones(2, 5, dtype=torch.long), low_precision="fp32", compile=False)
+    return pahq_fx.transform(model, example_inputs=torch.ones(2, 5, dtype=torch.long), precision="fp32", compile=False)
 
 
 @pytest.mark.parametrize(
@@ -447,7 +447,7 @@ def test_bad_input_ids_are_an_invalid_inputs_error(induction, transformed, ids, 
     with pytest.raises(pahq_fx.InvalidInputsError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         transformed(ids)
     with pytest.raises(pahq_fx.InvalidInputsError):
-        pahq_fx.transform(induction[0], example_inputs=ids, low_precision="fp32", compile=False)
+        pahq_fx.transform(induction[0], example_inputs=ids, precision="fp32", compile=False)
 
 
 def test_a_mask_without_padding_is_accepted(transformed):
@@ -569,7 +569,7 @@ def test_padding_is_refused_never_dropped_on_every_family(family):
 
     model = build(Spec(family, 1, 2, 2 if family != "llama" else 1, 8))
     ids = token_ids(2, 5)
-    pahq = pahq_fx.transform(model, example_inputs=ids, low_precision="fp32", compile=False)
+    pahq = pahq_fx.transform(model, example_inputs=ids, precision="fp32", compile=False)
     unpadded = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     torch.testing.assert_close(pahq(unpadded), model(**unpadded, use_cache=False).logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pahq(unpadded), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
@@ -578,7 +578,7 @@ def test_padding_is_refused_never_dropped_on_every_family(family):
         with pytest.raises(pahq_fx.InvalidInputsError, match=r"attention_mask marks padding.*without padding"):
             pahq(padded)
         with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
-            pahq_fx.transform(model, example_inputs=padded, low_precision="fp32", compile=False)
+            pahq_fx.transform(model, example_inputs=padded, precision="fp32", compile=False)
 
 
 def test_another_runs_checkpoint_is_refused_before_the_setup(induction, tmp_path, monkeypatch):

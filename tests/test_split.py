@@ -15,7 +15,7 @@ from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, spec
 def test_fp32_plan_reproduces_original_logits(spec, batch, seq, data):
     model = build(spec)
     head = (data.draw(st.integers(0, spec.layers - 1)), data.draw(st.integers(0, spec.heads - 1)))
-    transformed = pahq_fx.transform(model, head=head, low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(model, head=head, precision="fp32", compile=False)
     ids = token_ids(batch, seq, seed=spec.seed)
     torch.testing.assert_close(transformed(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
 
@@ -23,7 +23,7 @@ def test_fp32_plan_reproduces_original_logits(spec, batch, seq, data):
 @settings(max_examples=10, deadline=None)
 @given(spec=specs())
 def test_head_graph_matches_config(spec):
-    graph = pahq_fx.transform(build(spec), low_precision="fp32", compile=False).head_graph
+    graph = pahq_fx.transform(build(spec), precision="fp32", compile=False).head_graph
     assert graph.n_layers == spec.layers
     assert graph.d_model == spec.d_model
     for layer in graph.layers:
@@ -44,7 +44,7 @@ def test_head_graph_matches_config(spec):
 
 def test_per_head_outputs_sum_to_block_output():
     spec = Spec("gpt2", layers=1, heads=4, kv_heads=4, head_dim=8)
-    transformed = pahq_fx.transform(build(spec), low_precision="fp32", compile=False)
+    transformed = pahq_fx.transform(build(spec), precision="fp32", compile=False)
     block = transformed.graph.get_submodule("a0")
     assert isinstance(block, AttentionBlock) and isinstance(block.q, PerHeadLinear)
     x = torch.randn(2, 5, spec.d_model)
@@ -69,7 +69,7 @@ def test_one_stream_equals_per_head_copies(spec, fmt, data):
     copies of the stream, under any precision plan; the block stays one module of the graph."""
     from pahq_fx.precision import FullPrecisionUnits, set_plan
 
-    transformed = pahq_fx.transform(build(spec), low_precision=fmt, compile=False)
+    transformed = pahq_fx.transform(build(spec), precision=fmt, compile=False)
     layer = data.draw(st.integers(0, spec.layers - 1), label="layer")
     head = data.draw(st.integers(-1, spec.heads - 1), label="FP32 head (-1: none)")
     block = transformed.graph.get_submodule(f"a{layer}")
@@ -149,7 +149,7 @@ def test_the_per_head_graph_survives_torch_save_and_load(low_precision, tmp_path
     """Saved with ``torch.save`` and loaded again (FX traces a GraphModule's code anew on load), the per-head graph of
     a GPT-2, whose fused GELU is the ``pahq_fx::gelu_tanh`` operator, gives the same logits bit for bit."""
     model = build(Spec("gpt2", 2, 2, 2, 8))
-    graph = pahq_fx.transform(model, low_precision=low_precision, compile=False).graph
+    graph = pahq_fx.transform(model, precision=low_precision, compile=False).graph
     ids = token_ids(2, 6, seed=3)
     torch.save(graph, tmp_path / "graph.pt")
     loaded = torch.load(tmp_path / "graph.pt", weights_only=False)

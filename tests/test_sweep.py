@@ -72,7 +72,7 @@ def test_normalisation_is_one_for_the_full_model_and_zero_for_the_empty_circuit(
 def test_full_and_empty_circuits_normalise_to_one_and_zero_on_a_real_model(metric):
     model, tokenizer = zoo.load("llama-ioi")
     task = make_task("ioi", tokenizer, n=8, seed=2)
-    graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, low_precision="fp32", compile=False).head_graph)
+    graph = pahq_fx.acdc.EdgeGraph(pahq_fx.transform(model, precision="fp32", compile=False).head_graph)
     every_edge = {(e.sender, e.receiver) for e in graph.edges()}
     assert evaluate_circuit(every_edge, model, task, metric).normalised == pytest.approx(1.0, abs=1e-5)
     assert evaluate_circuit(set(), model, task, metric).normalised == pytest.approx(0.0, abs=1e-5)

@@ -1,10 +1,10 @@
 """ACDC circuit discovery on the per-head graph, accelerated by PAHQ."""
 
+from ..metrics import Metric
 from .circuit import Circuit, CircuitEdge, RunStats
 from .eap import load_circuit
 from .edges import Edge, EdgeGraph, Receiver, ReceiverKind, Sender
 from .evaluation import Faithfulness, TaskCheck, WeakTaskError, check_task, evaluate_circuit
-from .metrics import Metric
 from .roc import RocPoint, roc_auc, roc_point
 from .search import ReceiverDone, discover
 from .sweep import Sweep, SweepPoint, sweep

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..precision import Format
+from ..formats import Format
 from .edges import EdgeGraph, Receiver
 from .runtime import PatchingRuntime
 
@@ -30,10 +30,9 @@ REPEATS = 2  # timed batches per format, after one untimed; the fastest counts
 
 
 def formats_to_try(device: torch.device) -> tuple[Format, ...]:
-    """FP32 and the low-precision formats the device has fast kernels for: bf16 everywhere, FP8 on CUDA sm >= 8.9."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return Format.FP32, Format.BF16, Format.FP8_E4M3
-    return Format.FP32, Format.BF16
+    """FP32 and the low-precision formats the device has fast kernels for (bf16 everywhere, FP8 on CUDA sm >= 8.9):
+    each format says where it is fast."""
+    return tuple(fmt for fmt in (Format.FP32, Format.BF16, Format.FP8_E4M3) if fmt.fast_on(device))
 
 
 def probe_receiver(edges: EdgeGraph) -> Receiver:

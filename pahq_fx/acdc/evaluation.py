@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ..errors import PahqError, TaskError
+from ..metrics import CleanDistribution, Metric, metric_value
 from ..precision import Format, all_heads_fp32
 from ..split import check_finite_weights
 from ..trace import model_logits
 from .edges import EdgeGraph
-from .metrics import CleanDistribution, Metric, metric_value
 from .runtime import PatchingRuntime
 from .setup import build_runtime, parse_metric
 from .task import Task

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..atomic import write_bytes, write_text
 from ..errors import PahqError
+from ..metrics import Metric
 from .edges import EdgeGraph
 from .evaluation import Faithfulness, evaluate_edge_sets
-from .metrics import Metric
 from .runtime import PatchingRuntime
 from .scores import EdgeScores, scores_of_session
 from .search import prepare

@@ -32,11 +32,11 @@ from torch import fx
 from .. import graph_meta, names
 from ..compile import CountingBackend, compile_by_structure
 from ..errors import UnsupportedArchitectureError
+from ..metrics import CleanDistribution, Metric, metric_value
 from ..names import Role
 from ..precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..split import AttentionBlock, Step, StepKind, StreamShaped
 from .edges import EdgeGraph, Receiver, ReceiverKind
-from .metrics import CleanDistribution, Metric, metric_value
 from .row_batch import RowBatch
 from .storage import Storage, Stored, codec
 from .task import Task
@@ -379,7 +379,7 @@ class PatchingRuntime:
         ids = self._clean_ids.new_zeros(rows.shape)
         try:
             return tuple(self.graph.prelude(ids)[1:])
-        except Exception:
+        except (RuntimeError, IndexError, ValueError):  # a prelude specialised to the batch: components run on it whole
             return None
 
     def _row_aux(self, k: int) -> list[torch.Tensor]:
@@ -559,6 +559,8 @@ class PatchingRuntime:
             try:
                 self._prepare_candidates(2)
                 self._candidate_support = True
+            # Any exception: this runs the model's own prelude at twice its batch, whatever that code raises; the
+            # refusal is the run's report's note, and the search goes on one query at a time.
             except Exception as error:
                 self._candidate_support = False
                 self.candidate_refusal = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -23,9 +23,9 @@ from torch import nn
 from .. import names
 from ..atomic import write_text
 from ..errors import PahqError
+from ..metrics import Metric
 from ..precision import Format
 from .edges import EdgeGraph
-from .metrics import Metric
 from .run_info import eager_forward_seconds, peak_memory_mb
 from .runtime import PatchingRuntime
 from .search import Session, _work, prepare

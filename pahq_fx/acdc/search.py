@@ -17,6 +17,7 @@ from torch import nn
 from .. import names
 from ..errors import CheckpointError, NonFiniteError, PahqError
 from ..head_graph import HeadGraph
+from ..metrics import Metric
 from ..precision import AUTO, Format, parse_format
 from ..split import check_finite_weights, check_float32_weights, wide_weights_note
 from .calibration import (
@@ -33,7 +34,6 @@ from .checkpoint import Checkpoint, replay
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
-from .metrics import Metric
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile

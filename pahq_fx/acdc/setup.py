@@ -9,21 +9,19 @@ from torch import nn
 
 from .. import graph_meta
 from ..errors import PahqError, TaskError
+from ..metrics import Metric, metric_named
 from ..pipeline import lower_split
 from ..precision import AUTO, Format, PrecisionConfig
 from ..trace import max_positions, trace
 from .edges import EdgeGraph
-from .metrics import Metric
 from .runtime import PatchingRuntime
 from .storage import Storage
 from .task import Task
 
 
 def parse_metric(metric: str | Metric, task: Task) -> Metric:
-    try:
-        parsed = metric if isinstance(metric, Metric) else Metric(str(metric).lower())
-    except ValueError:
-        raise PahqError(f"unknown metric {metric!r}; choose one of {', '.join(m.value for m in Metric)}") from None
+    """The registered metric ``metric``, checked against what ``task`` holds."""
+    parsed = metric_named(metric)
     if parsed.needs_answers and not task.has_answers:
         raise TaskError(f"metric {parsed.value} needs correct_ids and incorrect_ids in the task")
     return parsed

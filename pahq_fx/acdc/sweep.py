@@ -14,10 +14,10 @@ from torch import nn
 
 from ..atomic import write_text
 from ..errors import PahqError
+from ..metrics import Metric
 from ..precision import AUTO, Format
 from .circuit import Circuit
 from .evaluation import Faithfulness, evaluate_edges
-from .metrics import Metric
 from .mib import MibResult, acdc_curve
 from .roc import RocPoint, jaccard, roc_auc, roc_point
 from .search import Session, prepare, search

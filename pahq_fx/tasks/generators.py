@@ -3,23 +3,64 @@
 Tokenizer-agnostic: prompts are built from words, and every word that matters (names, years, parameter names)
 must be a single token of the given tokenizer, which is checked. Induction samples its tokens from a fixed word list
 (``vocab.INDUCTION_TOKENS``), checked the same way.
+
+The generators form a registry, :data:`GENERATORS`: adding a task is one function here (or in a user's own code)
+decorated with :func:`register_task`, and the command line lists it. Torch is imported only when a task is built,
+so that the command line offers the names without loading it.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..acdc.task import Task
-from ..acdc.text_task import check_tokenizer, describe_tokenizer
 from ..errors import TaskError
 from . import vocab
+
+if TYPE_CHECKING:
+    from ..acdc.task import Task
+
+
+@dataclass(frozen=True)
+class TaskGenerator:
+    """A registered task: its generator, a one-line description, and the options it takes beyond ``n`` and ``seed``
+    (name -> default, read off the generator's signature)."""
+
+    name: str
+    make: Callable[..., Task]
+    help: str
+    options: dict[str, Any]
+
+    def __call__(self, tokenizer, n: int = 32, seed: int = 0, **options) -> Task:
+        return self.make(tokenizer, n=n, seed=seed, **options)
+
+
+GENERATORS: dict[str, TaskGenerator] = {}
+
+
+def register_task(help: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Register the decorated ``generator(tokenizer, n, seed, **options) -> Task`` under its function name."""
+
+    def register(make: Callable[..., Task]) -> Callable[..., Task]:
+        if make.__name__ in GENERATORS:
+            raise ValueError(f"task name {make.__name__!r} is taken")
+        parameters = list(inspect.signature(make).parameters.values())
+        if [p.name for p in parameters[:3]] != ["tokenizer", "n", "seed"]:
+            raise TypeError(f"task generator {make.__name__} must take (tokenizer, n, seed, **options)")
+        options = {p.name: p.default for p in parameters[3:]}
+        GENERATORS[make.__name__] = TaskGenerator(make.__name__, make, help, options)
+        return make
+
+    return register
 
 
 def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     """Token id of each word; a word that is not exactly one token is a :class:`TaskError`."""
+    from ..acdc.text_task import describe_tokenizer
+
     ids = []
     for word in words:
         encoded = tokenizer.encode(word, add_special_tokens=False)
@@ -34,16 +75,38 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return ids
 
 
-def _encode(tokenizer, prompts: list[list[str]]) -> torch.Tensor:
+def _encode(tokenizer, prompts: list[list[str]]) -> list[list[int]]:
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
         raise TaskError("prompts of a task must all have the same number of words")
-    return torch.tensor([single_token_ids(tokenizer, p) for p in prompts], dtype=torch.long)
+    return [single_token_ids(tokenizer, p) for p in prompts]
 
 
+def _word_task(
+    tokenizer, name: str, clean: list[list[str]], corrupted: list[list[str]], correct: list[str], incorrect: list[str]
+):
+    """A task of word prompts whose metric reads the last position, with a correct and an incorrect answer word."""
+    import torch
+
+    from ..acdc.task import Task
+
+    return Task(
+        torch.tensor(_encode(tokenizer, clean), dtype=torch.long),
+        torch.tensor(_encode(tokenizer, corrupted), dtype=torch.long),
+        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
+        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
+        name=name,
+    )
+
+
+@register_task(help="random tokens repeated once; the metric reads the second half")
 def induction(tokenizer, n: int = 32, seed: int = 0, half: int = 8) -> Task:
     """Random token sequences repeated once: ``x1..xk x1..xk``. The metric reads every position of the second
     half (predicting the repeated token); the corrupted prompt has a different first half."""
+    import torch
+
+    from ..acdc.task import Task
+
     token_ids = single_token_ids(tokenizer, vocab.INDUCTION_TOKENS)
     if not 1 <= half <= len(token_ids) // 2:
         raise TaskError(f"induction half length must be between 1 and {len(token_ids) // 2}, got {half}")
@@ -66,6 +129,7 @@ IOI_TEMPLATES = (
 )
 
 
+@register_task(help="indirect object: 'When A and B went to the store, B gave a drink to' -> A")
 def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
     """ "When A and B went to the store, B gave a drink to" -> A, with the first two names in either order
     (ABBA and BABA, so the answer's position gives nothing away). Corrupted: a third name C replaces the
@@ -83,15 +147,10 @@ def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append([c if w == b and i > 3 else w for i, w in enumerate(words)])  # the repeated B
         correct.append(a)
         incorrect.append(b)
-    return Task(
-        _encode(tokenizer, clean),
-        _encode(tokenizer, corrupted),
-        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
-        name="ioi",
-    )
+    return _word_task(tokenizer, "ioi", clean, corrupted, correct, incorrect)
 
 
+@register_task(help="'The war lasted from the year 17YY to the year 17' -> a year above YY")
 def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
     """ "The war lasted from the year 17 YY to the year 17" -> a year above YY. Corrupted: YY = 01.
     Answers: a random year above YY (correct) and one below (incorrect)."""
@@ -104,15 +163,10 @@ def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append([("01" if w == f"{yy:02d}" and i == 7 else w) for i, w in enumerate(words)])
         correct.append(f"{rng.randint(yy + 1, 99):02d}")
         incorrect.append(f"{rng.randint(0, yy - 1):02d}")
-    return Task(
-        _encode(tokenizer, clean),
-        _encode(tokenizer, corrupted),
-        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
-        name="greater_than",
-    )
+    return _word_task(tokenizer, "greater_than", clean, corrupted, correct, incorrect)
 
 
+@register_task(help="a docstring's next :param -> the signature's parameter it has not named yet")
 def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
     """``def f ( self , A , B , C ) : \"\"\" doc :param A : doc :param B : doc :param`` -> C. Corrupted: the
     signature's parameter names are replaced by others. Answers: C (correct) and A (incorrect)."""
@@ -125,21 +179,7 @@ def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
         corrupted.append(f"def doc ( self , {others[0]} , {others[1]} , {others[2]} ) : {docs}".split())
         correct.append(c)
         incorrect.append(a)
-    return Task(
-        _encode(tokenizer, clean),
-        _encode(tokenizer, corrupted),
-        correct_ids=torch.tensor(single_token_ids(tokenizer, correct)),
-        incorrect_ids=torch.tensor(single_token_ids(tokenizer, incorrect)),
-        name="docstring",
-    )
-
-
-GENERATORS: dict[str, Callable[..., Task]] = {
-    "induction": induction,
-    "ioi": ioi,
-    "greater_than": greater_than,
-    "docstring": docstring,
-}
+    return _word_task(tokenizer, "docstring", clean, corrupted, correct, incorrect)
 
 
 def make_task(name: str, tokenizer, n: int = 32, seed: int = 0, **options) -> Task:
@@ -150,8 +190,11 @@ def make_task(name: str, tokenizer, n: int = 32, seed: int = 0, **options) -> Ta
         raise TaskError(f"unknown task {name!r}; choose one of {', '.join(GENERATORS)} or give a task file")
     if n < 1:
         raise TaskError(f"a task needs at least one example, got n={n}")
+    from ..acdc.text_task import check_tokenizer
+
     check_tokenizer(tokenizer)
     try:
         return GENERATORS[name](tokenizer, n=n, seed=seed, **options)
     except TypeError as error:
-        raise TaskError(f"task {name!r} does not take options {sorted(options)}: {error}") from None
+        takes = ", ".join(f"{k}={v!r}" for k, v in GENERATORS[name].options.items()) or "none"
+        raise TaskError(f"task {name!r} does not take options {sorted(options)} (it takes: {takes}): {error}") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 NAMES = (
     "Mary",
@@ -97,6 +100,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(words())}
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
