@@ -86,10 +86,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from . import passes
-    from .acdc import Circuit, Sweep, Task, discover, load_circuit, sweep
+    from .acdc import Circuit, Sweep, Task, discover, load_circuit
     from .acdc.mib import mib_evaluate
     from .acdc.plan import Plan, plan, plan_from_config
     from .acdc.scores import EdgeScores, edge_scores, load_scores
+    from .acdc.sweep import sweep
     from .compile import backend
     from .errors import (
         CheckpointError,

@@ -135,6 +135,7 @@ def _evaluate(region: frozenset[fx.Node], source: fx.Node, output: fx.Node, prob
     while node is not output:
         node = node.next
         if node in region:
+            assert callable(node.target), "a region holds pointwise call_function nodes only"
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
             values[node] = node.target(*args, **kwargs)
     return values[output]

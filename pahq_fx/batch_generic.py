@@ -93,5 +93,7 @@ def generalise(gm: fx.GraphModule, batch: int) -> int:
     if not replaced:
         graph.erase_node(size)
     gm.recompile()
-    gm.validate_inputs = False  # export's input check would hold every call to the traced batch size
+    # export's input check would hold every call to the traced batch size; torch types Module.__setattr__ for tensors
+    # and modules only, and this is the plain flag the exported module reads
+    gm.validate_inputs = False  # type: ignore[assignment]
     return replaced

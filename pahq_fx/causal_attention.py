@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -69,9 +69,18 @@ class _MaskRecorder:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+@runtime_checkable
+class SwitchesAttention(Protocol):
+    """A model whose attention implementation can be switched (a Hugging Face ``PreTrainedModel``)."""
+
+    def set_attn_implementation(self, implementation: str) -> None: ...
+
+
 def _switched(model: nn.Module, implementation: str) -> bool:
     """Switch the model's attention implementation; whether it took (models outside the attention interface only
     log a warning)."""
+    if not isinstance(model, SwitchesAttention):
+        return False
     try:
         model.set_attn_implementation(implementation)
     except (ValueError, ImportError, AttributeError):

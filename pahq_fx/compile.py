@@ -41,12 +41,12 @@ def _lift_weights(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor
     nodes = list(gm.graph.nodes)
     for i, node in enumerate(n for n in nodes if n.op == "placeholder"):
         env[node] = graph.placeholder(f"x{i}")
-    constants = []
+    constants: list[torch.Tensor] = []
     for node in (n for n in nodes if n.op == "get_attr"):
         env[node] = graph.placeholder(f"w{len(constants)}")
         constants.append(attribute(gm, node.target))
     index = {node: i for i, node in enumerate(nodes)}
-    signature = [tuple((c.shape, c.dtype) for c in constants)]
+    signature: list[tuple[Any, ...]] = [tuple((c.shape, c.dtype) for c in constants)]
     for node in nodes:
         if node.op in ("placeholder", "get_attr"):
             continue
@@ -61,7 +61,7 @@ def compile_by_structure(modules: list[fx.GraphModule], backend: Callable) -> li
     """One compiled graph per distinct structure among ``modules`` (for example one for every layer's MLP), with
     each module's weights passed as tensor inputs: the number of compilations does not grow with depth."""
     compiled: dict[tuple, Callable] = {}
-    out = []
+    out: list[Callable] = []
     for module in modules:
         lifted, constants, signature = _lift_weights(module)
         if signature not in compiled:

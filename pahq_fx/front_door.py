@@ -25,6 +25,8 @@ class PahqModel(nn.Module):
     buffers, so a compiled model is not retraced or recompiled (see :attr:`compilations`).
     """
 
+    _runner: Callable  # the graph or its compiled form, kept out of the submodules
+
     def __init__(
         self,
         graph: fx.GraphModule,
@@ -53,7 +55,7 @@ class PahqModel(nn.Module):
 
     @property
     def precision(self) -> PrecisionReport:
-        return graph_meta.precision_report(self.graph)
+        return graph_meta.lowered_report(self.graph)
 
     @property
     def compilations(self) -> int:
@@ -63,8 +65,9 @@ class PahqModel(nn.Module):
     def set_head(self, head: HeadSpec) -> None:
         """Investigate ``(layer, head)`` in FP32 (``None``: every head in low precision)."""
         check_head(self.graph, head)
-        set_head(self.graph, tuple(head) if head is not None else None)
-        self._head = tuple(head) if head is not None else None
+        pair = None if head is None else (head[0], head[1])  # a checked pair, given as a tuple or a list
+        set_head(self.graph, pair)
+        self._head = pair
 
     def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
         input_ids = input_ids_from(input_ids, "input")

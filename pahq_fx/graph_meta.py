@@ -68,3 +68,8 @@ def structure(gm: fx.GraphModule) -> Structure:
 def precision_report(gm: fx.GraphModule) -> PrecisionReport | None:
     """The lowering's report, None for a split graph that was not lowered (every head FP32)."""
     return gm.meta.get(PRECISION)
+
+
+def lowered_report(gm: fx.GraphModule) -> PrecisionReport:
+    """The lowering's report of a graph that must have been lowered (a transformed model's)."""
+    return _read(gm, PRECISION)

@@ -25,6 +25,15 @@ SHAPE_OPS = {
 }
 
 
+def node_arg(node: fx.Node, index: int) -> fx.Node:
+    """``node.args[index]`` where the op makes it a node (a tensor input): fx types an argument as any value a graph
+    can hold, so this is where that is checked (a ``TypeError`` naming the node otherwise)."""
+    value = node.args[index]
+    if not isinstance(value, fx.Node):
+        raise TypeError(f"{node.name}: argument {index} is {value!r}, not a node")
+    return value
+
+
 def input_nodes(node: fx.Node) -> list[fx.Node]:
     """The nodes a node reads, in argument order, without duplicates."""
     seen: dict[fx.Node, None] = {}
@@ -113,7 +122,7 @@ def first_with_shape(node: fx.Node, values: dict[fx.Node, Any], lead: Sequence[i
         if up:
             if current.op != "call_function" or current.target not in SHAPE_OPS:
                 return current
-            current = current.args[0]
+            current = node_arg(current, 0)
         else:
             users = list(current.users)
             if len(users) != 1 or users[0].target not in SHAPE_OPS:
@@ -146,7 +155,7 @@ def extract(
         if n in env:
             return env[n]
         if n.op == "get_attr":
-            env[n] = graph.get_attr(n.target)
+            env[n] = graph.get_attr(str(n.target))
             return env[n]
         extra.append(n)
         env[n] = graph.placeholder(f"aux_{n.name}")

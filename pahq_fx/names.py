@@ -85,16 +85,30 @@ class Name:
     role: Role | None = None
 
     @property
+    def layer_number(self) -> int:
+        """``layer``, for the kinds that have one (all but embed and resid_post; a ``ValueError`` for those)."""
+        if self.layer is None:
+            raise ValueError(f"{self.kind.value} has no layer")
+        return self.layer
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        """``(layer, index)`` of a head or key/value group (a ``ValueError`` for other kinds)."""
+        if self.kind not in (NodeKind.HEAD, NodeKind.KV_GROUP) or self.layer is None or self.index is None:
+            raise ValueError(f"{self.kind.value} is not a head or key/value group")
+        return self.layer, self.index
+
+    @property
     def node(self) -> str:
         """The node a receiver belongs to (``a1.h2.q`` -> ``a1.h2``); senders and other nodes unchanged."""
         if self.kind is NodeKind.HEAD:
-            return head(self.layer, self.index)
+            return head(*self.unit)
         if self.kind is NodeKind.KV_GROUP:
-            return kv_group(self.layer, self.index)
+            return kv_group(*self.unit)
         if self.kind is NodeKind.MLP:
-            return mlp(self.layer, self.index or 0)
+            return mlp(self.layer_number, self.index or 0)
         if self.kind is NodeKind.ATTENTION_OUTPUT:
-            return attention_output(self.layer)
+            return attention_output(self.layer_number)
         return EMBED if self.kind is NodeKind.EMBED else RESID_POST
 
 
@@ -154,7 +168,7 @@ def eap_node(name: str) -> str:
         return EAP_INPUT
     if parsed.kind is NodeKind.RESID_POST:
         return EAP_LOGITS
-    if parsed.kind is NodeKind.HEAD or (parsed.kind is NodeKind.MLP and parsed.layer >= 0 and not parsed.index):
+    if parsed.kind is NodeKind.HEAD or (parsed.kind is NodeKind.MLP and parsed.layer_number >= 0 and not parsed.index):
         return name
     what = {
         NodeKind.ATTENTION_OUTPUT: "a post-attention norm (the heads' sum is normalised before the residual add)",

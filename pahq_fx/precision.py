@@ -41,20 +41,29 @@ class Granularity(enum.Enum):
     PER_TENSOR = "per_tensor"
 
 
-@dataclass(frozen=True)
+def parse_granularity(value: Granularity | str) -> Granularity:
+    """The granularity named ``value`` (any case)."""
+    if isinstance(value, Granularity):
+        return value
+    try:
+        return Granularity(str(value).lower())
+    except ValueError:
+        raise UnsupportedFormatError(f"unknown granularity {value!r}; choose per_row or per_tensor") from None
+
+
+@dataclass(frozen=True, init=False)
 class PrecisionConfig:
-    """What the non-investigated heads run in. Validated and normalised on construction."""
+    """What the non-investigated heads run in. Built from names or parsed values; the fields hold parsed values."""
 
-    low_precision: Format | str = Format.FP8_E4M3
-    granularity: Granularity | str = Granularity.PER_ROW
+    low_precision: Format
+    granularity: Granularity
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "low_precision", parse_format(self.low_precision))
-        if not isinstance(self.granularity, Granularity):
-            try:
-                object.__setattr__(self, "granularity", Granularity(str(self.granularity).lower()))
-            except ValueError:
-                raise UnsupportedFormatError(f"unknown granularity {self.granularity!r}; choose per_row or per_tensor") from None
+    def __init__(
+        self, low_precision: Format | str = Format.FP8_E4M3, granularity: Granularity | str = Granularity.PER_ROW
+    ) -> None:
+        # a frozen dataclass sets its fields this way in its generated __init__ too; here the names are parsed first
+        object.__setattr__(self, "low_precision", parse_format(low_precision))
+        object.__setattr__(self, "granularity", parse_granularity(granularity))
 
 
 # Lower bound on the amax that sets an FP8 scale: an all-zero row (a pruned or dead head, a zero input)
@@ -98,6 +107,7 @@ class CastHeads(LoweredHeads):
     """The weights cast to a dtype that torch multiplies in directly (bf16, fp16)."""
 
     kernel = Kernel.HALF
+    low_weight: torch.Tensor  # a buffer
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -136,7 +146,7 @@ class Float8Heads(LoweredHeads):
         super().__init__()
         self.kernel = kernel
         n, out_features, _ = weight.shape
-        self.stacked_weight = None
+        self.stacked_weight: nn.Parameter | None = None
         if granularity is Granularity.PER_ROW:
             stacked = _float8_weight(weight.flatten(0, 1), fmt, granularity, kernel)
             self.stacked_weight = nn.Parameter(stacked, requires_grad=False)
@@ -161,6 +171,7 @@ class Float8Heads(LoweredHeads):
         return self.stacked_weight is not None and (units is None or units == list(range(len(self.weights))))
 
     def stacked(self, x: torch.Tensor, units: list[int] | None) -> torch.Tensor:
+        assert self.stacked_weight is not None, "no stacked weights: callers ask stacks() first"
         return F.linear(x, self.stacked_weight)
 
 
@@ -195,6 +206,8 @@ def _float8_weight(weight: torch.Tensor, fmt: Format, granularity: Granularity, 
 
 class LowPrecisionPerHeadLinear(PerHeadLinear):
     """All heads in a low-precision format; the head named by ``full_precision_head`` recomputed in FP32."""
+
+    head_ids: torch.Tensor  # a buffer
 
     def __init__(self, source: PerHeadLinear, config: PrecisionConfig) -> None:
         super().__init__(source.weight, source.bias)
@@ -334,7 +347,7 @@ def lower_precision(
                 quantized += lowered.lowered.quantized()
         if quantized == 0 or quantized != total:
             raise QuantizationError(f"{config.low_precision.value} lowering quantized {quantized} of {total} per-head weights")
-    notes = ()
+    notes: tuple[str, ...] = ()
     if Kernel.FP8_WEIGHT_ONLY.value in kernels:
         notes = ("dynamic FP8 needs CUDA sm >= 8.9 and dims that are multiples of 16; weight-only FP8 used where not",)
     gm.meta[graph_meta.PRECISION] = PrecisionReport(config, tuple(kernels), quantized, total, notes)

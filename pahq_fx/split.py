@@ -44,6 +44,8 @@ class PerHeadLinear(nn.Module):
     a buffer, so switching it changes a tensor input of the compiled graph, not the graph.
     """
 
+    full_precision_head: torch.Tensor  # a buffer
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
@@ -116,6 +118,8 @@ def select_features(x: torch.Tensor, index: torch.Tensor, span: Span) -> torch.T
 class AttentionBlock(nn.Module):
     """One attention layer split per head. ``forward`` returns per-head output contributions."""
 
+    z_order: torch.Tensor  # a buffer
+
     def __init__(
         self,
         layer: int,
@@ -152,7 +156,9 @@ class AttentionBlock(nn.Module):
         self.z_span = contiguous_span(z_order)
         self.o_bias = None if o_bias is None else nn.Parameter(o_bias.detach().clone(), requires_grad=False)
 
-    def project(self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *norm_aux) -> tuple[torch.Tensor, ...]:
+    def project(
+        self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *norm_aux: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """Per-head query, key and value projections of the per-head inputs (norm applied per head)."""
         sizes = [q_in.shape[2], k_in.shape[2], v_in.shape[2]]
         normed = self.norm(torch.cat([q_in, k_in, v_in], dim=2), *norm_aux)
@@ -164,7 +170,7 @@ class AttentionBlock(nn.Module):
         q_in: torch.Tensor,
         k_in: torch.Tensor,
         v_in: torch.Tensor,
-        *aux,
+        *aux: torch.Tensor,
         extra_outputs: bool = False,
         one_stream: bool = False,
     ) -> Any:
@@ -194,7 +200,7 @@ class AttentionBlock(nn.Module):
         outputs of the traced graph)."""
         return [select_features(projections, getattr(self, f"scatter_{i}"), span) for i, span in enumerate(self.scatter_spans)]
 
-    def from_stream(self, read: torch.Tensor, *aux, extra_outputs: bool = False) -> Any:
+    def from_stream(self, read: torch.Tensor, *aux: torch.Tensor, extra_outputs: bool = False) -> Any:
         """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d].
 
         The norm acts per position, so it runs once on the stream rather than once per head and role, and each
@@ -331,7 +337,7 @@ class StreamShaped(nn.Module):
         super().__init__()
         self.component = component
 
-    def forward(self, x: torch.Tensor, *aux) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *aux: torch.Tensor) -> torch.Tensor:
         return self.component(x, *aux).reshape(x.shape)
 
 
@@ -351,7 +357,7 @@ def _per_role_linear(site: AttentionSite, role: Role, weight: torch.Tensor, bias
 
 def _scatter_indices(site: AttentionSite, widths: list[int], device: torch.device) -> list[torch.Tensor]:
     """For each projection output, where each of its features sits in the concatenated per-head outputs."""
-    position = {}
+    position: dict[int, int] = {}
     for role in Role:
         for features in site.role_features[role]:
             for f in features:
@@ -599,6 +605,7 @@ def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for contribution, site in sorted(components, key=lambda c: order[c[0]]):
         name = contribution_names[contribution]
+        block: nn.Module
         if isinstance(site, AttentionSite) and contribution is site.contribution:
             block, aux = builder.attention(site, core_extras[site.layer])
             kind, read = StepKind.ATTENTION, site.read

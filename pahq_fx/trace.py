@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from . import batch_generic, graph_meta, trace_cache
-from .causal_attention import mask_free_attention
+from .causal_attention import SwitchesAttention, mask_free_attention
 from .errors import InvalidInputsError
 from .graph_utils import writes_in_place
 
@@ -87,7 +87,9 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
         if not inputs:
             raise InvalidInputsError(f"{what} is an empty {type(inputs).__name__}; pass (input_ids,)")
         ids = inputs[0]
-    elif isinstance(inputs, Mapping) or (hasattr(inputs, "keys") and hasattr(inputs, "__getitem__")):
+    elif not isinstance(inputs, torch.Tensor) and (
+        isinstance(inputs, Mapping) or (hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"))
+    ):
         if "input_ids" not in inputs:
             raise InvalidInputsError(f"{what} has no 'input_ids' entry (it has {sorted(inputs.keys())})")
         ids = inputs["input_ids"]
@@ -173,19 +175,19 @@ def _inference_setup(model: nn.Module) -> Iterator[None]:
     """Eval mode and SDPA attention for the trace, restored on exit."""
     was_training = model.training
     config = getattr(model, "config", None)
-    previous_impl = getattr(config, "_attn_implementation", None)
-    switch = previous_impl not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
+    previous_impl: str | None = getattr(config, "_attn_implementation", None)
+    switched = model if previous_impl is not None and previous_impl != "sdpa" and isinstance(model, SwitchesAttention) else None
     try:
         model.eval()
-        if switch:
+        if switched is not None:
             try:
-                model.set_attn_implementation("sdpa")
+                switched.set_attn_implementation("sdpa")
             except (ValueError, ImportError):
-                switch = False
+                switched = None
         yield
     finally:
-        if switch:
-            model.set_attn_implementation(previous_impl)
+        if switched is not None and previous_impl is not None:
+            switched.set_attn_implementation(previous_impl)
         model.train(was_training)
 
 
@@ -397,7 +399,12 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
         for m, attributes, parameters, buffers, children in saved:
             m.__dict__.clear()
             m.__dict__.update(attributes)
-            for live, before in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
+            restored: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (
+                (m._parameters, parameters),
+                (m._buffers, buffers),
+                (m._modules, children),
+            )
+            for live, before in restored:
                 live.clear()
                 live.update(before)
 

@@ -154,7 +154,10 @@ def _source_digest(cls: type) -> str:
         digest.update(Path(__file__).with_name(module).read_bytes())
     for base in cls.__mro__:
         try:
-            digest.update(Path(inspect.getsourcefile(base)).read_bytes())
+            source = inspect.getsourcefile(base)
+            if source is None:
+                raise OSError(f"no source file for {base.__qualname__}")
+            digest.update(Path(source).read_bytes())
         except (TypeError, OSError):  # a builtin base, or a class defined in a notebook: named by its qualname only
             digest.update(base.__qualname__.encode())
     return digest.hexdigest()
@@ -234,6 +237,11 @@ def _portable_target(target: Any) -> Any:
     return target
 
 
+def _node_ref(node: fx.Node) -> Any:
+    """A node as a record names it (typed Any: fx types what ``map_arg`` returns as graph arguments)."""
+    return _NodeRef(node.name)
+
+
 def _graph_records(graph: fx.Graph) -> list[tuple]:
     """The graph node by node, nodes named rather than referenced: exactly the graph, rebuilt by :func:`_graph_of`
     (FX's own pickling re-traces the generated code instead, which folds every computation that does not depend on
@@ -243,8 +251,8 @@ def _graph_records(graph: fx.Graph) -> list[tuple]:
             n.op,
             n.name,
             _portable_target(n.target),
-            fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
-            fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name)),
+            fx.node.map_arg(n.args, _node_ref),
+            fx.node.map_arg(n.kwargs, _node_ref),
         )
         for n in graph.nodes
     ]

@@ -41,7 +41,7 @@ def probe_receiver(edges: EdgeGraph) -> Receiver:
     attention = [r for r in edges.receivers if r.is_attention_input]
     if not attention:
         return max(edges.receivers, key=lambda r: len(r.senders))
-    layers = sorted({r.layer for r in attention})
+    layers = sorted({r.attention_input[0] for r in attention})
     middle = layers[len(layers) // 2]
     return next(r for r in attention if r.layer == middle)
 

@@ -34,8 +34,8 @@ def draw_circuit(circuit: Circuit, *paths: str | Path, top_k: int | None = DEFAU
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
     from matplotlib.path import Path as PolyLine
 
-    paths = tuple(Path(p) for p in paths)
-    for path in paths:
+    targets = [Path(p) for p in paths]
+    for path in targets:
         if path.suffix.lower() not in (".png", ".svg"):
             raise ValueError(f"draw the circuit as .png or .svg, not {path.suffix or 'a file without suffix'}")
     picture = lay_out(circuit, top_k, min_effect)
@@ -124,11 +124,11 @@ def draw_circuit(circuit: Circuit, *paths: str | Path, top_k: int | None = DEFAU
             0.01, 0.005, _left_out_note(picture.left_out, len(picture.routes), top_k, min_effect), fontsize=7, color="#444444"
         )
     figure.tight_layout()
-    for path in paths:
+    for path in targets:
         data = io.BytesIO()
         figure.savefig(data, format=path.suffix.lower()[1:], dpi=150)
         write_bytes(path, data.getvalue())
-    return list(paths)
+    return targets
 
 
 def _left_out_note(left_out: int, drawn: int, top_k: int | None, min_effect: float) -> str:

@@ -114,16 +114,22 @@ class EapLayout:
         """The model's receiver of a per-head one: ``a1.h3.k`` -> ``a1.g1.k`` where head 3 of layer 1 reads group 1's
         keys; anything else unchanged."""
         parsed = names.parse(receiver)
-        if parsed.kind is not NodeKind.HEAD or parsed.role in (None, Role.QUERY) or self.groups[parsed.layer] is None:
+        if parsed.kind is not NodeKind.HEAD or parsed.role is None or parsed.role is Role.QUERY:
             return receiver
-        return names.attention_input(names.kv_group(parsed.layer, self.groups[parsed.layer][parsed.index]), parsed.role)
+        layer, head = parsed.unit
+        groups = self.groups[layer]
+        return receiver if groups is None else names.attention_input(names.kv_group(layer, groups[head]), parsed.role)
 
     def share(self, receiver: str) -> int:
         """How many per-head EAP-IG edges one edge into ``receiver`` becomes: a group's size, else 1."""
         parsed = names.parse(receiver)
         if parsed.kind is not NodeKind.KV_GROUP:
             return 1
-        return self.groups[parsed.layer].count(parsed.index)
+        layer, group = parsed.unit
+        groups = self.groups[layer]
+        if groups is None:
+            raise CircuitFormatError(f"{receiver} names a key/value group of layer {layer}, which has none")
+        return groups.count(group)
 
     @functools.cached_property
     def translation(self) -> dict[tuple[str, str], tuple[str, str]]:
@@ -188,10 +194,10 @@ def layout_of_circuit(circuit: Circuit) -> EapLayout:
             _no_single_mlp(index, [names.mlp(index, k) for k in range(layer.get("components", int(layer["mlp"])))])
     groups: list[list[int] | None] = [None] * len(layers)
     for group, heads in circuit.groups.items():
-        parsed = names.parse(group)
-        members = groups[parsed.layer] = groups[parsed.layer] or [0] * layers[parsed.layer]["heads"]
+        at, index = names.parse(group).unit
+        members = groups[at] = groups[at] or [0] * layers[at]["heads"]
         for head in heads:
-            members[names.parse(head).index] = parsed.index
+            members[names.parse(head).unit[1]] = index
     return _layout(
         [layer["heads"] for layer in layers],
         [bool(layer["parallel"]) for layer in layers],
@@ -424,7 +430,9 @@ def to_circuit(values: _Values, layout: EapLayout, source: str) -> Circuit:
 def _groups(layout: EapLayout) -> dict[str, list[str]]:
     out = {}
     for layer, groups in enumerate(layout.groups):
-        for g in sorted(set(groups or ())):
+        if groups is None:
+            continue
+        for g in sorted(set(groups)):
             out[names.kv_group(layer, g)] = [names.head(layer, h) for h, of in enumerate(groups) if of == g]
     return out
 

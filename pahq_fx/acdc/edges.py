@@ -47,6 +47,13 @@ class Receiver:
     def is_attention_input(self) -> bool:
         return self.kind is ReceiverKind.ATTENTION_INPUT
 
+    @property
+    def attention_input(self) -> tuple[int, Role, int]:
+        """``(layer, role, unit)`` of an attention input, all set for that kind (a ``ValueError`` for other kinds)."""
+        if self.layer is None or self.role is None or self.unit is None:
+            raise ValueError(f"{self.name} is not an attention input")
+        return self.layer, self.role, self.unit
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -116,5 +123,6 @@ class EdgeGraph:
             return ()
         if not receiver.is_attention_input:
             return (self.sender_index[receiver.name],)
-        layer = self.head_graph.layers[receiver.layer]
-        return tuple(self.sender_index[layer.head_name(h)] for h in layer.heads_fed_by(receiver.role, receiver.unit))
+        index, role, unit = receiver.attention_input
+        layer = self.head_graph.layers[index]
+        return tuple(self.sender_index[layer.head_name(h)] for h in layer.heads_fed_by(role, unit))

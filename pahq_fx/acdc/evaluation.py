@@ -189,7 +189,7 @@ def check_task(model: nn.Module, task: Task, metric: str | Metric) -> TaskCheck:
     correct, incorrect = task.answers_at_metric_positions()
     reference = CleanDistribution.of(clean)
     accuracy = None
-    if task.has_answers:
+    if correct is not None and incorrect is not None:
         preferred = clean.gather(-1, correct.view(-1, 1)) > clean.gather(-1, incorrect.view(-1, 1))
         accuracy = float(preferred.float().mean())
     return TaskCheck(

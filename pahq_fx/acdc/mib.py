@@ -233,15 +233,18 @@ def mib_curves(
     named = [
         {(edges.senders[s].name, edges.receivers[row].name) for row, s in kept} for plan in plans.values() for _, _, kept in plan
     ]
-    results = iter(evaluate_edge_sets(runtime, edges, named, circuit="the scored circuit"))
-    curves, first = [], None
+    evaluated = evaluate_edge_sets(runtime, edges, named, circuit="the scored circuit")
+    if not evaluated:
+        raise PahqError("MIB's curves need at least one edge fraction")
+    results = iter(evaluated)
+    curves = []
     for ranking, plan in plans.items():
         points = []
         for fraction, requested, kept in plan:
             f = next(results)
-            first = first or f
             points.append(CurvePoint(fraction, requested, len(kept), f.circuit, f.normalised))
         curves.append(FaithfulnessCurve(ranking, tuple(points)))
+    first = evaluated[0]  # every evaluation shares the full model's and the empty circuit's metric
     return MibResult(runtime.metric_kind.value, first.full_model, first.empty_circuit, len(by_row), tuple(curves), source)
 
 

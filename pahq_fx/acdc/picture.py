@@ -125,14 +125,14 @@ def architecture(circuit: Circuit) -> tuple[list[_Layer], int]:
         for name in (edge.sender, edge.receiver):
             parsed = names.parse(name)
             if parsed.kind is NodeKind.MLP:
-                seen[parsed.layer] = max(seen.get(parsed.layer, 0), (parsed.index or 0) + 1)
+                seen[parsed.layer_number] = max(seen.get(parsed.layer_number, 0), (parsed.index or 0) + 1)
             if parsed.layer is None or parsed.layer < 0:
                 continue
             layer = layers.setdefault(parsed.layer, {"heads": 0, "groups": 0, "output_norm": 0})
             if parsed.kind is NodeKind.HEAD:
-                layer["heads"] = max(layer["heads"], parsed.index + 1)
+                layer["heads"] = max(layer["heads"], parsed.unit[1] + 1)
             elif parsed.kind is NodeKind.KV_GROUP:
-                layer["groups"] = max(layer["groups"], parsed.index + 1)
+                layer["groups"] = max(layer["groups"], parsed.unit[1] + 1)
             elif parsed.kind is NodeKind.ATTENTION_OUTPUT:
                 layer["output_norm"] = 1
     leading = max(seen.get(-1, 0), int(circuit.architecture[0].get("leading", 0)) if circuit.architecture else 0)
@@ -147,14 +147,14 @@ def architecture(circuit: Circuit) -> tuple[list[_Layer], int]:
             for i, a in enumerate(circuit.architecture)
         ], leading
     for group, heads in circuit.groups.items():
-        layer = layers.setdefault(names.parse(group).layer, {"heads": 0, "groups": 0, "output_norm": 0})
-        layer["heads"] = max([layer["heads"], *(names.parse(h).index + 1 for h in heads)])
+        layer = layers.setdefault(names.parse(group).layer_number, {"heads": 0, "groups": 0, "output_norm": 0})
+        layer["heads"] = max([layer["heads"], *(names.parse(h).unit[1] + 1 for h in heads)])
     n = max([*layers, *seen], default=-1) + 1
     out = []
     for index in range(n):
         layer = layers.get(index, {"heads": 1, "groups": 0, "output_norm": 0})
-        heads = max(layer["heads"], 1)
-        out.append(_Layer(heads, layer["groups"] or heads, seen.get(index, 0), bool(layer["output_norm"])))
+        n_heads = max(layer["heads"], 1)
+        out.append(_Layer(n_heads, layer["groups"] or n_heads, seen.get(index, 0), bool(layer["output_norm"])))
     return out, leading
 
 
@@ -177,6 +177,8 @@ class _Positions:
             return 0.0
         if kind is NodeKind.RESID_POST:
             return 2.0 * len(self.layers) + 1 + self.offset
+        if layer is None:
+            raise ValueError(f"a {kind.value} row needs its layer")
         return 2.0 * layer + self.offset + {NodeKind.MLP: 2.0, NodeKind.ATTENTION_OUTPUT: 1.5}.get(kind, 1.0)
 
     def components_after(self, layer: int) -> int:
@@ -209,11 +211,11 @@ class _Positions:
         parsed = names.parse(name)
         y = self.row(parsed.kind, parsed.layer)
         if parsed.kind is NodeKind.HEAD:
-            return self.head_x(parsed.layer, parsed.index), y
+            return self.head_x(*parsed.unit), y
         if parsed.kind is NodeKind.KV_GROUP:
-            return self.group_x(parsed.layer, parsed.index), self.bracket_y(parsed.layer)
+            return self.group_x(*parsed.unit), self.bracket_y(parsed.layer_number)
         if parsed.kind is NodeKind.MLP:
-            return self.component_x(parsed.layer, parsed.index or 0), y
+            return self.component_x(parsed.layer_number, parsed.index or 0), y
         return self.centre(), y
 
     def sender(self, name: str) -> tuple[float, float]:
@@ -223,7 +225,7 @@ class _Positions:
     def receiver(self, name: str) -> tuple[float, float]:
         parsed = names.parse(name)
         if parsed.kind is NodeKind.KV_GROUP:
-            x, y = self.group_x(parsed.layer, parsed.index), self.bracket_y(parsed.layer)
+            x, y = self.group_x(*parsed.unit), self.bracket_y(parsed.layer_number)
             return x + ROLE_OFFSETS[parsed.role] * 0.6, y - INPUT_DROP
         x, y = self.node(parsed.node)
         return x + ROLE_OFFSETS[parsed.role] * BOX_W, y - BOX_H / 2
@@ -234,10 +236,10 @@ class _Positions:
             Box(names.EMBED, self.centre(), 0.0, 1.2),
             Box(names.RESID_POST, self.centre(), self.row(NodeKind.RESID_POST, None), 1.4),
         ]
-        for layer in range(-1, len(self.layers)):
-            for position in range(self.components_after(layer)):
-                name = names.mlp(layer, position)
-                out.append(Box(name, *self.node(name), self.component_width(layer)))
+        for after in range(-1, len(self.layers)):
+            for position in range(self.components_after(after)):
+                name = names.mlp(after, position)
+                out.append(Box(name, *self.node(name), self.component_width(after)))
         for index, layer in enumerate(self.layers):
             out += [Box(names.head(index, h), *self.node(names.head(index, h)), BOX_W) for h in range(layer.heads)]
             if layer.output_norm:

@@ -536,17 +536,18 @@ def calibrate_runtime(
     by_role: dict[Any, list[tuple[int, float]]] = {}
     for (k, role), seconds in per_key.items():
         by_role.setdefault(_role_key(role), []).append((k, seconds))
-    query_s, layer_s, layer_q = 0.0, {}, {}
+    query_s = 0.0
+    layer_s: dict[int, float] = {}
+    layer_q: dict[int, int] = {}
     for row, receiver in enumerate(edges.receivers):
         k = runtime.row_step[row]
         role = receiver.role or receiver.kind
-        seconds = per_key.get((k, role))
-        if seconds is None:
-            seconds = _interpolate(sorted(by_role[_role_key(role)]), k)
+        measured_s = per_key.get((k, role))
+        row_s = measured_s if measured_s is not None else _interpolate(sorted(by_role[_role_key(role)]), k)
         n = len(receiver.senders)
-        query_s += n * seconds
+        query_s += n * row_s
         layer = step_layer[k]
-        layer_s[layer] = layer_s.get(layer, 0.0) + n * seconds
+        layer_s[layer] = layer_s.get(layer, 0.0) + n * row_s
         layer_q[layer] = layer_q.get(layer, 0) + n
     plain = statistics.median(plain_investigates) if plain_investigates else 0.0
     investigate_s = activation_s + plain * (len(edges.receivers) - len(first_rows))

@@ -212,7 +212,7 @@ def scores_of_session(session: Session, *, progress: bool = True, batch: bool = 
     setup_s = session.setup_s
     wall_s = (time.perf_counter() - started) if started is not None else setup_s + scoring_s
     task = session.task
-    d_model = int(runtime.clean[0].shape[-1])
+    d_model = edges.head_graph.d_model
     return EdgeScores(
         scores=tuple(
             EdgeScore(edges.senders[s].name, r.name, values[(row, s)]) for row, r in enumerate(edges.receivers) for s in r.senders

@@ -39,7 +39,11 @@ class SweepPoint:
 
     @property
     def faithfulness(self) -> Faithfulness:
-        return self.circuit.faithfulness
+        """The circuit's faithfulness: a sweep evaluates every circuit it finds."""
+        faithfulness = self.circuit.faithfulness
+        if faithfulness is None:
+            raise ValueError(f"the circuit at threshold {self.threshold} has no faithfulness")
+        return faithfulness
 
     def row(self) -> dict[str, Any]:
         c, f = self.circuit, self.faithfulness

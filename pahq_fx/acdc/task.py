@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from ..errors import TaskError
 ID_DTYPES = (torch.int64, torch.int32)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Task:
     """Clean ``input_ids`` [N, T], corrupted ``input_ids`` [N, T], a boolean ``metric_mask`` [N, T] of the
     positions the metric reads (default: the last position), and optional answer token ids [N] for
@@ -23,13 +23,21 @@ class Task:
 
     clean_input_ids: torch.Tensor
     corrupted_input_ids: torch.Tensor
-    metric_mask: torch.Tensor | None = None
+    metric_mask: torch.Tensor
     correct_ids: torch.Tensor | None = None
     incorrect_ids: torch.Tensor | None = None
     name: str = "task"
 
-    def __post_init__(self) -> None:
-        clean, corrupted = self.clean_input_ids, self.corrupted_input_ids
+    def __init__(
+        self,
+        clean_input_ids: torch.Tensor,
+        corrupted_input_ids: torch.Tensor,
+        metric_mask: torch.Tensor | None = None,
+        correct_ids: torch.Tensor | None = None,
+        incorrect_ids: torch.Tensor | None = None,
+        name: str = "task",
+    ) -> None:
+        clean, corrupted = clean_input_ids, corrupted_input_ids
         for label, t in (("clean_input_ids", clean), ("corrupted_input_ids", corrupted)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in ID_DTYPES:
                 raise TaskError(f"{label} must be an integer tensor (int64 or int32) of shape [N, T], got {_describe(t)}")
@@ -37,23 +45,27 @@ class Task:
             raise TaskError(f"clean and corrupted input_ids differ in shape: {tuple(clean.shape)} vs {tuple(corrupted.shape)}")
         if clean.numel() == 0:
             raise TaskError(f"the task is empty (input_ids of shape {tuple(clean.shape)})")
-        mask = self.metric_mask
+        mask = metric_mask
         if mask is None:
             mask = torch.zeros(clean.shape, dtype=torch.bool, device=clean.device)
             mask[:, -1] = True
-            object.__setattr__(self, "metric_mask", mask)
         elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != clean.shape:
             raise TaskError(f"metric_mask must be a bool tensor of shape {tuple(clean.shape)}, got {_describe(mask)}")
         if not mask.any(dim=1).all():
             rows = (~mask.any(dim=1)).nonzero().flatten().tolist()
             raise TaskError(f"metric_mask selects no position in example(s) {rows[:10]}")
-        if (self.correct_ids is None) != (self.incorrect_ids is None):
+        if (correct_ids is None) != (incorrect_ids is None):
             raise TaskError("give both correct_ids and incorrect_ids, or neither")
-        for label, t in (("correct_ids", self.correct_ids), ("incorrect_ids", self.incorrect_ids)):
-            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (clean.shape[0],) or t.dtype not in ID_DTYPES):
+        for label, ids in (("correct_ids", correct_ids), ("incorrect_ids", incorrect_ids)):
+            if ids is not None and (
+                not isinstance(ids, torch.Tensor) or ids.shape != (clean.shape[0],) or ids.dtype not in ID_DTYPES
+            ):
                 raise TaskError(
-                    f"{label} must be an integer tensor (int64 or int32) of shape [{clean.shape[0]}], got {_describe(t)}"
+                    f"{label} must be an integer tensor (int64 or int32) of shape [{clean.shape[0]}], got {_describe(ids)}"
                 )
+        # the fields set as a frozen dataclass's generated __init__ sets them, with the default mask filled in
+        for field, value in zip(fields(self), (clean, corrupted, mask, correct_ids, incorrect_ids, name), strict=True):
+            object.__setattr__(self, field.name, value)
 
     @property
     def n_examples(self) -> int:
@@ -66,7 +78,7 @@ class Task:
     def answers_at_metric_positions(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Correct and incorrect answer ids for every position the metric reads, in row-major order of
         ``metric_mask`` (the order of ``logits[metric_mask]``); ``(None, None)`` for a task without answers."""
-        if not self.has_answers:
+        if self.correct_ids is None or self.incorrect_ids is None:
             return None, None
         rows = self.metric_mask.nonzero()[:, 0]
         return self.correct_ids[rows], self.incorrect_ids[rows]
@@ -103,13 +115,21 @@ class Task:
             "corrupted_input_ids": self.corrupted_input_ids,
             "metric_mask": self.metric_mask,
         }
-        if self.has_answers:
+        if self.correct_ids is not None and self.incorrect_ids is not None:
             tensors.update(correct_ids=self.correct_ids, incorrect_ids=self.incorrect_ids)
         return tensors
 
     def to(self, device: str | torch.device) -> Task:
         """The same task with its tensors on ``device``: a search runs where the task's ids are."""
-        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+        correct, incorrect = self.correct_ids, self.incorrect_ids
+        return Task(
+            self.clean_input_ids.to(device),
+            self.corrupted_input_ids.to(device),
+            self.metric_mask.to(device),
+            None if correct is None else correct.to(device),
+            None if incorrect is None else incorrect.to(device),
+            self.name,
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the task as safetensors (the name goes into the metadata)."""

@@ -38,7 +38,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import SHAPE_OPS, ancestors, descendants
+from ..graph_utils import SHAPE_OPS, ancestors, descendants, node_arg
 from .attention import AttentionMatcher
 from .graph_facts import ADD_TARGETS, GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, MLPSite, ModelLayout
@@ -159,17 +159,17 @@ def _embedding(facts: GraphFacts, residual: ResidualStream, first_read: fx.Node)
     node, through_component = first_read, False
     while True:
         if facts.is_residual_add(node) and _adds_to_own_input(node):
-            a, b = node.args[:2]
+            a, b = node_arg(node, 0), node_arg(node, 1)
             node, through_component = (a if a in ancestors([b]) else b), True
-        elif node.target in SHAPE_OPS | CAST_OPS and residual.token_reshape(node.args[0], node):
-            node = node.args[0]
+        elif node.target in SHAPE_OPS | CAST_OPS and residual.token_reshape(node_arg(node, 0), node):
+            node = node_arg(node, 0)
         else:
             return node if through_component else first_read
 
 
 def _adds_to_own_input(add: fx.Node) -> bool:
     """Whether one term of ``add`` is computed from the other: the residual pattern ``x + f(x)``."""
-    a, b = add.args[:2]
+    a, b = node_arg(add, 0), node_arg(add, 1)
     return a in ancestors([b]) or b in ancestors([a])
 
 

@@ -16,7 +16,11 @@ ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
 SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
 # Matrix products of eager attention, and which arguments are the two factors: ``matmul`` over [batch, heads, ...],
 # ``bmm`` and ``baddbmm`` (a bias such as ALiBi's first) over [batch * heads, ...] as in Bloom.
-PRODUCT_FACTORS = {aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
+PRODUCT_FACTORS: dict[fx.node.Target, tuple[int, int]] = {
+    aten.matmul.default: (0, 1),
+    aten.bmm.default: (0, 1),
+    aten.baddbmm.default: (1, 2),
+}
 # Ops that only regroup a tensor's dimensions: between a [batch * heads, ...] factor and its [batch, heads, ...] form.
 REGROUP_TARGETS = {
     aten.view.default,
@@ -66,15 +70,13 @@ class AttentionMatcher:
             user = next(iter(probs.users))
             weighted = self._factors(user) if user.target in PRODUCT_FACTORS else None
             if weighted is not None and weighted[0] is probs:
-                views = [
-                    self._heads_form(factors[0], up=True),
-                    self._heads_form(factors[1], up=True, transposed=True),
-                    self._heads_form(weighted[1], up=True),
-                ]
+                query = self._heads_form(factors[0], up=True)
+                key = self._heads_form(factors[1], up=True, transposed=True)
+                value = self._heads_form(weighted[1], up=True)
                 output = self._heads_form(user, up=False)
-                if output is None or any(v is None for v in views):
+                if query is None or key is None or value is None or output is None:
                     return None
-                return AttentionCall(views[0], views[1], views[2], output)
+                return AttentionCall(query, key, value, output)
             if self.facts.single_activation_input(user) is not probs:
                 return None
             probs = user
@@ -95,9 +97,10 @@ class AttentionMatcher:
 
     def _factors(self, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """The two token-dependent factors of a matrix product, or None."""
-        factors = tuple(product.args[i] for i in PRODUCT_FACTORS[product.target])
-        if all(isinstance(f, fx.Node) and f in self.facts.activations for f in factors):
-            return factors
+        i, j = PRODUCT_FACTORS[product.target]
+        a, b = product.args[i], product.args[j]
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self.facts.activations and b in self.facts.activations:
+            return a, b
         return None
 
     def _heads_form(self, node: fx.Node, up: bool, transposed: bool = False) -> fx.Node | None:
@@ -296,5 +299,5 @@ class AttentionMatcher:
 def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
     """Whether ``node`` is a transpose of its input's last two dimensions (``k.transpose(-1, -2)``)."""
     if node.target is aten.transpose.int:
-        return {d % ndim for d in node.args[1:3]} == {ndim - 2, ndim - 1}
+        return {d % ndim for d in node.args[1:3] if isinstance(d, int)} == {ndim - 2, ndim - 1}
     return False

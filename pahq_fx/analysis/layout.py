@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..graph_utils import node_arg
 from ..names import Role
 
 aten = torch.ops.aten
@@ -113,13 +114,13 @@ def as_linear(node: fx.Node, values: dict[fx.Node, Any], activations: set[fx.Nod
     if node.target is aten.linear.default:
         weight, bias = const(node.args[1]), const(node.args[2]) if len(node.args) > 2 else None
         if weight is not None:
-            return Linear(node, node.args[0], weight, bias)
+            return Linear(node, node_arg(node, 0), weight, bias)
     elif node.target is aten.addmm.default and not node.kwargs:
         weight, bias = const(node.args[2]), const(node.args[0])
         if weight is not None and bias is not None:
-            return Linear(node, node.args[1], weight.t(), bias)
+            return Linear(node, node_arg(node, 1), weight.t(), bias)
     elif node.target in (aten.mm.default, aten.matmul.default):
         weight = const(node.args[1])
         if weight is not None and weight.dim() == 2:
-            return Linear(node, node.args[0], weight.t(), None)
+            return Linear(node, node_arg(node, 0), weight.t(), None)
     return None

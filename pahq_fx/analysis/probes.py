@@ -186,7 +186,9 @@ class HeadProbe:
                         return False
         return True
 
-    def _group(self, attention: AttentionCall, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int):
+    def _group(
+        self, attention: AttentionCall, hits: dict[Role, dict[int, set[int]]], n_heads: int, k_heads: int
+    ) -> tuple[dict[Role, list[list[int]]], tuple[int, ...]]:
         query: list[list[int]] = [[] for _ in range(n_heads)]
         for f, heads in hits[Role.QUERY].items():
             if len(heads) != 1:

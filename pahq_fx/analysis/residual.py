@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import SHAPE_OPS, ancestors, dominates
+from ..graph_utils import SHAPE_OPS, ancestors, dominates, node_arg
 from .graph_facts import GraphFacts
 from .layout import aten
 
@@ -40,9 +40,9 @@ class ResidualStream:
         if node in stop:
             return [node]
         if self.facts.is_residual_add(node) and not node.kwargs:
-            return self.decompose(node.args[0], stop) + self.decompose(node.args[1], stop)
-        if node.target in SHAPE_OPS | CAST_OPS and self.token_reshape(node.args[0], node):
-            return self.decompose(node.args[0], stop)
+            return self.decompose(node_arg(node, 0), stop) + self.decompose(node_arg(node, 1), stop)
+        if node.target in SHAPE_OPS | CAST_OPS and self.token_reshape(node_arg(node, 0), node):
+            return self.decompose(node_arg(node, 0), stop)
         return [node]
 
     def token_reshape(self, source: fx.Node, node: fx.Node) -> bool:
@@ -62,7 +62,7 @@ class ResidualStream:
         while (
             node.target in SHAPE_OPS
             and self.facts.values[node].dim() != len(self.facts.lead) + 1
-            and self.token_reshape(node.args[0], node)
+            and self.token_reshape(node_arg(node, 0), node)
         ):
-            node = node.args[0]
+            node = node_arg(node, 0)
         return node

@@ -34,7 +34,7 @@ class TaskGenerator:
     help: str
     options: dict[str, Any]
 
-    def __call__(self, tokenizer, n: int = 32, seed: int = 0, **options) -> Task:
+    def __call__(self, tokenizer: Any, n: int = 32, seed: int = 0, **options: Any) -> Task:
         return self.make(tokenizer, n=n, seed=seed, **options)
 
 
@@ -57,7 +57,7 @@ def register_task(help: str) -> Callable[[Callable[..., Task]], Callable[..., Ta
     return register
 
 
-def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+def single_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     """Token id of each word; a word that is not exactly one token is a :class:`TaskError`."""
     from ..acdc.text_task import describe_tokenizer
 
@@ -75,7 +75,7 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return ids
 
 
-def _encode(tokenizer, prompts: list[list[str]]) -> list[list[int]]:
+def _encode(tokenizer: Any, prompts: list[list[str]]) -> list[list[int]]:
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
         raise TaskError("prompts of a task must all have the same number of words")
@@ -83,8 +83,8 @@ def _encode(tokenizer, prompts: list[list[str]]) -> list[list[int]]:
 
 
 def _word_task(
-    tokenizer, name: str, clean: list[list[str]], corrupted: list[list[str]], correct: list[str], incorrect: list[str]
-):
+    tokenizer: Any, name: str, clean: list[list[str]], corrupted: list[list[str]], correct: list[str], incorrect: list[str]
+) -> Task:
     """A task of word prompts whose metric reads the last position, with a correct and an incorrect answer word."""
     import torch
 
@@ -100,7 +100,7 @@ def _word_task(
 
 
 @register_task(help="random tokens repeated once; the metric reads the second half")
-def induction(tokenizer, n: int = 32, seed: int = 0, half: int = 8) -> Task:
+def induction(tokenizer: Any, n: int = 32, seed: int = 0, half: int = 8) -> Task:
     """Random token sequences repeated once: ``x1..xk x1..xk``. The metric reads every position of the second
     half (predicting the repeated token); the corrupted prompt has a different first half."""
     import torch
@@ -130,7 +130,7 @@ IOI_TEMPLATES = (
 
 
 @register_task(help="indirect object: 'When A and B went to the store, B gave a drink to' -> A")
-def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
+def ioi(tokenizer: Any, n: int = 32, seed: int = 0) -> Task:
     """ "When A and B went to the store, B gave a drink to" -> A, with the first two names in either order
     (ABBA and BABA, so the answer's position gives nothing away). Corrupted: a third name C replaces the
     repeated B. Answers: A (correct) and B (incorrect)."""
@@ -151,7 +151,7 @@ def ioi(tokenizer, n: int = 32, seed: int = 0) -> Task:
 
 
 @register_task(help="'The war lasted from the year 17YY to the year 17' -> a year above YY")
-def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
+def greater_than(tokenizer: Any, n: int = 32, seed: int = 0) -> Task:
     """ "The war lasted from the year 17 YY to the year 17" -> a year above YY. Corrupted: YY = 01.
     Answers: a random year above YY (correct) and one below (incorrect)."""
     rng = random.Random(seed)
@@ -167,7 +167,7 @@ def greater_than(tokenizer, n: int = 32, seed: int = 0) -> Task:
 
 
 @register_task(help="a docstring's next :param -> the signature's parameter it has not named yet")
-def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
+def docstring(tokenizer: Any, n: int = 32, seed: int = 0) -> Task:
     """``def f ( self , A , B , C ) : \"\"\" doc :param A : doc :param B : doc :param`` -> C. Corrupted: the
     signature's parameter names are replaced by others. Answers: C (correct) and A (incorrect)."""
     rng = random.Random(seed)
@@ -182,7 +182,7 @@ def docstring(tokenizer, n: int = 32, seed: int = 0) -> Task:
     return _word_task(tokenizer, "docstring", clean, corrupted, correct, incorrect)
 
 
-def make_task(name: str, tokenizer, n: int = 32, seed: int = 0, **options) -> Task:
+def make_task(name: str, tokenizer: Any, n: int = 32, seed: int = 0, **options: Any) -> Task:
     """Generate the named task; an unknown name is a :class:`TaskError` listing the known ones.
 
     ``options`` go to the generator (``half=32`` gives 64-token induction prompts)."""

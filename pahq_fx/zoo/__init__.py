@@ -6,11 +6,15 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import PahqError
+
+if TYPE_CHECKING:
+    from ..acdc.task import Task
 
 ZOO_DIR = Path(__file__).resolve().parent / "models"
 
@@ -148,7 +152,7 @@ def load(
     target = None if device is None else check_device(device)
     path, source, shipped = _source(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except (SafetensorError, pickle.UnpicklingError) as error:
         files = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin")) if path.is_dir() else []
         weights = f"its weights ({', '.join(files)})" if files else "its weights"
@@ -167,7 +171,7 @@ def load(
 
 
 @torch.no_grad()
-def task_accuracy(model: nn.Module, task, tokenizer) -> float:
+def task_accuracy(model: nn.Module, task: Task, tokenizer: Any) -> float:
     """Fraction of metric positions where the model's top token is the right one.
 
     With answer tokens: the correct id, or for greater-than any year token above the prompt's year.
