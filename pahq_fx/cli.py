@@ -11,12 +11,20 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from .atomic import write_text
 from .errors import PahqError
 from .formats import AUTO, FORMATS
 from .metrics import METRICS
 from .tasks import GENERATORS
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .acdc import Circuit, Task
+    from .acdc.scores import EdgeScores
 
 # The registries above import no torch, so that parsing (and --help) does not either. Spelled out below, and checked
 # against the runtime by tests/test_cli.py, are the choices that no user extends.
@@ -26,7 +34,7 @@ STORAGES = ("fp32", "bf16", "fp8")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
         raise PahqError(f"{self.prog}: {message}")
 
 
@@ -37,21 +45,21 @@ def _stage(args: argparse.Namespace, message: str) -> None:
         print(f"pahq-fx: {message}", file=sys.stderr, flush=True)
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str) -> Any:
     _quiet_libraries()  # here, not first: the checks before the model loads answer without importing transformers
     from .zoo import load_tokenizer
 
     return load_tokenizer(name)
 
 
-def _load_model(name: str, tokenizer=None, device=None):
+def _load_model(name: str, tokenizer: object | None = None, device: torch.device | None = None) -> tuple[nn.Module, object]:
     _quiet_libraries()
     from .zoo import load
 
     return load(name, tokenizer, device=device)
 
 
-def _device(args: argparse.Namespace):
+def _device(args: argparse.Namespace) -> torch.device | None:
     """``--device`` checked before anything loads (None: the CPU, where a model loads)."""
     if args.device is None:
         return None
@@ -60,7 +68,7 @@ def _device(args: argparse.Namespace):
     return check_device(args.device)
 
 
-def _task_source(spec: str):
+def _task_source(spec: str) -> str | Path | Task:
     """The task, checked as far as it can be without the model (before the model loads, which can take minutes):
     a generator name, a saved task (loaded), or a JSON Lines file (read and checked line by line)."""
     if spec in GENERATORS:
@@ -82,7 +90,7 @@ def _task_source(spec: str):
     raise PahqError(f"task {spec!r} is neither a task name ({', '.join(GENERATORS)}) nor a task file (.jsonl or .safetensors)")
 
 
-def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -> tuple:
+def _checked_task(args: argparse.Namespace, source: str | Path | Task, metric: str | None = None) -> tuple[Task, Any]:
     """(task, tokenizer): the task built with the model's tokenizer (or ``--tokenizer``) alone and checked against
     ``metric``, so that its mistakes are told before the model loads; on ``--device`` where one is given."""
     from .acdc.setup import parse_metric
@@ -96,7 +104,7 @@ def _checked_task(args: argparse.Namespace, source, metric: str | None = None) -
     return task, tokenizer
 
 
-def _load_task(source, tokenizer, n: int, seed: int):
+def _load_task(source: str | Path | Task, tokenizer: Any, n: int, seed: int) -> Task:
     from .acdc import Task
     from .tasks import make_task
 
@@ -219,8 +227,8 @@ def _count(text: str) -> int:
     return value
 
 
-def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, str]:
-    s, faithfulness = circuit.stats, circuit.faithfulness
+def _report(circuit: Circuit, agreement: float | None, model_name: str) -> tuple[dict, str]:
+    s, faithfulness = circuit.stats, circuit.measured_faithfulness()
     data = {
         "model": model_name,
         "task": circuit.task,
@@ -298,7 +306,7 @@ def _report(circuit, agreement: float | None, model_name: str) -> tuple[dict, st
 REPORT_EDGES = 100  # edges report.md lists; circuit.json and report.json hold every one
 
 
-def _edge_table(circuit) -> list[str]:
+def _edge_table(circuit: Circuit) -> list[str]:
     """report.md's edge list, largest effect first, cut at :data:`REPORT_EDGES` with a count of the rest."""
     ranked = circuit.ranked_edges()
     lines = [
@@ -365,7 +373,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
     _stage(args, "drawing the circuit")
     circuit.draw(*(out / name for name in pictures), top_k=args.draw_top_k, min_effect=args.draw_min_effect)
     print(circuit.summary())
-    print(circuit.faithfulness.describe())
+    print(circuit.measured_faithfulness().describe())
     written = ["circuit.json", "circuit.dot", *pictures, "report.md", "report.json"]
     print(f"wrote {', '.join(written)} to {out}")
 
@@ -434,7 +442,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files to {out}: {', '.join(sorted({p.name for p in written}))}")
 
 
-def _preflight(args: argparse.Namespace, model, task) -> None:
+def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
     """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight)."""
     if args.max_memory == "none":
         return
@@ -531,7 +539,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(written)} to {out}")
 
 
-def _write_scores(scores, out: Path, top: int) -> list[str]:
+def _write_scores(scores: EdgeScores, out: Path, top: int) -> list[str]:
     """scores.json (pahq_fx), importances.json (EAP-IG's layout, where the graph fits it), scores.tsv (every edge)
     and scores.md (the top edges), most important first."""
     scores.save(out / "scores.json")
@@ -798,7 +806,14 @@ def _warnings_once() -> None:
     """Each warning as one line ``WARNING: ...`` on stderr, once per run however often it is raised."""
     shown: set[str] = set()
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         text = str(message).removeprefix("pahq_fx: ")
         if text not in shown:
             shown.add(text)

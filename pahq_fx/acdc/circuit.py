@@ -81,6 +81,12 @@ class Circuit:
                 used |= set(heads)
         return sorted(used)
 
+    def measured_faithfulness(self) -> Faithfulness:
+        """``faithfulness`` where the caller needs it measured (``discover(faithfulness=True)``, a sweep's circuits)."""
+        if self.faithfulness is None:
+            raise PahqError("this circuit's faithfulness was not measured (discover(..., faithfulness=True) measures it)")
+        return self.faithfulness
+
     def edge_set(self) -> set[tuple[str, str]]:
         return {(e.sender, e.receiver) for e in self.edges}
 

@@ -40,10 +40,7 @@ class SweepPoint:
     @property
     def faithfulness(self) -> Faithfulness:
         """The circuit's faithfulness: a sweep evaluates every circuit it finds."""
-        faithfulness = self.circuit.faithfulness
-        if faithfulness is None:
-            raise ValueError(f"the circuit at threshold {self.threshold} has no faithfulness")
-        return faithfulness
+        return self.circuit.measured_faithfulness()
 
     def row(self) -> dict[str, Any]:
         c, f = self.circuit, self.faithfulness

@@ -4,6 +4,7 @@ circuit size, and the ROC curve(s) with their AUC."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ def plot_sweep(result: Sweep, folder: str | Path) -> list[Path]:
     return written
 
 
-def _save(path: Path, draw, square: bool = False) -> Path:
+def _save(path: Path, draw: Callable[[Axes], None], square: bool = False) -> Path:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(4.8, 4.4) if square else (5.6, 3.8))
@@ -78,11 +79,12 @@ def _roc(axes: Axes, sweeps: list[Sweep], reference: str) -> None:
     for s in sweeps:
         if s.auc is None:
             continue
-        curve = roc_curve(p.roc for p in s.points)
+        rocs = [p.roc for p in s.points if p.roc is not None]  # every point's, where the sweep has an AUC
+        curve = roc_curve(rocs)
         axes.step([x for x, _ in curve], [y for _, y in curve], where="post", label=f"{_label(s)} (AUC {s.auc:.3f})")
         axes.plot(
-            [p.roc.false_positive_rate for p in s.points],
-            [p.roc.true_positive_rate for p in s.points],
+            [r.false_positive_rate for r in rocs],
+            [r.true_positive_rate for r in rocs],
             "o",
             markersize=3,
             color=axes.lines[-1].get_color(),
