@@ -489,7 +489,7 @@ def calibrate_runtime(
     first_of: dict[tuple[int, Any], int] = {}
     extra_of: dict[int, int] = {}  # a second receiver of a step: an investigate that activates nothing
     for row, receiver in enumerate(edges.receivers):
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         if step_layer[k] not in wanted and k != len(runtime.steps):
             continue
         key = (k, receiver.role or receiver.kind)
@@ -512,7 +512,7 @@ def calibrate_runtime(
             plain_investigates.append(elapsed)
         if row not in first_of.values():
             continue
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         times: list[float] = []
         senders = receiver.senders
         while len(times) < queries_per_role or (sum(times) < min_seconds and len(times) < max_queries):
@@ -538,7 +538,7 @@ def calibrate_runtime(
         by_role.setdefault(_role_key(role), []).append((k, seconds))
     query_s, layer_s, layer_q = 0.0, {}, {}
     for row, receiver in enumerate(edges.receivers):
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         role = receiver.role or receiver.kind
         seconds = per_key.get((k, role))
         if seconds is None:
