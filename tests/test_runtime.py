@@ -44,10 +44,11 @@ def assert_state_matches(runtime: PatchingRuntime, reference: ReferenceACDC, met
         return  # tentative outputs are not the state
     for sender in runtime.edges.senders:
         got, want = runtime.outputs[sender.index], outputs[sender.name]
-        if not runtime.kept_out[sender.index]:
+        if not runtime.edge_state.kept_out[sender.index]:
             continue  # a dead node: nothing reads it, the runtime does not maintain it
-        if runtime.kept_out[sender.index] <= {runtime.final_row} or runtime._sends_rows(sender.index):
-            got, want = runtime._rows(got) if got.dim() == 3 else got, runtime._rows(want)  # exact where it is read
+        if runtime.edge_state.kept_out[sender.index] <= {runtime.index.final_row} or runtime.sends_rows(sender.index):
+            # exact where it is read
+            got, want = runtime.final_rows_of(got) if got.dim() == 3 else got, runtime.final_rows_of(want)
         if low_precision:
             assert sqnr_db(want, got) > 25, sender.name
         else:
@@ -173,14 +174,14 @@ def test_a_query_into_a_layer_normed_across_heads_recomputes_every_head():
 @settings(max_examples=30, deadline=None)
 @given(heads=st.integers(2, 5), data=st.data())
 def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_once(heads, data):
-    """``_Deltas.terms``: one summed term per attention step whose recomputed heads all reach the receiver, the single
+    """``Deltas.terms``: one summed term per attention step whose recomputed heads all reach the receiver, the single
     changes of the others, and the same total as adding every change on its own. A head's change is computed when
     needed, and kept only where a receiver adds it alone."""
-    from pahq_fx.acdc.runtime import _Deltas
+    from pahq_fx.acdc.runtime.deltas import Deltas
 
     changes = {s: torch.randn(2, 3, 4) for s in range(heads)}
     computed: list[int] = []
-    deltas = _Deltas(lambda s: computed.append(s) or changes[s])
+    deltas = Deltas(lambda s: computed.append(s) or changes[s])
     deltas.add_heads(0, list(changes))
     changes[heads] = torch.randn(2, 3, 4)
     deltas.add(heads, changes[heads])  # an MLP after the heads
@@ -214,4 +215,4 @@ def test_the_metric_rows_alone_go_through_the_unembedding_and_the_last_mlp_whate
     assert torch.equal(runtime.final_rows, runtime.positions) and len(runtime.final_rows) == 3
     assert runtime.row_batch.shape == ((3, 1) if dynamic_shapes is True else (1, 6))
     mlps = {k for k, step in enumerate(runtime.steps) if step.kind is not StepKind.ATTENTION}
-    assert mlps and runtime._token_wise_components == mlps
+    assert mlps and runtime.token_wise_components == mlps

@@ -489,7 +489,7 @@ def calibrate_runtime(
     first_of: dict[tuple[int, Any], int] = {}
     extra_of: dict[int, int] = {}  # a second receiver of a step: an investigate that activates nothing
     for row, receiver in enumerate(edges.receivers):
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         if step_layer[k] not in wanted and k != len(runtime.steps):
             continue
         key = (k, receiver.role or receiver.kind)
@@ -512,7 +512,7 @@ def calibrate_runtime(
             plain_investigates.append(elapsed)
         if row not in first_of.values():
             continue
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         times: list[float] = []
         senders = receiver.senders
         while len(times) < queries_per_role or (sum(times) < min_seconds and len(times) < max_queries):
@@ -540,7 +540,7 @@ def calibrate_runtime(
     layer_s: dict[int, float] = {}
     layer_q: dict[int, int] = {}
     for row, receiver in enumerate(edges.receivers):
-        k = runtime.row_step[row]
+        k = runtime.index.row_step[row]
         role = receiver.role or receiver.kind
         measured_s = per_key.get((k, role))
         row_s = measured_s if measured_s is not None else _interpolate(sorted(by_role[_role_key(role)]), k)

@@ -420,7 +420,7 @@ def _work(runtime: PatchingRuntime, edges: EdgeGraph) -> list[int]:
     recompute (a dense cone runs everything downstream of the receiver), so a layer-0 receiver's edge weighs what
     its cone costs rather than what a top receiver's does."""
     steps = len(runtime.steps)
-    return [len(r.senders) * (steps + 1 - min(runtime.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
+    return [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
 
 
 def _speculation_note(speculation: str | Predictor, predictor: Predictor | None, runtime: PatchingRuntime) -> str:

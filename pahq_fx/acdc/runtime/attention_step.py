@@ -1,0 +1,110 @@
+"""One attention step of a query's cascade: the projections its new inputs or a precision change reach, and the
+outputs of the heads whose value can differ from the state's."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import names
+from ...names import Role
+from ...precision import FullPrecisionUnits
+from ...split import AttentionBlock
+from .deltas import Pending
+from .index import ROLES
+
+
+class AttentionStep:
+    """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: an attention step's recomputation."""
+
+    def _projections(
+        self,
+        block: AttentionBlock,
+        rows: dict[Role, list[int]],
+        order: dict[Role, list[int]],
+        units: FullPrecisionUnits,
+        norm_aux: list[torch.Tensor],
+        new_inputs: dict[int, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The listed units' projections, by role, [B, T, units, width]. Receivers often hold one shared input tensor
+        (every q/k/v input of a layer in a dense circuit, :meth:`_step_inputs`): each distinct input is normed once
+        (the norm acts per position), and a role whose units all read one input projects it with one matrix
+        multiply over their stacked weights instead of once per unit on copies of it."""
+        slot: dict[int, int] = {}
+        distinct: list[torch.Tensor] = []
+        slots: dict[Role, list[int]] = {}
+        for role in ROLES:
+            slots[role] = []
+            for u in order[role]:
+                x = new_inputs.get(rows[role][u], self.inputs[rows[role][u]])
+                if id(x) not in slot:
+                    slot[id(x)] = len(distinct)
+                    distinct.append(self._flat(x))
+                slots[role].append(slot[id(x)])
+        stacked = torch.stack(distinct, dim=2) if len(distinct) > 1 else distinct[0].unsqueeze(2)
+        normed = block.norm(stacked, *norm_aux)
+        parts = []
+        for role in ROLES:
+            if not order[role]:
+                continue
+            fp32 = units.query_head if role is Role.QUERY else units.kv_group
+            projection = getattr(block, role.value)
+            if len(set(slots[role])) == 1:
+                parts.append(projection.units(normed[:, :, slots[role][0]], order[role], fp32, shared_input=True))
+            else:
+                x = normed.index_select(2, torch.tensor(slots[role], device=normed.device))
+                parts.append(projection.units(x, order[role], fp32))
+        return parts
+
+    def _attention(
+        self,
+        k: int,
+        new_inputs: dict[int, torch.Tensor],
+        changed: list[int],
+        units: FullPrecisionUnits,
+        old_units: FullPrecisionUnits | None,
+        activating: bool,
+        pending: Pending,
+    ) -> dict[int, torch.Tensor]:
+        """Recompute the projections of attention step k that new inputs or a precision change reach (all of them
+        when the step starts running), and the outputs of the heads whose value can differ from the state's."""
+        block: AttentionBlock = getattr(self.graph, self.steps[k].module)
+        layout = self.index.layouts[k]
+        rows = self.index.step_rows[k]
+        dirty: dict[Role, set[int]] = {role: set() for role in ROLES}
+        for row in changed:
+            dirty[self.index.row_role[row]].add(self.index.row_unit[row])
+        if old_units is not None:
+            for head in {old_units.query_head, units.query_head} - {-1}:
+                dirty[Role.QUERY].add(head)
+            for group in {old_units.kv_group, units.kv_group} - {-1}:
+                dirty[Role.KEY].add(group)
+                dirty[Role.VALUE].add(group)
+        layer = self.edges.head_graph.layers[block.layer]
+        heads = {h for role in ROLES for unit in dirty[role] for h in layer.heads_fed_by(role, unit)}
+        if activating:
+            # All projections are new to the state; FP32 heads reproduce their clean output exactly.
+            dirty = {role: set(range(layout.n_heads if role is Role.QUERY else layout.n_groups)) for role in ROLES}
+            if self.low_precision:
+                heads = set(range(layout.n_heads))
+        senders = self.index.step_senders[k]
+        heads = {h for h in heads if self.edge_state.kept_out[senders[h]]}  # a dead head's output reaches nothing
+        order = {role: sorted(dirty[role]) for role in ROLES}
+        aux = self._aux(self.steps[k].aux)
+        norm_aux, core_aux = aux[: block.n_norm_aux], aux[block.n_norm_aux :]
+        values = torch.cat(
+            [part.flatten(-2) for part in self._projections(block, rows, order, units, norm_aux, new_inputs)], dim=-1
+        )
+        if activating:
+            projections = values
+        else:
+            index = torch.cat([layout.features[role][u] for role in ROLES for u in order[role]])
+            projections = self._flat(self.projections[k]).index_copy(-1, index, values)
+        pending.projections[k] = self._unflat(projections)
+        if not heads:
+            return {}
+        heads = sorted(heads)
+        z = self._cores[k](*block.scatter(projections), *core_aux)
+        z_heads = layout.z_of(z, heads)
+        out = self._unflat(block.o.units(z_heads, heads, units.query_head))
+        pending.recomputed.extend(names.head(block.layer, h) for h in heads)
+        return {senders[h]: out.select(-2, i) for i, h in enumerate(heads)}

@@ -1,0 +1,125 @@
+"""Setup of the runtime's caches: the clean and corrupted runs, the clean reads, the final read's rows, and which
+components act per token (so that they can run on the metric's rows alone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ... import graph_meta, names
+from ...metrics import CleanDistribution
+from ...split import StepKind
+from ..row_batch import RowBatch
+from ..storage import Stored
+from ..task import Task
+
+
+class CacheSetup:
+    """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: its caches, built once at setup."""
+
+    def _setup_caches(self, task: Task) -> None:
+        """FP32 clean and corrupted outputs of every sender, clean reads of every step, the clean final read."""
+        prelude = self.graph.prelude(task.clean_input_ids)
+        self.aux = tuple(prelude[1:])
+        self._final_aux = self._aux(self.structure.final_aux)
+        self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
+        self.corrupt_minus_clean, _, _ = self._full_run(
+            self.graph.prelude(task.corrupted_input_ids)[0], lambda s, x: self.codec.store(x - self.clean[s])
+        )
+        full = self._unembed_all(clean_final)
+        self.clean_distribution = CleanDistribution.of(full)
+        batch, seq = clean_final.shape[:2]
+        dims = graph_meta.dynamic_dims(self.graph)
+        metric_rows = RowBatch.for_trace(len(self.positions), dims, seq)
+        metric_aux = self._prelude_aux(metric_rows)
+        self._row_final_aux = self._final_aux if metric_aux is None else [metric_aux[i] for i in self.structure.final_aux]
+        token_wise = self._token_wise_unembedding(clean_final, full, metric_rows)
+        self.row_batch = metric_rows if token_wise else RowBatch.for_trace(batch * seq, dims, seq)
+        self.final_rows = self.positions if token_wise else torch.arange(batch * seq, device=clean_final.device)
+        self._final_shape = None if token_wise else clean_final.shape
+        self._final_clean = self.final_rows_of(clean_final)
+        self._rows_prelude_aux = metric_aux if token_wise else self._prelude_aux(self.row_batch)
+        self.token_wise_components = {
+            k
+            for k, step in enumerate(self.steps)
+            if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)
+        }
+        # Stored one at a time, each FP32 output released as its stored form replaces it.
+        for i, x in enumerate(self.clean):
+            self.clean[i] = self.codec.store(x)
+        self._cmc_rows = [self.final_rows_of(self.codec.load(c)) for c in self.corrupt_minus_clean]
+
+    def final_rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
+        return x.flatten(-3, -2).index_select(-2, self.final_rows)
+
+    def _full_run(
+        self, embed: torch.Tensor, finish: Callable[[int, torch.Tensor], Stored] | None = None
+    ) -> tuple[list[Stored], list[torch.Tensor], torch.Tensor]:
+        """Every sender's FP32 output (by sender index: a component that runs before its layer's heads, as Falcon-H1's
+        Mamba mixer beside the attention, still follows them), every step's read, and the final read, for one input.
+        ``finish(sender, output)``, where given, replaces each output as soon as it is computed (the corrupted run
+        keeps its change from the clean run, stored, so its FP32 outputs never all exist at once)."""
+        outputs: list[Stored | None] = [None] * len(self.edges.senders)
+        totals = {names.EMBED: embed}
+        reads = []
+
+        def keep(sender: int, x: torch.Tensor) -> None:
+            outputs[sender] = x if finish is None else finish(sender, x)
+
+        for k, step in enumerate(self.steps):
+            read = sum(totals[c] for c in step.reads)
+            reads.append(read)
+            block = getattr(self.graph, step.module)
+            if step.kind is StepKind.ATTENTION:
+                heads = block.from_stream(read, *self._aux(step.aux))
+                for sender, head in zip(self.index.step_senders[k], heads.unbind(2), strict=True):
+                    keep(sender, head)
+                totals[step.name] = block.combine(heads)
+            else:
+                out = block(read, *self._aux(step.aux))
+                keep(self.index.step_senders[k][0], out)
+                totals[step.name] = out
+        for sender, x in enumerate(outputs):  # the embedding's sender: no step writes it
+            if x is None:
+                keep(sender, embed)
+        final = sum(totals[c] for c in self.structure.final_reads)
+        return outputs, reads, final
+
+    def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.graph.unembed(x, *self._final_aux)
+        return logits.flatten(0, 1).index_select(0, self.positions)
+
+    def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor, rows: RowBatch) -> bool:
+        """Whether the final norm and unembedding act per token, so only the metric rows need to go through them."""
+        try:
+            got = rows.unpack(
+                self.graph.unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux)
+            )
+            return got.shape == full.shape and bool(torch.allclose(got, full, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, IndexError):  # a graph specialised to the batch shape: the whole batch goes through
+            return False
+
+    def _prelude_aux(self, rows: RowBatch) -> tuple | None:
+        """The prelude's auxiliary values (sizes, masks) for the shape of ``rows``: what a component computed on the
+        final read's rows alone needs (MLPs that flatten the stream take the batch and sequence sizes)."""
+        ids = self._clean_ids.new_zeros(rows.shape)
+        try:
+            return tuple(self.graph.prelude(ids)[1:])
+        except (RuntimeError, IndexError, ValueError):  # a prelude specialised to the batch: components run on it whole
+            return None
+
+    def _token_wise_component(self, k: int) -> bool:
+        """Whether step k's MLP or norm acts per token, so that it can run on the final read's rows alone."""
+        if self._rows_prelude_aux is None:
+            return False
+        x = self.clean_reads[k]
+        try:
+            rows = self.row_batch.unpack(self._components[k](self.row_batch.pack(self.final_rows_of(x)), *self._row_aux(k)))
+        except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)
+            return False
+        full = self.clean[self.index.step_senders[k][0]]  # its FP32 clean output (setup runs this before storing), from this read
+        return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
+            torch.allclose(rows, self.final_rows_of(full), rtol=1e-5, atol=1e-5)
+        )

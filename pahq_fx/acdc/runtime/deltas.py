@@ -1,0 +1,89 @@
+"""A query's tentative values and its senders' changes: what the cascade computes before a commit or rollback."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ...precision import FullPrecisionUnits
+from ..storage import Stored
+
+
+@dataclass
+class Pending:
+    """Tentative values of one query, kept apart from the state until commit."""
+
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # receiver row -> new input
+    outputs: dict[int, Stored] = field(default_factory=dict)  # sender -> new output, as stored
+    projections: dict[int, torch.Tensor] = field(default_factory=dict)  # attention step -> new per-head projections
+    final: torch.Tensor | None = None
+    metric: float = 0.0
+    metrics: list[float] = field(default_factory=list)  # a candidate batch's: one per candidate
+    removed: tuple[tuple[int, int], ...] = ()
+    active_from: int | None = None
+    plan: dict[int, FullPrecisionUnits] | None = None
+    recomputed: list[str] = field(default_factory=list)
+
+
+class Deltas:
+    """Output changes of one query's recomputed senders (``new - state``), and of the heads of each attention step
+    together: a receiver that every recomputed head of a step reaches (every later receiver, in a dense circuit)
+    adds their summed change once, computed once per query, instead of one change per head.
+
+    A head's change is computed from its stored new and old outputs when it is first needed, and kept only where a
+    receiver adds it alone: a dense query then holds one summed change per layer, not one change per head (on a
+    large model, most of what a query holds)."""
+
+    def __init__(self, change: Callable[[int], torch.Tensor]) -> None:
+        self._change = change  # sender -> its change, from the stored outputs
+        self._changes: dict[int, torch.Tensor | None] = {}  # by sender, in the order they were recomputed
+        self._group_of: dict[int, int] = {}  # sender -> attention step, for steps with several recomputed heads
+        self._groups: dict[int, list[int]] = {}  # step -> its recomputed heads' senders
+        self._sums: dict[int, torch.Tensor] = {}
+
+    def add(self, sender: int, change: torch.Tensor) -> None:
+        self._changes[sender] = change
+
+    def add_heads(self, step: int, senders: list[int]) -> None:
+        """An attention step's recomputed heads, by sender (their changes computed when needed)."""
+        self._changes.update(dict.fromkeys(senders))
+        if len(senders) > 1:
+            self._groups[step] = list(senders)
+            self._group_of.update(dict.fromkeys(senders, step))
+
+    def __iter__(self):
+        return iter(self._changes)
+
+    def change(self, sender: int) -> torch.Tensor:
+        """One sender's change, kept once computed."""
+        if self._changes[sender] is None:
+            self._changes[sender] = self._change(sender)
+        return self._changes[sender]
+
+    def terms(self, reaching: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """(a sender standing for the term, change) for each term a receiver reached by ``reaching`` adds, in
+        ``reaching``'s order: a step's summed change where all of its recomputed heads reach, single changes
+        otherwise."""
+        reached, terms, done = set(reaching), [], set()
+        for s in reaching:
+            step = self._group_of.get(s)
+            if step is None:
+                terms.append((s, self.change(s)))
+            elif step not in done and reached.issuperset(self._groups[step]):
+                done.add(step)
+                terms.append((s, self._sum(step)))
+            elif step not in done:
+                terms.append((s, self.change(s)))
+        return terms
+
+    def _sum(self, step: int) -> torch.Tensor:
+        """The step's heads' summed change; a head's change not kept already is computed for the sum and dropped."""
+        if step not in self._sums:
+            kept = self._changes
+            parts = (kept[s] if kept[s] is not None else self._change(s) for s in self._groups[step])
+            self._sums[step] = functools.reduce(operator.add, parts)
+        return self._sums[step]
