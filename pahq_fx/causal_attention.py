@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .model_io import model_logits
+
 CAUSAL_SDPA = "pahq_fx_causal_sdpa"
 _MASK_PROBE = "pahq_fx_mask_probe"
 
@@ -93,8 +95,6 @@ def _mask_free_is_exact(model: nn.Module, input_ids: torch.Tensor) -> bool:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .trace import model_logits  # the trace's own call of the model (trace imports this module)
 
     recorder = _MaskRecorder()
     AttentionInterface.register(_MASK_PROBE, recorder)

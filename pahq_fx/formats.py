@@ -9,6 +9,7 @@ The module imports no torch when it is imported: the command line offers the reg
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -57,7 +58,11 @@ class Format:
 
     def lower(self, weight: torch.Tensor, granularity: Granularity) -> LoweredHeads:
         """Per-head weights ``[heads, out, in]`` in this format, with the matmuls that read them and the kernel they run
-        (an :class:`UnsupportedFormatError` where the weights' device cannot run the format)."""
+        (an :class:`UnsupportedFormatError` where the weights' device cannot run the format): the lowering registered
+        for this kind of format (:func:`register_lowering`)."""
+        for kind in type(self).__mro__:
+            if kind in _LOWERINGS:
+                return _LOWERINGS[kind](self, weight, granularity)
         raise UnsupportedFormatError(f"{self.value} keeps the weights as they are: there is nothing to lower")
 
     def __reduce__(self) -> tuple:
@@ -75,11 +80,6 @@ class FullPrecision(Format):
 
 class Cast(Format):
     """A narrower floating-point dtype that torch multiplies in directly (bf16, fp16)."""
-
-    def lower(self, weight: torch.Tensor, granularity: Granularity) -> LoweredHeads:
-        from .precision import CastHeads
-
-        return CastHeads(weight, self.dtype)
 
 
 class Float8(Format):
@@ -107,11 +107,16 @@ class Float8(Format):
             return Kernel.FP8_SCALED_MM if self.fast_on(device) and aligned else Kernel.FP8_WEIGHT_ONLY
         raise UnsupportedFormatError(f"FP8 is not available on device type {device.type!r}; use bf16, fp16 or fp32")
 
-    def lower(self, weight: torch.Tensor, granularity: Granularity) -> LoweredHeads:
-        from .precision import Float8Heads
 
-        _, out_features, in_features = weight.shape
-        return Float8Heads(weight, self, granularity, self.kernel_for(weight.device, in_features, out_features))
+# How each kind of format lowers per-head weights. The modules that do it need torch and live in pahq_fx.precision,
+# which registers them when it is imported (the per-head projection that calls ``lower`` lives there too).
+Lowering = Callable[[Format, "torch.Tensor", "Granularity"], "LoweredHeads"]
+_LOWERINGS: dict[type[Format], Lowering] = {}
+
+
+def register_lowering(kind: type[Format], lowering: Lowering) -> None:
+    """``lowering(fmt, weight, granularity)`` lowers per-head weights for every format of class ``kind``."""
+    _LOWERINGS[kind] = lowering
 
 
 FORMATS: dict[str, Format] = {}

@@ -12,10 +12,10 @@ from .compile import CountingBackend, compile_module
 from .deprecated import renamed
 from .errors import UnsupportedArchitectureError
 from .head_graph import HeadGraph
+from .model_io import ExampleInputs, check_ids_fit, id_limits, input_ids_from
 from .pipeline import build
 from .precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
 from .split import check_finite_weights, check_float32_weights
-from .trace import ExampleInputs, check_ids_fit, id_limits, input_ids_from
 
 
 class PahqModel(nn.Module):

@@ -9,9 +9,10 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .activations import fuse_activations
+from .model_io import ExampleInputs
 from .precision import PrecisionConfig, lower_precision
 from .split import split_heads
-from .trace import ExampleInputs, trace
+from .trace import trace
 
 
 def lower_split(traced: fx.GraphModule, config: PrecisionConfig) -> fx.GraphModule:

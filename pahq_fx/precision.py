@@ -28,7 +28,7 @@ from . import graph_meta
 from .deprecated import renamed
 from .errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
 from .formats import AUTO as AUTO  # re-exported: discover's callers and the planner name it from here
-from .formats import Format, Kernel, parse_format
+from .formats import Cast, Float8, Format, Kernel, parse_format, register_lowering
 from .split import NO_HEAD, AttentionBlock, PerHeadLinear
 
 HeadSpec = tuple[int, int] | None
@@ -202,6 +202,16 @@ def _float8_weight(weight: torch.Tensor, fmt: Format, granularity: Granularity, 
         kernel_preference=preference,
         hp_value_lb=AMAX_FLOOR,
     )
+
+
+def _lower_float8(fmt: Format, weight: torch.Tensor, granularity: Granularity) -> LoweredHeads:
+    assert isinstance(fmt, Float8)
+    _, out_features, in_features = weight.shape
+    return Float8Heads(weight, fmt, granularity, fmt.kernel_for(weight.device, in_features, out_features))
+
+
+register_lowering(Cast, lambda fmt, weight, granularity: CastHeads(weight, fmt.dtype))
+register_lowering(Float8, _lower_float8)
 
 
 class LowPrecisionPerHeadLinear(PerHeadLinear):

@@ -30,8 +30,8 @@ from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
 from .errors import NonFiniteError, UnsupportedArchitectureError, UnsupportedFormatError
 from .graph_utils import ancestors, descendants, extract, writes_in_place
 from .head_graph import Component, HeadGraph, LayerInfo
+from .model_io import ExampleInputs, input_ids_from
 from .names import Role
-from .trace import ExampleInputs, input_ids_from
 
 NO_HEAD = -1
 aten = torch.ops.aten

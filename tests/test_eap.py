@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import pahq_fx
 from pahq_fx import names
 from pahq_fx.acdc import Circuit, CircuitEdge, EdgeGraph, RunStats, evaluate_circuit
-from pahq_fx.acdc.eap import layout_of
+from pahq_fx.acdc.eap_graph import layout_of
 from pahq_fx.errors import CircuitFormatError
 from pahq_fx.names import Role
 

@@ -180,13 +180,13 @@ class Circuit:
         """Write the circuit as an EAP-IG / MIB graph (``Graph.to_json``'s layout): every edge of the model's graph,
         ``in_graph`` for the circuit's, scored with the measured effects (docs/mib.md). ``head_graph``: the model's;
         without it, the layout this circuit's file records (a run of this pahq_fx records it)."""
-        from .eap import layout_of, layout_of_circuit, write_json
+        from .eap_graph import layout_of, layout_of_circuit, write_json
 
         return write_json(self, path, layout_of(head_graph) if head_graph is not None else layout_of_circuit(self))
 
     def to_eap_pt(self, path: str | Path, head_graph: HeadGraph | None = None) -> Path:
         """:meth:`to_eap_json` in EAP-IG's ``Graph.to_pt`` layout (``torch.save`` of plain tensors and dicts)."""
-        from .eap import layout_of, layout_of_circuit, write_pt
+        from .eap_graph import layout_of, layout_of_circuit, write_pt
 
         return write_pt(self, path, layout_of(head_graph) if head_graph is not None else layout_of_circuit(self))
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from ..errors import PahqError, TaskError
 from ..metrics import CleanDistribution, Metric, metric_value
+from ..model_io import model_logits
 from ..precision import Format, all_heads_fp32
 from ..split import check_finite_weights
-from ..trace import model_logits
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 from .setup import build_runtime, parse_metric
@@ -56,7 +56,7 @@ def evaluate_circuit(
     runtime, edges = build_runtime(model, task, metric, Format.FP32, "per_row", compile=False)
     known = found_on or {}
     if "eap_cfg" in known:  # read from an EAP-IG file: checked against this model, key/value edges onto its groups
-        from .eap import fit_to_model
+        from .eap_graph import fit_to_model
 
         kept = fit_to_model(kept, known, edges.head_graph)
     this = f"this model ({_described(type(model).__name__, getattr(getattr(model, 'config', None), '_name_or_path', ''))})"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..trace import as_traced
+from ..model_io import as_traced
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:

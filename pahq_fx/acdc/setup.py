@@ -10,9 +10,10 @@ from torch import nn
 from .. import graph_meta
 from ..errors import PahqError, TaskError
 from ..metrics import Metric, metric_named
+from ..model_io import max_positions
 from ..pipeline import lower_split
 from ..precision import AUTO, Format, PrecisionConfig
-from ..trace import max_positions, trace
+from ..trace import trace
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 from .storage import Storage

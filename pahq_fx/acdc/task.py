@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import TaskError
+from .text_task import tensors_from_jsonl
 
 # Token ids as embeddings and gather take them: an int8/uint8 tensor would wrap large ids, a bool one is no id.
 ID_DTYPES = (torch.int64, torch.int32)
@@ -142,9 +143,7 @@ class Task:
     def from_jsonl(cls, path: str | Path, tokenizer: Any, name: str | None = None) -> Task:
         """A task from a JSON Lines file of prompt pairs, tokenized with ``tokenizer`` (format:
         :mod:`pahq_fx.acdc.text_task`); every problem is a :class:`TaskError` naming the line."""
-        from .text_task import task_from_jsonl
-
-        return task_from_jsonl(path, tokenizer, name)
+        return cls(**tensors_from_jsonl(path, tokenizer), name=name or Path(path).stem)
 
     @classmethod
     def load(cls, path: str | Path) -> Task:

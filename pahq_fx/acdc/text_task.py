@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from ..errors import TaskError
-from .task import Task
 
 REQUIRED = ("clean", "corrupted")
 OPTIONAL = ("correct", "incorrect", "positions")
@@ -84,8 +83,10 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
-def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -> Task:
-    """Read a JSON Lines task file (module docstring) into a :class:`Task`; every problem is a :class:`TaskError`."""
+def tensors_from_jsonl(path: str | Path, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Read a JSON Lines task file (module docstring) into the tensors of a :class:`~pahq_fx.acdc.task.Task`
+    (``clean_input_ids``, ``corrupted_input_ids``, ``metric_mask``, and the answers where the lines give them);
+    every problem is a :class:`TaskError`. ``Task.from_jsonl`` builds the task from them."""
     path = Path(path)
     records = read_records(path)
     check_tokenizer(tokenizer)
@@ -104,13 +105,11 @@ def task_from_jsonl(path: str | Path, tokenizer: Any, name: str | None = None) -
         clean[row, : len(e.clean)] = torch.tensor(e.clean)
         corrupted[row, : len(e.corrupted)] = torch.tensor(e.corrupted)
         mask[row, e.positions] = True
-    answers: dict[str, torch.Tensor] = {}
+    tensors = {"clean_input_ids": clean, "corrupted_input_ids": corrupted, "metric_mask": mask}
     if with_answers == {True}:
-        answers = {
-            "correct_ids": torch.tensor([e.correct for e in examples]),
-            "incorrect_ids": torch.tensor([e.incorrect for e in examples]),
-        }
-    return Task(clean, corrupted, mask, name=name or path.stem, **answers)
+        tensors["correct_ids"] = torch.tensor([e.correct for e in examples])
+        tensors["incorrect_ids"] = torch.tensor([e.incorrect for e in examples])
+    return tensors
 
 
 def _record(line: str, where: str) -> dict[str, Any]:
