@@ -29,7 +29,7 @@ from .calibration import (
     unmeasured_note,
     worth_measuring,
 )
-from .checkpoint import Checkpoint, replay
+from .checkpoint import Checkpoint, resume
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
@@ -307,7 +307,7 @@ def search(
     if predictor is not None and not runtime.batches_candidates():
         predictor = None
     if state is not None:
-        replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
+        resume(runtime, edges, store, state)
         runtime.queries = int(state["queries"])
         runtime.evaluated = int(state.get("evaluated", state["queries"]))
         if predictor is not None and "predictor" in state:
@@ -339,7 +339,10 @@ def search(
             done.append(receiver.name)
             unfinished, finished_queries, finished_evaluated = None, runtime.queries, runtime.evaluated
             snapshot = None if predictor is None else predictor.state()
-            if store.due():
+            if store.state_due():  # the state first, then the decisions that name it
+                store.save_state(runtime, len(done))
+                _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
+            elif store.due():
                 _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
