@@ -110,3 +110,32 @@ def test_a_state_of_another_model_is_refused_untouched():
     with pytest.raises(state_io.StateMismatch, match="a model with other edges"):
         state_io.restore(other.runtime, state_io.encode(small.runtime))
     assert _describe(other.runtime) == before
+
+
+@pytest.mark.parametrize("threshold, pruned", [(0.05, True), (1e-4, False)], ids=["sparse", "dense"])
+def test_the_eta_counts_the_step_being_searched_exactly_and_ends_at_zero(threshold, pruned):
+    """Every edge out of the nodes of the step being searched is decided: the expected work of its receivers left is
+    the work they then take, whichever are pruned. Lower steps are estimates; the last ETA is 0."""
+    from pahq_fx.acdc.eta import Remaining
+
+    session = search_module.prepare(build(Spec("gpt2", 3, 2, 2, 8)), _task(), precision="fp32")
+    runtime, receivers = session.runtime, len(session.edges.receivers)
+    remaining, counted = Remaining(runtime, session.edges), [0]
+    taken: dict[int, float] = {}
+    expected: dict[int, tuple[range, float]] = {}
+    etas = []
+
+    def record(done) -> None:
+        row = done.index - 1
+        taken[row] = remaining.finish(row, done.queries > counted[0])
+        counted[0] = done.queries
+        step = runtime.row_step[row + 1] if row + 1 < receivers else None
+        rows = range(row + 1, next((r for r in range(row + 1, receivers) if runtime.row_step[r] != step), receivers))
+        expected[row] = rows, remaining.expected(rows)
+        etas.append(done.eta_s)
+
+    circuit = search_module.search(session, threshold, progress=False, callback=record)
+    assert any(taken.values()) and (not all(taken.values())) == pruned
+    for rows, units in expected.values():
+        assert units == sum(taken[r] for r in rows)
+    assert etas[-1] == 0.0 and all(e is None or e >= 0 for e in etas) and circuit.edges
