@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/resume_eta.py --model benchmarks/models/deep-induction --task induction \
         --half 16 --n 8 --threshold 0.05
+    OMP_NUM_THREADS=1 python benchmarks/resume_eta.py --model random-gpt2:12x768x12 --task ioi --n 16 --threshold 0.05 \
+        --eta-only
 
 ETA: an uninterrupted search records, at every finished receiver, the seconds left that the progress bar shows
 (``ReceiverDone.eta_s``, acdc/eta.py) and, for comparison, what the earlier bar showed (elapsed time x work left /
@@ -57,12 +59,13 @@ def main() -> None:
     add_model_arguments(parser, model="benchmarks/models/deep-induction", n=8)
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--shared", default="", help="what else ran on the machine meanwhile, recorded in the JSON")
+    parser.add_argument(
+        "--eta-only", action="store_true", help="the uninterrupted search alone (a large model's resumes take long)"
+    )
     args = parser.parse_args()
     args.out = results_path(args, "resume_eta")
 
-    import pahq_fx
     from pahq_fx.acdc import search as search_module
-    from pahq_fx.acdc.checkpoint import Checkpoint
 
     model, task = load_model_and_task(args)
     started = time.perf_counter()
@@ -85,6 +88,34 @@ def main() -> None:
     earlier = _errors([(t, old) for t, _, old in finished], end)
     half = next(i for i, (t, _, _) in enumerate(finished) if t >= end / 2)
     searched_to_half = finished[half][0]
+    result = {
+        "arguments": vars(args),
+        "measured_with": measured_with(),
+        "receivers": len(edges.receivers),
+        "edges_kept": len(circuit.edges),
+        "setup_s": setup_s,
+        "search_s": end,
+        "eta": eta,
+        "eta_earlier_bar": earlier,
+    }
+    print(f"model {args.model}, {len(edges.receivers)} receivers, threshold {args.threshold}, {len(circuit.edges)} edges kept")
+    if not args.eta_only:
+        result.update(_resumes(args, model, task, circuit, half, searched_to_half))
+    print("| ETA after a tenth | total: largest, median | time left: largest, median |")
+    print("| --- | --- | --- |")
+    for name, errors in (("measured cost (now)", eta), ("edges x depth (before)", earlier)):
+        print(
+            f"| {name} | {errors['total_largest']:.0%}, {errors['total_median']:.0%} "
+            f"| {errors['remaining_largest']:.0%}, {errors['remaining_median']:.0%} |"
+        )
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _resumes(args, model, task, circuit, half: int, searched_to_half: float) -> dict:
+    """Interrupt a checkpointed search after receiver ``half``, resume it with and without its state file."""
+    import pahq_fx
+    from pahq_fx.acdc import search as search_module
+    from pahq_fx.acdc.checkpoint import Checkpoint
 
     writes: list[float] = []
     loads: list[float] = []
@@ -141,13 +172,17 @@ def main() -> None:
         setup_with, with_state = resumed(True)
         load_s = loads[-1]
         setup_without, without_state = resumed(False)
-    result = {
-        "arguments": vars(args),
-        "measured_with": measured_with(),
-        "receivers": len(edges.receivers),
-        "edges_kept": len(circuit.edges),
-        "setup_s": setup_s,
-        "search_s": end,
+    print(
+        "| setup s | resume: setup + state (load) s | x setup | resume replaying all: setup + replay s | x setup "
+        "| state MB, writes, share of search |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {setup_with:.2f} + {with_state:.2f} ({load_s:.3f}) | {(setup_with + with_state) / setup_with:.2f} "
+        f"| {setup_without:.2f} + {without_state:.2f} | {(setup_without + without_state) / setup_without:.2f} "
+        f"| {state_bytes / 1e6:.1f}, {len(interrupted_writes)}, {sum(interrupted_writes) / searched_to_half:.1%} |"
+    )
+    return {
         "searched_to_half_s": searched_to_half,
         "interrupted_after_receivers": len(saved["done"]),
         "state_holds_receivers": saved["state"]["receivers"],
@@ -162,30 +197,7 @@ def main() -> None:
         "resume_with_state_over_setup": (setup_with + with_state) / setup_with,
         "resume_replaying_everything_over_setup": (setup_without + without_state) / setup_without,
         "replay_everything_over_search_to_half": without_state / searched_to_half,
-        "eta": eta,
-        "eta_earlier_bar": earlier,
-        "eta_trace": [[round(t, 3), None if left is None else round(left, 3), round(old, 3)] for t, left, old in finished],
     }
-    print(f"model {args.model}, {len(edges.receivers)} receivers, threshold {args.threshold}, {len(circuit.edges)} edges kept")
-    print(
-        "| setup s | search s | resume: setup + state (load) s | x setup | resume replaying all: setup + replay s | x setup "
-        "| state MB, writes, share of search |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(
-        f"| {setup_s:.2f} | {end:.2f} | {setup_with:.2f} + {with_state:.2f} ({load_s:.3f}) "
-        f"| {result['resume_with_state_over_setup']:.2f} | {setup_without:.2f} + {without_state:.2f} "
-        f"| {result['resume_replaying_everything_over_setup']:.2f} "
-        f"| {state_bytes / 1e6:.1f}, {len(interrupted_writes)}, {result['state_writes_share_of_search']:.1%} |"
-    )
-    print("| ETA after a tenth | total: largest, median | time left: largest, median |")
-    print("| --- | --- | --- |")
-    for name, errors in (("measured cost (now)", eta), ("edges x depth (before)", earlier)):
-        print(
-            f"| {name} | {errors['total_largest']:.0%}, {errors['total_median']:.0%} "
-            f"| {errors['remaining_largest']:.0%}, {errors['remaining_median']:.0%} |"
-        )
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

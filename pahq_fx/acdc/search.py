@@ -91,8 +91,9 @@ def discover(
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
-    written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes
-    from them, and the file is removed when
+    written after receivers (as often as keeps writing under 2% of the run), and the runtime's state beside them
+    (:meth:`Checkpoint.save_state`, under the same budget); a run with the same arguments loads the state, replays
+    the decisions taken after it and resumes, and both files are removed when
     the run has finished: once the circuit is saved to ``save_to`` where that is given (right after the search,
     before the faithfulness pass), otherwise once this function returns the circuit. With ``faithfulness``, the
     circuit alone is measured afterwards on the same runtime (no second trace, but a full patched pass on top of

@@ -52,9 +52,7 @@ class _Writer:
 
 
 def encode(runtime: PatchingRuntime) -> bytes:
-    """The runtime's state (between queries: nothing tentative) as the bytes of a safetensors file."""
-    if runtime._pending is not None:
-        raise RuntimeError("the state is saved between queries, not while one is tentative")
+    """The runtime's state as the bytes of a safetensors file; called between receivers, when nothing is tentative."""
     writer = _Writer()
     reads = {id(x): k for k, x in enumerate(runtime.clean_reads)}
 
