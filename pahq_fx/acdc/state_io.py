@@ -41,6 +41,7 @@ class _Writer:
     def name(self, x: torch.Tensor) -> str:
         key = id(x)
         if key not in self._names:
+            x = x.cpu()  # safetensors writes from host memory; a device tensor gets a host copy of its own
             storage = x.untyped_storage()
             whole = x.is_contiguous() and x.storage_offset() == 0 and storage.nbytes() == x.numel() * x.element_size()
             if not whole or storage.data_ptr() in self._storages:  # a view (a head of its step's output): its own copy
