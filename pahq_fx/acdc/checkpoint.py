@@ -47,7 +47,6 @@ class Checkpoint:
         self._next_write = 0.0
         self._next_state_write = 0.0
         self._state: dict[str, Any] | None = None  # the JSON's reference to the state file on disk
-        self.state_write_s: list[float] = []  # what each state write cost, for the benchmarks
 
     @property
     def state_path(self) -> Path | None:
@@ -111,7 +110,6 @@ class Checkpoint:
         write_bytes(self.state_path, data)
         self._state = {"file": self.state_path.name, "sha256": hashlib.sha256(data).hexdigest(), "receivers": receivers}
         end = time.perf_counter()
-        self.state_write_s.append(end - start)
         self._next_state_write = end + WRITE_BUDGET * (end - start)
 
     def load_state(self, runtime: PatchingRuntime, saved: dict[str, Any], removed: set[tuple[int, int]]) -> int:
