@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
         dense[layer] = _median_ms(lambda row=row: query(row, embed), args.repeats)
     first_s = time.perf_counter() - first
     head = edges.sender_index[f"a{args.layers - 1}.h0"]
-    for row in list(runtime.kept_out[head]):
+    for row in list(runtime.edge_state.kept_out[head]):
         if row != final:
             runtime.remove(row, [head])
     last = index[f"a{args.layers - 1}.h0.q"]

@@ -2,32 +2,54 @@
 
     OMP_NUM_THREADS=1 python benchmarks/resume_eta.py --model benchmarks/models/deep-induction --task induction \
         --half 16 --n 8 --threshold 0.05
+    OMP_NUM_THREADS=1 python benchmarks/resume_eta.py --model random-gpt2:12x768x12 --task ioi --n 16 --threshold 0.05 \
+        --eta-only
 
-A search with a checkpoint is interrupted after half of its estimated work, then resumed: the resume's setup and its
-replay of the checkpointed decisions are timed against the setup and the search time they stand in for. The ETA is
-what the progress bar shows (elapsed time x remaining work / work done, the work weights of ``search._work``) at
-every finished receiver of an uninterrupted run, against the time that actually remained; the table gives its
-largest error after the first tenth of the run. Prints a table and writes JSON.
+ETA: an uninterrupted search records, at every finished receiver, the seconds left that the progress bar shows
+(``ReceiverDone.eta_s``, acdc/eta.py) and, for comparison, what the earlier bar showed (elapsed time x work left /
+work done, a receiver's work being its edges times its depth, whether or not it is pruned). Errors are taken after the
+first tenth of the search's time: of the predicted total (elapsed + ETA) against the actual total, and of the
+predicted time left against the time that actually remained (which grows as the end nears).
+
+Resume: a search with a checkpoint is interrupted after half of its receivers' time, then resumed twice from the same
+files: once with its state file (load it, replay the decisions after it) and once without (every decision replayed,
+as before state files). Both are timed against the setup alone, and the state writes of the interrupted run are
+timed. All in one process; prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import contextlib
-
-from benchmarks.acdc import add_model_arguments, load_model_and_task, results_path
+from benchmarks.acdc import add_model_arguments, load_model_and_task, measured_with, results_path
 
 
 class Stop(Exception):
     """Raised from the callback to interrupt the search at a chosen receiver."""
+
+
+def _errors(points: list[tuple[float, float]], end: float) -> dict[str, float]:
+    """Largest and median relative errors of (elapsed, predicted seconds left) after the first tenth of ``end``."""
+    late = [(t, left) for t, left in points if t >= 0.1 * end and end - t > 1e-9]
+    total = [abs(t + left - end) / end for t, left in late]
+    remaining = [abs(left - (end - t)) / (end - t) for t, left in late]
+    return {
+        "total_largest": max(total),
+        "total_median": statistics.median(total),
+        "remaining_largest": max(remaining),
+        "remaining_median": statistics.median(remaining),
+    }
 
 
 def main() -> None:
@@ -36,86 +58,146 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, model="benchmarks/models/deep-induction", n=8)
     parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument("--shared", default="", help="what else ran on the machine meanwhile, recorded in the JSON")
+    parser.add_argument(
+        "--eta-only", action="store_true", help="the uninterrupted search alone (a large model's resumes take long)"
+    )
     args = parser.parse_args()
     args.out = results_path(args, "resume_eta")
 
-    import pahq_fx
     from pahq_fx.acdc import search as search_module
 
     model, task = load_model_and_task(args)
+    started = time.perf_counter()
     session = search_module.prepare(model, task, precision="fp32", allow_weak_task=True)
-    work = search_module._work(session.runtime, session.edges)
-    total = sum(work)
-    finished: list[tuple[float, float]] = []  # (seconds since the search began, share of the work done)
+    setup_s = time.perf_counter() - started
+    runtime, edges = session.runtime, session.edges
+    steps = len(runtime.steps)
+    old_work = [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
+    finished: list[tuple[float, float | None, float]] = []  # (elapsed, the bar's ETA, the earlier bar's ETA)
     start = time.perf_counter()
 
     def record(done) -> None:
-        finished.append((time.perf_counter() - start, sum(work[: done.index]) / total))
+        elapsed = time.perf_counter() - start
+        share = sum(old_work[: done.index]) / sum(old_work)
+        finished.append((elapsed, done.eta_s, elapsed * (1 - share) / share))
 
-    search_module.search(session, args.threshold, progress=False, callback=record)
+    circuit = search_module.search(session, args.threshold, progress=False, callback=record)
     end = finished[-1][0]
-    errors = [
-        abs(elapsed * (1 - share) / share - (end - elapsed)) / max(end - elapsed, 1e-9)
-        for elapsed, share in finished
-        if 0.1 <= share < 0.999
-    ]
-    half = next(i for i, (_, share) in enumerate(finished) if share >= 0.5)
+    eta = _errors([(t, left) for t, left, _ in finished if left is not None], end)
+    earlier = _errors([(t, old) for t, _, old in finished], end)
+    half = next(i for i, (t, _, _) in enumerate(finished) if t >= end / 2)
     searched_to_half = finished[half][0]
+    result = {
+        "arguments": vars(args),
+        "measured_with": measured_with(),
+        "receivers": len(edges.receivers),
+        "edges_kept": len(circuit.edges),
+        "setup_s": setup_s,
+        "search_s": end,
+        "eta": eta,
+        "eta_earlier_bar": earlier,
+    }
+    print(f"model {args.model}, {len(edges.receivers)} receivers, threshold {args.threshold}, {len(circuit.edges)} edges kept")
+    if not args.eta_only:
+        result.update(_resumes(args, model, task, circuit, half, searched_to_half))
+    print("| ETA after a tenth | total: largest, median | time left: largest, median |")
+    print("| --- | --- | --- |")
+    for name, errors in (("measured cost (now)", eta), ("edges x depth (before)", earlier)):
+        print(
+            f"| {name} | {errors['total_largest']:.0%}, {errors['total_median']:.0%} "
+            f"| {errors['remaining_largest']:.0%}, {errors['remaining_median']:.0%} |"
+        )
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
+
+def _resumes(args, model, task, circuit, half: int, searched_to_half: float) -> dict:
+    """Interrupt a checkpointed search after receiver ``half``, resume it with and without its state file."""
+    import pahq_fx
+    from pahq_fx.acdc import search as search_module
+    from pahq_fx.acdc.checkpoint import Checkpoint
+
+    writes: list[float] = []
+    loads: list[float] = []
+    resumes: list[float] = []
+    save_state, load_state, resume = Checkpoint.save_state, Checkpoint.load_state, search_module.resume
+
+    def timed_save(self, *a):
+        began = time.perf_counter()
+        save_state(self, *a)
+        writes.append(time.perf_counter() - began)
+
+    def timed_load(self, *a):
+        began = time.perf_counter()
+        result = load_state(self, *a)
+        loads.append(time.perf_counter() - began)
+        return result
+
+    def timed_resume(*a):
+        began = time.perf_counter()
+        result = resume(*a)
+        resumes.append(time.perf_counter() - began)
+        return result
+
+    Checkpoint.save_state, Checkpoint.load_state, search_module.resume = timed_save, timed_load, timed_resume
+    run = dict(threshold=args.threshold, precision="fp32", progress=False, allow_weak_task=True)
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = Path(folder) / "checkpoint.json"
+        checkpoint, backup = Path(folder) / "checkpoint.json", Path(folder) / "backup"
+        state_file = checkpoint.with_name("checkpoint.state.safetensors")
 
         def stop_at_half(done) -> None:
             if done.index == half + 1:
                 raise Stop
 
         with contextlib.suppress(Stop):
-            pahq_fx.discover(
-                model,
-                task,
-                threshold=args.threshold,
-                precision="fp32",
-                progress=False,
-                allow_weak_task=True,
-                checkpoint=checkpoint,
-                callback=stop_at_half,
-            )
-        resumed_at = []
-        began = time.perf_counter()
-        circuit = pahq_fx.discover(
-            model,
-            task,
-            threshold=args.threshold,
-            precision="fp32",
-            progress=False,
-            allow_weak_task=True,
-            checkpoint=checkpoint,
-            callback=lambda d: resumed_at.append(time.perf_counter() - began),
-        )
-    setup = circuit.stats.setup_s  # the resumed run's setup and replay, before its first receiver
-    result = {
-        "arguments": vars(args),
-        "receivers": len(work),
-        "setup_s": session.setup_s,
-        "search_s": end,
-        "searched_to_half_s": searched_to_half,
-        "resume_setup_and_replay_s": setup,
-        "replay_s": setup - session.setup_s,
-        "eta_largest_error_after_a_tenth": max(errors, default=0.0),
-        "eta_median_error_after_a_tenth": sorted(errors)[len(errors) // 2] if errors else 0.0,
-    }
-    print(f"model {args.model}, {len(work)} receivers, threshold {args.threshold}")
+            pahq_fx.discover(model, task, checkpoint=checkpoint, callback=stop_at_half, **run)
+        saved = json.loads(checkpoint.read_text())
+        interrupted_writes = list(writes)  # the resumes write states of their own
+        state_bytes = state_file.stat().st_size
+        backup.mkdir()
+        for path in (checkpoint, state_file):
+            shutil.copy(path, backup / path.name)
+
+        def resumed(with_state: bool) -> tuple[float, float]:
+            for path in (checkpoint, state_file):
+                shutil.copy(backup / path.name, path)
+            if not with_state:
+                state_file.unlink()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                again = pahq_fx.discover(model, task, checkpoint=checkpoint, **run)
+            assert [e.effect for e in again.edges] == [e.effect for e in circuit.edges], "a resume changed the circuit"
+            return again.stats.setup_s - resumes[-1], resumes[-1]  # its setup; loading the state and replaying the rest
+
+        setup_with, with_state = resumed(True)
+        load_s = loads[-1]
+        setup_without, without_state = resumed(False)
     print(
-        "| setup s | search s | search to half s | resume: setup + replay s | replay / search to half "
-        "| ETA error after a tenth: largest, median |"
+        "| setup s | resume: setup + state (load) s | x setup | resume replaying all: setup + replay s | x setup "
+        "| state MB, writes, share of search |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     print(
-        f"| {session.setup_s:.2f} | {end:.2f} | {searched_to_half:.2f} | {setup:.2f} "
-        f"| {(setup - session.setup_s) / searched_to_half:.2f} | {result['eta_largest_error_after_a_tenth']:.0%}, "
-        f"{result['eta_median_error_after_a_tenth']:.0%} |"
+        f"| {setup_with:.2f} + {with_state:.2f} ({load_s:.3f}) | {(setup_with + with_state) / setup_with:.2f} "
+        f"| {setup_without:.2f} + {without_state:.2f} | {(setup_without + without_state) / setup_without:.2f} "
+        f"| {state_bytes / 1e6:.1f}, {len(interrupted_writes)}, {sum(interrupted_writes) / searched_to_half:.1%} |"
     )
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return {
+        "searched_to_half_s": searched_to_half,
+        "interrupted_after_receivers": len(saved["done"]),
+        "state_holds_receivers": saved["state"]["receivers"],
+        "state_bytes": state_bytes,
+        "state_writes": len(interrupted_writes),
+        "state_write_s_median": statistics.median(interrupted_writes),
+        "state_writes_share_of_search": sum(interrupted_writes) / searched_to_half,
+        "resume_setup_s": [setup_with, setup_without],
+        "resume_with_state_s": with_state,
+        "state_load_s": load_s,
+        "resume_replaying_everything_s": without_state,
+        "resume_with_state_over_setup": (setup_with + with_state) / setup_with,
+        "resume_replaying_everything_over_setup": (setup_without + without_state) / setup_without,
+        "replay_everything_over_search_to_half": without_state / searched_to_half,
+    }
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ RUN_FILE = "run.json"
 # What pahq-fx writes into an out folder: a folder holding any of these holds a run.
 _OUTPUTS = {
     "checkpoint.json",
+    "checkpoint.state.safetensors",
     "circuit.json",
     "circuit.dot",
     "circuit.png",

@@ -1,15 +1,18 @@
-"""Checkpoints of a discovery run: the decisions so far, written after receivers, and their exact replay."""
+"""Checkpoints of a discovery run: the decisions so far, written after receivers, the runtime's state beside them, and
+the exact replay of the decisions the saved state does not hold yet."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_text
+from ..atomic import write_bytes, write_text
 from ..errors import CheckpointError
+from . import state_io
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 
@@ -18,7 +21,9 @@ _FORMAT_PREFIX = "pahq_fx.acdc.checkpoint/"
 CHECKPOINT_FORMAT = _FORMAT_PREFIX + "2"
 # A write costs more as effects accumulate, and on a small model it costs more than a receiver's queries: after a
 # write, the next waits until WRITE_BUDGET times its cost has passed, so writing stays under 1/WRITE_BUDGET of the run.
+# The runtime's state file, larger, is written under a budget of its own on the same rule.
 WRITE_BUDGET = 50
+STATE_SUFFIX = ".state.safetensors"
 
 
 class Checkpoint:
@@ -26,7 +31,13 @@ class Checkpoint:
     arguments by ``fingerprint`` and to its own content by a digest. ``path=None`` keeps nothing. Writes are atomic
     (:mod:`pahq_fx.atomic`), so a run killed at any moment leaves the previous checkpoint or the new one, never half
     of one. A run saves after a
-    receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows."""
+    receiver when :meth:`due` says so: after the first, then as often as :data:`WRITE_BUDGET` allows.
+
+    Beside it, :meth:`save_state` writes the runtime's state (:mod:`.state_io`) to :attr:`state_path`, as often as
+    the same budget allows for its own cost; the JSON names the state file by its SHA-256 and the number of finished
+    receivers it holds, so a resume (:func:`resume`) loads it and replays only the decisions taken after it. A state
+    file that does not match (left by a run killed between the two writes, or changed since) is ignored with a
+    warning, and every decision is replayed instead."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], chosen_precision: str | None = None) -> None:
         """``chosen_precision``: the format ``precision="auto"`` measured and chose, kept so that a resume uses it."""
@@ -34,6 +45,13 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.chosen_precision = chosen_precision
         self._next_write = 0.0
+        self._next_state_write = 0.0
+        self._state: dict[str, Any] | None = None  # the JSON's reference to the state file on disk
+
+    @property
+    def state_path(self) -> Path | None:
+        """Where the runtime's state goes: ``checkpoint.json`` -> ``checkpoint.state.safetensors``."""
+        return None if self.path is None else self.path.with_name(self.path.stem + STATE_SUFFIX)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this run, None when there is none. A checkpoint of another run, one that is not a
@@ -79,6 +97,46 @@ class Checkpoint:
     def due(self) -> bool:
         return self.path is not None and time.perf_counter() >= self._next_write
 
+    def state_due(self) -> bool:
+        return self.path is not None and time.perf_counter() >= self._next_state_write
+
+    def save_state(self, runtime: PatchingRuntime, receivers: int) -> None:
+        """Write the runtime's state after ``receivers`` finished receivers. It counts only once a :meth:`save`
+        names it: call that next (a run killed in between leaves a state file the old JSON does not name)."""
+        if self.state_path is None:
+            return
+        start = time.perf_counter()
+        data = state_io.encode(runtime)
+        write_bytes(self.state_path, data)
+        self._state = {"file": self.state_path.name, "sha256": hashlib.sha256(data).hexdigest(), "receivers": receivers}
+        end = time.perf_counter()
+        self._next_state_write = end + WRITE_BUDGET * (end - start)
+
+    def load_state(self, runtime: PatchingRuntime, saved: dict[str, Any], removed: set[tuple[int, int]]) -> int:
+        """Load the state file ``saved`` (a checkpoint's content) names into ``runtime``; the number of finished
+        receivers it holds. 0, with a warning and the runtime untouched, where it is missing or does not match."""
+        reference = saved.get("state")
+        self._state = None
+        if reference is None or self.state_path is None:
+            return 0
+        try:
+            data = self.state_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != reference["sha256"]:
+                raise state_io.StateMismatch("its SHA-256 is not the one the checkpoint names")
+            receivers = reference["receivers"]
+            if state_io.removed_edges(data) != {(row, s) for row, s in removed if row < receivers}:
+                raise state_io.StateMismatch("its removed edges are not the checkpoint's")
+            state_io.restore(runtime, data)
+        except (OSError, state_io.StateMismatch) as error:
+            warnings.warn(
+                f"the state file {self.state_path} does not belong to checkpoint {self.path} ({error}); "
+                "replaying every decision instead",
+                stacklevel=3,
+            )
+            return 0
+        self._state = reference
+        return receivers
+
     def save(
         self,
         done: list[str],
@@ -107,6 +165,8 @@ class Checkpoint:
             data["predictor"] = predictor
         if self.chosen_precision is not None:
             data["chosen_precision"] = self.chosen_precision
+        if self._state is not None:
+            data["state"] = self._state
         data["digest"] = _digest(data)
         write_text(self.path, json.dumps(data))
         end = time.perf_counter()
@@ -116,6 +176,26 @@ class Checkpoint:
         """The run is complete: its checkpoint has nothing left to resume."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+
+
+def resume(
+    runtime: PatchingRuntime,
+    edges: EdgeGraph,
+    store: Checkpoint,
+    saved: dict[str, Any],
+) -> int:
+    """Rebuild the state of the checkpointed run ``saved``: load the state file it names, then replay the decisions
+    taken after it (all of them where there is none); returns the number of finished receivers the state file held.
+    Bit for bit the uninterrupted run's state. The decisions are checked first: ones that do not fit are a
+    :class:`CheckpointError` and the runtime is left untouched."""
+    done = list(saved["done"])
+    removed = {(r, s) for r, s in saved["removed"]}
+    effects = {(r, s): e for r, s, e in saved["effects"]}
+    _check_decisions(edges, done, removed, effects)
+    start = store.load_state(runtime, saved, removed)
+    replay(runtime, edges, done, removed, effects, start)
+    return start
 
 
 def replay(
@@ -124,14 +204,16 @@ def replay(
     done: list[str],
     removed: set[tuple[int, int]],
     effects: dict[tuple[int, int], float],
+    start: int = 0,
 ) -> None:
     """Rebuild the state of a checkpointed run by repeating its state changes in order (bit for bit the same
     state as the uninterrupted run, speculative or not: both commit one removal at a time; no edge is measured
-    again). A receiver without measured effects was pruned. The decisions are checked against the model's edges
+    again), from the ``start``-th finished receiver on (the runtime holds the state after the ones before). A
+    receiver without measured effects was pruned. The decisions are checked against the model's edges
     first: one that does not fit is a
     :class:`CheckpointError` and the runtime is left untouched."""
     _check_decisions(edges, done, removed, effects)
-    for name in done:
+    for name in done[start:]:
         row = edges.receiver_index[name]
         receiver = edges.receivers[row]
         if not any((row, s) in effects for s in receiver.senders):
@@ -190,6 +272,14 @@ def _check_types(data: dict[str, Any], where: str) -> None:
         raise wrong("predictor", "the predictor's state (decisions, hits and five counts, as integers)")
     if not isinstance(data.get("chosen_precision", ""), str):
         raise wrong("chosen_precision", "a format name")
+    state = data.get("state", {"file": "", "sha256": "", "receivers": 0})
+    if (
+        not isinstance(state, dict)
+        or not all(isinstance(state.get(k), str) for k in ("file", "sha256"))
+        or not _is_int(state.get("receivers"))
+        or not 0 <= state["receivers"] <= len(done)
+    ):
+        raise wrong("state", "the state file's name, SHA-256 and finished receivers (at most those of 'done')")
 
 
 def _check_decisions(

@@ -28,7 +28,7 @@ from ..precision import Format
 from .edges import EdgeGraph
 from .run_info import eager_forward_seconds, peak_memory_mb
 from .runtime import PatchingRuntime
-from .search import Session, _work, prepare
+from .search import Session, prepare
 from .speculation import candidate_memory
 from .task import Task
 
@@ -257,7 +257,8 @@ def exact_scores(
     rows = list(range(len(edges.receivers))) if receivers is None else receivers
     batched = batch and runtime.batches_candidates()
     budget = candidate_memory(runtime.device)
-    work = _work(runtime, edges)
+    steps = len(runtime.steps)  # a receiver's edges times the steps its cone runs: the bar's share of the work
+    work = [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
     bar = tqdm(
         total=sum(work[row] for row in rows),
         disable=not progress,

@@ -30,9 +30,10 @@ from .calibration import (
     unmeasured_note,
     worth_measuring,
 )
-from .checkpoint import Checkpoint, replay
+from .checkpoint import Checkpoint, resume
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
+from .eta import Remaining
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
@@ -51,6 +52,7 @@ class ReceiverDone:
     total: int
     edges_kept: int
     queries: int
+    eta_s: float | None = None  # the progress bar's estimate of the seconds left (None before anything is measured)
 
 
 def discover(
@@ -89,8 +91,9 @@ def discover(
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
     metric the circuit would mean nothing, and a :class:`WeakTaskError` stops the run, unless ``allow_weak_task`` (then a warning
     goes to stderr and the circuit's ``task_check`` carries it). With ``checkpoint=path`` the decisions are
-    written after receivers (as often as keeps writing under 2% of the run); a run with the same arguments resumes
-    from them, and the file is removed when
+    written after receivers (as often as keeps writing under 2% of the run), and the runtime's state beside them
+    (:meth:`Checkpoint.save_state`, under the same budget); a run with the same arguments loads the state, replays
+    the decisions taken after it and resumes, and both files are removed when
     the run has finished: once the circuit is saved to ``save_to`` where that is given (right after the search,
     before the faithfulness pass), otherwise once this function returns the circuit. With ``faithfulness``, the
     circuit alone is measured afterwards on the same runtime (no second trace, but a full patched pass on top of
@@ -307,7 +310,7 @@ def search(
     if predictor is not None and not runtime.batches_candidates():
         predictor = None
     if state is not None:
-        replay(runtime, edges, done, {(r, s) for r, s in state["removed"]}, effects)
+        resume(runtime, edges, store, state)
         runtime.queries = int(state["queries"])
         runtime.evaluated = int(state.get("evaluated", state["queries"]))
         if predictor is not None and "predictor" in state:
@@ -315,16 +318,20 @@ def search(
     snapshot = None if predictor is None else predictor.state()
     resume_s = time.perf_counter() - start_time
     memory_limit = candidate_memory(runtime.device)
-    work = _work(runtime, edges)
+    remaining = Remaining(runtime, edges)
+    done_units = sum(
+        remaining.finish(row, any((row, s) in effects for s in edges.receivers[row].senders)) for row in range(len(done))
+    )
     bar = tqdm(
-        total=sum(work),
-        initial=sum(w for w, r in zip(work, edges.receivers, strict=True) if r.name in done),
+        total=done_units + remaining.expected(range(len(done), len(edges.receivers))),
+        initial=done_units,
         disable=not progress,
         unit="work",
         desc="ACDC",
+        smoothing=0,  # the ETA is the work left at the average pace of this run (acdc/eta.py)
         bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
     )
-    loop_start, loop_queries = time.perf_counter(), runtime.queries
+    loop_start, loop_queries, units_done = time.perf_counter(), runtime.queries, 0.0
     finished_queries, finished_evaluated = runtime.queries, runtime.evaluated
     unfinished: int | None = None
     try:
@@ -332,23 +339,32 @@ def search(
             if receiver.name in done:
                 continue
             unfinished = r_index
-            if predictor is None or not runtime.is_live(r_index):
+            searched = runtime.is_live(r_index)
+            if predictor is None or not searched:
                 _search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects)
             else:
                 search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects, predictor, memory_limit)
             done.append(receiver.name)
             unfinished, finished_queries, finished_evaluated = None, runtime.queries, runtime.evaluated
             snapshot = None if predictor is None else predictor.state()
-            if store.due():
+            if store.state_due():  # the state first, then the decisions that name it
+                store.save_state(runtime, len(done))
+                _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
+            elif store.due():
                 _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
             kept = runtime.kept_edges
             rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
             bar.set_postfix(
                 receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False
             )  # drawn at tqdm's own pace
-            bar.update(work[r_index])
+            units = remaining.finish(r_index, searched)
+            units_done += units  # counted here: a disabled bar counts nothing
+            units_left = remaining.expected(range(r_index + 1, len(edges.receivers)))
+            bar.total = done_units + units_done + units_left
+            bar.update(units)
             if callback is not None:
-                callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries))
+                eta = units_left * (time.perf_counter() - loop_start) / units_done if units_done > 0 else None
+                callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries, eta))
     except BaseException:
         # Interrupted (Ctrl-C, a callback's exception): keep every finished receiver, whatever the write budget said.
         _save(store, runtime, done, effects, (finished_queries, finished_evaluated), unfinished, snapshot)
@@ -413,14 +429,6 @@ def search(
         task_check=session.task_check.to_json(),
         architecture=_architecture(edges.head_graph),
     )
-
-
-def _work(runtime: PatchingRuntime, edges: EdgeGraph) -> list[int]:
-    """Each receiver's share of a run, for the progress bar and its ETA: its edges times the steps its queries may
-    recompute (a dense cone runs everything downstream of the receiver), so a layer-0 receiver's edge weighs what
-    its cone costs rather than what a top receiver's does."""
-    steps = len(runtime.steps)
-    return [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
 
 
 def _speculation_note(speculation: str | Predictor, predictor: Predictor | None, runtime: PatchingRuntime) -> str:

@@ -1,0 +1,169 @@
+"""The patching runtime's state as one safetensors file and back: a resume loads it instead of replaying every
+decision (:mod:`.checkpoint`).
+
+What the state is, is :meth:`PatchingRuntime.reset`'s list: sender outputs, receiver inputs, per-head projections,
+the final read, the metric, the running steps, the plan, the row-only steps and the removed edges. Object identity
+is part of it and is kept: an output still equal to its clean cache is that cache (``outputs[s] is clean[s]``), an
+input still equal to its step's clean read is that read, and receivers that share one input tensor (every q/k/v input
+of a layer in a dense circuit) share one tensor again, so a resumed runtime takes the same code paths, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from ..errors import CheckpointError
+from ..precision import FullPrecisionUnits
+from .runtime import PatchingRuntime
+from .storage import ScaledFp8, Stored
+
+STATE_FORMAT = "pahq_fx.acdc.state/1"
+_CLEAN = "clean"  # an output that is its clean cache
+_READ = "read:"  # an input that is its step's clean read
+
+
+class StateMismatch(CheckpointError):
+    """A state file that does not fit this runtime (another model, another version): it is never half-used."""
+
+
+class _Writer:
+    """Tensors by name, each distinct object once, none sharing memory with another (safetensors requires it)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._names: dict[int, str] = {}
+        self._storages: set[int] = set()
+
+    def name(self, x: torch.Tensor) -> str:
+        key = id(x)
+        if key not in self._names:
+            x = x.cpu()  # safetensors writes from host memory; a device tensor gets a host copy of its own
+            storage = x.untyped_storage()
+            whole = x.is_contiguous() and x.storage_offset() == 0 and storage.nbytes() == x.numel() * x.element_size()
+            if not whole or storage.data_ptr() in self._storages:  # a view (a head of its step's output): its own copy
+                x = x.clone(memory_format=torch.contiguous_format)
+            self._storages.add(x.untyped_storage().data_ptr())
+            self._names[key] = f"t{len(self.tensors)}"
+            self.tensors[self._names[key]] = x
+        return self._names[key]
+
+
+def encode(runtime: PatchingRuntime) -> bytes:
+    """The runtime's state as the bytes of a safetensors file; called between receivers, when nothing is tentative."""
+    writer = _Writer()
+    reads = {id(x): k for k, x in enumerate(runtime.clean_reads)}
+
+    def output(s: int, stored: Stored) -> str | list[str]:
+        if stored is runtime.clean[s]:
+            return _CLEAN
+        if isinstance(stored, ScaledFp8):
+            return [writer.name(stored.data), writer.name(stored.scale)]
+        return writer.name(stored)
+
+    def input_(x: torch.Tensor | None) -> str | None:
+        if x is None:
+            return None
+        return f"{_READ}{reads[id(x)]}" if id(x) in reads else writer.name(x)
+
+    outputs = [output(s, stored) for s, stored in enumerate(runtime.outputs)]
+    layout = {
+        "format": STATE_FORMAT,
+        "storage": runtime.storage.value,
+        "outputs": outputs,
+        "inputs": [input_(x) for x in runtime.inputs],
+        "projections": {str(k): writer.name(p) for k, p in runtime.projections.items()},
+        "final": writer.name(runtime.final),
+        "metric": runtime.metric,
+        "active_from": runtime.active_from,
+        "plan": {str(k): [u.query_head, u.kv_group] for k, u in runtime.plan.items()},
+        "rows_only": sorted(runtime.rows_only),
+        "removed_from": runtime.edge_state.removed_from,
+    }
+    return save(writer.tensors, metadata={"layout": json.dumps(layout)})
+
+
+def restore(runtime: PatchingRuntime, data: bytes) -> None:
+    """Make the state saved by :func:`encode` the runtime's. Everything is read and checked first: a file that does
+    not fit is a :class:`StateMismatch` and leaves the runtime untouched."""
+    try:
+        tensors = load(data)
+        layout = json.loads(_metadata(data))
+    except Exception as error:  # safetensors' own errors: a damaged file is refused, whatever it raises
+        raise StateMismatch(f"the state file is unreadable: {error}") from None
+    _check_layout(runtime, layout, tensors)
+    device = runtime.device
+    moved = {name: t.to(device) for name, t in tensors.items()}
+
+    def output(s: int, ref: str | list[str]) -> Stored:
+        if ref == _CLEAN:
+            return runtime.clean[s]
+        if isinstance(ref, list):
+            return ScaledFp8(moved[ref[0]], moved[ref[1]])
+        return moved[ref]
+
+    def input_(ref: str | None) -> torch.Tensor | None:
+        if ref is None:
+            return None
+        return runtime.clean_reads[int(ref[len(_READ) :])] if ref.startswith(_READ) else moved[ref]
+
+    outputs = [output(s, ref) for s, ref in enumerate(layout["outputs"])]
+    inputs = [input_(ref) for ref in layout["inputs"]]
+    runtime.reset()
+    runtime.outputs, runtime.inputs = outputs, inputs
+    runtime.projections = {int(k): moved[name] for k, name in layout["projections"].items()}
+    runtime.final, runtime.metric = moved[layout["final"]], float(layout["metric"])
+    runtime.active_from, runtime.rows_only = int(layout["active_from"]), set(layout["rows_only"])
+    runtime.plan = {int(k): FullPrecisionUnits(q, kv) for k, (q, kv) in layout["plan"].items()}
+    for row, senders in enumerate(layout["removed_from"]):
+        runtime.edge_state.mark_removed(row, senders)
+
+
+def removed_edges(data: bytes) -> set[tuple[int, int]]:
+    """The removed edges a state file holds, to check it against the checkpoint's decisions."""
+    try:
+        layout = json.loads(_metadata(data))
+        return {(row, s) for row, senders in enumerate(layout["removed_from"]) for s in senders}
+    except (ValueError, KeyError, TypeError) as error:
+        raise StateMismatch(f"the state file is unreadable: {error}") from None
+
+
+def _metadata(data: bytes) -> str:
+    """The layout JSON from a safetensors file's header (safetensors' own loader drops the metadata)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size])["__metadata__"]["layout"]
+
+
+def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """The layout was written by this version for a runtime of this shape, and every tensor it names exists (outputs
+    with the dtypes and width the runtime stores, inputs with the stream's width)."""
+    if not isinstance(layout, dict) or layout.get("format") != STATE_FORMAT:
+        raise StateMismatch("the state file was written by another version of pahq_fx")
+    if layout.get("storage") != runtime.storage.value:
+        raise StateMismatch(f"the state file holds {layout.get('storage')} storage, this run {runtime.storage.value}")
+    sizes = (len(layout["outputs"]), len(layout["inputs"]), len(layout["removed_from"]))
+    if sizes != (len(runtime.clean), len(runtime.inputs), len(runtime.inputs)):
+        raise StateMismatch("the state file belongs to a model with other edges")
+    for s, ref in enumerate(layout["outputs"]):
+        if ref == _CLEAN:
+            continue
+        clean = runtime.codec.tensors(runtime.clean[s])
+        parts = ref if isinstance(ref, list) else [ref]
+        if len(parts) != len(clean) or any(
+            p not in tensors or tensors[p].dtype != c.dtype or tensors[p].shape[-1] != c.shape[-1]
+            for p, c in zip(parts, clean, strict=False)
+        ):
+            raise StateMismatch(f"the state file's output of sender {s} does not fit this model")
+    width, reads = runtime.clean_reads[0].shape[-1], len(runtime.clean_reads)
+    for ref in layout["inputs"]:
+        if ref is None:
+            continue
+        if ref.startswith(_READ) and not 0 <= int(ref[len(_READ) :]) < reads:
+            raise StateMismatch("the state file names a step this model lacks")
+        if not ref.startswith(_READ) and (ref not in tensors or tensors[ref].shape[-1] != width):
+            raise StateMismatch("the state file's receiver inputs do not fit this model")
+    if any(name not in tensors for name in (*layout["projections"].values(), layout["final"])):
+        raise StateMismatch("the state file lacks tensors its layout names")
