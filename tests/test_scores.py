@@ -140,7 +140,8 @@ def test_acdc_circuits_form_a_step_curve_on_the_fraction_grid():
 
 def test_scores_round_trip_through_both_file_layouts(small_session, tmp_path):
     """pahq_fx's file and EAP-IG's layout (embed -> input, resid_post -> logits, a0.h1.q -> a0.h1<q>) load back to the
-    same scores; a graph EAP-IG cannot express (key/value groups) is refused with one line."""
+    same scores; key/value groups are written per head, sharing the group's score; a graph EAP-IG cannot express
+    (a post-attention norm) is refused with one line."""
     scores = scores_of_session(small_session, progress=False)
     scores.save(tmp_path / "scores.json")
     (tmp_path / "importances.json").write_text(json.dumps(scores.to_eap_json()))
@@ -150,8 +151,12 @@ def test_scores_round_trip_through_both_file_layouts(small_session, tmp_path):
     for name in ("scores.json", "importances.json"):
         assert load_scores(tmp_path / name).by_edge() == scores.by_edge()
     grouped = edge_scores(build(Spec("llama", 1, 2, 1, 4)), answered_task(1), progress=False, allow_weak_task=True)
-    with pytest.raises(PahqError, match="key/value groups"):
-        grouped.to_eap_json()
+    written = grouped.to_eap_json()["edges"]  # a key/value group's edge, shared among its two heads
+    group_score = grouped.by_edge()[("embed", "a0.g0.k")]
+    assert written["input->a0.h0<k>"]["score"] == written["input->a0.h1<k>"]["score"] == pytest.approx(group_score / 2)
+    normed = edge_scores(build(Spec("gemma2", 1, 2, 2, 4)), answered_task(1), progress=False, allow_weak_task=True)
+    with pytest.raises(PahqError, match="post-attention norms"):
+        normed.to_eap_json()
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(PahqError, match="not a score file"):
         load_scores(tmp_path / "bad.json")

@@ -253,14 +253,30 @@ def edge_values(circuit: Circuit, layout: EapLayout) -> EdgeValues:
     return EdgeValues(layout.cfg, scores, in_graph)
 
 
-def write_json(circuit: Circuit, path: str | Path, layout: EapLayout) -> Path:
+def score_values(scores: dict[tuple[str, str], float], layout: EapLayout) -> EdgeValues:
+    """Every EAP-IG edge of ``layout`` scored and in the graph: an importance file, as MIB's evaluation reads one. A key
+    or value group edge's score is shared among its heads (module docstring); an edge ``scores`` lacks scores 0."""
+    values: dict[str, float] = {}
+    shares: dict[str, int] = {}
+    for (parent, child), edge in layout.translation.items():
+        if edge[1] not in shares:
+            shares[edge[1]] = layout.share(edge[1])
+        values[f"{parent}->{child}"] = scores.get(edge, 0.0) / shares[edge[1]]
+    return EdgeValues(layout.cfg, values, dict.fromkeys(values, True))
+
+
+def graph_json(values: EdgeValues, layout: EapLayout) -> dict[str, Any]:
     """EAP-IG's ``Graph.to_json`` layout: ``cfg``, ``nodes`` (``in_graph``), ``edges`` (``score``, ``in_graph``)."""
-    values = edge_values(circuit, layout)
     used = _used_nodes(values)
     nodes = {node: {"in_graph": node in used} for node in layout.src_nodes()}
     nodes[names.EAP_LOGITS] = {"in_graph": True}  # EAP-IG's logits node is always in the graph
     edges = {name: {"score": score, "in_graph": values.in_graph[name]} for name, score in values.scores.items()}
-    return write_text(path, json.dumps({"cfg": values.cfg, "nodes": nodes, "edges": edges}))
+    return {"cfg": values.cfg, "nodes": nodes, "edges": edges}
+
+
+def write_json(circuit: Circuit, path: str | Path, layout: EapLayout) -> Path:
+    """The circuit in EAP-IG's ``Graph.to_json`` layout (:func:`graph_json`)."""
+    return write_text(path, json.dumps(graph_json(edge_values(circuit, layout), layout)))
 
 
 def write_pt(circuit: Circuit, path: str | Path, layout: EapLayout) -> Path:

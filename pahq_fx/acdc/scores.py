@@ -10,6 +10,7 @@ attribution sign (its metric is the negated logit difference).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -22,9 +23,10 @@ from torch import nn
 
 from .. import names
 from ..atomic import write_text
-from ..errors import PahqError
+from ..errors import CircuitFormatError, PahqError
 from ..metrics import Metric
 from ..precision import Format
+from .eap_graph import EapLayout, graph_json, layout_of, score_values
 from .edges import EdgeGraph
 from .run_info import eager_forward_seconds, peak_memory_mb
 from .runtime import PatchingRuntime
@@ -64,7 +66,8 @@ class EdgeScores:
     """A score for every edge of a model's graph, in ACDC's visiting order, with what they were measured on.
 
     ``full_model`` is the metric of the full model the scores are differences from. ``eap_config`` is what
-    EAP-IG's layout needs (layers, heads, parallel attention and MLP, d_model) where the graph fits that layout."""
+    EAP-IG's layout needs (layers, heads, parallel attention and MLP, d_model) where the graph fits that layout, and
+    ``eap_groups`` each layer's key/value group of every head (None where heads have their own keys and values)."""
 
     scores: tuple[EdgeScore, ...]
     metric: str
@@ -74,6 +77,7 @@ class EdgeScores:
     task: dict[str, Any] = field(default_factory=dict)
     stats: ScoreStats | None = None
     eap_config: dict[str, Any] | None = None
+    eap_groups: tuple[tuple[int, ...] | None, ...] | None = None
 
     def by_edge(self) -> dict[Edge, float]:
         return {(e.sender, e.receiver): e.score for e in self.scores}
@@ -118,16 +122,17 @@ class EdgeScores:
 
     def to_eap_json(self) -> dict[str, Any]:
         """EAP-IG's graph layout (``cfg``, ``nodes``, ``edges`` named ``input->a0.h1<q>``), every edge in the graph:
-        what MIB's evaluation reads as ``importances.json``. Only graphs EAP-IG can express (per-head key and value
-        inputs, attention heads and one MLP per layer); others raise :class:`PahqError`."""
+        what MIB's evaluation reads as ``importances.json``; a key/value group's score is shared among its heads
+        (docs/mib.md). Only graphs EAP-IG can express; others raise :class:`PahqError`."""
         if self.eap_config is None:
             raise PahqError(
-                "EAP-IG's layout has only per-head query/key/value inputs and one MLP per layer; this model's graph "
-                "(key/value groups, post-attention norms or other components) does not fit it"
+                "EAP-IG's layout has attention heads and one MLP per layer; this model's graph (post-attention norms or "
+                "other components) does not fit it"
             )
-        edges = {names.eap_edge(e.sender, e.receiver): {"score": e.score, "in_graph": True} for e in self.scores}
-        nodes = {names.eap_node(n): {"in_graph": True} for n in _nodes(self.scores)}
-        return {"cfg": dict(self.eap_config), "nodes": nodes, "edges": edges}
+        layout = EapLayout.from_cfg(self.eap_config)
+        if self.eap_groups is not None:
+            layout = dataclasses.replace(layout, groups=tuple(None if g is None else tuple(g) for g in self.eap_groups))
+        return graph_json(score_values(self.by_edge(), layout), layout)
 
 
 def _nodes(scores: tuple[EdgeScore, ...]) -> list[str]:
@@ -154,6 +159,7 @@ def load_scores(path: str | Path) -> EdgeScores:
                 task=data.get("task", {}),
                 stats=ScoreStats(**stats) if stats else None,
                 eap_config=data.get("eap_config"),
+                eap_groups=data.get("eap_groups"),
             )
         if isinstance(data.get("edges"), dict) and "cfg" in data:
             scores = tuple(EdgeScore(*names.from_eap_edge(name), float(info["score"])) for name, info in data["edges"].items())
@@ -163,18 +169,13 @@ def load_scores(path: str | Path) -> EdgeScores:
     raise PahqError(f"{path} is not a score file: neither pahq_fx scores ({FORMAT}) nor an EAP-IG graph (cfg, nodes, edges)")
 
 
-def eap_config(edges: EdgeGraph, d_model: int) -> dict[str, Any] | None:
-    """EAP-IG's ``cfg`` for this graph, or None where EAP-IG's layout cannot express it (key/value groups,
-    post-attention norms, several or no whole components per layer, components before the first layer)."""
-    hg = edges.head_graph
-    layers = hg.layers
-    if hg.leading or not layers or len({layer.n_heads for layer in layers}) != 1:
+def eap_layout(edges: EdgeGraph) -> EapLayout | None:
+    """The EAP-IG graph of this model, or None where EAP-IG's layout cannot express it (post-attention norms, several
+    or no whole components per layer, components before the first layer)."""
+    try:
+        return layout_of(edges.head_graph)
+    except CircuitFormatError:
         return None
-    if any(layer.grouped or layer.has_output_norm or len(layer.components) != 1 for layer in layers):
-        return None
-    mlp = edges.receivers[edges.receiver_index[layers[0].components[0].name]]
-    parallel = not any(edges.senders[s].component == names.attention(layers[0].index) for s in mlp.senders)
-    return {"n_layers": len(layers), "n_heads": layers[0].n_heads, "parallel_attn_mlp": parallel, "d_model": d_model}
 
 
 def edge_scores(
@@ -212,7 +213,7 @@ def scores_of_session(session: Session, *, progress: bool = True, batch: bool = 
     setup_s = session.setup_s
     wall_s = (time.perf_counter() - started) if started is not None else setup_s + scoring_s
     task = session.task
-    d_model = edges.head_graph.d_model
+    layout = eap_layout(edges)
     return EdgeScores(
         scores=tuple(
             EdgeScore(edges.senders[s].name, r.name, values[(row, s)]) for row, r in enumerate(edges.receivers) for s in r.senders
@@ -229,7 +230,8 @@ def scores_of_session(session: Session, *, progress: bool = True, batch: bool = 
         stats=ScoreStats(
             wall_s, setup_s, scoring_s, forward_s, scoring_s / n / forward_s, passes, peak_memory_mb(runtime.device)
         ),
-        eap_config=eap_config(edges, d_model),
+        eap_config=None if layout is None else layout.cfg,
+        eap_groups=None if layout is None else layout.groups,
     )
 
 
