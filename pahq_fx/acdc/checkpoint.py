@@ -174,9 +174,9 @@ class Checkpoint:
 
     def finish(self) -> None:
         """The run is complete: its checkpoint has nothing left to resume."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.state_path.unlink(missing_ok=True)
+        for path in (self.path, self.state_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 def resume(

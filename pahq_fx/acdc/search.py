@@ -267,6 +267,8 @@ def _calibrated_runtime(
     receiver = probe_receiver(fp32[1])
     seconds = {Format.FP32: seconds_per_query(fp32[0], receiver)}
     failed: dict[Format, str] = {}
+    runtime: PatchingRuntime | None
+    edges: EdgeGraph | None
     for fmt in formats_to_try(task.clean_input_ids.device)[1:]:
         try:  # one low-precision runtime at a time beside FP32's: each holds caches of its own
             runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage)

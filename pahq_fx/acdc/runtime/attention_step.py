@@ -9,20 +9,22 @@ from ... import names
 from ...names import Role
 from ...precision import FullPrecisionUnits
 from ...split import AttentionBlock
+from ..edges import ReceiverKind
 from .deltas import Pending
 from .index import ROLES
+from .state import Aux, RuntimeState
 
 
-class AttentionStep:
+class AttentionStep(RuntimeState):
     """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: an attention step's recomputation."""
 
     def _projections(
         self,
         block: AttentionBlock,
-        rows: dict[Role, list[int]],
+        rows: dict[Role | ReceiverKind, list[int]],
         order: dict[Role, list[int]],
         units: FullPrecisionUnits,
-        norm_aux: list[torch.Tensor],
+        norm_aux: list[Aux],
         new_inputs: dict[int, torch.Tensor],
     ) -> list[torch.Tensor]:
         """The listed units' projections, by role, [B, T, units, width]. Receivers often hold one shared input tensor
@@ -35,7 +37,8 @@ class AttentionStep:
         for role in ROLES:
             slots[role] = []
             for u in order[role]:
-                x = new_inputs.get(rows[role][u], self.inputs[rows[role][u]])
+                row = rows[role][u]
+                x = new_inputs[row] if row in new_inputs else self._input(row)
                 if id(x) not in slot:
                     slot[id(x)] = len(distinct)
                     distinct.append(self._flat(x))
@@ -72,7 +75,9 @@ class AttentionStep:
         rows = self.index.step_rows[k]
         dirty: dict[Role, set[int]] = {role: set() for role in ROLES}
         for row in changed:
-            dirty[self.index.row_role[row]].add(self.index.row_unit[row])
+            role = self.index.row_role[row]
+            assert role is not None, "an attention step's receivers are attention inputs"
+            dirty[role].add(self.index.row_unit[row])
         if old_units is not None:
             for head in {old_units.query_head, units.query_head} - {-1}:
                 dirty[Role.QUERY].add(head)
@@ -102,9 +107,9 @@ class AttentionStep:
         pending.projections[k] = self._unflat(projections)
         if not heads:
             return {}
-        heads = sorted(heads)
+        ordered = sorted(heads)
         z = self._cores[k](*block.scatter(projections), *core_aux)
-        z_heads = layout.z_of(z, heads)
-        out = self._unflat(block.o.units(z_heads, heads, units.query_head))
-        pending.recomputed.extend(names.head(block.layer, h) for h in heads)
-        return {senders[h]: out.select(-2, i) for i, h in enumerate(heads)}
+        z_heads = layout.z_of(z, ordered)
+        out = self._unflat(block.o.units(z_heads, ordered, units.query_head))
+        pending.recomputed.extend(names.head(block.layer, h) for h in ordered)
+        return {senders[h]: out.select(-2, i) for i, h in enumerate(ordered)}

@@ -4,6 +4,7 @@ components act per token (so that they can run on the metric's rows alone)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -13,19 +14,20 @@ from ...split import StepKind
 from ..row_batch import RowBatch
 from ..storage import Stored
 from ..task import Task
+from .state import Aux, RuntimeState, tensor_sum
 
 
-class CacheSetup:
+class CacheSetup(RuntimeState):
     """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: its caches, built once at setup."""
 
     def _setup_caches(self, task: Task) -> None:
         """FP32 clean and corrupted outputs of every sender, clean reads of every step, the clean final read."""
-        prelude = self.graph.prelude(task.clean_input_ids)
+        prelude = self._prelude(task.clean_input_ids)
         self.aux = tuple(prelude[1:])
         self._final_aux = self._aux(self.structure.final_aux)
         self.clean, self.clean_reads, clean_final = self._full_run(prelude[0])
         self.corrupt_minus_clean, _, _ = self._full_run(
-            self.graph.prelude(task.corrupted_input_ids)[0], lambda s, x: self.codec.store(x - self.clean[s])
+            self._prelude(task.corrupted_input_ids)[0], lambda s, x: self.codec.store(x - cast(torch.Tensor, self.clean[s]))
         )
         full = self._unembed_all(clean_final)
         self.clean_distribution = CleanDistribution.of(full)
@@ -47,7 +49,7 @@ class CacheSetup:
         }
         # Stored one at a time, each FP32 output released as its stored form replaces it.
         for i, x in enumerate(self.clean):
-            self.clean[i] = self.codec.store(x)
+            self.clean[i] = self.codec.store(cast(torch.Tensor, x))
         self._cmc_rows = [self.final_rows_of(self.codec.load(c)) for c in self.corrupt_minus_clean]
 
     def final_rows_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +65,13 @@ class CacheSetup:
         keeps its change from the clean run, stored, so its FP32 outputs never all exist at once)."""
         outputs: list[Stored | None] = [None] * len(self.edges.senders)
         totals = {names.EMBED: embed}
-        reads = []
+        reads: list[torch.Tensor] = []
 
         def keep(sender: int, x: torch.Tensor) -> None:
             outputs[sender] = x if finish is None else finish(sender, x)
 
         for k, step in enumerate(self.steps):
-            read = sum(totals[c] for c in step.reads)
+            read = tensor_sum(totals[c] for c in step.reads)
             reads.append(read)
             block = getattr(self.graph, step.module)
             if step.kind is StepKind.ATTENTION:
@@ -84,29 +86,27 @@ class CacheSetup:
         for sender, x in enumerate(outputs):  # the embedding's sender: no step writes it
             if x is None:
                 keep(sender, embed)
-        final = sum(totals[c] for c in self.structure.final_reads)
-        return outputs, reads, final
+        final = tensor_sum(totals[c] for c in self.structure.final_reads)
+        return cast(list[Stored], outputs), reads, final  # every sender's output is set above
 
     def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.graph.unembed(x, *self._final_aux)
+        logits = self._unembed(x, *self._final_aux)
         return logits.flatten(0, 1).index_select(0, self.positions)
 
     def _token_wise_unembedding(self, x: torch.Tensor, full: torch.Tensor, rows: RowBatch) -> bool:
         """Whether the final norm and unembedding act per token, so only the metric rows need to go through them."""
         try:
-            got = rows.unpack(
-                self.graph.unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux)
-            )
+            got = rows.unpack(self._unembed(rows.pack(x.flatten(0, 1).index_select(0, self.positions)), *self._row_final_aux))
             return got.shape == full.shape and bool(torch.allclose(got, full, rtol=1e-5, atol=1e-5))
         except (RuntimeError, IndexError):  # a graph specialised to the batch shape: the whole batch goes through
             return False
 
-    def _prelude_aux(self, rows: RowBatch) -> tuple | None:
+    def _prelude_aux(self, rows: RowBatch) -> tuple[Aux, ...] | None:
         """The prelude's auxiliary values (sizes, masks) for the shape of ``rows``: what a component computed on the
         final read's rows alone needs (MLPs that flatten the stream take the batch and sequence sizes)."""
         ids = self._clean_ids.new_zeros(rows.shape)
         try:
-            return tuple(self.graph.prelude(ids)[1:])
+            return tuple(self._prelude(ids)[1:])
         except (RuntimeError, IndexError, ValueError):  # a prelude specialised to the batch: components run on it whole
             return None
 
@@ -119,7 +119,8 @@ class CacheSetup:
             rows = self.row_batch.unpack(self._components[k](self.row_batch.pack(self.final_rows_of(x)), *self._row_aux(k)))
         except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)
             return False
-        full = self.clean[self.index.step_senders[k][0]]  # its FP32 clean output (setup runs this before storing), from this read
+        # its FP32 clean output (setup runs this before storing), from this read
+        full = cast(torch.Tensor, self.clean[self.index.step_senders[k][0]])
         return rows.shape == (len(self.final_rows), x.shape[-1]) and bool(
             torch.allclose(rows, self.final_rows_of(full), rtol=1e-5, atol=1e-5)
         )

@@ -7,9 +7,10 @@ import torch
 
 from ...metrics import metric_value
 from ..row_batch import RowBatch
+from .state import Aux, RuntimeState
 
 
-class CandidateBatches:
+class CandidateBatches(RuntimeState):
     """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: candidate batches and the shapes they run at."""
 
     @torch.no_grad()
@@ -34,7 +35,7 @@ class CandidateBatches:
             self._pending = self._remove({row: senders})
             return [self._pending.metric]
         self._pending = None
-        base = self.final if row == self.index.final_row else self.inputs[row]
+        base = self.final if row == self.index.final_row else self._input(row)
         inputs, prefix = [], base
         for s, before in zip(senders, removed_before, strict=True):
             inputs.append(prefix + self._removal_change(row, s))
@@ -90,7 +91,7 @@ class CandidateBatches:
         """The prelude's auxiliary values at k times the task's batch, checked against the task's own."""
         if k in self._candidate_aux:
             return
-        aux = tuple(self.graph.prelude(self._clean_ids.repeat(k, 1))[1:])
+        aux = tuple(self._prelude(self._clean_ids.repeat(k, 1))[1:])
         for mine, theirs in zip(self.aux, aux, strict=True):
             if not isinstance(mine, torch.Tensor):  # a size: the batch's becomes the candidate batch's
                 batch = self._clean_ids.shape[0]
@@ -127,8 +128,9 @@ class CandidateBatches:
         seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*tensors, self.final]}
         return sum(seen.values())
 
-    def _row_aux(self, k: int) -> list[torch.Tensor]:
+    def _row_aux(self, k: int) -> list[Aux]:
         aux = self._rows_prelude_aux if self._candidates is None else self._candidate_rows[self._candidates][1]
+        assert aux is not None, "a row-only component runs where the rows' prelude values exist"
         return [aux[i] for i in self.steps[k].aux]
 
     def _row_component(self, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -159,9 +161,9 @@ class CandidateBatches:
             else:
                 rows, _, aux = self._candidate_rows[k]
                 flat = final_rows.flatten(0, 1)
-            logits = self._unflat(rows.unpack(self.graph.unembed(rows.pack(flat), *aux)))
+            logits = self._unflat(rows.unpack(self._unembed(rows.pack(flat), *aux)))
         else:
             stream = final_rows.reshape(-1, *self._final_shape[1:])
-            logits = self._unflat(self.graph.unembed(stream, *self._aux(self.structure.final_aux)))
+            logits = self._unflat(self._unembed(stream, *self._aux(self.structure.final_aux)))
             logits = logits.flatten(-3, -2).index_select(-2, self.positions)
         return metric_value(self.metric_kind, logits, self.clean_distribution, self.correct, self.incorrect)

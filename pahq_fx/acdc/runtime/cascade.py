@@ -12,14 +12,15 @@ from ...precision import FullPrecisionUnits
 from ...split import StepKind
 from ..storage import Stored
 from .deltas import Deltas, Pending
+from .state import RuntimeState, tensor_sum
 
 
-class Cascade:
+class Cascade(RuntimeState):
     """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: what a query recomputes."""
 
     def _remove(self, removals: dict[int, list[int]]) -> Pending:
         """Removing (s, r) changes r's input by ``corrupt_s - current_s``; the cascade does the rest."""
-        changes = {}
+        changes: dict[int, torch.Tensor] = {}
         for row, senders in removals.items():
             self._check_removable(row, senders)
             for s in senders:
@@ -71,7 +72,7 @@ class Cascade:
             if all(self.reads_rows(r) for r in self.edge_state.kept_out[sender]):
                 self.rows_only.add(k)
                 row = next(iter(self.index.step_rows[k].values()))[0]  # the component's one receiver
-                self.inputs[row] = self.final_rows_of(self.inputs[row])
+                self.inputs[row] = self.final_rows_of(self._input(row))
                 self.outputs[sender] = self.codec.select_rows(self.outputs[sender], self.final_rows)
 
     def _cascade(
@@ -132,7 +133,7 @@ class Cascade:
         final_change = changes.get(self.index.final_row)
         reaching = [s for s in deltas if s in kept_in[self.index.final_row]]
         if reaching:
-            total = sum(self._as_read_by(self.index.final_row, d, s) for s, d in deltas.terms(reaching))
+            total = tensor_sum(self._as_read_by(self.index.final_row, d, s) for s, d in deltas.terms(reaching))
             final_change = total if final_change is None else final_change + total
         final = given.get(self.index.final_row)
         if final_change is not None:
@@ -205,7 +206,7 @@ class Cascade:
             for s in self.edge_state.removed_from[row]:
                 x = x + self.codec.load(self.corrupt_minus_clean[s])
         else:
-            x = self.inputs[row]
+            x = self._input(row)
         if change is not None:
             x = x + change
         for s, d in deltas.terms(reaching):

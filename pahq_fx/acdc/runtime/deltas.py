@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -55,14 +55,15 @@ class Deltas:
             self._groups[step] = list(senders)
             self._group_of.update(dict.fromkeys(senders, step))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self._changes)
 
     def change(self, sender: int) -> torch.Tensor:
         """One sender's change, kept once computed."""
-        if self._changes[sender] is None:
-            self._changes[sender] = self._change(sender)
-        return self._changes[sender]
+        change = self._changes[sender]
+        if change is None:
+            change = self._changes[sender] = self._change(sender)
+        return change
 
     def terms(self, reaching: list[int]) -> list[tuple[int, torch.Tensor]]:
         """(a sender standing for the term, change) for each term a receiver reached by ``reaching`` adds, in
@@ -84,6 +85,6 @@ class Deltas:
         """The step's heads' summed change; a head's change not kept already is computed for the sum and dropped."""
         if step not in self._sums:
             kept = self._changes
-            parts = (kept[s] if kept[s] is not None else self._change(s) for s in self._groups[step])
+            parts = (c if (c := kept[s]) is not None else self._change(s) for s in self._groups[step])
             self._sums[step] = functools.reduce(operator.add, parts)
         return self._sums[step]

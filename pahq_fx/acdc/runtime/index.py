@@ -52,13 +52,13 @@ class RuntimeIndex:
         self.edges = edges
         step_index = {s.name: k for k, s in enumerate(steps)}
         self.row_step: list[int] = []
-        self.step_rows: list[dict[str, list[int]]] = [{} for _ in steps]
+        self.step_rows: list[dict[Role | ReceiverKind, list[int]]] = [{} for _ in steps]
         for row, r in enumerate(edges.receivers):
             if r.kind is ReceiverKind.RESID_POST:
                 self.final_row = row
                 self.row_step.append(len(steps))
                 continue
-            k = step_index[names.attention(r.layer) if r.is_attention_input else r.name]
+            k = step_index[names.attention(r.attention_input[0]) if r.is_attention_input else r.name]
             self.row_step.append(k)
             units = self.step_rows[k].setdefault(r.role or r.kind, [])
             unit = 0 if r.unit is None else r.unit

@@ -20,8 +20,8 @@ holds only the rows the metric reads when the unembedding is token-wise.
 
 The parts, one job each: :mod:`.index` (the immutable index of rows, senders and steps), :mod:`.edge_state` (the
 removed and kept edges), :mod:`.caches` (setup), :mod:`.cascade` and :mod:`.attention_step` (what a query
-recomputes), :mod:`.deltas` (a query's tentative values), :mod:`.candidates` (candidate batches); this module
-holds the state and the public API.
+recomputes), :mod:`.deltas` (a query's tentative values), :mod:`.candidates` (candidate batches), :mod:`.state`
+(what the parts share, declared for the type checker); this module holds the state and the public API.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from .cascade import Cascade
 from .deltas import Pending
 from .edge_state import EdgeState
 from .index import RuntimeIndex
+from .state import Aux, Kernel
 
 
 def _stream_shaped(fn: Callable) -> Callable:
@@ -72,6 +73,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         storage: Storage = Storage.FP32,
     ) -> None:
         self.graph = graph
+        self._prelude, self._unembed = graph.get_submodule("prelude"), graph.get_submodule("unembed")
         self.storage = storage
         self.codec = codec(storage)
         self.edges = edges
@@ -82,7 +84,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         report = graph_meta.precision_report(graph)
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self.index = RuntimeIndex(graph, self.steps, edges)
-        self._components, self._cores, self._metric = self._kernels(compile)
+        self._components, self._cores, self._metric = self._kernels()
         self.device = task.clean_input_ids.device
         self._clean_ids = task.clean_input_ids
         self._compiled = compile
@@ -90,9 +92,9 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         self._candidate_support: bool | None = None
         self._candidate_removed: list[tuple[tuple[int, int], ...]] = []
         self.candidate_refusal = ""
-        self._candidate_aux: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._candidate_aux: dict[int, tuple[Aux, ...]] = {}
         # per candidate count: the final read's rows as one batch, the prelude's values for it, the final read's values
-        self._candidate_rows: dict[int, tuple[RowBatch, tuple, list[torch.Tensor]]] = {}
+        self._candidate_rows: dict[int, tuple[RowBatch, tuple[Aux, ...], list[Aux]]] = {}
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
             self._setup_caches(task)
@@ -131,21 +133,22 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
     def compile_seconds(self) -> float:
         return 0.0 if self.counter is None else self.counter.seconds
 
-    def _kernels(self, compile: bool) -> tuple[dict[int, Callable], dict[int, Callable], Callable]:
+    def _kernels(self) -> tuple[dict[int, Kernel], dict[int, Kernel], Kernel]:
         """MLPs and post-attention norms, attention cores by step, and the final read + metric: eager, or compiled
         once per component structure with weights as inputs (every layer's MLP shares one graph). Per-head
         projections and norms stay eager: their shapes change with the number of heads a query reaches."""
         mlps = {k: getattr(self.graph, s.module) for k, s in enumerate(self.steps) if s.kind is not StepKind.ATTENTION}
         cores = {k: getattr(self.graph, s.module).core for k, s in enumerate(self.steps) if s.kind is StepKind.ATTENTION}
-        if not compile:
+        counter = self.counter  # set where the runtime compiles
+        if counter is None:
             return mlps, cores, self._final_metric
         inner = [m.component if isinstance(m, StreamShaped) else m for m in mlps.values()]
-        for k, fn in zip(list(mlps), compile_by_structure(inner, self.counter), strict=True):
+        for k, fn in zip(list(mlps), compile_by_structure(inner, counter), strict=True):
             mlps[k] = _stream_shaped(fn)
-        compiled_cores = dict(zip(cores, compile_by_structure(list(cores.values()), self.counter), strict=True))
-        return mlps, compiled_cores, torch.compile(self._final_metric, backend=self.counter, dynamic=False)
+        compiled_cores = dict(zip(cores, compile_by_structure(list(cores.values()), counter), strict=True))
+        return mlps, compiled_cores, torch.compile(self._final_metric, backend=counter, dynamic=False)
 
-    def _aux(self, indices: Iterable[int]) -> list[torch.Tensor]:
+    def _aux(self, indices: Iterable[int]) -> list[Aux]:
         """The prelude's auxiliary values at the batch that runs now: the task's, or a candidate batch's."""
         aux = self.aux if self._candidates is None else self._candidate_aux[self._candidates]
         return [aux[i] for i in indices]
@@ -171,11 +174,12 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         """FP32 units while ``receiver`` is investigated: its head (q), its key/value group (k, v); none otherwise."""
         if not self.low_precision or not receiver.is_attention_input:
             return {}
-        layer = self.edges.head_graph.layers[receiver.layer]
-        if receiver.role is Role.QUERY:
-            units = FullPrecisionUnits(receiver.unit, layer.kv_group_of_head[receiver.unit])
+        layer_index, role, unit = receiver.attention_input
+        layer = self.edges.head_graph.layers[layer_index]
+        if role is Role.QUERY:
+            units = FullPrecisionUnits(unit, layer.kv_group_of_head[unit])
         else:
-            units = FullPrecisionUnits(-1 if layer.grouped else receiver.unit, receiver.unit)
+            units = FullPrecisionUnits(-1 if layer.grouped else unit, unit)
         return {self.index.row_step[self.edges.receiver_index[receiver.name]]: units}
 
     @torch.no_grad()
@@ -226,10 +230,11 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
     def commit(self) -> float:
         """Make the last tentative values the state; returns the metric."""
         pending, self._pending = self._pending, None
+        assert pending is not None, "commit() follows a query"
         for row, x in pending.inputs.items():
             self.inputs[row] = x
-        for s, x in pending.outputs.items():
-            self.outputs[s] = x
+        for s, stored in pending.outputs.items():
+            self.outputs[s] = stored
         self.projections.update(pending.projections)
         for row, s in pending.removed:
             self.edge_state.mark_removed(row, [s])
