@@ -38,8 +38,8 @@ def _seconds(fn) -> float:
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, fmt: str, repeats: int, compile: bool) -> dict:
     from pahq_fx import passes
-    from pahq_fx.pipeline import lower_split
-    from pahq_fx.precision import PrecisionConfig
+    from pahq_fx.passes.pipeline import lower_split
+    from pahq_fx.passes.precision import PrecisionConfig
 
     start = time.perf_counter()
     traced = passes.trace(model, ids)

@@ -36,15 +36,15 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pahq_fx
-from pahq_fx import graph_meta
 from pahq_fx.acdc import EdgeGraph, Metric
 from pahq_fx.acdc import plan as planning
 from pahq_fx.acdc.run_info import eager_forward_seconds
 from pahq_fx.acdc.runtime import PatchingRuntime
 from pahq_fx.acdc.search import prepare, search
 from pahq_fx.acdc.setup import _trace_for
-from pahq_fx.pipeline import lower_split
-from pahq_fx.precision import Format, PrecisionConfig
+from pahq_fx.ir import graph_meta
+from pahq_fx.passes.pipeline import lower_split
+from pahq_fx.passes.precision import Format, PrecisionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

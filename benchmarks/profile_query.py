@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import pahq_fx
-    from pahq_fx import graph_meta
     from pahq_fx.acdc import EdgeGraph, Metric
     from pahq_fx.acdc.runtime import PatchingRuntime
-    from pahq_fx.pipeline import build
-    from pahq_fx.precision import PrecisionConfig
+    from pahq_fx.ir import graph_meta
+    from pahq_fx.passes.pipeline import build
+    from pahq_fx.passes.precision import PrecisionConfig
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -40,11 +40,11 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(args: argparse.Namespace, fmt: str, model, task) -> dict:
-    from pahq_fx import graph_meta
     from pahq_fx.acdc import EdgeGraph, Metric
     from pahq_fx.acdc.runtime import PatchingRuntime
-    from pahq_fx.pipeline import build
-    from pahq_fx.precision import PrecisionConfig
+    from pahq_fx.ir import graph_meta
+    from pahq_fx.passes.pipeline import build
+    from pahq_fx.passes.precision import PrecisionConfig
 
     graph = build(model, task.clean_input_ids, PrecisionConfig(fmt))
     edges = EdgeGraph(graph_meta.head_graph(graph))

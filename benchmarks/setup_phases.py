@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import statistics
@@ -63,9 +64,10 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     import pahq_fx
-    from pahq_fx import pipeline
-    from pahq_fx import trace as trace_module
     from pahq_fx.acdc import setup
+    from pahq_fx.passes import pipeline
+
+    trace_module = importlib.import_module("pahq_fx.passes.trace")  # the name pahq_fx.passes.trace is the function
 
     model, task = load_model_and_task(args)
     seconds: dict[str, float] = {}

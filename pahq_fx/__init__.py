@@ -38,11 +38,11 @@ _PUBLIC = {
     "TaskError": ".errors",
     "UnsupportedArchitectureError": ".errors",
     "UnsupportedFormatError": ".errors",
-    "HeadGraph": ".head_graph",
-    "LayerInfo": ".head_graph",
+    "HeadGraph": ".ir.head_graph",
+    "LayerInfo": ".ir.head_graph",
     "Format": ".formats",
-    "Granularity": ".precision",
-    "PrecisionConfig": ".precision",
+    "Granularity": ".passes.precision",
+    "PrecisionConfig": ".passes.precision",
     "PahqModel": ".front_door",
     "transform": ".front_door",
 }
@@ -107,8 +107,8 @@ if TYPE_CHECKING:
     )
     from .formats import Format
     from .front_door import PahqModel, transform
-    from .head_graph import HeadGraph, LayerInfo
-    from .precision import Granularity, PrecisionConfig
+    from .ir.head_graph import HeadGraph, LayerInfo
+    from .passes.precision import Granularity, PrecisionConfig
 
 
 def __getattr__(name: str) -> Any:

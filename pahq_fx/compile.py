@@ -12,8 +12,8 @@ from torch import fx, nn
 
 from .deprecated import renamed
 from .errors import UnsupportedArchitectureError
-from .graph_utils import attribute
-from .split import check_float32_weights
+from .ir.graph_utils import attribute
+from .passes.weights import check_float32_weights
 
 
 class CountingBackend:
@@ -167,8 +167,8 @@ def backend(
     :class:`UnsupportedArchitectureError` naming what was found. ``precision`` and ``granularity`` as in
     :func:`pahq_fx.transform` (``low_precision=`` is the deprecated name of ``precision``).
     """
-    from .pipeline import build as build_graph
-    from .precision import PrecisionConfig, set_head
+    from .passes.pipeline import build as build_graph
+    from .passes.precision import PrecisionConfig, set_head
 
     config = PrecisionConfig(precision, granularity)
 

@@ -18,7 +18,7 @@ from .errors import UnsupportedFormatError
 if TYPE_CHECKING:
     import torch
 
-    from .precision import Granularity, LoweredHeads
+    from .passes.precision import Granularity, LoweredHeads
 
 
 class Kernel(enum.Enum):
@@ -108,7 +108,7 @@ class Float8(Format):
         raise UnsupportedFormatError(f"FP8 is not available on device type {device.type!r}; use bf16, fp16 or fp32")
 
 
-# How each kind of format lowers per-head weights. The modules that do it need torch and live in pahq_fx.precision,
+# How each kind of format lowers per-head weights. The modules that do it need torch and live in pahq_fx.passes.precision,
 # which registers them when it is imported (the per-head projection that calls ``lower`` lives there too).
 Lowering = Callable[[Format, "torch.Tensor", "Granularity"], "LoweredHeads"]
 _LOWERINGS: dict[type[Format], Lowering] = {}

@@ -7,15 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from . import graph_meta
 from .compile import CountingBackend, compile_module
 from .deprecated import renamed
 from .errors import UnsupportedArchitectureError
-from .head_graph import HeadGraph
+from .ir import graph_meta
+from .ir.head_graph import HeadGraph
 from .model_io import ExampleInputs, check_ids_fit, id_limits, input_ids_from
-from .pipeline import build
-from .precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
-from .split import check_finite_weights, check_float32_weights
+from .passes.pipeline import build
+from .passes.precision import HeadSpec, PrecisionConfig, PrecisionReport, check_head, set_head
+from .passes.weights import check_finite_weights, check_float32_weights
 
 
 class PahqModel(nn.Module):

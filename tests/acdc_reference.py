@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from pahq_fx.names import Role
+from pahq_fx.ir.names import Role
+from pahq_fx.ir.structure import StepKind
 from pahq_fx.passes import lower_precision, split_heads, trace
-from pahq_fx.precision import FullPrecisionUnits, all_heads_fp32, set_plan
-from pahq_fx.split import StepKind
+from pahq_fx.passes.precision import FullPrecisionUnits, all_heads_fp32, set_plan
 
 
 def _is_attention(contribution):

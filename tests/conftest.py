@@ -1,9 +1,9 @@
-"""Every test session gets an empty trace cache and a key of its own (pahq_fx.trace_cache): nothing is read from or
+"""Every test session gets an empty trace cache and a key of its own (pahq_fx.passes.trace_cache): nothing is read from or
 written to the user's cache, and a test that traces a model the session traced before takes the cached path."""
 
 import pytest
 
-from pahq_fx.trace_cache import ENV, KEY_ENV
+from pahq_fx.passes.trace_cache import ENV, KEY_ENV
 
 
 @pytest.fixture(autouse=True, scope="session")

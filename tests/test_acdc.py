@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import pahq_fx
 from pahq_fx.acdc import checkpoint as checkpoint_module
 from pahq_fx.acdc.circuit import CircuitEdge
-from pahq_fx.names import node_of
-from pahq_fx.precision import LowPrecisionPerHeadLinear, attention_blocks
+from pahq_fx.ir.names import node_of
+from pahq_fx.passes.precision import LowPrecisionPerHeadLinear, attention_blocks
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import Spec, build, keep_only_head, specs, token_ids
 
@@ -53,7 +53,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
         return original(self, x, units, full_precision_unit, shared_input)
 
     monkeypatch.setattr(LowPrecisionPerHeadLinear, "units", recording_units)
-    original_lower = pahq_fx.pipeline.lower_precision
+    original_lower = pahq_fx.passes.pipeline.lower_precision
 
     def lower_and_label(graph, *args):
         lowered = original_lower(graph, *args)
@@ -62,7 +62,7 @@ def test_fp32_head_is_the_receivers_head_for_every_query(family, monkeypatch):
                 getattr(block, role).site = (block.layer, role)
         return lowered
 
-    monkeypatch.setattr(pahq_fx.pipeline, "lower_precision", lower_and_label)
+    monkeypatch.setattr(pahq_fx.passes.pipeline, "lower_precision", lower_and_label)
     per_receiver: dict[str, list[tuple[int, str, list[int], int]]] = {}
 
     def on_receiver(done):

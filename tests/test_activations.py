@@ -9,8 +9,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import pahq_fx
-from pahq_fx.activations import gelu_tanh
 from pahq_fx.passes import fuse_activations, trace
+from pahq_fx.passes.activations import gelu_tanh
 from tests.builders import MAX_POS, VOCAB, sqnr_db, token_ids
 
 aten = torch.ops.aten

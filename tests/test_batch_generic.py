@@ -1,4 +1,6 @@
-"""A trace at a fixed batch size, made batch-generic, is exact at every batch size (pahq_fx.batch_generic)."""
+"""A trace at a fixed batch size, made batch-generic, is exact at every batch size (pahq_fx.passes.batch_generic)."""
+
+import importlib
 
 import pytest
 import torch
@@ -7,11 +9,11 @@ from hypothesis import strategies as st
 from torch import fx
 from transformers import PretrainedConfig
 
-from pahq_fx import batch_generic
-from pahq_fx import trace as trace_module
-from pahq_fx.passes import trace
-from pahq_fx.trace_cache import ENV
+from pahq_fx.passes import batch_generic, trace
+from pahq_fx.passes.trace_cache import ENV
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
+
+trace_module = importlib.import_module("pahq_fx.passes.trace")  # the name pahq_fx.passes.trace is the function
 
 aten = torch.ops.aten
 

@@ -7,7 +7,7 @@ import pahq_fx
 from pahq_fx.acdc import calibration
 from pahq_fx.acdc.calibration import MARGIN, Calibration, choose, formats_to_try, probe_receiver, seconds_per_query
 from pahq_fx.acdc.search import prepare
-from pahq_fx.precision import Format
+from pahq_fx.passes.precision import Format
 from tests.builders import Spec, build, token_ids
 
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import MistralConfig, MistralForCausalLM
 
-from pahq_fx.causal_attention import _is_causal_pattern, mask_free_attention
 from pahq_fx.passes import trace
+from pahq_fx.passes.causal_attention import _is_causal_pattern, mask_free_attention
 from tests.builders import MAX_POS, RUNTIME_FAMILIES, VOCAB, Spec, build, reference_logits, specs, token_ids
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

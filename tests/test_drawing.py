@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx import names
 from pahq_fx.acdc.circuit import Circuit, CircuitEdge, RunStats
 from pahq_fx.acdc.drawing import draw_circuit
 from pahq_fx.acdc.picture import _Layer, _Positions, lay_out, select_edges
 from pahq_fx.errors import PahqError
-from pahq_fx.names import NodeKind
+from pahq_fx.ir import names
+from pahq_fx.ir.names import NodeKind
 from tests.test_cli import run
 
 

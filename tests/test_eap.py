@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx import names
 from pahq_fx.acdc import Circuit, CircuitEdge, EdgeGraph, RunStats, evaluate_circuit
 from pahq_fx.acdc.eap_graph import layout_of
 from pahq_fx.errors import CircuitFormatError
-from pahq_fx.names import Role
+from pahq_fx.ir import names
+from pahq_fx.ir.names import Role
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eap_gpt2_1layer_2heads.json"
 # What the hand-written fixture holds, in pahq_fx's names: kept edges and tested removals with their scores.

@@ -109,7 +109,7 @@ def test_every_error_is_a_pahq_error():
 
 def test_quantization_that_did_not_happen_is_an_error(monkeypatch):
     """As when torchao skips a weight (dims not multiples of 16, a module type it does not match): loud, not silent."""
-    from pahq_fx import precision
+    from pahq_fx.passes import precision
 
     monkeypatch.setattr(precision, "_float8_weight", lambda weight, fmt, granularity, kernel: weight.clone())
     with pytest.raises(pahq_fx.QuantizationError, match="quantized 0 of 8 per-head weights"):

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx import names
-from pahq_fx.names import Role
+from pahq_fx.ir import names
+from pahq_fx.ir.names import Role
 
 COMMON = dict(
     vocab_size=64,
@@ -451,7 +451,7 @@ def _llama4() -> torch.nn.Module:
 
 def test_a_model_that_export_cannot_keep_batch_dynamic_at_a_fixed_length_gets_a_batch_generic_trace():
     """Llama 4's chunked attention leaves a guard that export cannot simplify with a dynamic batch at a fixed length;
-    the trace at a fixed batch made batch-generic (pahq_fx.batch_generic) has no such guard."""
+    the trace at a fixed batch made batch-generic (pahq_fx.passes.batch_generic) has no such guard."""
     model = _llama4()
     traced = pahq_fx.passes.trace(model, torch.randint(0, 64, (2, 6)), dynamic_shapes="batch")
     assert traced.meta["dynamic_dims"] == (0,)

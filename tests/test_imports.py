@@ -92,7 +92,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_import_graph_is_read():
     graph = _import_graph()
     assert "pahq_fx.acdc.runtime.patching" in graph["pahq_fx.acdc.runtime"]
-    assert "pahq_fx.model_io" in graph["pahq_fx.trace"]
+    assert "pahq_fx.model_io" in graph["pahq_fx.passes.trace"]
 
 
 def test_no_import_cycle_inside_the_package():

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pahq_fx import names
 from pahq_fx.acdc import EdgeGraph, ReceiverKind
-from pahq_fx.head_graph import Component, HeadGraph, LayerInfo
-from pahq_fx.names import NodeKind, Role
+from pahq_fx.ir import names
+from pahq_fx.ir.head_graph import Component, HeadGraph, LayerInfo
+from pahq_fx.ir.names import NodeKind, Role
 
 
 @given(layer=st.integers(0, 200), index=st.integers(0, 200), role=st.sampled_from(list(Role)))

@@ -23,8 +23,8 @@ from pahq_fx.acdc import search as search_module
 from pahq_fx.acdc.search import prepare, search
 from pahq_fx.acdc.setup import _trace_for, build_runtime
 from pahq_fx.acdc.speculation import candidate_memory
-from pahq_fx.pipeline import lower_split
-from pahq_fx.precision import Format, PrecisionConfig
+from pahq_fx.passes.pipeline import lower_split
+from pahq_fx.passes.precision import Format, PrecisionConfig
 from tests.builders import Spec, build, specs, token_ids
 
 PLAN_FAMILIES = ("gpt2", "neox", "llama", "opt", "gemma2")

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx.precision import LowPrecisionPerHeadLinear, PrecisionConfig
-from pahq_fx.split import PerHeadLinear
+from pahq_fx.ir.modules import PerHeadLinear
+from pahq_fx.passes.precision import LowPrecisionPerHeadLinear, PrecisionConfig
 from tests.builders import Spec, build, keep_only_head, reference_logits, specs, sqnr_db, token_ids
 
 FORMATS = ["fp8", "fp8_e5m2", "bf16", "fp16"]

@@ -35,15 +35,16 @@ def signature_lines(path: Path) -> list[str]:
 
 
 def resolve(dotted: str):
-    """``pahq_fx.passes.trace`` -> the object: the longest importable module prefix, then attributes."""
+    """``pahq_fx.passes.trace`` -> the object, as attribute access reads it: the shortest importable module prefix
+    whose attributes lead there (``pahq_fx.passes.trace`` is the function; its module of the same name is not)."""
     parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
+    for cut in range(1, len(parts) + 1):
         try:
             obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except (ImportError, AttributeError):
             continue
-        for name in parts[cut:]:
-            obj = getattr(obj, name)
         return obj
     raise ImportError(dotted)
 

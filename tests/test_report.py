@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pahq_fx.acdc.circuit import CircuitEdge
 from pahq_fx.acdc.evaluation import Faithfulness
 from pahq_fx.cli import REPORT_EDGES, _report
-from pahq_fx.names import node_of
+from pahq_fx.ir.names import node_of
 from tests.test_drawing import _circuit, circuits
 
 

@@ -607,7 +607,7 @@ def test_a_sweep_that_dies_keeps_the_thresholds_it_finished(induction, tmp_path,
 def test_the_command_says_it_ignored_a_planted_cache_entry(tmp_path, monkeypatch, capsys):
     import io
 
-    from pahq_fx import trace_cache
+    from pahq_fx.passes import trace_cache
     from tests.test_trace import _Sentinel
 
     monkeypatch.setenv(trace_cache.ENV, str(tmp_path / "cache"))

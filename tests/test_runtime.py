@@ -9,8 +9,8 @@ import pahq_fx
 from pahq_fx.acdc import EdgeGraph, Metric
 from pahq_fx.acdc.row_batch import RowBatch
 from pahq_fx.acdc.runtime import PatchingRuntime
+from pahq_fx.ir.structure import StepKind
 from pahq_fx.passes import lower_precision, split_heads, trace
-from pahq_fx.split import StepKind
 from tests.acdc_reference import ReferenceACDC
 from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_ids
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
-from pahq_fx.split import AttentionBlock, PerHeadLinear
+from pahq_fx.ir.modules import AttentionBlock, PerHeadLinear
 from tests.builders import RUNTIME_FAMILIES, Spec, build, reference_logits, specs, token_ids
 
 
@@ -67,7 +67,7 @@ def test_per_head_outputs_sum_to_block_output():
 def test_one_stream_equals_per_head_copies(spec, fmt, data):
     """``from_stream`` (one norm, one matrix multiply per projection) computes what ``forward`` computes on per-head
     copies of the stream, under any precision plan; the block stays one module of the graph."""
-    from pahq_fx.precision import FullPrecisionUnits, set_plan
+    from pahq_fx.passes.precision import FullPrecisionUnits, set_plan
 
     transformed = pahq_fx.transform(build(spec), precision=fmt, compile=False)
     layer = data.draw(st.integers(0, spec.layers - 1), label="layer")
@@ -91,7 +91,8 @@ def test_one_stream_equals_per_head_copies(spec, fmt, data):
 
 
 def test_split_leaves_its_input_graph_as_it_was_and_missing_passes_are_named():
-    from pahq_fx import graph_meta, passes
+    from pahq_fx import passes
+    from pahq_fx.ir import graph_meta
 
     model = build(Spec("gpt2", layers=2, heads=2, kv_heads=2, head_dim=8))
     traced = passes.trace(model)

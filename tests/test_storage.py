@@ -100,7 +100,7 @@ def test_bytes_are_the_plans(spec, storage, batch, seq):
     """``state_bytes()`` after setup and with every step running equals the plan's caches and starting state, in every
     storage format, to the byte."""
     from pahq_fx.acdc.setup import build_runtime
-    from pahq_fx.precision import Format
+    from pahq_fx.passes.precision import Format
 
     model = build(spec)
     task = pahq_fx.Task(token_ids(batch, seq, seed=3), token_ids(batch, seq, seed=4))

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import PahqError
-from ..head_graph import HeadGraph
-from ..names import NodeKind, identifier, node_of, parse
+from ..ir.head_graph import HeadGraph
+from ..ir.names import NodeKind, identifier, node_of, parse
 from .evaluation import Faithfulness, evaluate_circuit
 
 

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import names
 from ..atomic import write_bytes
-from ..names import NodeKind, Role
+from ..ir import names
+from ..ir.names import NodeKind, Role
 from .picture import BOX_H, DEFAULT_TOP_K, lay_out
 
 if TYPE_CHECKING:

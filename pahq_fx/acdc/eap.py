@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .. import names
 from ..errors import CircuitFormatError
-from ..head_graph import HeadGraph
+from ..ir import names
+from ..ir.head_graph import HeadGraph
 from .circuit import Circuit, CircuitEdge, RunStats
 from .eap_graph import FORMAT, EapLayout, EdgeValues, check_cfg, group, layout_of, read, values_from_json
 

@@ -6,7 +6,7 @@ EAP-IG's ``Graph`` (hannamw/EAP-IG, which MIB's circuit track loads) is fixed by
 ``n_layers``, ``n_heads``, ``parallel_attn_mlp`` and ``d_model``. Every layer has ``n_heads`` heads, each with its
 own query, key and value input, and one MLP; ``input`` (the embedding) and ``logits`` (the final residual stream)
 close it. A file lists every edge of that graph with ``in_graph`` and ``score``. The mapping of single names is
-:mod:`pahq_fx.names`; this module adds what needs the whole graph:
+:mod:`pahq_fx.ir.names`; this module adds what needs the whole graph:
 
 - **Grouped keys and values.** EAP-IG, like MIB's TransformerLens models (``ungroup_grouped_query_attention``), has
   a key and a value input per query head. Writing, a group edge ``s -> a{L}.g{G}.k`` becomes ``s -> a{L}.h{H}<k>``
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import names
 from ..atomic import write_bytes, write_text
 from ..errors import CircuitFormatError
-from ..head_graph import HeadGraph
-from ..names import NodeKind, Role
+from ..ir import names
+from ..ir.head_graph import HeadGraph
+from ..ir.names import NodeKind, Role
 from .edges import EdgeGraph
 
 if TYPE_CHECKING:

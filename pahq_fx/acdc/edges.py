@@ -12,9 +12,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .. import names
-from ..head_graph import Component, HeadGraph
-from ..names import Role
+from ..ir import names
+from ..ir.head_graph import Component, HeadGraph
+from ..ir.names import Role
 
 
 class ReceiverKind(enum.Enum):

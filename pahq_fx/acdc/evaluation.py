@@ -12,8 +12,8 @@ from torch import nn
 from ..errors import PahqError, TaskError
 from ..metrics import CleanDistribution, Metric, metric_value
 from ..model_io import model_logits
-from ..precision import Format, all_heads_fp32
-from ..split import check_finite_weights
+from ..passes.precision import Format, all_heads_fp32
+from ..passes.weights import check_finite_weights
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 from .setup import build_runtime, parse_metric

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import names
 from ..errors import PahqError
-from ..names import NodeKind, Role
+from ..ir import names
+from ..ir.names import NodeKind, Role
 
 if TYPE_CHECKING:
     from .circuit import Circuit, CircuitEdge

@@ -41,10 +41,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import names
 from ..errors import PlanError, UnsupportedArchitectureError
-from ..head_graph import Component, HeadGraph, LayerInfo
-from ..names import Role
+from ..ir import names
+from ..ir.head_graph import Component, HeadGraph, LayerInfo
+from ..ir.names import Role
 
 FP32 = "fp32"
 # Element bytes of a storage format, and the extra bytes per stored row (fp8: one FP32 scale per row).
@@ -204,8 +204,8 @@ def _tensor_bytes(tensors: Iterable[Any], as_fp32: bool = False, exclude: set[in
 def geometry_from_runtime(runtime: Any, model: Any) -> Geometry:
     """A :class:`Geometry` read from a built runtime: its graph's head graph and widths, the split copies counted by
     storage (what the split graph holds that the model does not)."""
-    from .. import graph_meta
-    from ..split import StepKind
+    from ..ir import graph_meta
+    from ..ir.structure import StepKind
 
     graph = runtime.graph
     head_graph = graph_meta.head_graph(graph)
@@ -947,9 +947,9 @@ def plan(
     runtime's storage format (fp32, bf16, fp8); ``Plan.projections`` gives the other formats' figures."""
     import torch
 
-    from .. import graph_meta
-    from ..pipeline import lower_split
-    from ..precision import AUTO, Format, PrecisionConfig, parse_format
+    from ..ir import graph_meta
+    from ..passes.pipeline import lower_split
+    from ..passes.precision import AUTO, Format, PrecisionConfig, parse_format
     from .edges import EdgeGraph
     from .run_info import eager_forward_seconds
     from .runtime import PatchingRuntime

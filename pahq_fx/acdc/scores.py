@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .. import names
 from ..atomic import write_text
 from ..errors import CircuitFormatError, PahqError
+from ..ir import names
 from ..metrics import Metric
-from ..precision import Format
+from ..passes.precision import Format
 from .eap_graph import EapLayout, graph_json, layout_of, score_values
 from .edges import EdgeGraph
 from .run_info import eager_forward_seconds, peak_memory_mb

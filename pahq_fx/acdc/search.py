@@ -14,12 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from .. import names
 from ..errors import CheckpointError, NonFiniteError, PahqError
-from ..head_graph import HeadGraph
+from ..ir import names
+from ..ir.head_graph import HeadGraph
 from ..metrics import Metric
-from ..precision import AUTO, Format, parse_format
-from ..split import check_finite_weights, check_float32_weights, wide_weights_note
+from ..passes.precision import AUTO, Format, parse_format
+from ..passes.weights import check_finite_weights, check_float32_weights, wide_weights_note
 from .calibration import (
     Calibration,
     choose,

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import nn
 
-from .. import graph_meta
 from ..errors import PahqError, TaskError
+from ..ir import graph_meta
 from ..metrics import Metric, metric_named
 from ..model_io import max_positions
-from ..pipeline import lower_split
-from ..precision import AUTO, Format, PrecisionConfig
-from ..trace import trace
+from ..passes.pipeline import lower_split
+from ..passes.precision import AUTO, Format, PrecisionConfig
+from ..passes.trace import trace
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
 from .storage import Storage

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load, save
 
 from ..errors import CheckpointError
-from ..precision import FullPrecisionUnits
+from ..passes.precision import FullPrecisionUnits
 from .runtime import PatchingRuntime
 from .storage import ScaledFp8, Stored
 

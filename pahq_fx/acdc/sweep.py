@@ -15,7 +15,7 @@ from torch import nn
 from ..atomic import write_text
 from ..errors import PahqError
 from ..metrics import Metric
-from ..precision import AUTO, Format
+from ..passes.precision import AUTO, Format
 from .circuit import Circuit
 from .evaluation import Faithfulness, evaluate_edges
 from .mib import MibResult, acdc_curve

@@ -38,7 +38,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import SHAPE_OPS, ancestors, descendants, node_arg
+from ..ir.graph_utils import SHAPE_OPS, ancestors, descendants, node_arg
 from .attention import AttentionMatcher
 from .graph_facts import ADD_TARGETS, GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, MLPSite, ModelLayout

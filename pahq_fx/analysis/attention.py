@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import ancestors, descendants, first_with_shape, input_nodes
-from ..names import Role
+from ..ir.graph_utils import ancestors, descendants, first_with_shape, input_nodes
+from ..ir.names import Role
 from .graph_facts import GraphFacts
 from .layout import AttentionCall, AttentionSite, Linear, aten
 from .probes import HeadProbe

@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import input_nodes, record_values
+from ..ir.graph_utils import input_nodes, record_values
 from .layout import Linear, as_linear, aten
 
 ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor}  # Falcon adds attention into the MLP output in place

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..graph_utils import node_arg
-from ..names import Role
+from ..ir.graph_utils import node_arg
+from ..ir.names import Role
 
 aten = torch.ops.aten
 

@@ -11,8 +11,8 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import ancestors, descendants, extract
-from ..names import Role
+from ..ir.graph_utils import ancestors, descendants, extract
+from ..ir.names import Role
 from .graph_facts import GraphFacts
 from .layout import AttentionCall
 

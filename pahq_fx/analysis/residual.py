@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedArchitectureError
-from ..graph_utils import SHAPE_OPS, ancestors, dominates, node_arg
+from ..ir.graph_utils import SHAPE_OPS, ancestors, dominates, node_arg
 from .graph_facts import GraphFacts
 from .layout import aten
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ... import names
-from ...names import Role
-from ...precision import FullPrecisionUnits
-from ...split import AttentionBlock
+from ...ir import names
+from ...ir.modules import AttentionBlock
+from ...ir.names import Role
+from ...passes.precision import FullPrecisionUnits
 from ..edges import ReceiverKind
 from .deltas import Pending
 from .index import ROLES

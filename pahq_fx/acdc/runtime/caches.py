@@ -8,9 +8,9 @@ from typing import cast
 
 import torch
 
-from ... import graph_meta, names
+from ...ir import graph_meta, names
+from ...ir.structure import StepKind
 from ...metrics import CleanDistribution
-from ...split import StepKind
 from ..row_batch import RowBatch
 from ..storage import Stored
 from ..task import Task

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ... import names
-from ...precision import FullPrecisionUnits
-from ...split import StepKind
+from ...ir import names
+from ...ir.structure import StepKind
+from ...passes.precision import FullPrecisionUnits
 from ..storage import Stored
 from .deltas import Deltas, Pending
 from .state import RuntimeState, tensor_sum

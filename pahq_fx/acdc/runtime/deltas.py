@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...precision import FullPrecisionUnits
+from ...passes.precision import FullPrecisionUnits
 from ..storage import Stored
 
 

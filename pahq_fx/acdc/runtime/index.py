@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ... import names
 from ...errors import UnsupportedArchitectureError
-from ...names import Role
-from ...split import AttentionBlock, Step, StepKind
+from ...ir import names
+from ...ir.modules import AttentionBlock
+from ...ir.names import Role
+from ...ir.structure import Step, StepKind
 from ..edges import EdgeGraph, Receiver, ReceiverKind
 
 ROLES = tuple(Role)

@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx
 
-from ... import graph_meta
 from ...compile import CountingBackend, compile_by_structure
+from ...ir import graph_meta
+from ...ir.modules import StreamShaped
+from ...ir.names import Role
+from ...ir.structure import Step, StepKind
 from ...metrics import Metric
-from ...names import Role
-from ...precision import Format, FullPrecisionUnits, all_heads_fp32
-from ...split import Step, StepKind, StreamShaped
+from ...passes.precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..edges import EdgeGraph, Receiver
 from ..row_batch import RowBatch
 from ..storage import Storage, codec

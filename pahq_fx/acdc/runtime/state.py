@@ -11,9 +11,9 @@ import torch
 from torch import fx, nn
 
 from ...compile import CountingBackend
+from ...ir.structure import Step, Structure
 from ...metrics import CleanDistribution, Metric
-from ...precision import FullPrecisionUnits
-from ...split import Step, Structure
+from ...passes.precision import FullPrecisionUnits
 from ..edges import EdgeGraph
 from ..row_batch import RowBatch
 from ..storage import Codec, Storage, Stored

@@ -38,12 +38,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .atomic import write_bytes
-from .graph_utils import attribute
+from ..atomic import write_bytes
+from ..ir.graph_utils import attribute
 
 ENV = "PAHQ_FX_TRACE_CACHE"
 KEY_ENV = "PAHQ_FX_TRACE_KEY"
-_MAGIC = b"pahq_fx trace cache entry/2\n"
+# The entry format. Entries pickle this module's classes by path (pahq_fx.passes.trace_cache since format 3), and
+# the format is part of every key, so an entry of an older format is never looked up.
+_MAGIC = b"pahq_fx trace cache entry/3\n"
 _MAC_BYTES = 32
 _warned: set[str] = set()
 
@@ -169,7 +171,7 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> st
         return None
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     holders = _first_holders(model)  # tied weights name their first holder
     layout = [
@@ -178,6 +180,7 @@ def key(model: nn.Module, example: torch.Tensor, dynamic: tuple[int, ...]) -> st
     ]
     config = model.config
     parts = [
+        _MAGIC,
         __version__,
         torch.__version__,
         transformers.__version__,

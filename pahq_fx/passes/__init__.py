@@ -4,6 +4,9 @@
 ``split_heads(GraphModule) -> GraphModule``;
 ``lower_precision(GraphModule, PrecisionConfig | format, granularity) -> GraphModule``; ``set_head(GraphModule, head)``;
 ``build(model, example_inputs, PrecisionConfig)``: the four in order, as every entry point of pahq_fx runs them.
+
+Each pass lives in a module of this package. ``pahq_fx.passes.trace`` is the function, which shadows its module of
+the same name: ``importlib.import_module("pahq_fx.passes.trace")`` reaches the module.
 """
 
 from .activations import fuse_activations

@@ -3,7 +3,7 @@
 One generic path for every family: ``torch.export`` (non-strict) of a thin wrapper that calls the model
 with ``use_cache=False`` and keeps only the logits, with dynamic batch and sequence dimensions where the
 model allows it. Or the batch alone: ACDC's prompts all have one length, and a fixed length halves the export. That
-graph is traced at a fixed batch and made batch-generic (:mod:`pahq_fx.batch_generic`), by ``make_fx`` at export's
+graph is traced at a fixed batch and made batch-generic (:mod:`pahq_fx.passes.batch_generic`), by ``make_fx`` at export's
 own ATen level without the rest of export (its imports, program and verifier): about a third of the export's time.
 The model is put in eval mode and on the SDPA attention kernel for the duration of the trace (both so that the
 attention call is one recognisable op), and restored afterwards: tracing does not mutate the model.
@@ -20,11 +20,12 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from . import batch_generic, graph_meta, trace_cache
+from ..errors import InvalidInputsError
+from ..ir import graph_meta
+from ..ir.graph_utils import writes_in_place
+from ..model_io import ExampleInputs, as_traced, check_ids_fit, default_example_inputs, id_limits, input_ids_from
+from . import batch_generic, trace_cache
 from .causal_attention import SwitchesAttention, mask_free_attention
-from .errors import InvalidInputsError
-from .graph_utils import writes_in_place
-from .model_io import ExampleInputs, as_traced, check_ids_fit, default_example_inputs, id_limits, input_ids_from
 
 aten = torch.ops.aten
 _log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _export(
     """The program and the dimensions it kept dynamic: ``dims``; else, for the batch alone, batch and sequence
     (export's guards can fail to simplify with a fixed length where they do with a symbolic one: Llama 4's
     chunked attention); else none, as some models specialise shapes. Where the sequence length is fixed, a causal
-    mask is left to SDPA's ``is_causal`` when that is exact (:mod:`pahq_fx.causal_attention`)."""
+    mask is left to SDPA's ``is_causal`` when that is exact (:mod:`pahq_fx.passes.causal_attention`)."""
     attempts = [dims, (0, 1)] if dims == (0,) else [dims] if dims else []
     with _lean_trace():
         for attempt in attempts:
@@ -158,7 +159,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, dynamic
     (Qwen3-Next's unrolled recurrence). A model whose batch-only trace fails is traced with both dimensions
     dynamic; one that specialises a dimension it was asked to keep dynamic is traced at the example's shape.
 
-    Traces of Hugging Face models are cached on disk (:mod:`pahq_fx.trace_cache`; ``PAHQ_FX_TRACE_CACHE=off``
+    Traces of Hugging Face models are cached on disk (:mod:`pahq_fx.passes.trace_cache`; ``PAHQ_FX_TRACE_CACHE=off``
     turns it off): a model traced before, in any process, is loaded instead of exported again, once it reproduces
     the model's logits on the example.
     """
@@ -186,7 +187,7 @@ def _trace_afresh(
     model: nn.Module, example_inputs: torch.Tensor, requested: tuple[int, ...]
 ) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """(graph, the dimensions that stayed dynamic). A dynamic batch alone comes from a trace at a fixed batch made
-    batch-generic (:mod:`pahq_fx.batch_generic`) where that reproduces the model; otherwise from export's own
+    batch-generic (:mod:`pahq_fx.passes.batch_generic`) where that reproduces the model; otherwise from export's own
     dynamic shapes."""
     if requested == (0,):
         generic = _batch_generic_trace(model, example_inputs)

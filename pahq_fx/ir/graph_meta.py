@@ -1,8 +1,8 @@
 """Typed access to what the passes leave in ``GraphModule.meta``, each reader naming the pass that writes it.
 
 ``trace`` writes the example input ids and which of their dimensions stayed dynamic; ``split_heads`` the
-:class:`~pahq_fx.head_graph.HeadGraph` and the :class:`~pahq_fx.split.Structure`; ``lower_precision`` the
-:class:`~pahq_fx.precision.PrecisionReport`. A missing key means a pass was skipped: the error says which.
+:class:`~pahq_fx.ir.head_graph.HeadGraph` and the :class:`~pahq_fx.ir.structure.Structure`; ``lower_precision`` the
+:class:`~pahq_fx.passes.precision.PrecisionReport`. A missing key means a pass was skipped: the error says which.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 if TYPE_CHECKING:
+    from ..passes.precision import PrecisionReport
     from .head_graph import HeadGraph
-    from .precision import PrecisionReport
-    from .split import Structure
+    from .structure import Structure
 
 EXAMPLE_INPUT_IDS = "example_input_ids"
 DYNAMIC_DIMS = "dynamic_dims"

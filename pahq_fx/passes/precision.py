@@ -2,7 +2,7 @@
 
 A :class:`PrecisionConfig` names the low-precision format (a registered :class:`~pahq_fx.formats.Format`: ``fp8`` =
 FP8 e4m3, ``fp8_e5m2``, ``bf16``, ``fp16`` or ``fp32`` for none) and the FP8 scaling granularity.
-:func:`lower_precision` swaps every :class:`~pahq_fx.split.PerHeadLinear` of a split model for a
+:func:`lower_precision` swaps every :class:`~pahq_fx.ir.modules.PerHeadLinear` of a split model for a
 :class:`LowPrecisionPerHeadLinear`, which runs all heads in the low-precision format (the :class:`LoweredHeads`
 its format made) and recomputes the one investigated head in FP32 (written over its slice with ``torch.where``, so
 that slice is exactly the FP32 result). :func:`set_head` chooses that head by writing buffers: no retrace, no recompile.
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import graph_meta
-from .deprecated import renamed
-from .errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
-from .formats import AUTO as AUTO  # re-exported: discover's callers and the planner name it from here
-from .formats import Cast, Float8, Format, Kernel, parse_format, register_lowering
-from .split import NO_HEAD, AttentionBlock, PerHeadLinear
+from ..deprecated import renamed
+from ..errors import InvalidHeadError, QuantizationError, UnsupportedFormatError
+from ..formats import AUTO as AUTO  # re-exported: discover's callers and the planner name it from here
+from ..formats import Cast, Float8, Format, Kernel, parse_format, register_lowering
+from ..ir import graph_meta
+from ..ir.modules import NO_HEAD, AttentionBlock, PerHeadLinear
 
 HeadSpec = tuple[int, int] | None
 

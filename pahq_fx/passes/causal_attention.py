@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .model_io import model_logits
+from ..model_io import model_logits
 
 CAUSAL_SDPA = "pahq_fx_causal_sdpa"
 _MASK_PROBE = "pahq_fx_mask_probe"

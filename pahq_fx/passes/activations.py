@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph_utils import input_nodes
+from ..ir.graph_utils import input_nodes
 
 aten = torch.ops.aten
 
@@ -153,7 +153,7 @@ def _matching(region: frozenset[fx.Node], source: fx.Node, output: fx.Node) -> A
 def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every written-out GELU in ``gm`` by one node, ``aten.gelu`` or :data:`gelu_tanh` (module docstring).
 
-    Rewrites ``gm`` in place and returns it (the pipeline owns the graph that :func:`~pahq_fx.trace.trace`
+    Rewrites ``gm`` in place and returns it (the pipeline owns the graph that :func:`~pahq_fx.passes.trace`
     returned; copying it would cost more than the pass). A region is fused only where nothing outside it reads
     its intermediate values. ``meta["fused_activations"]`` counts the fusions by activation name. A tanh GELU that
     the model already calls as one op becomes :data:`gelu_tanh` as well (not counted: nothing was fused).

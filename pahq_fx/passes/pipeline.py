@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ..model_io import ExampleInputs
 from .activations import fuse_activations
-from .model_io import ExampleInputs
 from .precision import PrecisionConfig, lower_precision
 from .split import split_heads
 from .trace import trace

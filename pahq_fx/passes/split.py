@@ -1,11 +1,8 @@
 """The per-head split pass: traced causal LM -> per-head GraphModule.
 
-Each attention block becomes an :class:`AttentionBlock` whose inputs are per-head residual streams
-(``[batch, seq, heads, d_model]`` for queries, ``[batch, seq, kv_groups, d_model]`` for keys and values),
-whose norm runs after the split, whose projections are per-head (:class:`PerHeadLinear`), and whose output
-is the per-head contributions ``z_h @ W_O[h]`` (``[batch, seq, heads, d_model]``; their sum plus the output
-bias is the block output). The ops between projections and the output projection (reshapes, rotary
-embeddings, the attention call) are the original graph's, reused unchanged.
+Each attention block becomes an :class:`~pahq_fx.ir.modules.AttentionBlock` (per-head inputs, norm, projections
+and output contributions; the original graph's ops in between, reused unchanged), each MLP and post-attention norm
+a component of its own, and every traced output is placed where the split model computes it.
 
 The top-level graph reads like the residual stream: ``embed, aux = prelude(ids)``; every read is the sum of
 the contributions upstream of it; ``logits = unembed(final read)``.
@@ -14,257 +11,26 @@ the contributions upstream of it; ``logits = unembed(final read)``.
 from __future__ import annotations
 
 import copy
-import enum
 import functools
 import operator
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from . import graph_meta, names
-from .analysis import AttentionSite, MLPSite, ModelLayout, analyse
-from .errors import NonFiniteError, UnsupportedArchitectureError, UnsupportedFormatError
-from .graph_utils import ancestors, descendants, extract, writes_in_place
-from .head_graph import Component, HeadGraph, LayerInfo
-from .model_io import ExampleInputs, input_ids_from
-from .names import Role
+from ..analysis import AttentionSite, MLPSite, ModelLayout, analyse
+from ..errors import UnsupportedArchitectureError
+from ..ir import graph_meta, names
+from ..ir.graph_utils import ancestors, descendants, extract
+from ..ir.head_graph import Component, HeadGraph, LayerInfo
+from ..ir.modules import AttentionBlock, PerHeadLinear, StreamShaped
+from ..ir.names import Role
+from ..ir.structure import GraphOutput, OutputHome, Step, StepKind, Structure
+from ..model_io import ExampleInputs, input_ids_from
+from .weights import check_float32_weights
 
-NO_HEAD = -1
 aten = torch.ops.aten
-
-
-class PerHeadLinear(nn.Module):
-    """``y[..., h, :] = x[..., h, :] @ weight[h].T + bias[h]``: every head its own input and weights.
-
-    ``full_precision_head`` names the head that a low-precision subclass keeps in FP32 (``-1``: none). It is
-    a buffer, so switching it changes a tensor input of the compiled graph, not the graph.
-    """
-
-    full_precision_head: torch.Tensor  # a buffer
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("full_precision_head", torch.tensor(NO_HEAD, dtype=torch.long, device=weight.device))
-
-    @property
-    def n_heads(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("...hi,hoi->...ho", x, self.weight)
-        return y if self.bias is None else y + self.bias
-
-    def shared(self, x: torch.Tensor) -> torch.Tensor:
-        """Every head reading the same input, ``x`` [..., in] -> [..., heads, out]: one matrix multiply over the
-        stacked weights instead of one per head on copies of ``x``."""
-        bias = None if self.bias is None else self.bias.flatten()
-        return torch.nn.functional.linear(x, self.weight.flatten(0, 1), bias).unflatten(-1, (self.n_heads, -1))
-
-    def units(
-        self, x: torch.Tensor, units: list[int], full_precision_unit: int = NO_HEAD, shared_input: bool = False
-    ) -> torch.Tensor:
-        """Projections of the listed heads only: ``x`` [..., len(units), in] -> [..., len(units), out]; with
-        ``shared_input``, ``x`` is one input [..., in] that every listed head reads, projected by one matrix
-        multiply over their stacked weights rather than once per head on copies of it.
-
-        Every head runs in FP32 here; the low-precision subclass keeps ``full_precision_unit`` in FP32 and runs
-        the others in its format. Lets a runtime recompute the few heads a change reaches.
-        """
-        if len(units) == 1:
-            return self.fp32_unit(x if shared_input else x[..., 0, :], units[0]).unsqueeze(-2)
-        if units == list(range(self.n_heads)):
-            return self.shared(x) if shared_input else self(x)
-        index = torch.tensor(units, device=self.weight.device)
-        if shared_input:
-            bias = None if self.bias is None else self.bias.index_select(0, index).flatten()
-            return torch.nn.functional.linear(x, self.weight.index_select(0, index).flatten(0, 1), bias).unflatten(
-                -1, (len(units), -1)
-            )
-        y = torch.einsum("...hi,hoi->...ho", x, self.weight.index_select(0, index))
-        return y if self.bias is None else y + self.bias.index_select(0, index)
-
-    def fp32_unit(self, x: torch.Tensor, unit: int) -> torch.Tensor:
-        """``F.linear(x, W[unit], b[unit])``: one head in FP32, [..., in] -> [..., out]."""
-        return torch.nn.functional.linear(x, self.weight[unit], None if self.bias is None else self.bias[unit])
-
-    def extra_repr(self) -> str:
-        h, o, i = self.weight.shape
-        return f"heads={h}, in={i}, out={o}, format=fp32"
-
-
-Span = tuple[int, int] | None
-
-
-def contiguous_span(index: torch.Tensor) -> Span:
-    """``(start, length)`` where ``index`` is the range ``start, start + 1, ...``; None otherwise."""
-    if index.numel() == 0:
-        return None
-    start = int(index[0])
-    return (start, index.numel()) if torch.equal(index.cpu(), torch.arange(start, start + index.numel())) else None
-
-
-def select_features(x: torch.Tensor, index: torch.Tensor, span: Span) -> torch.Tensor:
-    """``x.index_select(-1, index)``, as a view without a copy where the features are one contiguous range (the
-    usual layout: a fused qkv projection's features in head order)."""
-    return x.narrow(-1, *span) if span is not None else x.index_select(-1, index)
-
-
-class AttentionBlock(nn.Module):
-    """One attention layer split per head. ``forward`` returns per-head output contributions."""
-
-    z_order: torch.Tensor  # a buffer
-
-    def __init__(
-        self,
-        layer: int,
-        norm: fx.GraphModule,
-        n_norm_aux: int,
-        q: PerHeadLinear,
-        k: PerHeadLinear,
-        v: PerHeadLinear,
-        scatter: list[torch.Tensor],
-        core: fx.GraphModule,
-        z_order: torch.Tensor,
-        o: PerHeadLinear,
-        o_bias: torch.Tensor | None,
-        kv_group_of_head: tuple[int, ...],
-        n_extra_outputs: int = 0,
-    ) -> None:
-        super().__init__()
-        self.layer = layer
-        self.n_extra_outputs = n_extra_outputs  # graph outputs computed inside the core (key/value caches)
-        self.kv_group_of_head = kv_group_of_head
-        self.n_heads = q.n_heads
-        self.n_kv_groups = k.n_heads
-        self.norm = norm
-        self.n_norm_aux = n_norm_aux
-        self.q, self.k, self.v, self.o = q, k, v, o
-        for i, index in enumerate(scatter):
-            self.register_buffer(f"scatter_{i}", index)
-        self.n_projections = len(scatter)
-        # Views of the projections only for a core that writes nothing in place: it could write into them.
-        core_writes = any(writes_in_place(n) for n in core.graph.nodes)
-        self.scatter_spans = tuple(None if core_writes else contiguous_span(index) for index in scatter)
-        self.core = core
-        self.register_buffer("z_order", z_order)
-        self.z_span = contiguous_span(z_order)
-        self.o_bias = None if o_bias is None else nn.Parameter(o_bias.detach().clone(), requires_grad=False)
-
-    def project(
-        self, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, *norm_aux: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        """Per-head query, key and value projections of the per-head inputs (norm applied per head)."""
-        sizes = [q_in.shape[2], k_in.shape[2], v_in.shape[2]]
-        normed = self.norm(torch.cat([q_in, k_in, v_in], dim=2), *norm_aux)
-        qn, kn, vn = torch.split(normed, sizes, dim=2)
-        return self.q(qn), self.k(kn), self.v(vn)
-
-    def forward(
-        self,
-        q_in: torch.Tensor,
-        k_in: torch.Tensor,
-        v_in: torch.Tensor,
-        *aux: torch.Tensor,
-        extra_outputs: bool = False,
-        one_stream: bool = False,
-    ) -> Any:
-        """Per-head outputs; with ``extra_outputs``, also the graph outputs computed in the core, as
-        ``(heads, (extra, ...))`` (they see the per-head projections, so the precision plan too).
-
-        ``one_stream``: the three inputs are one residual stream [B, T, d] that every head reads (see
-        :meth:`from_stream`), not per-head inputs [B, T, heads, d]."""
-        norm_aux, core_aux = aux[: self.n_norm_aux], aux[self.n_norm_aux :]
-        if one_stream:
-            normed = self.norm(q_in.unsqueeze(2), *norm_aux).squeeze(2)
-            q, k, v = self.q.shared(normed), self.k.shared(normed), self.v.shared(normed)
-        else:
-            q, k, v = self.project(q_in, k_in, v_in, *norm_aux)
-        flat = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
-        outputs = self.scatter(flat)
-        z = self.core(*outputs, *core_aux)
-        extras: tuple[torch.Tensor, ...] = ()
-        if self.n_extra_outputs:
-            z, extras = z[0], tuple(z[1:])
-        z_heads = select_features(z, self.z_order, self.z_span).unflatten(-1, (self.n_heads, -1))
-        heads = self.o(z_heads)
-        return (heads, extras) if extra_outputs else heads
-
-    def scatter(self, projections: torch.Tensor) -> list[torch.Tensor]:
-        """The concatenated per-head projections [..., features] laid out as the core's inputs (the projection
-        outputs of the traced graph)."""
-        return [select_features(projections, getattr(self, f"scatter_{i}"), span) for i, span in enumerate(self.scatter_spans)]
-
-    def from_stream(self, read: torch.Tensor, *aux: torch.Tensor, extra_outputs: bool = False) -> Any:
-        """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d].
-
-        The norm acts per position, so it runs once on the stream rather than once per head and role, and each
-        projection is one matrix multiply (:meth:`PerHeadLinear.shared`): the values of ``forward`` on per-head
-        copies of ``read``, to round-off."""
-        return self(read, read, read, *aux, extra_outputs=extra_outputs, one_stream=True)
-
-    def combine(self, head_outputs: torch.Tensor) -> torch.Tensor:
-        """The block output: sum of per-head contributions plus the output bias."""
-        total = head_outputs.sum(dim=2)
-        return total if self.o_bias is None else total + self.o_bias
-
-
-class StepKind(enum.Enum):
-    """What a step of the split model runs."""
-
-    ATTENTION = "attention"
-    OUTPUT_NORM = "attention output norm"  # reads its layer's heads' sum, writes the residual stream
-    MLP = "mlp"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One component of the residual stream, in execution order."""
-
-    kind: StepKind
-    name: str  # contribution name: a{L}, a{L}.out or m{L}
-    reads: tuple[str, ...]
-    aux: tuple[int, ...]
-
-    @property
-    def module(self) -> str:
-        """The attribute of the split GraphModule that runs this step: the name as an identifier (``a0.out`` ->
-        ``a0_out``, ``m-1.2`` -> ``m_1_2``), since module names cannot hold dots and generated code needs identifiers."""
-        return names.identifier(self.name)
-
-
-class OutputHome(enum.Enum):
-    """Where the split model computes one of the traced graph's outputs."""
-
-    LOGITS = "logits"
-    STREAM = "residual stream"  # a read: hidden states, the embedding
-    PRELUDE = "prelude"  # independent of the residual stream (positions, masks)
-    ATTENTION = "attention core"  # key/value caches, attention weights
-    UNEMBED = "unembedding"  # the final normed hidden state
-
-
-@dataclass(frozen=True)
-class GraphOutput:
-    """One output of the split model: where it is computed and which value there (see :class:`OutputHome`)."""
-
-    home: OutputHome
-    reads: tuple[str, ...] = ()  # STREAM: the contributions summed
-    component: str = ""  # ATTENTION: the block (a{L})
-    index: int = 0  # PRELUDE: aux index; ATTENTION / UNEMBED: index among that component's extra outputs
-
-
-@dataclass(frozen=True)
-class Structure:
-    """How the split GraphModule's components connect; kept in ``meta["structure"]`` for runtimes such as ACDC."""
-
-    steps: tuple[Step, ...]
-    final_reads: tuple[str, ...]
-    final_aux: tuple[int, ...]
 
 
 class PerHeadModel(nn.Module):
@@ -328,17 +94,6 @@ class PerHeadModel(nn.Module):
             else:
                 values.append(unembedded[1 + o.index])
         return tuple(values)
-
-
-class StreamShaped(nn.Module):
-    """Gives a component's output its input's [batch, seq, d] shape (OPT's MLP computes on [batch * seq, d])."""
-
-    def __init__(self, component: fx.GraphModule) -> None:
-        super().__init__()
-        self.component = component
-
-    def forward(self, x: torch.Tensor, *aux: torch.Tensor) -> torch.Tensor:
-        return self.component(x, *aux).reshape(x.shape)
 
 
 class _LeafTracer(fx.Tracer):
@@ -528,52 +283,6 @@ def _check_equivalent(original: fx.GraphModule, split: nn.Module, example: torch
             )
 
 
-def check_float32_weights(weights: Iterable[torch.Tensor]) -> None:
-    """Refuse weights (a model's parameters) in a half-precision or 8-bit float format, naming it and the remedy.
-
-    The investigated head, the FP32 layers of ACDC's plan and the split's check against the original all compute in
-    float32, and the low-precision formats are the pass's to apply (``precision=...``): a model loaded in bf16
-    would compute its "FP32" head in bf16 and fail the split's float32-tolerance check with a misleading message.
-    Buffers are not weights: a float32 model may keep one in bf16 on purpose (RecurrentGemma's embedding scale)."""
-    low = sorted(name for name, width in _float_dtypes(weights).items() if width < 4)
-    if low:
-        raise UnsupportedFormatError(
-            f"the model's weights are {' and '.join(low)}: pahq_fx keeps the investigated head in float32 and lowers the "
-            "other heads itself (precision=...), so it takes a float32 model; load it with dtype=torch.float32 or "
-            "call model.float() first (bf16 and fp16 weights convert to float32 exactly)"
-        )
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with a NaN or infinite parameter, naming the first: its logits would be NaN, and every later
-    check (the split's, the task's) would blame something else."""
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-                kind = "NaN" if bool(torch.isnan(weight).any()) else "infinite"
-                raise NonFiniteError(
-                    f"the model's parameter {name} holds {kind} values; the checkpoint is damaged "
-                    "or the model diverged in training"
-                )
-
-
-def wide_weights_note(weights: Iterable[torch.Tensor]) -> str:
-    """What "fp32" means for weights (a model's parameters) wider than float32, or "" for none: the pass lowers the
-    formats it is asked for and leaves the rest (the investigated head, the FP32 format) in the model's own dtype."""
-    wide = " and ".join(sorted(name for name, width in _float_dtypes(weights).items() if width > 4))
-    if not wide:
-        return ""
-    return (
-        f"the model's weights are {wide}: the investigated head and every head or layer the format does not lower "
-        f"compute in {wide}, not float32"
-    )
-
-
-def _float_dtypes(weights: Iterable[torch.Tensor]) -> dict[str, int]:
-    """Each floating dtype among ``weights``, by name (``bfloat16``), with its width in bytes."""
-    return {str(w.dtype).removeprefix("torch."): w.element_size() for w in weights if w.is_floating_point()}
-
-
 def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule sharing ``gm``'s weights but with its own copy of the graph, so the pass leaves ``gm`` as it was."""
     with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
@@ -584,10 +293,10 @@ def _with_own_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def split_heads(gm: fx.GraphModule, example_inputs: ExampleInputs | None = None) -> fx.GraphModule:
-    """Split every attention block of a traced causal LM (see :func:`pahq_fx.trace`) into per-head subgraphs.
+    """Split every attention block of a traced causal LM (see :func:`pahq_fx.passes.trace`) into per-head subgraphs.
 
     Returns a GraphModule computing the same outputs, whose ``meta["head_graph"]`` is the
-    :class:`~pahq_fx.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names). ``gm`` is
+    :class:`~pahq_fx.ir.head_graph.HeadGraph` description (layers, heads, key/value groups, MLPs, names). ``gm`` is
     left as it was: the pass rewrites a copy of its graph (sharing its weights).
     """
     check_float32_weights(gm.parameters())

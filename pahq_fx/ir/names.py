@@ -16,7 +16,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from .errors import CircuitFormatError
+from ..errors import CircuitFormatError
 
 EMBED = "embed"
 RESID_POST = "resid_post"

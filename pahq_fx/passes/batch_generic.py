@@ -8,7 +8,7 @@ size ``B`` can be made batch-generic afterwards: every integer argument that is 
 model itself is not mistaken for the batch (:func:`tracing_batch`: Qwen3-Next's unrolled recurrence spells out
 every index of its 64-token chunk); the caller checks the result against the model at two other batch sizes and
 traces dynamically where it differs. A fixed shape also lets the trace skip export itself (``make_fx`` at export's
-ATen level, :func:`pahq_fx.trace._fixed_shape_graph`).
+ATen level, :func:`pahq_fx.passes.trace._fixed_shape_graph`).
 """
 
 from __future__ import annotations
