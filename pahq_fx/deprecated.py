@@ -27,6 +27,7 @@ def renamed(old: str, new: str) -> Callable[[F], F]:
                 kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)
 
+        # functools.wraps keeps the signature users see, but mypy types the wrapper as (*Any, **Any) -> Any, not F
         return wrapper  # type: ignore[return-value]
 
     return decorate
