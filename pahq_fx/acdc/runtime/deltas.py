@@ -55,6 +55,11 @@ class Deltas:
             self._groups[step] = list(senders)
             self._group_of.update(dict.fromkeys(senders, step))
 
+    @property
+    def held(self) -> list[int]:
+        """The senders whose own change is held: a dense query holds none of its heads' (a memory figure)."""
+        return [s for s, change in self._changes.items() if change is not None]
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._changes)
 
