@@ -26,6 +26,10 @@ from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_
 ROUND_TRIP_DB = {Storage.BF16: 40.0, Storage.FP8: 18.0}
 SQNR_DB = {Storage.BF16: 30.0}
 METRIC_ERROR = {Storage.BF16: 2e-3, Storage.FP8: 3e-2}
+# A post-attention norm (Gemma 2, OLMo 2) divides a layer's summed heads by their own scale: where random heads nearly
+# cancel it amplifies any rounding of theirs, stored or FP32 (tests/test_runtime.py compares FP32 state as SQNR for the
+# same reason). Those families' metrics are held to ten times the format's error.
+AMPLIFIED = 10.0
 # What order-independence allows: rounding boundaries crossed by FP32 round-off of the inputs (rare, one unit each).
 DRIFT = {Storage.BF16: 2e-4, Storage.FP8: 3e-3}
 
@@ -54,29 +58,32 @@ def test_codec_round_trip_error(storage):
 @settings(max_examples=10, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # shrinking is slow here
 @given(spec=specs(RUNTIME_FAMILIES), storage=st.sampled_from([Storage.BF16, Storage.FP8]), data=st.data())
 def test_stored_state_is_fp32_within_the_formats_error_and_does_not_drift(spec, storage, data):
-    """The same random flips on an FP32 and a low-storage runtime: every query's metric within the format's error;
-    afterwards (bf16) every live sender's output within its SQNR. The state after the commits is the one a fresh runtime
+    """The same random flips on an FP32 and a low-storage runtime: every query's metric within the format's error
+    (ten times it behind a post-attention norm); afterwards (bf16, no such norm) every live sender's output within its
+    SQNR. The state after the commits is the one a fresh runtime
     reaches by removing the same edges in one pass: rounding did not accumulate."""
     spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
     fp32, low, make = _runtimes(spec, storage, data.draw(st.integers(0, 100)))
+    normed = any(layer.has_output_norm for layer in fp32.edges.head_graph.layers)
+    error = METRIC_ERROR[storage] * (AMPLIFIED if normed else 1.0)
     receivers = fp32.edges.receivers
     for row, receiver in enumerate(receivers[: data.draw(st.integers(1, len(receivers)))]):
         scale = max(1.0, abs(fp32.investigate(receiver)))
-        assert low.investigate(receiver) == pytest.approx(fp32.metric, abs=METRIC_ERROR[storage] * scale)
+        assert low.investigate(receiver) == pytest.approx(fp32.metric, abs=error * scale)
         for sender in data.draw(st.lists(st.sampled_from(receiver.senders), unique=True, max_size=4), label="senders"):
             if not fp32.is_kept(row, sender):
                 continue
             want = fp32.try_remove(row, [sender])
-            assert low.try_remove(row, [sender]) == pytest.approx(want, abs=METRIC_ERROR[storage] * max(1.0, abs(want)))
+            assert low.try_remove(row, [sender]) == pytest.approx(want, abs=error * max(1.0, abs(want)))
             if data.draw(st.booleans(), label="commit"):
                 fp32.commit(), low.commit()
             else:
                 fp32.rollback(), low.rollback()
     want, got = fp32.run_from(0), low.run_from(0)
-    assert got == pytest.approx(want, abs=METRIC_ERROR[storage] * max(1.0, abs(want)))
+    assert got == pytest.approx(want, abs=error * max(1.0, abs(want)))
     for sender in fp32.edges.senders:
         changed = fp32.outputs[sender.index] is not fp32.clean[sender.index]
-        if storage in SQNR_DB and fp32.edge_state.kept_out[sender.index] and changed:
+        if storage in SQNR_DB and not normed and fp32.edge_state.kept_out[sender.index] and changed:
             stored = low.codec.load(low.outputs[sender.index])
             assert sqnr_db(fp32.outputs[sender.index], stored) > SQNR_DB[storage], sender.name
 
@@ -86,7 +93,7 @@ def test_stored_state_is_fp32_within_the_formats_error_and_does_not_drift(spec, 
     for r, s in low.removed:
         removals.setdefault(r, []).append(s)
     once = fresh.try_remove_edges(removals) if removals else fresh.metric
-    assert once == pytest.approx(got, abs=DRIFT[storage] * max(1.0, abs(got)))
+    assert once == pytest.approx(got, abs=DRIFT[storage] * (AMPLIFIED if normed else 1.0) * max(1.0, abs(got)))
 
 
 @settings(max_examples=6, deadline=None)
