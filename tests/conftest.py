@@ -1,9 +1,19 @@
 """Every test session gets an empty trace cache and a key of its own (pahq_fx.passes.trace_cache): nothing is read from or
-written to the user's cache, and a test that traces a model the session traced before takes the cached path."""
+written to the user's cache, and a test that traces a model the session traced before takes the cached path.
+
+Hypothesis draws the same examples on every run (``derandomize``), so that a suite that passes passes again on a clean
+clone; ``HYPOTHESIS_PROFILE=explore`` draws fresh ones (and remembers failures) to look for new counterexamples."""
+
+import os
 
 import pytest
+from hypothesis import settings
 
 from pahq_fx.passes.trace_cache import ENV, KEY_ENV
+
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True, scope="session")
