@@ -150,7 +150,7 @@ def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
         value = getattr(args, field)
         if field == "storage" and value == "fp32":
             continue  # the default, and the only storage before there was a choice: earlier runs' folders still resume
-        if field in ("model", "task", "reference", "tokenizer") and isinstance(value, str) and Path(value).exists():
+        if field in ("model", "task", "reference", "tokenizer", "scores") and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         identity[field] = value
     return identity
@@ -561,10 +561,12 @@ def _evaluate_curve(args: argparse.Namespace) -> None:
 
     scores = load_scores(args.scores) if args.scores else None
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PahqError(f"--out {out} is a file, not a folder")
+    identity = _identity(args, ("model", "task", "n", "seed", "metric", "scores", "curve"))
+    others = _check_out(out, identity, args.overwrite)
     device = _device(args)
-    task, tokenizer = _checked_task(args, _task_source(args.task), args.metric)
+    source = _task_source(args.task)
+    _claim(out, identity, others)
+    task, tokenizer = _checked_task(args, source, args.metric)
     model, _ = _load_model(args.model, tokenizer, device)
     from .acdc.mib import mib_evaluate
 
@@ -769,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="MIB's faithfulness curves, CPR and CMD of edge scores (--scores, or exact scores computed here) into --out",
     )
     e.add_argument("--scores", help="with --curve: scores.json from pahq-fx scores, or an EAP-IG/MIB graph file")
-    e.add_argument("--out", help="with --curve: folder for curve.md, curve.json, curve.png")
+    e.add_argument("--out", help="with --curve: folder for curve.md, curve.json, curve.png (one run's)")
+    e.add_argument("--overwrite", action="store_true", help="with --curve: replace another run's results in --out")
     e.add_argument("--allow-weak-task", action="store_true", help="with --curve: evaluate even when the task barely moves it")
     e.add_argument("--no-progress", action="store_true")
     _loading_arguments(e)

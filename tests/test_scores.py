@@ -195,5 +195,8 @@ def test_cli_scores_then_curve(tmp_path):
     assert [p["fraction"] for p in data["curves"][0]["points"]] == list(MIB_FRACTIONS)
     assert data["cmd"] >= 0 and data["cpr"] <= 1
     assert (tmp_path / "c" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    other = run("evaluate", "--curve", *common[:4], "--n", "5", "--no-progress", "--out", str(tmp_path / "c"))
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "already holds" in other.stderr  # one run per folder
+    assert json.loads((tmp_path / "c" / "curve.json").read_text()) == data
     bad = run("evaluate", "--curve", *common, "--scores", str(tmp_path / "s" / "scores.md"), "--out", str(tmp_path / "d"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a score file" in bad.stderr
