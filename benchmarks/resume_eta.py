@@ -72,8 +72,7 @@ def main() -> None:
     session = search_module.prepare(model, task, precision="fp32", allow_weak_task=True)
     setup_s = time.perf_counter() - started
     runtime, edges = session.runtime, session.edges
-    steps = len(runtime.steps)
-    old_work = [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
+    old_work = [len(r.senders) * runtime.index.cone_steps(row) for row, r in enumerate(edges.receivers)]
     finished: list[tuple[float, float | None, float]] = []  # (elapsed, the bar's ETA, the earlier bar's ETA)
     start = time.perf_counter()
 

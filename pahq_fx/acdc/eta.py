@@ -24,9 +24,8 @@ class Remaining:
     """The cost units of finished receivers and the expected units of the rest, from the decisions so far."""
 
     def __init__(self, runtime: PatchingRuntime, edges: EdgeGraph) -> None:
-        steps = len(runtime.steps)
         self._runtime = runtime
-        self._depth = [steps + 1 - min(runtime.index.row_step[i], steps) + QUERY_OVERHEAD for i in range(len(edges.receivers))]
+        self._depth = [runtime.index.cone_steps(row) + QUERY_OVERHEAD for row in range(len(edges.receivers))]
         self._queries = [len(r.senders) + 1 for r in edges.receivers]  # its edges and the baseline
         self._keeps = [False] * len(edges.senders)  # the sender keeps an edge into a finished receiver
         rows = range(len(edges.receivers))

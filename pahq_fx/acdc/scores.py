@@ -259,8 +259,7 @@ def exact_scores(
     rows = list(range(len(edges.receivers))) if receivers is None else receivers
     batched = batch and runtime.batches_candidates()
     budget = candidate_memory(runtime.device)
-    steps = len(runtime.steps)  # a receiver's edges times the steps its cone runs: the bar's share of the work
-    work = [len(r.senders) * (steps + 1 - min(runtime.index.row_step[i], steps)) for i, r in enumerate(edges.receivers)]
+    work = [len(r.senders) * runtime.index.cone_steps(row) for row, r in enumerate(edges.receivers)]  # the bar's share
     bar = tqdm(
         total=sum(work[row] for row in rows),
         disable=not progress,

@@ -51,6 +51,7 @@ class RuntimeIndex:
 
     def __init__(self, graph: fx.GraphModule, steps: tuple[Step, ...], edges: EdgeGraph) -> None:
         self.edges = edges
+        self.n_steps = len(steps)
         step_index = {s.name: k for k, s in enumerate(steps)}
         self.row_step: list[int] = []
         self.step_rows: list[dict[Role | ReceiverKind, list[int]]] = [{} for _ in steps]
@@ -79,6 +80,11 @@ class RuntimeIndex:
             if not self.step_senders[k]:
                 raise UnsupportedArchitectureError(f"component {step.name} has no senders in the edge graph")
         self.layouts = {k: AttentionLayout(getattr(graph, s.module)) for k, s in enumerate(steps) if s.kind is StepKind.ATTENTION}
+
+    def cone_steps(self, row: int) -> int:
+        """The steps a query into receiver ``row`` may recompute, the final read included: its own step and every one
+        after it (what a dense cone runs, the progress bars' measure of a query's work)."""
+        return self.n_steps + 1 - min(self.row_step[row], self.n_steps)
 
     def start_of(self, receiver: Receiver) -> int:
         """Index of the first step that runs while this receiver is investigated (len(steps): only the final read)."""
