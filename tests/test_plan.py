@@ -90,17 +90,23 @@ def _live_after_prepare(session) -> int:
     return session.runtime.state_bytes() + split
 
 
+def _measured_geometry(model, task):
+    """The configuration's geometry with the trace and split's peak measured (on models this small their probes
+    outweigh everything else)."""
+    with torch.no_grad():
+        _, split_peak = planning.measured_peak(
+            lambda: lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(Format.FP32, "per_row"))
+        )
+    return replace(planning.geometry_from_config(model.config), split_peak=split_peak)
+
+
 @pytest.mark.parametrize("storage", ["bf16", "fp8"])
 def test_peak_of_a_real_run_in_low_storage(storage):
     """The same with the caches and outputs stored in bf16 or FP8: a dense run's peak within 20% of the plan's (1.11
     and 1.13 when written), and under the bound at a sparse threshold."""
     spec, batch, seq = SHAPES[0], 8, 16
     model, task = build(spec), _task(batch, seq)
-    with torch.no_grad():
-        _, split_peak = planning.measured_peak(
-            lambda: lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(Format.FP32, "per_row"))
-        )
-    geometry = replace(planning.geometry_from_config(model.config), split_peak=split_peak)
+    geometry = _measured_geometry(model, task)
     memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch), storage)
     for threshold in (0.0, 0.003):
         circuit, peak, state, garbage = _run(model, task, threshold, storage=storage)
@@ -122,11 +128,7 @@ def test_peak_of_a_real_run(spec):
     model = build(spec)
     batch, seq = 8, 16
     task = _task(batch, seq)
-    with torch.no_grad():
-        _, split_peak = planning.measured_peak(
-            lambda: lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(Format.FP32, "per_row"))
-        )
-    geometry = replace(planning.geometry_from_config(model.config), split_peak=split_peak)
+    geometry = _measured_geometry(model, task)
     memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch))
     above_weights = memory.peak - memory.weights
     with_candidates = planning.memory_plan(
