@@ -444,11 +444,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
-    """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight)."""
+    """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight);
+    under ``--storage auto``, take the most exact storage that fits (pahq_fx.acdc.plan.choose_storage)."""
+    from .acdc.plan import choose_storage, preflight
+
+    if args.storage == "auto":
+        if args.max_memory == "none":
+            args.storage = "fp32"
+            print("storage auto: fp32 (--max-memory none: no plan to choose from)", file=sys.stderr)
+            return
+        args.storage, note = choose_storage(model, task, max_memory=args.max_memory, assume=args.assume)
+        print(note, file=sys.stderr)
     if args.max_memory == "none":
         return
-    from .acdc.plan import preflight
-
     preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume)
 
 
@@ -602,7 +610,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{len(circuit.edges)}/{circuit.total_edges} edges; {faithfulness.describe()}")
 
 
-def _memory_arguments(parser: argparse.ArgumentParser) -> None:
+def _memory_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
+    """--max-memory, --assume and --storage; a run (discover, sweep) may also leave the storage to the plan."""
     parser.add_argument(
         "--max-memory",
         default=None,
@@ -618,9 +627,10 @@ def _memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         default="fp32",
-        choices=STORAGES,
+        choices=STORAGES + (("auto",) if run else ()),
         help="how the runtime stores its caches and the senders' outputs: fp32 (exact; default), bf16 (half the "
-        "bytes) or fp8 (a quarter, a scale per row)",
+        "bytes) or fp8 (a quarter, a scale per row)"
+        + ("; auto: the most exact one whose planned peak fits --max-memory" if run else ""),
     )
 
 
@@ -748,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="comma-separated layers to calibrate (default every layer; others interpolated)")
     p.add_argument("--json", help="write the plan as JSON to this file")
     p.add_argument("--no-progress", action="store_true")
-    _memory_arguments(p)
+    _memory_arguments(p, run=False)
     p.set_defaults(run=cmd_plan)
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)

@@ -338,6 +338,40 @@ def test_a_refusal_names_the_storage_that_would_fit():
         planning.plan(model, task, calibrate=False, storage="fp16")
 
 
+def _peaks(model, task) -> dict[str, int]:
+    """Each storage's planned peak at any threshold, from the configuration alone (what ``auto`` chooses from)."""
+    planned = planning.preflight(model, task, max_memory="1TiB")
+    return {"fp32": planned.needed, **{s: p.needed(planning.BOUND) for s, p in planned.projections.items()}}
+
+
+def test_storage_auto_takes_the_most_exact_storage_that_fits():
+    model, task = build(Spec("gpt2", 3, 4, 4, 16)), _task(8, 16)
+    peaks = _peaks(model, task)
+    assert peaks["fp32"] > peaks["bf16"] > peaks["fp8"]
+    for limit, chosen in ((peaks["fp32"], "fp32"), (peaks["fp32"] - 1, "bf16"), (peaks["bf16"] - 1, "fp8")):
+        storage, note = planning.choose_storage(model, task, max_memory=limit)
+        assert storage == chosen and note.startswith(f"storage auto: {chosen} (")
+    with pytest.raises(pahq_fx.PlanError, match="does not fit"):
+        planning.choose_storage(model, task, max_memory=peaks["fp8"] - 1)
+    circuit = pahq_fx.discover(model, task, threshold=0.01, storage="auto", progress=False, allow_weak_task=True)
+    assert circuit.stats.storage == "fp32" and "storage auto: fp32" in circuit.precision_note  # this machine's memory
+
+
+def test_cli_storage_auto_runs_in_the_storage_it_chose(capsys, tmp_path):
+    from pahq_fx import zoo
+    from pahq_fx.tasks import make_task
+
+    model, tokenizer = zoo.load("gpt2-induction")
+    limit = _peaks(model, make_task("induction", tokenizer, n=4, seed=0))["fp32"] - 1
+    run = ["discover", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--threshold", "0.1"]
+    assert cli.main([*run, "--out", str(tmp_path / "a"), "--storage", "auto", "--max-memory", str(limit), "--no-progress"]) == 0
+    assert "storage auto: bf16" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "circuit.json").read_text())["stats"]["storage"] == "bf16"
+    assert cli.main([*run, "--out", str(tmp_path / "b"), "--storage", "auto", "--max-memory", "none", "--no-progress"]) == 0
+    assert "storage auto: fp32" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4", "--seq", "8", "--storage", "auto"]) == 2
+
+
 def test_torch_free_import_still_holds():
     import subprocess
     import sys

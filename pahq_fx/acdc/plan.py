@@ -1044,6 +1044,34 @@ def preflight(
     ).check()
 
 
+AUTO_STORAGE = "auto"
+
+
+def choose_storage(model: Any, task: Any, *, max_memory: int | str | None = None, assume: str = BOUND) -> tuple[str, str]:
+    """``storage="auto"``: the most exact storage whose planned peak fits ``max_memory`` (default: the device's free
+    memory), FP32 first, then bf16, then FP8, and a line saying why. FP32 where the family has no configuration-only
+    plan; :class:`~pahq_fx.errors.PlanError`, saying what would fit, where none does."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    try:
+        geometry = geometry_from_config(getattr(model, "config", None), model_bytes=_tensor_bytes(tensors))
+    except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError):
+        return "fp32", "storage auto: fp32 (this family has no configuration-only plan to choose from)"
+    device = task.clean_input_ids.device
+    ids = task.clean_input_ids
+    workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
+    loaded = _tensor_bytes([t for t in tensors if t.device == device])
+    first = _assemble(
+        geometry, workload, storage="fp32", device=str(device), max_memory=max_memory, loaded_bytes=loaded, assume=assume
+    )
+    peaks = {"fp32": first.needed, **{s: p.needed(assume) for s, p in first.projections.items()}}
+    what = "at any threshold" if assume == BOUND else "for a dense circuit"
+    for storage in STORAGE:  # the most exact first
+        if peaks[storage] <= first.max_memory:
+            tried = ", ".join(f"{s} {_gib(peaks[s])}" for s in STORAGE if s == storage or peaks[s] > first.max_memory)
+            return storage, f"storage auto: {storage} (planned peak {what}: {tried}; memory {_gib(first.max_memory)})"
+    raise PlanError(first.refusal())
+
+
 def write_json(result: Plan, path: str) -> None:
     with open(path, "w") as out:
         json.dump(result.to_json(), out, indent=2)
@@ -1051,12 +1079,14 @@ def write_json(result: Plan, path: str) -> None:
 
 
 __all__ = [
+    "AUTO_STORAGE",
     "Geometry",
     "MemoryPlan",
     "Plan",
     "Timing",
     "Workload",
     "calibrate_runtime",
+    "choose_storage",
     "free_memory",
     "geometry_from_config",
     "geometry_from_runtime",

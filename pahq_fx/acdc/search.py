@@ -35,6 +35,7 @@ from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
 from .eta import Remaining
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
+from .plan import AUTO_STORAGE, choose_storage
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
 from .runtime import PatchingRuntime
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
@@ -86,6 +87,8 @@ def discover(
     the algorithm, docs/runtime.md for the runtime. ``storage``: how the runtime stores its caches and the senders'
     outputs (:mod:`~pahq_fx.acdc.storage`): ``fp32`` (exact, the default), ``bf16`` (half the bytes) or ``fp8``
     (a quarter, with a scale per row); the rounding is the stored outputs', never accumulated over the search.
+    ``auto`` takes the most exact one whose planned peak at any threshold fits the device's free memory
+    (:func:`~pahq_fx.acdc.plan.choose_storage`; ``precision_note`` says what was planned).
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
@@ -101,7 +104,7 @@ def discover(
     """
     threshold = check_threshold(threshold)
     check_speculation(speculation)
-    stored = Storage.parse(storage)
+    stored, storage_note = resolve_storage(storage, model, task)
     requested = AUTO if precision == AUTO else parse_format(precision).value
 
     def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
@@ -137,6 +140,7 @@ def discover(
     if requested == AUTO and not session.precision_note.startswith("auto:"):
         resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
         session.precision_note = "; ".join(n for n in (resumed, session.precision_note) if n)
+    session.precision_note = "; ".join(n for n in (session.precision_note, storage_note) if n)
     store = Checkpoint(path, fingerprint_of(session.identity, session.metric), chosen_precision=session.format.value)
     try:
         circuit = search(
@@ -280,6 +284,15 @@ def _calibrated_runtime(
     if calibration.chosen is Format.FP32:
         return (*fp32, calibration)
     return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled, storage), calibration)
+
+
+def resolve_storage(storage: str | Storage, model: nn.Module, task: Task) -> tuple[Storage, str]:
+    """``storage`` parsed, or under ``auto`` chosen by the plan (:func:`~pahq_fx.acdc.plan.choose_storage`), and the
+    line that says why ("" where it was given)."""
+    if isinstance(storage, str) and storage.lower() == AUTO_STORAGE:
+        chosen, note = choose_storage(model, task)
+        return Storage(chosen), note
+    return Storage.parse(storage), ""
 
 
 def search(

@@ -20,7 +20,7 @@ from .circuit import Circuit
 from .evaluation import Faithfulness, evaluate_edges
 from .mib import MibResult, acdc_curve
 from .roc import RocPoint, jaccard, roc_auc, roc_point
-from .search import Session, prepare, search
+from .search import Session, prepare, resolve_storage, search
 from .setup import check_threshold
 from .storage import Storage
 from .task import Task
@@ -167,7 +167,7 @@ def sweep(
     progress: bool = True,
     allow_weak_task: bool = False,
     save_to: str | Path | None = None,
-    storage: str = "fp32",
+    storage: str | Storage = "fp32",
 ) -> Sweep:
     """ACDC at every threshold, from one setup: each circuit is the one ``discover`` finds at that threshold.
 
@@ -181,6 +181,7 @@ def sweep(
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
+    stored, storage_note = resolve_storage(storage, model, task)
     session = prepare(
         model,
         task,
@@ -189,8 +190,9 @@ def sweep(
         granularity=granularity,
         compile=compile,
         allow_weak_task=allow_weak_task,
-        storage=storage,
+        storage=stored,
     )
+    session.precision_note = "; ".join(n for n in (session.precision_note, storage_note) if n)
     circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
     if reference != FP32_REFERENCE:
         return _result(session, circuits, *_reference_edges(reference))
