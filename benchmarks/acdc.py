@@ -21,6 +21,7 @@ use one eager forward timed in its own process, and its queries are every edge (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -152,10 +153,17 @@ def run_one(args: argparse.Namespace) -> dict:
             return kl(removed)
 
         reference.kl = counting_kl
-        edges, _ = reference.run(args.threshold)
+        if args.naive_queries:  # a sample: the reference's query costs the same whatever is removed
+            reference.kl = lambda removed: counting_kl(removed) if counted["n"] < args.naive_queries else _stop()
+            with contextlib.suppress(_Enough):
+                reference.run(args.threshold)
+            edges = None
+        else:
+            edges, _ = reference.run(args.threshold)
         wall = time.perf_counter() - start
         result = {
-            "edges": sorted(map(list, edges)),
+            "edges": None if edges is None else sorted(map(list, edges)),
+            "extrapolated": edges is None,
             "queries": counted["n"],
             "compilations": 0,
             "setup_s": setup,
@@ -203,7 +211,8 @@ def run_one(args: argparse.Namespace) -> dict:
     peak = result.pop("peak_memory_mb_peer", None) or peak_memory_mb(device)
     from pahq_fx.acdc.evaluation import evaluate_circuit
 
-    circuit_kl = evaluate_circuit({tuple(e) for e in result["edges"]}, model, task).circuit
+    edges = result["edges"]
+    circuit_kl = None if edges is None else evaluate_circuit({tuple(e) for e in edges}, model, task).circuit
     result.update(
         config=args.one,
         device=str(device),
@@ -215,6 +224,30 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     print(json.dumps(result))
     return result
+
+
+class _Enough(Exception):
+    """Ends the naive reference's run once its sample of queries is timed."""
+
+
+def _stop() -> float:
+    raise _Enough
+
+
+def _extrapolate_naive(medians: list[dict]) -> None:
+    """A sampled naive run's time per query times the queries of fp32's run (the same search, the same queries)."""
+    naive = next((r for r in medians if r["config"] == "naive" and r.get("extrapolated")), None)
+    if naive is None:
+        return
+    reference = next((r for r in medians if r["config"] == "fp32"), None) or next(r for r in medians if r is not naive)
+    per_query = naive["search_s"] / naive["queries"]
+    naive.update(
+        queries_measured=naive["queries"],
+        queries=reference["queries"],
+        search_s=per_query * reference["queries"],
+        wall_s=naive["setup_s"] + per_query * reference["queries"],
+        queries_per_second=1 / per_query,
+    )
 
 
 def run_peer(args: argparse.Namespace, model, task) -> dict:
@@ -285,7 +318,7 @@ def _jaccard(a: set, b: set) -> float:
 def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
     naive = by.get("naive")
-    edge_sets = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
+    edge_sets = {name: {tuple(e) for e in r["edges"]} for name, r in by.items() if r["edges"] is not None}
     head = (
         "| config | precision | execution | wall s | setup s | search s | compile s | queries | evaluated "
         "| per batch | hit rate | fwd-equiv / query | peak MB | state MB | edges | circuit KL | Jaccard vs fp32 "
@@ -296,15 +329,19 @@ def table(rows: list[dict]) -> str:
         if name not in by:
             continue
         r = by[name]
-        vs_fp32 = f"{_jaccard(edge_sets[name], edge_sets['fp32']):.3f}" if "fp32" in by else "-"
-        vs_naive = f"{_jaccard(edge_sets[name], edge_sets['naive']):.3f}" if naive else "-"
+        if name not in edge_sets:  # a sampled naive run: its time extrapolated, its circuit not found
+            vs_fp32 = vs_naive = "-"
+        else:
+            vs_fp32 = f"{_jaccard(edge_sets[name], edge_sets['fp32']):.3f}" if "fp32" in edge_sets else "-"
+            vs_naive = f"{_jaccard(edge_sets[name], edge_sets['naive']):.3f}" if "naive" in edge_sets else "-"
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
         lines.append(
             f"| {name} | {r['precision']} | {r['execution'].split(' (')[0]} | {r['wall_s']:.2f} | {r['setup_s']:.2f} "
             f"| {r['search_s']:.2f} | {r['compile_s']:.1f} | {r['queries']} | {r.get('evaluated') or '-'} "
             f"| {_number(r.get('candidates_per_batch'), '.1f')} | {_number(r.get('hit_rate'), '.0%')} "
             f"| {r['forward_equivalents']:.3f} "
-            f"| {r['peak_memory_mb']:.0f} | {r['state_bytes'] / 2**20:.1f} | {len(edge_sets[name])} | {r['circuit_kl']:.4f} "
+            f"| {r['peak_memory_mb']:.0f} | {r['state_bytes'] / 2**20:.1f} | {len(edge_sets.get(name, ())) or '-'} "
+            f"| {_number(r['circuit_kl'], '.4f')} "
             f"| {vs_fp32} | {vs_naive} "
             f"| {speedup} |"
         )
@@ -324,6 +361,13 @@ def main() -> None:
         help="for the explicit-precision configs ('auto' always uses discover's defaults)",
     )
     parser.add_argument("--peer", choices=(PEER,), help="add auto-circuit's ACDC (needs benchmarks/peer/setup.sh)")
+    parser.add_argument(
+        "--naive-queries",
+        type=int,
+        default=0,
+        help="time this many of the naive reference's queries and extrapolate its run to fp32's queries "
+        "(where a whole naive run would take hours)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = results_path(args, "acdc")
@@ -351,6 +395,8 @@ def main() -> None:
                 str(args.half),
                 "--compile",
                 args.compile,
+                "--naive-queries",
+                str(args.naive_queries),
             ]
             done = subprocess.run(command, check=False, capture_output=True, text=True)
             if done.returncode != 0:
@@ -372,6 +418,7 @@ def main() -> None:
         ):
             best[key] = statistics.median(r[key] for r in results)
         medians.append(best)
+    _extrapolate_naive(medians)
     print(
         f"device: {medians[0]['device']}; model {args.model}, task {args.task}, threshold {args.threshold}, "
         f"n={args.n}, repeats={args.repeats}, compile={args.compile}; one eager forward "

@@ -52,6 +52,8 @@ def _acdc_command(arguments: dict, path: str, env: str) -> str:
         parts.append(f"--compile {arguments['compile']}")
     if arguments.get("peer"):
         parts.append(f"--peer {arguments['peer']}")
+    if arguments.get("naive_queries"):
+        parts.append(f"--naive-queries {arguments['naive_queries']}")
     return _command("benchmarks/acdc.py", parts, path, env)
 
 
@@ -124,9 +126,9 @@ def acdc(files: list[str], env: str) -> str:
     data = _load(path)
     rows = _ordered(data["results"])
     by = {r["config"]: r for r in rows}
-    edges = {name: {tuple(e) for e in r["edges"]} for name, r in by.items()}
+    edges = {name: {tuple(e) for e in r["edges"]} for name, r in by.items() if r.get("edges") is not None}
     naive = by.get("naive")
-    reference = "naive" if naive else "fp32" if "fp32" in by else None
+    reference = "naive" if "naive" in edges else "fp32" if "fp32" in edges else None
     speculative = any(r.get("hit_rate") is not None for r in rows)
     batches = " (evaluated) | predictor hit rate" if speculative else ""
     head = (
@@ -136,17 +138,23 @@ def acdc(files: list[str], env: str) -> str:
     lines = [head, "|" + " --- |" * (11 + speculative)]
     for r in rows:
         name = r["config"]
-        agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference else "-"
+        agreement = f"{_jaccard(edges[name], edges[reference]):.3f}" if reference and name in edges else "-"
         speedup = f"{naive['wall_s'] / r['wall_s']:.1f}x" if naive else "-"
+        label = {"auto": "auto (defaults)", "naive": "naive (extrapolated)" if r.get("extrapolated") else "naive"}
         lines.append(
-            f"| {'auto (defaults)' if name == 'auto' else name} | {r['precision']} | {r['wall_s']:.2f} "
+            f"| {label.get(name, name)} | {r['precision']} | {r['wall_s']:.2f} "
             f"| {r['setup_s']:.2f} | {r['search_s']:.2f} | {r['queries']}"
             + (f"{_evaluated(r)} | {_hit_rate(r)} " if speculative else " ")
             + f"| {r['forward_equivalents']:.3f} "
-            f"| {r['peak_memory_mb']:.0f} | {len(edges[name])} | {agreement} | {speedup} |"
+            f"| {r['peak_memory_mb']:.0f} | {len(edges[name]) if name in edges else '-'} | {agreement} | {speedup} |"
         )
     device = rows[0].get("device", "cpu")
     env, note = _measured(data, env)
+    if naive and naive.get("extrapolated"):
+        note += (
+            f" The naive reference timed {naive['queries_measured']} of its queries (each a full forward with every "
+            f"receiver's input rebuilt, whatever is removed) and its run is extrapolated to {naive['queries']} queries."
+        )
     return "\n".join(lines) + (
         f"\n\nDevice {device}; one eager forward of the model {_forward_ms(rows)}; medians of "
         f"{data['arguments']['repeats']} fresh processes per configuration.{note} Command: "
