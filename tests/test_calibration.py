@@ -59,6 +59,24 @@ def test_auto_runs_the_measured_fastest_format_and_reports_the_measurement(monke
     assert same.edge_set() == circuit.edge_set()
 
 
+def test_a_low_precision_winner_searches_on_its_probed_runtime(monkeypatch):
+    """On a CPU bf16 is the only other format: its runtime, built and reset by the probe, is the search's (the
+    runtime is not built a third time), and the search on it equals one on a fresh bf16 runtime."""
+    from pahq_fx.acdc import search as search_module
+
+    built = []
+    build_runtime = search_module.build_runtime
+    monkeypatch.setattr(search_module, "build_runtime", lambda *a: built.append(a[3]) or build_runtime(*a))
+    monkeypatch.setattr(search_module, "seconds_per_query", lambda runtime, receiver: 0.5 if runtime.low_precision else 1.0)
+    monkeypatch.setattr(search_module, "worth_measuring", lambda *a: True)
+    model = build(Spec("gpt2", 2, 2, 2, 8, seed=6))
+    task = pahq_fx.Task(token_ids(3, 6, seed=5), token_ids(3, 6, seed=6))
+    circuit = pahq_fx.discover(model, task, threshold=0.002, progress=False, allow_weak_task=True)
+    assert circuit.precision == "bf16" and built == [Format.FP32, Format.BF16]
+    fresh = pahq_fx.discover(model, task, threshold=0.002, progress=False, allow_weak_task=True, precision="bf16")
+    assert [(e.sender, e.receiver, e.effect) for e in circuit.edges] == [(e.sender, e.receiver, e.effect) for e in fresh.edges]
+
+
 def test_the_note_names_the_receiver_the_times_and_the_rule():
     note = Calibration("a1.h0.q", {Format.FP32: 0.02, Format.BF16: 0.01}, Format.BF16).note()
     assert "a1.h0.q" in note and "fp32 20 ms" in note and "bf16 10 ms" in note and "2.00x faster" in note

@@ -266,23 +266,30 @@ def _calibrated_runtime(
     storage: Storage,
 ) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
     """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
-    queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime (a low-precision winner is
-    built again). At most two runtimes are held at once: FP32's and one other."""
+    queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are held
+    at once, FP32's and one other, so a low-precision winner is built again unless it was the last one tried (on a
+    CPU, bf16 is the only one: its probed runtime, reset by the probe, is the one that searches)."""
     receiver = probe_receiver(fp32[1])
     seconds = {Format.FP32: seconds_per_query(fp32[0], receiver)}
     failed: dict[Format, str] = {}
-    runtime: PatchingRuntime | None
-    edges: EdgeGraph | None
+    last: tuple[Format, PatchingRuntime, EdgeGraph] | None = None
+
+    def probed(fmt: Format) -> tuple[Format, PatchingRuntime, EdgeGraph]:
+        runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage)
+        seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
+        return fmt, runtime, edges
+
     for fmt in formats_to_try(task.clean_input_ids.device)[1:]:
-        try:  # one low-precision runtime at a time beside FP32's: each holds caches of its own
-            runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage)
-            seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
+        last = None  # released before the next format's is built: each holds caches of its own
+        try:
+            last = probed(fmt)
         except (PahqError, RuntimeError) as error:  # a format this model or device cannot run: not a candidate
             failed[fmt] = str(error).splitlines()[0]
-        runtime = edges = None  # released before the next format's is built
     calibration = Calibration(receiver.name, seconds, choose(seconds), failed)
     if calibration.chosen is Format.FP32:
         return (*fp32, calibration)
+    if last is not None and last[0] is calibration.chosen:
+        return last[1], last[2], calibration
     return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled, storage), calibration)
 
 
