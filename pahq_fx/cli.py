@@ -218,6 +218,29 @@ def _finite_threshold(text: str) -> float:
     return value
 
 
+def _memory(text: str) -> str:
+    """A --max-memory value, checked before anything loads: ``none`` or a size (pahq_fx.memory_size)."""
+    from .memory_size import parse_bytes
+
+    if text != "none":
+        try:
+            parse_bytes(text)
+        except PahqError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _layers(text: str) -> list[int]:
+    """A --layers value: comma-separated layer numbers."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer numbers, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer numbers (0 and up), got {text!r}")
+    return layers
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -471,7 +494,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
         if args.batch is None or args.seq is None:
             raise PahqError("--config needs --batch and --seq (the task's prompts and tokens per prompt)")
-        config = AutoConfig.from_pretrained(args.config)
+        if not Path(args.config).exists() and (Path(args.config).suffix == ".json" or args.config.startswith((".", "/", "~"))):
+            raise PahqError(f"--config {args.config}: no such file or folder")
+        try:
+            config = AutoConfig.from_pretrained(args.config)
+        except (ValueError, KeyError) as error:
+            raise PahqError(f"--config {args.config} is not a Hugging Face configuration: {str(error).splitlines()[0]}") from None
         result = planning.plan_from_config(
             config,
             args.batch,
@@ -491,7 +519,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         _stage(args, f"loading {args.model}")
         task, tokenizer = _checked_task(args, source, args.metric)
         model, _ = _load_model(args.model, tokenizer, device)
-        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
         _stage(args, "planning" + (": tracing, caching and timing a few queries per layer" if not args.no_calibrate else ""))
         result = planning.plan(
             model,
@@ -502,7 +529,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             storage=args.storage,
             calibrate=not args.no_calibrate,
             queries_per_role=args.queries_per_role,
-            layers=layers,
+            layers=args.layers,
             assume=args.assume,
             check=False,
         )
@@ -595,6 +622,10 @@ def _evaluate_curve(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.curve and args.circuit:
+        raise PahqError("evaluate --curve reads edge scores (--scores), not --circuit: run the two separately")
+    if not args.curve and (args.scores or args.out or args.overwrite):
+        raise PahqError("--scores, --out and --overwrite go with --curve; evaluate --circuit writes nothing")
     if args.curve:
         return _evaluate_curve(args)
     if args.circuit is None:
@@ -615,6 +646,7 @@ def _memory_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> N
     parser.add_argument(
         "--max-memory",
         default=None,
+        type=_memory,
         help="memory the run may use, e.g. 20GiB or 80GB (default: the device's free memory plus the "
         "model's weights on it; 'none' skips the check)",
     )
@@ -740,11 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="shipped model name, local checkpoint directory or hub id")
     source.add_argument("--config", help="a Hugging Face config.json (or folder): plan from the sizes alone, no weights")
     p.add_argument("--task", help="task name, .jsonl prompt pairs or .safetensors task (with --model)")
-    p.add_argument("--n", type=int, default=32, help="examples to generate for a named task")
+    p.add_argument("--n", type=_count, default=32, help="examples to generate for a named task")
     p.add_argument("--seed", type=int, default=0, help="seed of a generated task")
-    p.add_argument("--batch", type=int, help="prompts (with --config)")
-    p.add_argument("--seq", type=int, help="tokens per prompt (with --config)")
-    p.add_argument("--positions", type=int, help="metric rows (with --config; default one per prompt)")
+    p.add_argument("--batch", type=_count, help="prompts (with --config)")
+    p.add_argument("--seq", type=_count, help="tokens per prompt (with --config)")
+    p.add_argument("--positions", type=_count, help="metric rows (with --config; default one per prompt)")
     p.add_argument(
         "--device",
         help="device to run on (with --model: checked before it loads) or to plan for (with --config: need not be "
@@ -754,8 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--metric", default="kl", choices=METRICS)
     p.add_argument("--no-calibrate", action="store_true", help="memory only: no runtime is built, no query timed")
-    p.add_argument("--queries-per-role", type=int, default=2, help="calibration queries per receiver role and step")
-    p.add_argument("--layers", help="comma-separated layers to calibrate (default every layer; others interpolated)")
+    p.add_argument("--queries-per-role", type=_count, default=2, help="calibration queries per receiver role and step")
+    p.add_argument("--layers", type=_layers, help="comma-separated layers to calibrate (default every layer; others estimated)")
     p.add_argument("--json", help="write the plan as JSON to this file")
     p.add_argument("--no-progress", action="store_true")
     _memory_arguments(p, run=False)

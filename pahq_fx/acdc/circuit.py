@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..errors import PahqError
+from ..errors import CircuitFormatError, PahqError
 from ..ir.head_graph import HeadGraph
 from ..ir.names import NodeKind, identifier, node_of, parse
+from .circuit_file import check_circuit_data
 from .evaluation import Faithfulness, evaluate_circuit
 
 
@@ -107,8 +108,15 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
+        """A circuit written by :meth:`save`; a file that is not one (a field missing or of the wrong type, a node
+        name that is not canonical, a node outside the recorded architecture) is a one-line
+        :class:`CircuitFormatError` naming the field."""
         try:
             data = json.loads(Path(path).read_text())
+        except (OSError, ValueError, RecursionError) as error:
+            raise CircuitFormatError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
+        check_circuit_data(data, str(path))
+        try:
             return cls(
                 edges=tuple(CircuitEdge(**e) for e in data["edges"]),
                 threshold=float(data["threshold"]),
@@ -127,8 +135,8 @@ class Circuit:
                 architecture=tuple(data.get("architecture", ())),
                 faithfulness=Faithfulness(**data["faithfulness"]) if data.get("faithfulness") else None,
             )
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise PahqError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise CircuitFormatError(f"{path} is not a circuit file written by pahq_fx: {error}") from None
 
     def ranked_edges(self) -> list[CircuitEdge]:
         """The edges by the size of their effect, largest first (a NaN effect last)."""

@@ -91,7 +91,7 @@ def load_circuit(path: str | Path, head_graph: HeadGraph | None = None) -> Circu
             if isinstance(data, dict) and "format" in data:
                 return Circuit.load(path)
             values = values_from_json(data, path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CircuitFormatError(f"{path} is not a circuit file pahq_fx reads: {error}") from None
     layout = EapLayout.from_cfg(values.cfg)
     if head_graph is not None:

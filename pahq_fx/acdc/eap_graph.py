@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,36 @@ PT_KEYS = ("cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "n
 FORMAT = "EAP-IG"
 
 
+def cfg_settings(cfg: Any, source: str = "the graph") -> tuple[int, int, bool, int]:
+    """A cfg's ``n_layers``, ``n_heads``, ``parallel_attn_mlp`` and ``d_model``, each of the type EAP-IG writes (sizes
+    positive integers, the flag a boolean): a one-line :class:`CircuitFormatError` naming the first that is not."""
+    if not isinstance(cfg, dict):
+        raise CircuitFormatError(f"{source}: its cfg must be an object with {', '.join(CFG_KEYS)}, got {type(cfg).__name__}")
+    missing = [key for key in CFG_KEYS if key not in cfg]
+    if missing:
+        raise CircuitFormatError(f"{source}: its cfg lacks {', '.join(missing)} (EAP-IG's cfg has {', '.join(CFG_KEYS)})")
+    for key in ("n_layers", "n_heads", "d_model"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CircuitFormatError(f"{source}: its cfg has {key}={value!r}: it must be a positive integer")
+    if not isinstance(cfg["parallel_attn_mlp"], bool):
+        flag = cfg["parallel_attn_mlp"]
+        raise CircuitFormatError(f"{source}: its cfg has parallel_attn_mlp={flag!r}: it must be true or false")
+    return cfg["n_layers"], cfg["n_heads"], cfg["parallel_attn_mlp"], cfg["d_model"]
+
+
+def edge_count(n_layers: int, n_heads: int, parallel: bool) -> int:
+    """How many edges :meth:`EapLayout.edges` lists, by arithmetic: a file's size is checked against its cfg before a
+    graph of that cfg (which a forged cfg could make astronomically large) is built."""
+    streams = n_layers + (n_heads + 1) * n_layers * (n_layers - 1) // 2  # senders before each layer, summed
+    return (3 * n_heads + 1) * streams + (0 if parallel else n_layers * n_heads) + 1 + n_layers * (n_heads + 1)
+
+
+def node_counts(n_layers: int, n_heads: int) -> tuple[int, int]:
+    """How many source and destination nodes :meth:`EapLayout.src_nodes` and :meth:`EapLayout.dst_nodes` list."""
+    return 1 + n_layers * (n_heads + 1), n_layers * (3 * n_heads + 1) + 1
+
+
 @dataclass(frozen=True)
 class EapLayout:
     """An EAP-IG graph and the model's key/value groups: ``groups[L]`` is the group of each head of layer ``L``,
@@ -58,18 +90,10 @@ class EapLayout:
     groups: tuple[tuple[int, ...] | None, ...]
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any]) -> EapLayout:
+    def from_cfg(cls, cfg: Any) -> EapLayout:
         """The layout a file's cfg describes, without groups (an EAP-IG file does not record them)."""
-        missing = [key for key in CFG_KEYS if key not in cfg]
-        if missing:
-            raise CircuitFormatError(f"the graph's cfg lacks {', '.join(missing)} (EAP-IG's cfg has {', '.join(CFG_KEYS)})")
-        try:
-            n_layers, n_heads, d_model = (int(cfg[key]) for key in ("n_layers", "n_heads", "d_model"))
-        except (TypeError, ValueError):
-            raise CircuitFormatError(f"the graph's cfg has a non-integer size: {cfg}") from None
-        if min(n_layers, n_heads, d_model) < 1:
-            raise CircuitFormatError(f"the graph's cfg has a size below 1: {cfg}")
-        return cls(n_layers, n_heads, bool(cfg["parallel_attn_mlp"]), d_model, (None,) * n_layers)
+        n_layers, n_heads, parallel, d_model = cfg_settings(cfg)
+        return cls(n_layers, n_heads, parallel, d_model, (None,) * n_layers)
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -332,46 +356,75 @@ def read(path: str | Path) -> EdgeValues:
 
 
 def values_from_json(data: Any, path: Path) -> EdgeValues:
+    """What a JSON graph (``Graph.to_json``'s layout) says of each edge; a score must be a finite number and
+    ``in_graph`` a boolean, as EAP-IG writes them, and the edges exactly those of the file's cfg."""
     if not isinstance(data, dict) or not {"cfg", "nodes", "edges"} <= data.keys():
         raise CircuitFormatError(f"{path} is not an EAP-IG graph file (a JSON object with cfg, nodes and edges)")
+    nodes, edges = data["nodes"], data["edges"]
+    if not isinstance(nodes, dict) or not isinstance(edges, dict):
+        raise CircuitFormatError(f"{path}: nodes and edges must be JSON objects keyed by name, as EAP-IG writes them")
+    expected = edge_count(*cfg_settings(data["cfg"], str(path))[:3])
+    if expected > 2 * len(edges) + 64:  # far more than the file lists: refused before the cfg's graph is built
+        raise CircuitFormatError(f"{path}: it lists {len(edges)} edges, an EAP-IG graph with cfg {data['cfg']} has {expected}")
     layout = EapLayout.from_cfg(data["cfg"])
-    if any(isinstance(node, dict) and "neurons" in node for node in data["nodes"].values()):
+    if any(isinstance(node, dict) and "neurons" in node for node in nodes.values()):
         _neurons(path)
-    edges = data["edges"]
     _check_edge_names(edges.keys(), layout, path)
-    try:
-        scores = {name: float(edges[name]["score"]) for name in edges}
-        in_graph = {name: bool(edges[name]["in_graph"]) for name in edges}
-    except (KeyError, TypeError, ValueError) as error:
-        raise CircuitFormatError(f"{path}: an edge lacks a numeric score or in_graph ({error})") from None
+    scores, in_graph = {}, {}
+    for name, edge in edges.items():
+        if not isinstance(edge, dict) or "score" not in edge or "in_graph" not in edge:
+            raise CircuitFormatError(f"{path}: edge {name} must be an object with score and in_graph, got {edge!r:.80}")
+        scores[name] = _score(edge["score"], name, path)
+        if not isinstance(edge["in_graph"], bool):
+            raise CircuitFormatError(f"{path}: edge {name} has in_graph={edge['in_graph']!r}: it must be true or false")
+        in_graph[name] = edge["in_graph"]
     return EdgeValues(layout.cfg, scores, in_graph)
 
 
-def _read_pt(path: Path) -> EdgeValues:
-    import pickle
+def _score(value: Any, edge: str, path: Path) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise CircuitFormatError(f"{path}: edge {edge} has score {value!r}: a score must be a finite number")
+    return float(value)
 
+
+def _read_pt(path: Path) -> EdgeValues:
     import torch
 
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise CircuitFormatError(f"{path} is not a torch file of plain tensors and dicts: {str(error).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol are not for a user whose file is refused
+            warnings.simplefilter("ignore")
+            data = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError:
+        raise
+    except Exception as error:  # torch.load's own errors on a damaged or foreign file vary; none runs code (weights_only)
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CircuitFormatError(f"{path} is not a torch file of plain tensors and dicts: {first}") from None
     if not isinstance(data, dict) or not set(PT_KEYS) <= data.keys():
         raise CircuitFormatError(f"{path} is not an EAP-IG graph file (a torch dict with {', '.join(PT_KEYS)})")
-    layout = EapLayout.from_cfg(data["cfg"])
+    n_layers, n_heads, _, _ = cfg_settings(data["cfg"], str(path))
     if "neurons_in_graph" in data:
         _neurons(path)
-    src, dst = list(data["src_nodes"]), list(data["dst_nodes"])
-    if src != layout.src_nodes() or dst != layout.dst_nodes():
+    src, dst = data["src_nodes"], data["dst_nodes"]
+    named = all(isinstance(n, (list, tuple)) and all(isinstance(x, str) for x in n) for n in (src, dst))
+    if not named or (len(src), len(dst)) != node_counts(n_layers, n_heads):
+        raise CircuitFormatError(f"{path}: src_nodes / dst_nodes are not those of an EAP-IG graph with cfg {data['cfg']}")
+    layout = EapLayout.from_cfg(data["cfg"])
+    if list(src) != layout.src_nodes() or list(dst) != layout.dst_nodes():
         raise CircuitFormatError(f"{path}: src_nodes / dst_nodes are not those of an EAP-IG graph with cfg {layout.cfg}")
     scores, in_graph = data["edges_scores"], data["edges_in_graph"]
-    if not all(isinstance(t, torch.Tensor) and tuple(t.shape) == (len(src), len(dst)) for t in (scores, in_graph)):
-        raise CircuitFormatError(f"{path}: edges_scores and edges_in_graph must be {len(src)} x {len(dst)} tensors")
+    for name, tensor, kind in (("edges_scores", scores, "floating-point"), ("edges_in_graph", in_graph, "bool")):
+        dense = isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and tensor.device.type == "cpu"
+        if not dense or tuple(tensor.shape) != (len(src), len(dst)):
+            raise CircuitFormatError(f"{path}: {name} must be a dense {len(src)} x {len(dst)} tensor")
+        if (tensor.dtype == torch.bool) != (kind == "bool") or (kind != "bool" and not tensor.dtype.is_floating_point):
+            raise CircuitFormatError(f"{path}: {name} must be a {kind} tensor, as EAP-IG writes it, got {tensor.dtype}")
     row, column = {n: i for i, n in enumerate(src)}, {n: i for i, n in enumerate(dst)}
     names_ = [f"{p}->{c}" for p, c in layout.edges()]
-    cells = [(row[p], column[c]) for p, c in layout.edges()]
-    score_list = scores.double()[[r for r, _ in cells], [c for _, c in cells]].tolist() if cells else []
-    member_list = in_graph.bool()[[r for r, _ in cells], [c for _, c in cells]].tolist() if cells else []
+    rows, columns = [row[p] for p, _ in layout.edges()], [column[c] for _, c in layout.edges()]
+    score_list = scores.double()[rows, columns].tolist()
+    for name, value in zip(names_, score_list, strict=True):
+        _score(value, name, path)
+    member_list = in_graph[rows, columns].tolist()
     return EdgeValues(layout.cfg, dict(zip(names_, score_list, strict=True)), dict(zip(names_, member_list, strict=True)))
 
 

@@ -11,7 +11,9 @@ by absolute score (MIB reports CPR from signed rankings and CMD from absolute on
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +24,11 @@ from torch import nn
 from ..atomic import write_bytes, write_text
 from ..errors import PahqError
 from ..metrics import Metric
+from .eap_graph import check_cfg, group, layout_of
 from .edges import EdgeGraph
 from .evaluation import Faithfulness, evaluate_edge_sets
 from .runtime import PatchingRuntime
-from .scores import EdgeScores, scores_of_session
+from .scores import EAP_FILE, EdgeScores, scores_of_session
 from .search import prepare
 from .task import Task
 
@@ -176,6 +179,16 @@ class MibResult:
         return write_bytes(path, picture.getvalue())
 
 
+def check_fractions(fractions: Sequence[float]) -> None:
+    """MIB's edge fractions as a curve needs them: at least one, each in (0, 1], increasing (the trapezoid areas are
+    taken in that order)."""
+    values = list(fractions) if isinstance(fractions, Sequence) and not isinstance(fractions, str) else None
+    if not values or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in values):
+        raise PahqError(f"fractions must be a non-empty list of edge fractions in (0, 1], got {fractions!r:.80}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise PahqError(f"fractions must increase (the curve's areas are taken in that order), got {values!r:.80}")
+
+
 def prune(edges: EdgeGraph, kept: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """MIB's pruning of a chosen edge set ((receiver row, sender) pairs): a node stays while it has an outgoing and an
     incoming edge (the embedding needs no incoming one, the final read is always there); edges from or into a node
@@ -198,6 +211,10 @@ def edge_rows(edges: EdgeGraph, scores: EdgeScores) -> dict[tuple[int, int], flo
     """Scores by (receiver row, sender) of this graph; a score file must name exactly this graph's edges."""
     ours = {(edges.senders[s].name, r.name): (row, s) for row, r in enumerate(edges.receivers) for s in r.senders}
     given = scores.by_edge()
+    if scores.mode == EAP_FILE:  # a key and a value input per head, as EAP-IG names them: summed onto the model's groups
+        layout = layout_of(edges.head_graph)
+        check_cfg(scores.eap_config or {}, layout, "the score file")
+        given = group(given, layout, math.fsum)
     unknown, missing = sorted(set(given) - set(ours)), sorted(set(ours) - set(given))
     if unknown or missing:
         problem = f"{len(unknown)} edges this model lacks (first {unknown[:3]})" if unknown else ""
@@ -261,7 +278,8 @@ def mib_evaluate(
 ) -> tuple[MibResult, EdgeScores]:
     """MIB's curves, CPR and CMD for ``scores`` (default: exact edge scores computed here on the same runtime),
     evaluated under ``metric`` (default: the scores' own metric, ``kl`` for a file that names none)."""
-    metric = metric or (scores.metric if scores is not None and scores.mode != "eap-file" else "kl")
+    check_fractions(fractions)
+    metric = metric or (scores.metric if scores is not None and scores.mode != EAP_FILE else "kl")
     session = prepare(model, task, metric=metric, precision="fp32", compile=False, allow_weak_task=allow_weak_task)
     if scores is None:
         scores = scores_of_session(session, progress=progress)

@@ -41,10 +41,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..atomic import write_text
 from ..errors import PlanError, UnsupportedArchitectureError
 from ..ir import names
 from ..ir.head_graph import Component, HeadGraph, LayerInfo
 from ..ir.names import Role
+from ..memory_size import parse_bytes
 
 FP32 = "fp32"
 # Element bytes of a storage format, and the extra bytes per stored row (fp8: one FP32 scale per row).
@@ -773,20 +775,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def parse_bytes(text: str | float) -> int:
-    """``20GiB``, ``20GB``, ``512MiB``, ``1.5e9``: bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*", str(text).lower())
-    if not match:
-        raise PlanError(f"not a memory size: {text!r} (say 20GiB, 80GB, 512MiB)")
-    unit = match.group(2).rstrip("b")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    if unit not in scale:
-        raise PlanError(f"unknown unit in {text!r}")
-    return int(float(match.group(1)) * scale[unit])
-
-
 def free_memory(device: Any) -> tuple[int, str]:
     """The device's free memory now, and where the figure comes from."""
     import torch
@@ -907,6 +895,12 @@ def plan_from_config(
     """The plan of a run on ``batch`` prompts of ``seq`` tokens (``positions`` metric rows, default one per prompt)
     from a Hugging Face configuration alone: no weights, no runtime, no timing. ``check`` raises
     :class:`~pahq_fx.errors.PlanError` where it does not fit."""
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (batch, seq)):
+        raise PlanError(f"batch and seq must be positive integers, got batch={batch!r}, seq={seq!r}")
+    if positions is not None and (
+        isinstance(positions, bool) or not isinstance(positions, int) or not 0 < positions <= batch * seq
+    ):
+        raise PlanError(f"positions (metric rows) must be between 1 and batch x seq = {batch * seq}, got {positions!r}")
     geometry = geometry_from_config(config, name)
     result = _assemble(
         geometry,
@@ -956,6 +950,8 @@ def plan(
     from .setup import _trace_for, check_vocabulary, parse_metric, resolve_compile
     from .storage import Storage
 
+    if calibrate and (isinstance(queries_per_role, bool) or not isinstance(queries_per_role, int) or queries_per_role < 1):
+        raise PlanError(f"queries_per_role must be a positive integer, got {queries_per_role!r}")
     parsed_metric = parse_metric(metric, task)
     check_vocabulary(model, task)
     ids = task.clean_input_ids
@@ -1006,6 +1002,10 @@ def plan(
     measured = {"setup_state_bytes": runtime.state_bytes(), "split_peak": split_peak, "setup_peak": setup_peak}
     geometry = replace(geometry_from_runtime(runtime, model), split_peak=split_peak)
     timing = None
+    outside = sorted(set(layers or ()) - set(range(edges.head_graph.n_layers)))
+    if calibrate and outside:
+        last = edges.head_graph.n_layers - 1
+        raise PlanError(f"layers {outside} to calibrate are not in the model, which has layers 0 to {last}")
     if calibrate:
         forward_s = statistics.median(eager_forward_seconds(model, ids, repeats=3))
         timing = calibrate_runtime(runtime, forward_s, queries_per_role, layers)
@@ -1073,9 +1073,8 @@ def choose_storage(model: Any, task: Any, *, max_memory: int | str | None = None
 
 
 def write_json(result: Plan, path: str) -> None:
-    with open(path, "w") as out:
-        json.dump(result.to_json(), out, indent=2)
-        out.write("\n")
+    """The plan as JSON, through the atomic writer (whole or absent, never through a planted link)."""
+    write_text(path, json.dumps(result.to_json(), indent=2) + "\n")
 
 
 __all__ = [

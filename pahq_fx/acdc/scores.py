@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from ..errors import CircuitFormatError, PahqError
 from ..ir import names
 from ..metrics import Metric
 from ..passes.precision import Format
-from .eap_graph import EapLayout, graph_json, layout_of, score_values
+from .eap_graph import EapLayout, EdgeValues, graph_json, layout_of, read, score_values, values_from_json
 from .edges import EdgeGraph
 from .run_info import eager_forward_seconds, peak_memory_mb
 from .runtime import PatchingRuntime
@@ -36,6 +37,7 @@ from .task import Task
 
 FORMAT = "pahq_fx.EdgeScores/1"
 MODES = ("exact",)
+EAP_FILE = "eap-file"  # the mode of scores read from an EAP-IG / MIB graph file
 
 Edge = tuple[str, str]
 
@@ -144,29 +146,59 @@ def _nodes(scores: tuple[EdgeScore, ...]) -> list[str]:
 
 
 def load_scores(path: str | Path) -> EdgeScores:
-    """Scores written by :meth:`EdgeScores.save`, or an EAP-IG/MIB graph file (``edges`` with a ``score`` each),
-    whose scores are taken in the same sign (MIB attributes the negated logit difference: larger = more important)."""
+    """Scores written by :meth:`EdgeScores.save`, or an EAP-IG/MIB graph file (``.json`` or ``.pt``, read and checked as
+    :func:`~pahq_fx.load_circuit` reads one), whose scores are taken in the same sign (MIB attributes the negated logit
+    difference: larger = more important). Every score must be a finite number and every edge canonically named."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return _eap_scores(read(path))
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("format") == FORMAT:
-            stats = data.get("stats")
-            return EdgeScores(
-                scores=tuple(EdgeScore(s, r, float(v)) for s, r, v in data["scores"]),
-                metric=data["metric"],
-                mode=data.get("mode", "exact"),
-                full_model=float(data.get("full_model", 0.0)),
-                model=data.get("model", {}),
-                task=data.get("task", {}),
-                stats=ScoreStats(**stats) if stats else None,
-                eap_config=data.get("eap_config"),
-                eap_groups=data.get("eap_groups"),
-            )
-        if isinstance(data.get("edges"), dict) and "cfg" in data:
-            scores = tuple(EdgeScore(*names.from_eap_edge(name), float(info["score"])) for name, info in data["edges"].items())
-            return EdgeScores(scores=scores, metric="logit_diff", mode="eap-file", eap_config=data["cfg"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
         raise PahqError(f"{path} is not a score file (pahq_fx scores or an EAP-IG graph): {error}") from None
-    raise PahqError(f"{path} is not a score file: neither pahq_fx scores ({FORMAT}) nor an EAP-IG graph (cfg, nodes, edges)")
+    if isinstance(data, dict) and "cfg" in data and "edges" in data:
+        return _eap_scores(values_from_json(data, path))
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PahqError(f"{path} is not a score file: neither pahq_fx scores ({FORMAT}) nor an EAP-IG graph (cfg, nodes, edges)")
+    rows = data.get("scores")
+    if not isinstance(rows, list) or not all(isinstance(row, list) and len(row) == 3 for row in rows):
+        raise PahqError(f"{path}: scores must be a list of [sender, receiver, score] triples")
+    for sender, receiver, value in rows:
+        _check_score(sender, receiver, value, path)
+    try:
+        stats = data.get("stats")
+        return EdgeScores(
+            scores=tuple(EdgeScore(s, r, float(v)) for s, r, v in rows),
+            metric=data["metric"],
+            mode=data.get("mode", "exact"),
+            full_model=float(data.get("full_model", 0.0)),
+            model=data.get("model", {}),
+            task=data.get("task", {}),
+            stats=ScoreStats(**stats) if stats else None,
+            eap_config=data.get("eap_config"),
+            eap_groups=data.get("eap_groups"),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise PahqError(f"{path} is not a score file written by pahq_fx: {error}") from None
+
+
+def _check_score(sender: Any, receiver: Any, value: Any, path: Path) -> None:
+    for name in (sender, receiver):
+        if not isinstance(name, str):
+            raise PahqError(f"{path}: {name!r:.40} is not a node name")
+        try:
+            names.parse(name)
+        except ValueError as error:
+            raise PahqError(f"{path}: {error}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PahqError(f"{path}: edge {sender} -> {receiver} has score {value!r:.40}: a score must be a finite number")
+
+
+def _eap_scores(values: EdgeValues) -> EdgeScores:
+    """An EAP-IG file's scores by per-head edge (a key or value input per head, as the file names them); evaluated on a
+    model, :func:`~pahq_fx.acdc.mib.edge_rows` sums them onto its key/value groups."""
+    scores = tuple(EdgeScore(*names.from_eap_edge(name), score) for name, score in values.scores.items())
+    return EdgeScores(scores=scores, metric="logit_diff", mode=EAP_FILE, eap_config=values.cfg)
 
 
 def eap_layout(edges: EdgeGraph) -> EapLayout | None:

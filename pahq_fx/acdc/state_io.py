@@ -11,6 +11,7 @@ of a layer in a dense circuit) share one tensor again, so a resumed runtime take
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ def restore(runtime: PatchingRuntime, data: bytes) -> None:
         layout = json.loads(_metadata(data))
     except Exception as error:  # safetensors' own errors: a damaged file is refused, whatever it raises
         raise StateMismatch(f"the state file is unreadable: {error}") from None
+    _check_fields(runtime, layout)
     _check_layout(runtime, layout, tensors)
     device = runtime.device
     moved = {name: t.to(device) for name, t in tensors.items()}
@@ -137,11 +139,57 @@ def _metadata(data: bytes) -> str:
     return json.loads(data[8 : 8 + size])["__metadata__"]["layout"]
 
 
-def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """The layout was written by this version for a runtime of this shape, and every tensor it names exists (outputs
-    with the dtypes and width the runtime stores, inputs with the stream's width)."""
+def _check_fields(runtime: PatchingRuntime, layout: Any) -> None:
+    """Every field of the layout of the type :func:`encode` writes, each index within this runtime: a file edited by
+    hand (its SHA-256 recomputed in the checkpoint) is refused, never half-restored into a runtime that fails later."""
     if not isinstance(layout, dict) or layout.get("format") != STATE_FORMAT:
         raise StateMismatch("the state file was written by another version of pahq_fx")
+    steps, senders = len(runtime.steps), len(runtime.clean)
+
+    def index(value: Any, end: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < end
+
+    def step_key(key: Any) -> bool:
+        return isinstance(key, str) and key.isdigit() and int(key) < steps
+
+    checks = {
+        "outputs": lambda v: (
+            isinstance(v, list)
+            and all(r == _CLEAN or isinstance(r, str) or (isinstance(r, list) and all(isinstance(p, str) for p in r)) for r in v)
+        ),
+        "inputs": lambda v: isinstance(v, list) and all(r is None or isinstance(r, str) for r in v),
+        "projections": lambda v: isinstance(v, dict) and all(step_key(k) and isinstance(n, str) for k, n in v.items()),
+        "final": lambda v: isinstance(v, str),
+        "metric": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "active_from": lambda v: index(v, steps + 1),
+        "plan": lambda v: isinstance(v, dict) and all(step_key(k) and _units(u) for k, u in v.items()),
+        "rows_only": lambda v: isinstance(v, list) and all(index(k, steps) for k in v),
+        "removed_from": lambda v: (
+            isinstance(v, list) and all(isinstance(row, list) and all(index(s, senders) for s in row) for row in v)
+        ),
+    }
+    for field, valid in checks.items():
+        if field not in layout or not valid(layout[field]):
+            raise StateMismatch(f"the state file's {field} is not what pahq_fx writes")
+    for ref in layout["inputs"]:
+        if ref is not None and ref.startswith(_READ) and not ref[len(_READ) :].isdigit():
+            raise StateMismatch("the state file's inputs are not what pahq_fx writes")
+
+
+def _units(value: Any) -> bool:
+    """A plan entry: [query head, key/value group], each an index or NO_HEAD."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _fits(x: torch.Tensor, like: torch.Tensor, rows: int) -> bool:
+    """``x`` has ``like``'s dtype and shape, or the shape ``like`` has at the final read's ``rows`` (a rows-only step)."""
+    return x.dtype == like.dtype and tuple(x.shape) in (tuple(like.shape), (*like.shape[:-3], rows, like.shape[-1]))
+
+
+def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """The layout was written by this version for a runtime of this shape, and every tensor it names exists (outputs
+    with the dtypes and shapes the runtime stores, inputs, projections and the final read with the stream's)."""
+    rows = len(runtime.final_rows)
     if layout.get("storage") != runtime.storage.value:
         raise StateMismatch(f"the state file holds {layout.get('storage')} storage, this run {runtime.storage.value}")
     sizes = (len(layout["outputs"]), len(layout["inputs"]), len(layout["removed_from"]))
@@ -153,17 +201,23 @@ def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torc
         clean = runtime.codec.tensors(runtime.clean[s])
         parts = ref if isinstance(ref, list) else [ref]
         if len(parts) != len(clean) or any(
-            p not in tensors or tensors[p].dtype != c.dtype or tensors[p].shape[-1] != c.shape[-1]
-            for p, c in zip(parts, clean, strict=False)
+            p not in tensors or not _fits(tensors[p], c, rows) for p, c in zip(parts, clean, strict=False)
         ):
             raise StateMismatch(f"the state file's output of sender {s} does not fit this model")
-    width, reads = runtime.clean_reads[0].shape[-1], len(runtime.clean_reads)
+    read, reads = runtime.clean_reads[0], len(runtime.clean_reads)
     for ref in layout["inputs"]:
         if ref is None:
             continue
         if ref.startswith(_READ) and not 0 <= int(ref[len(_READ) :]) < reads:
             raise StateMismatch("the state file names a step this model lacks")
-        if not ref.startswith(_READ) and (ref not in tensors or tensors[ref].shape[-1] != width):
+        if not ref.startswith(_READ) and (ref not in tensors or not _fits(tensors[ref], read, rows)):
             raise StateMismatch("the state file's receiver inputs do not fit this model")
     if any(name not in tensors for name in (*layout["projections"].values(), layout["final"])):
         raise StateMismatch("the state file lacks tensors its layout names")
+    final = tensors[layout["final"]]
+    if final.dtype != runtime.final.dtype or final.shape != runtime.final.shape:
+        raise StateMismatch("the state file's final read does not fit this model")
+    for name in layout["projections"].values():
+        x = tensors[name]
+        if x.dtype != read.dtype or x.shape[:-1] not in (read.shape[:-1], (*read.shape[:-3], rows)):
+            raise StateMismatch("the state file's projections do not fit this model")
