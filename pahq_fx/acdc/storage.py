@@ -63,9 +63,25 @@ class Codec(Protocol):
         """The tensors that hold ``stored`` (to count bytes)."""
         ...
 
+    def replace_rows(self, stored: Stored, index: torch.Tensor, rows: Stored, copies: int | None) -> Stored:
+        """A stored [B, T, d] tensor with rows ``index`` (of its B * T) replaced by the stored rows [len(index), d]; with
+        ``copies``, the stored tensor repeated that many times first ([copies, B, T, d], rows of copies * B * T). Stored
+        values are never read back and stored again: every other row keeps its stored bits."""
+        ...
+
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.flatten(-3, -2).index_select(-2, index)
+
+
+def _put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, copies: int | None) -> torch.Tensor:
+    """:meth:`Codec.replace_rows` on one tensor [B, T, c] (FP8 as its bytes: index_copy has no FP8 kernel)."""
+    raw = x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+    flat = raw.flatten(0, 1)
+    flat = flat.repeat(copies, 1) if copies else flat.clone()
+    flat.index_copy_(0, index, rows.view(raw.dtype) if rows.dtype != raw.dtype else rows)
+    out = flat.view(-1, *x.shape) if copies else flat.view(x.shape)
+    return out.view(x.dtype)
 
 
 class _Identity:
@@ -85,6 +101,10 @@ class _Identity:
     def tensors(self, stored: Stored) -> tuple[torch.Tensor, ...]:
         assert isinstance(stored, torch.Tensor)
         return (stored,)
+
+    def replace_rows(self, stored: Stored, index: torch.Tensor, rows: Stored, copies: int | None) -> Stored:
+        assert isinstance(stored, torch.Tensor) and isinstance(rows, torch.Tensor)
+        return _put_rows(stored, index, rows, copies)
 
 
 class _Cast(_Identity):
@@ -122,6 +142,10 @@ class _RowScaledFp8:
     def tensors(self, stored: Stored) -> tuple[torch.Tensor, ...]:
         assert isinstance(stored, ScaledFp8)
         return (stored.data, stored.scale)
+
+    def replace_rows(self, stored: Stored, index: torch.Tensor, rows: Stored, copies: int | None) -> Stored:
+        assert isinstance(stored, ScaledFp8) and isinstance(rows, ScaledFp8)
+        return ScaledFp8(_put_rows(stored.data, index, rows.data, copies), _put_rows(stored.scale, index, rows.scale, copies))
 
 
 CODECS: dict[Storage, Codec] = {

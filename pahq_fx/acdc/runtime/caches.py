@@ -9,11 +9,13 @@ from typing import cast
 import torch
 
 from ...ir import graph_meta, names
+from ...ir.modules import AttentionBlock
 from ...ir.structure import StepKind
 from ...metrics import CleanDistribution
 from ..row_batch import RowBatch
 from ..storage import Stored
 from ..task import Task
+from .rows import ReachedRows
 from .state import Aux, RuntimeState, tensor_sum
 
 
@@ -47,6 +49,7 @@ class CacheSetup(RuntimeState):
             for k, step in enumerate(self.steps)
             if step.kind is not StepKind.ATTENTION and token_wise and self._token_wise_component(k)
         }
+        self.rows_restrictable = self._rows_restrictable()
         # Stored one at a time, each FP32 output released as its stored form replaces it.
         for i, x in enumerate(self.clean):
             self.clean[i] = self.codec.store(cast(torch.Tensor, x))
@@ -109,6 +112,61 @@ class CacheSetup(RuntimeState):
             return tuple(self._prelude(ids)[1:])
         except (RuntimeError, IndexError, ValueError):  # a prelude specialised to the batch: components run on it whole
             return None
+
+    def _rows_restrictable(self) -> bool:
+        """Whether a query may recompute only the rows its change reaches (:class:`ReachedRows`): an eager runtime whose
+        prelude runs at other batch sizes, every attention step causal (a change at a position leaves earlier ones
+        alone) with a norm that acts per row, every other component per token. Checked on the clean run, as
+        :meth:`_token_wise_component` checks a component on the final read's rows."""
+        seq = self._clean_ids.shape[-1]
+        if self._compiled or self._rows_prelude_aux is None or seq == 1:
+            return False
+        one = self._prelude_aux(RowBatch(seq, seq))  # one sequence
+        if one is None:
+            return False
+        for k, step in enumerate(self.steps):
+            if step.kind is StepKind.ATTENTION:
+                block = getattr(self.graph, step.module)
+                if not self._causal(block, self.clean_reads[k], [one[i] for i in step.aux], self._aux(step.aux)):
+                    return False
+            elif not self._token_wise_rows(k):
+                return False
+        return True
+
+    def _causal(self, block: AttentionBlock, read: torch.Tensor, one: list[Aux], aux: list[Aux]) -> bool:
+        """Whether changing the first sequence's positions from p on leaves the attention block's outputs before p
+        alone (at the first, middle and last position; ``one``: the auxiliary values of one sequence), and its norm
+        acts on the batch's rows alone (the reached rows' shape; ``aux``: the batch's values)."""
+        seq = read.shape[1]
+        first = read[:1]
+        try:
+            base = block.from_stream(first, *one)
+            for p in sorted({1, seq // 2, seq - 1}):
+                x = first.clone()
+                x[:, p:] = 2 * x[:, p:] + 1
+                if not torch.allclose(block.from_stream(x, *one)[:, :p], base[:, :p], rtol=1e-5, atol=1e-5):
+                    return False
+            norm_aux = aux[: block.n_norm_aux]
+            rows = block.norm(read.flatten(0, 1).unsqueeze(-2), *norm_aux)
+            full = block.norm(read.unsqueeze(2), *norm_aux).flatten(0, 1)
+            return bool(torch.allclose(rows, full, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, IndexError, ValueError):  # a block specialised to the batch's shape
+            return False
+
+    def _token_wise_rows(self, k: int) -> bool:
+        """Whether step k's MLP or norm gives, on the second half of every sequence packed as a batch, its outputs there."""
+        x = self.clean_reads[k]
+        batch, seq = x.shape[:2]
+        index = (torch.arange(seq, device=x.device) >= seq // 2).repeat(batch).nonzero().flatten()
+        rows = ReachedRows(index, RowBatch(index.numel(), self.row_batch.seq))
+        if self._prelude_aux(rows.batch) is None:
+            return False
+        try:
+            got = rows.batch.unpack(self._components[k](rows.batch.pack(rows.take(x)), *self._packed_aux(k, rows)))
+        except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length
+            return False
+        full = cast(torch.Tensor, self.clean[self.index.step_senders[k][0]])  # FP32 until setup stores it
+        return got.shape == (index.numel(), x.shape[-1]) and bool(torch.allclose(got, rows.take(full), rtol=1e-5, atol=1e-5))
 
     def _token_wise_component(self, k: int) -> bool:
         """Whether step k's MLP or norm acts per token, so that it can run on the final read's rows alone."""

@@ -7,6 +7,7 @@ import torch
 
 from ...metrics import metric_value
 from ..row_batch import RowBatch
+from .rows import ReachedRows
 from .state import Aux, RuntimeState
 
 
@@ -132,6 +133,15 @@ class CandidateBatches(RuntimeState):
         aux = self._rows_prelude_aux if self._candidates is None else self._candidate_rows[self._candidates][1]
         assert aux is not None, "a row-only component runs where the rows' prelude values exist"
         return [aux[i] for i in self.steps[k].aux]
+
+    def _packed_aux(self, k: int, rows: ReachedRows) -> list[Aux]:
+        """Step k's auxiliary values at the shape of the reached rows packed as a batch (computed once per shape)."""
+        shape = rows.batch.shape
+        if shape not in self._packed_prelude:
+            aux = self._prelude_aux(rows.batch)
+            assert aux is not None, "rows are restricted only where the prelude runs at other batch sizes"
+            self._packed_prelude[shape] = aux
+        return [self._packed_prelude[shape][i] for i in self.steps[k].aux]
 
     def _row_component(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Step k's token-wise component on the final read's rows, ``x`` [rows, d] (a candidate batch: [K, rows, d])."""

@@ -12,6 +12,7 @@ from ...ir.structure import StepKind
 from ...passes.precision import FullPrecisionUnits
 from ..storage import Stored
 from .deltas import Deltas, Pending
+from .rows import ReachedRows
 from .state import RuntimeState, tensor_sum
 
 
@@ -100,6 +101,7 @@ class Cascade(RuntimeState):
         if new_from < self.active_from:
             pending.active_from = new_from
         deltas = Deltas(lambda sender: self._change(sender, pending.outputs[sender]))
+        rows = self._reached_rows(changes, given) if new_from == self.active_from and not plan_changes else None
         first = min(
             [self.index.row_step[r] for r in (*changes, *given) if r != self.index.final_row]
             + [new_from if new_from < self.active_from else len(self.steps)]
@@ -115,9 +117,9 @@ class Cascade(RuntimeState):
                 if not new_inputs and old_units is None:
                     continue
                 outputs = self._attention(
-                    k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units, activating, pending
+                    k, new_inputs, changed, current_plan.get(k, FullPrecisionUnits()), old_units, activating, pending, rows
                 )
-                pending.outputs.update({s: self.codec.store(out) for s, out in outputs.items()})
+                pending.outputs.update(outputs)
                 deltas.add_heads(k, list(outputs))
             else:
                 if not changed:
@@ -125,10 +127,14 @@ class Cascade(RuntimeState):
                 x, sender = new_inputs[changed[0]], self.index.step_senders[k][0]
                 pending.recomputed.append(step.name)
                 if k in self.rows_only:
-                    out = self._row_component(k, x)
+                    pending.outputs[sender] = self.codec.store(self._row_component(k, x))
+                elif rows is not None:
+                    packed = rows.batch.pack(rows.take(self._flat(x)))
+                    out = rows.batch.unpack(self._components[k](packed, *self._packed_aux(k, rows)))
+                    pending.outputs[sender] = self._with_rows(sender, rows, out)
                 else:
                     out = self._unflat(self._components[k](self._flat(x), *self._aux(step.aux)))
-                pending.outputs[sender] = self.codec.store(out)
+                    pending.outputs[sender] = self.codec.store(out)
                 deltas.add(sender, self._change(sender, pending.outputs[sender]))
         final_change = changes.get(self.index.final_row)
         reaching = [s for s in deltas if s in kept_in[self.index.final_row]]
@@ -149,6 +155,24 @@ class Cascade(RuntimeState):
             pending.metric = pending.metrics[0]
         self.last_recomputed = pending.recomputed
         return pending
+
+    def _reached_rows(self, changes: dict[int, torch.Tensor], given: dict[int, torch.Tensor]) -> ReachedRows | None:
+        """The stream rows a query's changes reach (:class:`ReachedRows`), where the model allows recomputing only them
+        (checked at setup); None: every row. Inputs kept at the final read's rows only are left out: nothing that runs
+        on the whole stream reads them."""
+        if not self.rows_restrictable:
+            return None
+        changed = [(c != 0).any(-1) for row, c in changes.items() if not self.reads_rows(row)]
+        changed += [(x != self._input(row)).any(-1) for row, x in given.items() if not self.reads_rows(row)]
+        if not changed:
+            return None
+        if self._candidates is not None:  # the state's rows repeated for every candidate, as _flat repeats them
+            changed = [m.expand(self._candidates, *m.shape[-2:]) for m in changed]
+        return ReachedRows.of(changed, self.row_batch.seq)
+
+    def _with_rows(self, sender: int, rows: ReachedRows, out: torch.Tensor) -> Stored:
+        """The sender's state output with the reached rows replaced by ``out`` [rows, d], stored."""
+        return self.codec.replace_rows(self.outputs[sender], rows.index, self.codec.store(out), self._candidates)
 
     def _step_inputs(
         self,

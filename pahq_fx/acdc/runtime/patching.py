@@ -96,6 +96,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         self._candidate_aux: dict[int, tuple[Aux, ...]] = {}
         # per candidate count: the final read's rows as one batch, the prelude's values for it, the final read's values
         self._candidate_rows: dict[int, tuple[RowBatch, tuple[Aux, ...], list[Aux]]] = {}
+        self._packed_prelude: dict[tuple[int, int], tuple[Aux, ...]] = {}
         self.positions = task.metric_mask.flatten().nonzero().flatten()
         with torch.no_grad(), all_heads_fp32(graph):
             self._setup_caches(task)

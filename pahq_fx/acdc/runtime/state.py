@@ -20,6 +20,7 @@ from ..storage import Codec, Storage, Stored
 from .deltas import Pending
 from .edge_state import EdgeState
 from .index import RuntimeIndex
+from .rows import ReachedRows
 
 Aux = torch.Tensor | int  # a prelude's auxiliary value: a mask or positions, or a size (the batch's, the sequence's)
 Kernel = Callable[..., torch.Tensor]
@@ -66,6 +67,7 @@ class RuntimeState(ABC):
     candidate_refusal: str
     _candidate_aux: dict[int, tuple[Aux, ...]]
     _candidate_rows: dict[int, tuple[RowBatch, tuple[Aux, ...], list[Aux]]]
+    _packed_prelude: dict[tuple[int, int], tuple[Aux, ...]]  # the prelude's values per packed shape of reached rows
 
     # The caches, built at setup.
     aux: tuple[Aux, ...]
@@ -82,6 +84,7 @@ class RuntimeState(ABC):
     _final_shape: torch.Size | None
     _final_clean: torch.Tensor
     token_wise_components: set[int]
+    rows_restrictable: bool  # whether a query may recompute only the rows its change reaches
 
     # The state of the patched pass.
     queries: int
@@ -132,6 +135,9 @@ class RuntimeState(ABC):
     def _removal_change(self, row: int, sender: int) -> torch.Tensor: ...
 
     @abstractmethod
+    def _with_rows(self, sender: int, rows: ReachedRows, out: torch.Tensor) -> Stored: ...
+
+    @abstractmethod
     def _cascade(
         self,
         changes: dict[int, torch.Tensor],
@@ -152,7 +158,8 @@ class RuntimeState(ABC):
         old_units: FullPrecisionUnits | None,
         activating: bool,
         pending: Pending,
-    ) -> dict[int, torch.Tensor]: ...
+        rows: ReachedRows | None,
+    ) -> dict[int, Stored]: ...
 
     # CandidateBatches'.
     @abstractmethod
@@ -160,6 +167,9 @@ class RuntimeState(ABC):
 
     @abstractmethod
     def _row_component(self, k: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _packed_aux(self, k: int, rows: ReachedRows) -> list[Aux]: ...
 
     @abstractmethod
     def _flat(self, x: torch.Tensor) -> torch.Tensor: ...
