@@ -41,6 +41,7 @@ def shared_prefix_runtime(spec: Spec, precision: str, starts: list[int], seed: i
     graph = lower_precision(split_heads(trace(model, clean, dynamic_shapes="batch")), precision)
     runtime = PatchingRuntime(graph, EdgeGraph(graph.meta["head_graph"]), task, Metric.KL)
     assert runtime.rows_restrictable, "every family here is causal, with per-token MLPs"
+    runtime.restrict_rows = True  # whether or not it pays on a model this small
     return runtime, ReferenceACDC(model, clean, corrupted, task.metric_mask, precision)
 
 
@@ -86,3 +87,9 @@ def test_replacing_stored_rows_keeps_every_other_rows_stored_bits(storage, copie
     kept = [i for i in range(total) if i not in index]
     assert torch.equal(after[index], stored_as.load(rows))
     assert torch.equal(after[kept], before[kept])
+
+
+def test_rows_are_not_restricted_where_prompts_differ_from_the_first_position():
+    """Prompts that differ from the first position on leave nothing to restrict: setup does not restrict queries."""
+    whole, _ = shared_prefix_runtime(Spec("gpt2", 2, 4, 4, 8), "fp32", [0, 0], seed=3)
+    assert not whole._restricting_rows_pays()

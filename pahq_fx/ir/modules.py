@@ -184,7 +184,7 @@ class AttentionBlock(nn.Module):
         outputs of the traced graph)."""
         return [select_features(projections, getattr(self, f"scatter_{i}"), span) for i, span in enumerate(self.scatter_spans)]
 
-    def from_stream(self, read: torch.Tensor, *aux: torch.Tensor, extra_outputs: bool = False) -> Any:
+    def from_stream(self, read: torch.Tensor, *aux: torch.Tensor | int, extra_outputs: bool = False) -> Any:
         """Per-head outputs when every head's query, key and value read the same residual stream [B, T, d].
 
         The norm acts per position, so it runs once on the stream rather than once per head and role, and each

@@ -160,7 +160,7 @@ class Cascade(RuntimeState):
         """The stream rows a query's changes reach (:class:`ReachedRows`), where the model allows recomputing only them
         (checked at setup); None: every row. Inputs kept at the final read's rows only are left out: nothing that runs
         on the whole stream reads them."""
-        if not self.rows_restrictable:
+        if not self.restrict_rows:
             return None
         changed = [(c != 0).any(-1) for row, c in changes.items() if not self.reads_rows(row)]
         changed += [(x != self._input(row)).any(-1) for row, x in given.items() if not self.reads_rows(row)]

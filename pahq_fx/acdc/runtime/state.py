@@ -85,6 +85,7 @@ class RuntimeState(ABC):
     _final_clean: torch.Tensor
     token_wise_components: set[int]
     rows_restrictable: bool  # whether a query may recompute only the rows its change reaches
+    restrict_rows: bool  # whether it does: restricting was measured faster on this model and task (setup)
 
     # The state of the patched pass.
     queries: int
