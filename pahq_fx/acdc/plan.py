@@ -418,11 +418,11 @@ def memory_plan(
             held += kept_input + fp32_stream + stream  # its new input (where kept) and change, its stored output
         query = max(query, held)
     query = max(query, held + 2 * 4 * f_rows * d)  # the new final read and its change
-    # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input (recomputed:
-    # one step's at a time, beside their rebuilt state inputs), and a head's change that a receiver adds alone is kept.
+    # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input, and a head's
+    # change that a receiver adds alone is kept. Recomputed: one step's new inputs at a time, beside their rebuilt state
+    # inputs, and a head's change computed again each time it is added (one at a time).
     own_inputs = [layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers]
-    changes = sum(layer.n_heads for layer in hg.layers)
-    extra = changes + (2 * max(own_inputs) if recomputed else sum(own_inputs))
+    extra = 2 * max(own_inputs) + 1 if recomputed else sum(layer.n_heads for layer in hg.layers) + sum(own_inputs)
     query_bound = query + extra * fp32_stream
     # Setup: the clean run's FP32 outputs and reads, the corrupted run's changes from them stored as they come, the
     # step outputs either run sums, and a component's temporaries; the clean outputs are stored after.

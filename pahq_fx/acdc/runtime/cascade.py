@@ -99,7 +99,7 @@ class Cascade(RuntimeState):
         current_plan = plan if plan is not None else self.plan
         if new_from < self.active_from:
             pending.active_from = new_from
-        deltas = Deltas(lambda sender: self._change(sender, pending.outputs[sender]))
+        deltas = Deltas(lambda sender: self._change(sender, pending.outputs[sender]), keep_heads=self._keeps_inputs)
         first = min(
             [self.index.row_step[r] for r in (*changes, *given) if r != self.index.final_row]
             + [new_from if new_from < self.active_from else len(self.steps)]

@@ -76,6 +76,11 @@ class InputState(RuntimeState):
     def _recomputed(self) -> bool:
         return self.receiver_inputs is ReceiverInputs.RECOMPUTED
 
+    @property
+    def _keeps_inputs(self) -> bool:
+        """Stored inputs: a query keeps its new inputs, and its heads' changes, until it ends."""
+        return self.receiver_inputs is ReceiverInputs.STORED
+
     def _input(self, row: int) -> torch.Tensor:
         """Receiver ``row``'s input in the state: set for every receiver of a step that runs, which is all a query reads.
         Recomputed, receivers with the same lists share one tensor, kept while their step is the one read."""

@@ -109,6 +109,10 @@ class RuntimeState(ABC):
     @abstractmethod
     def _input_key(self, row: int) -> object: ...
 
+    @property
+    @abstractmethod
+    def _keeps_inputs(self) -> bool: ...
+
     @abstractmethod
     def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None: ...
 
