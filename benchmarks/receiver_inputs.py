@@ -7,7 +7,8 @@ For each threshold (``--sparse`` in every storage format, ``--dense`` in ``--den
 format, a search with receiver inputs stored, then one with them recomputed, in this one process (heads in FP32,
 one query at a time): the runtime's ``state_bytes()`` after setup, the largest after any receiver and at the end,
 forward-equivalents per query, and the recomputed circuit's edge Jaccard with the stored one and its largest effect
-difference (relative to the largest effect). Writes benchmarks/results/receiver_inputs.json and prints a table.
+difference (relative to the largest effect). Writes benchmarks/results/receiver_inputs.json and prints its table
+(benchmarks/tables.py's, as docs/performance.md shows it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import tables
 from acdc import load_model, measured_with
 
 DEEP = str(ROOT / "benchmarks" / "models" / "deep-induction")
@@ -63,27 +65,6 @@ def compare(row: dict, circuit, reference) -> None:
     row["max_effect_difference"] = max(abs(effects[k] - expected[k]) for k in common) / largest
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| threshold | storage | receiver inputs | edges kept | Jaccard vs stored | largest effect difference "
-        "| bytes after setup | largest state (x fewer than stored) | forward-equivalents per query |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    stored = {(r["threshold"], r["storage"]): r for r in rows if r["receiver_inputs"] == "stored"}
-    fp32 = {r["threshold"]: r for r in rows if (r["storage"], r["receiver_inputs"]) == ("fp32", "stored")}
-    for r in rows:
-        base = stored[(r["threshold"], r["storage"])]
-        lines.append(
-            f"| {r['threshold']:g} | {r['storage']} | {r['receiver_inputs']} | {r['edges']}/{r['total_edges']} | "
-            f"{r.get('jaccard_vs_stored', 1.0):.3f} | {r.get('max_effect_difference', 0.0):.1e} | "
-            f"{r['setup_state_bytes'] / 2**20:.1f} MiB | {r['largest_state_bytes'] / 2**20:.1f} MiB "
-            f"({base['largest_state_bytes'] / r['largest_state_bytes']:.2f}; "
-            f"{fp32[r['threshold']]['largest_state_bytes'] / r['largest_state_bytes']:.2f} vs fp32 stored) | "
-            f"{r['forward_equivalents']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     import torch
 
@@ -115,10 +96,10 @@ def main() -> None:
                 compare(row, circuit, reference)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    print(table(rows))
     Path(args.out).write_text(
         json.dumps({"arguments": vars(args), "environment": measured_with(), "results": rows}, indent=2) + "\n"
     )
+    print(tables.receiver_inputs([args.out], "OMP_NUM_THREADS=1"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ...errors import PahqError, UnsupportedArchitectureError
 from .deltas import Pending
 from .state import RuntimeState
 
-InputKey = tuple[str, tuple[int, ...]] | int
+InputKey = tuple[str, tuple[int, ...] | frozenset[int]] | int
 
 
 class ReceiverInputs(enum.Enum):
@@ -66,7 +66,13 @@ class InputState(RuntimeState):
         self.inputs = [None] * len(self.edges.receivers)
         self._stream_changes: dict[int, torch.Tensor | None] = {}  # D_k, None where every sender is clean
         self._corrupted_reads: dict[int, torch.Tensor] = {}  # C_k
+        self._forget_shapes()
         self._forget_inputs()
+
+    def _forget_shapes(self) -> None:
+        """Drop what depends on which steps are row-only: each step's summed senders and its D's parent."""
+        self._included_senders: dict[int, frozenset[int]] = {}
+        self._parents: dict[int, int | None] = {}
 
     def _forget_inputs(self) -> None:
         """Drop the rebuilt inputs of the step last read: they hold the state before a commit."""
@@ -105,7 +111,7 @@ class InputState(RuntimeState):
         if not self._recomputed:
             return id(self.inputs[row])
         removed, kept = self.edge_state.removed_from[row], self.edge_state.kept_in[row]
-        return ("removed", tuple(removed)) if len(removed) <= len(kept) else ("kept", tuple(sorted(kept)))
+        return ("removed", tuple(removed)) if len(removed) <= len(kept) else ("kept", frozenset(kept))
 
     def _rebuild(self, row: int, key: InputKey) -> torch.Tensor:
         assert not isinstance(key, int)
@@ -113,7 +119,7 @@ class InputState(RuntimeState):
         k = self.index.row_step[row]
         if form == "kept":
             x = self._corrupted_read(k)
-            for s in senders:
+            for s in sorted(senders):
                 x = x - self._removal_change(row, s)
             return x
         x = self._clean_read(k)
@@ -138,18 +144,22 @@ class InputState(RuntimeState):
             return self.codec.load(self.corrupt_minus_clean[s])
         return self._removal_change(row, s)
 
-    def _included(self, k: int) -> set[int]:
+    def _included(self, k: int) -> frozenset[int]:
         """The senders ``D_k`` sums: all that step k reads, but row-only ones where it reads whole batches."""
-        senders = self._read_senders[k]
-        return set(senders) if self._rows(k) else {s for s in senders if not self.sends_rows(s)}
+        if k not in self._included_senders:
+            senders = self._read_senders[k]
+            rows = self._rows(k)
+            self._included_senders[k] = frozenset(s for s in senders if rows or not self.sends_rows(s))
+        return self._included_senders[k]
 
     def _parent(self, k: int) -> int | None:
         """The nearest earlier step whose ``D`` is a prefix of step k's (its senders among k's, its shape k's or whole)."""
-        included = self._included(k)
-        for j in reversed(range(k)):
-            if (self._rows(k) or not self._rows(j)) and self._included(j) <= included:
-                return j
-        return None
+        if k not in self._parents:
+            included = self._included(k)
+            self._parents[k] = next(
+                (j for j in reversed(range(k)) if (self._rows(k) or not self._rows(j)) and self._included(j) <= included), None
+            )
+        return self._parents[k]
 
     def _stream_change(self, k: int) -> torch.Tensor | None:
         """``D_k``: its parent's, then its own other changed senders by index (the order fixes its round-off)."""
@@ -206,6 +216,7 @@ class InputState(RuntimeState):
             return
         self._stream_changes.clear()
         self._corrupted_reads.clear()
+        self._forget_shapes()
         self._forget_inputs()
 
     def _input_tensors(self, from_step: int = 0) -> list[torch.Tensor]:
