@@ -347,8 +347,9 @@ def receiver_inputs(files: list[str], env: str) -> str:
     fp32 = {r["threshold"]: r for r in rows if (r["storage"], r["receiver_inputs"]) == ("fp32", "stored")}
     lines = [
         "| threshold | storage | receiver inputs | edges kept | Jaccard vs stored | largest effect difference "
-        "| bytes after setup | largest state (stored / this; fp32 stored / this) | forward-equivalents per query |",
-        "|" + " --- |" * 9,
+        "| bytes after setup | largest state (stored / this; fp32 stored / this) | forward-equivalents per query "
+        "| seconds, setup + search (this / stored) |",
+        "|" + " --- |" * 10,
     ]
     for r in rows:
         base, first = stored[(r["threshold"], r["storage"])], fp32[r["threshold"]]
@@ -357,7 +358,8 @@ def receiver_inputs(files: list[str], env: str) -> str:
             f"| {r.get('jaccard_vs_stored', 1.0):.3f} | {r.get('max_effect_difference', 0.0):.1e} "
             f"| {r['setup_state_bytes'] / 2**20:.1f} MiB | {r['largest_state_bytes'] / 2**20:.1f} MiB "
             f"({base['largest_state_bytes'] / r['largest_state_bytes']:.2f}; "
-            f"{first['largest_state_bytes'] / r['largest_state_bytes']:.2f}) | {r['forward_equivalents']:.3f} |"
+            f"{first['largest_state_bytes'] / r['largest_state_bytes']:.2f}) | {r['forward_equivalents']:.3f} "
+            f"| {r['search_s']:.1f} ({r['search_s'] / base['search_s']:.2f}) |"
         )
     command_env, note = _measured(data, env)
     a = data["arguments"]

@@ -321,6 +321,15 @@ def test_cli_plan_from_a_configuration(capsys, tmp_path):
     assert "2 layers, 4 heads, 2 key/value groups" in capsys.readouterr().out
     assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4000", "--seq", "512", "--max-memory", "1GiB"]) == 2
     assert "at most" in capsys.readouterr().err
+    plan = ["plan", "--config", str(tmp_path), "--batch", "64", "--seq", "512", "--json", str(tmp_path / "plan.json")]
+    assert cli.main([*plan, "--max-memory", "none", "--receiver-inputs", "recomputed"]) == 0
+    memory = json.loads((tmp_path / "plan.json").read_text())["memory"]
+    assert memory["receiver_inputs"] == "recomputed" and "recomputed" in capsys.readouterr().out
+    stored = planning.plan_from_config(LlamaConfig.from_pretrained(tmp_path), 64, 512, max_memory="1TiB").memory
+    assert memory["peak_bound"] < stored.peak_bound
+    limit = (memory["peak_bound"] + stored.peak_bound) // 2
+    assert cli.main([*plan, "--max-memory", str(limit)]) == 2
+    assert "--storage fp32 --receiver-inputs recomputed" in capsys.readouterr().err
 
 
 def test_discover_refuses_a_run_that_cannot_fit(capsys, tmp_path):

@@ -177,7 +177,8 @@ def sweep(
     the lowest threshold, with the edge Jaccard between the two per threshold. ``save_to``: a folder where each
     circuit is written as ``tau=<t>/circuit.json`` as soon as its search ends (without its faithfulness, which
     :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished. ``storage`` and
-    ``receiver_inputs``: see :func:`~pahq_fx.acdc.search.discover`; the ``"fp32"`` reference sweep stores in FP32.
+    ``receiver_inputs``: see :func:`~pahq_fx.acdc.search.discover`; the ``"fp32"`` reference sweep stores in FP32,
+    its receiver inputs as the sweep's.
     """
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
@@ -202,7 +203,14 @@ def sweep(
     if session.format is Format.FP32 and session.runtime.storage is Storage.FP32:
         return _result(session, circuits, circuits[0].edge_set(), name)
     fp32_session = prepare(
-        model, task, metric=metric, precision=Format.FP32.value, granularity=granularity, compile=compile, allow_weak_task=True
+        model,
+        task,
+        metric=metric,
+        precision=Format.FP32.value,
+        granularity=granularity,
+        compile=compile,
+        allow_weak_task=True,
+        receiver_inputs=inputs,
     )
     fp32_circuits = _search_all(fp32_session, values, progress)
     reference_edges = fp32_circuits[0].edge_set()

@@ -79,10 +79,6 @@ class InputState(RuntimeState):
         self._rebuilt: tuple[int, dict[InputKey, torch.Tensor]] = (-1, {})
 
     @property
-    def _recomputed(self) -> bool:
-        return self.receiver_inputs is ReceiverInputs.RECOMPUTED
-
-    @property
     def _keeps_inputs(self) -> bool:
         """Stored inputs: a query keeps its new inputs, and its heads' changes, until it ends."""
         return self.receiver_inputs is ReceiverInputs.STORED
@@ -90,7 +86,7 @@ class InputState(RuntimeState):
     def _input(self, row: int) -> torch.Tensor:
         """Receiver ``row``'s input in the state: set for every receiver of a step that runs, which is all a query reads.
         Recomputed, receivers with the same lists share one tensor, kept while their step is the one read."""
-        if not self._recomputed:
+        if self._keeps_inputs:
             x = self.inputs[row]
             assert x is not None, f"receiver row {row} has no input in the state: its step does not run"
             return x
@@ -108,12 +104,13 @@ class InputState(RuntimeState):
     def _input_key(self, row: int) -> InputKey:
         """What determines receiver ``row``'s state input among its step's receivers: receivers with equal keys have
         equal inputs (:meth:`_step_inputs` shares their new inputs)."""
-        if not self._recomputed:
+        if self._keeps_inputs:
             return id(self.inputs[row])
         removed, kept = self.edge_state.removed_from[row], self.edge_state.kept_in[row]
         return ("removed", tuple(removed)) if len(removed) <= len(kept) else ("kept", frozenset(kept))
 
     def _rebuild(self, row: int, key: InputKey) -> torch.Tensor:
+        """Receiver ``row``'s input from its key's list, in the list's order (a kept set: by sender index)."""
         assert not isinstance(key, int)
         form, senders = key
         k = self.index.row_step[row]
@@ -195,13 +192,13 @@ class InputState(RuntimeState):
 
     def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None:
         """A query's new inputs, kept for the commit where the state stores them; recomputed, freed after their step."""
-        if not self._recomputed:
+        if self._keeps_inputs:
             pending.inputs.update(new_inputs)
 
     def _commit_inputs(self, pending: Pending) -> None:
         """Stored: the new inputs become the state's. Recomputed: the streams of steps reading a changed sender go."""
         self._forget_inputs()
-        if not self._recomputed:
+        if self._keeps_inputs:
             for row, x in pending.inputs.items():
                 self.inputs[row] = x
             return
@@ -211,7 +208,7 @@ class InputState(RuntimeState):
 
     def _inputs_to_rows(self, row: int) -> None:
         """Step ``row``'s moves to the final read's rows (its sender's output does too, which every ``D`` may read)."""
-        if not self._recomputed:
+        if self._keeps_inputs:
             self.inputs[row] = self.final_rows_of(self._input(row))
             return
         self._stream_changes.clear()
@@ -221,7 +218,7 @@ class InputState(RuntimeState):
 
     def _input_tensors(self, from_step: int = 0) -> list[torch.Tensor]:
         """The inputs' tensors the state holds for steps ``from_step`` on."""
-        if not self._recomputed:
+        if self._keeps_inputs:
             return [x for r, x in enumerate(self.inputs) if x is not None and self.index.row_step[r] >= from_step]
         held = [x for k, x in self._stream_changes.items() if x is not None and k >= from_step]
         return held + [x for k, x in self._corrupted_reads.items() if k >= from_step]
