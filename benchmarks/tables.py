@@ -292,8 +292,9 @@ def plan_table(files: list[str], env: str) -> str:
     data = _load(path)
     lines = [
         "| model | where | edges | weights + copies | caches (FP32) | dense query | peak, dense / bound: fp32 | bf16 | fp8 "
-        f"| fits in FP32 (dense / any threshold); prompts of {data['seq']} that fit |",
-        "|" + " --- |" * 10,
+        f"| fits in FP32 (dense / any threshold); prompts of {data['seq']} that fit "
+        "| bound, receiver inputs recomputed: fp32 / bf16 / fp8 (fits any threshold in) |",
+        "|" + " --- |" * 11,
     ]
     for r in data["rows"]:
         fits = f"{'yes' if r['fits_dense'] else 'no'} / {'yes' if r['fits_any_threshold'] else 'no'}"
@@ -303,7 +304,9 @@ def plan_table(files: list[str], env: str) -> str:
             f"| {r['peak_dense_gib']:.1f} / {r['peak_bound_gib']:.1f} GiB "
             f"| {r['bf16_peak_dense_gib']:.1f} / {r['bf16_peak_bound_gib']:.1f} GiB "
             f"| {r['fp8_peak_dense_gib']:.1f} / {r['fp8_peak_bound_gib']:.1f} GiB "
-            f"| {fits}; {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} |"
+            f"| {fits}; {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} "
+            f"| {' / '.join(f'{v:.1f}' for v in r['recomputed_peak_bound_gib'].values())} GiB "
+            f"({', '.join(r['recomputed_fits_any_threshold']) or 'none'}) |"
         )
     note = f"N = {data['batch']} prompts x {data['seq']} tokens. Command: `python benchmarks/plan_table.py` (`{path}`)"
     return "\n".join(lines) + "\n\n" + note
@@ -333,6 +336,40 @@ def storage(files: list[str], env: str) -> str:
     cases = ",".join(dict.fromkeys(r["case"] for r in rows))
     prefix = f"{command_env} " if command_env else ""
     return "\n".join(lines) + f"\n\nCommand: `{prefix}python benchmarks/storage.py --cases {cases}`" + note
+
+
+def receiver_inputs(files: list[str], env: str) -> str:
+    """Bytes, circuits and speed with receiver inputs stored or recomputed, per storage (benchmarks/receiver_inputs.py)."""
+    (path,) = files
+    data = _load(path)
+    rows = data["results"]
+    stored = {(r["threshold"], r["storage"]): r for r in rows if r["receiver_inputs"] == "stored"}
+    fp32 = {r["threshold"]: r for r in rows if (r["storage"], r["receiver_inputs"]) == ("fp32", "stored")}
+    lines = [
+        "| threshold | storage | receiver inputs | edges kept | Jaccard vs stored | largest effect difference "
+        "| bytes after setup | largest state (stored / this; fp32 stored / this) | forward-equivalents per query "
+        "| seconds, setup + search (this / stored) |",
+        "|" + " --- |" * 10,
+    ]
+    for r in rows:
+        base, first = stored[(r["threshold"], r["storage"])], fp32[r["threshold"]]
+        lines.append(
+            f"| {r['threshold']:g} | {r['storage']} | {r['receiver_inputs']} | {r['edges']}/{r['total_edges']} "
+            f"| {r.get('jaccard_vs_stored', 1.0):.3f} | {r.get('max_effect_difference', 0.0):.1e} "
+            f"| {r['setup_state_bytes'] / 2**20:.1f} MiB | {r['largest_state_bytes'] / 2**20:.1f} MiB "
+            f"({base['largest_state_bytes'] / r['largest_state_bytes']:.2f}; "
+            f"{first['largest_state_bytes'] / r['largest_state_bytes']:.2f}) | {r['forward_equivalents']:.3f} "
+            f"| {r['search_s']:.1f} ({r['search_s'] / base['search_s']:.2f}) |"
+        )
+    command_env, note = _measured(data, env)
+    a = data["arguments"]
+    parts = [
+        f"--model {a['model']}",
+        f"--sparse {a['sparse']:g}",
+        f"--dense {a['dense']:g}",
+        f"--dense-storages {a['dense_storages']}",
+    ]
+    return "\n".join(lines) + "\n\nCommand: " + _command("benchmarks/receiver_inputs.py", parts, path, command_env) + note
 
 
 MIB_FRACTIONS_SHOWN = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -421,6 +458,7 @@ KINDS = {
     "setup-phases": setup_phases,
     "plan-table": plan_table,
     "storage": storage,
+    "receiver-inputs": receiver_inputs,
     "mib-curves": mib_curves,
     "mib-curves-brief": mib_curves_brief,
 }

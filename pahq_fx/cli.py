@@ -148,8 +148,8 @@ def _identity(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
     # --tokenizer only where given, so that a run from before the option resumes with the same identity
     for field in (*fields, *(("tokenizer",) if args.tokenizer else ())):
         value = getattr(args, field)
-        if field == "storage" and value == "fp32":
-            continue  # the default, and the only storage before there was a choice: earlier runs' folders still resume
+        if (field, value) in (("storage", "fp32"), ("receiver_inputs", None)):
+            continue  # the defaults, and all there was before there was a choice: earlier runs' folders still resume
         if field in ("model", "task", "reference", "tokenizer", "scores") and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         identity[field] = value
@@ -271,6 +271,7 @@ def _report(circuit: Circuit, agreement: float | None, model_name: str) -> tuple
         "forward_equivalents_per_query": round(s.forward_equivalents, 4),
         "state_bytes": s.state_bytes,
         "storage": s.storage,
+        "receiver_inputs": s.receiver_inputs,
         "edges_kept": len(circuit.edges),
         "edges_total": circuit.total_edges,
         "nodes": len(circuit.nodes),
@@ -292,7 +293,7 @@ def _report(circuit: Circuit, agreement: float | None, model_name: str) -> tuple
         f"| precision (non-investigated heads) | {circuit.precision}"
         f"{f' ({circuit.precision_note})' if circuit.precision_note else ''} |",
         f"| execution | {s.execution} |",
-        f"| state storage, bytes | {s.storage}, {s.state_bytes / 2**20:.1f} MiB |",
+        f"| state storage, receiver inputs, bytes | {s.storage}, {s.receiver_inputs}, {s.state_bytes / 2**20:.1f} MiB |",
         f"| metric, threshold | {circuit.metric}, {circuit.threshold:g} |",
         f"| edges kept | {len(circuit.edges)} / {circuit.total_edges} |",
         f"| nodes | {len(circuit.nodes)} |",
@@ -350,7 +351,7 @@ def _edge_table(circuit: Circuit) -> list[str]:
 
 def cmd_discover(args: argparse.Namespace) -> None:
     out = Path(args.out)  # every check that needs no model first: the out folder, the task, the circuit to compare
-    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric", "storage"))
+    identity = _identity(args, ("model", "task", "n", "seed", "threshold", "precision", "metric", "storage", "receiver_inputs"))
     others = _check_out(out, identity, args.overwrite)
     from .acdc import Circuit, discover
     from .acdc.checkpoint import Checkpoint
@@ -387,6 +388,7 @@ def cmd_discover(args: argparse.Namespace) -> None:
         save_to=out / "circuit.json",
         speculation=args.speculation,
         storage=args.storage,
+        receiver_inputs=args.receiver_inputs,
     )
     write_text(out / "circuit.dot", circuit.to_dot())
     agreement = circuit.jaccard(previous) if previous is not None else None
@@ -431,7 +433,10 @@ def _thresholds(text: str) -> list[float]:
 def cmd_sweep(args: argparse.Namespace) -> None:
     thresholds = _thresholds(args.thresholds)
     out = Path(args.out)
-    identity = _identity(args, ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference", "storage"))
+    identity = _identity(
+        args,
+        ("model", "task", "n", "seed", "thresholds", "precision", "metric", "reference", "storage", "receiver_inputs"),
+    )
     others = _check_out(out, identity, args.overwrite)
     from .acdc import sweep
     from .acdc.sweep_plots import plot_sweep
@@ -460,6 +465,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         compile=False if args.no_compile else True if args.compile else "auto",
         save_to=out,
         storage=args.storage,
+        receiver_inputs=args.receiver_inputs,
     )
     written = result.save(out) + plot_sweep(result, out) + [result.mib.plot(out / "curve.png")]
     print(result.table())
@@ -468,19 +474,24 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
     """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight);
-    under ``--storage auto``, take the most exact storage that fits (pahq_fx.acdc.plan.choose_storage)."""
-    from .acdc.plan import choose_storage, preflight
+    under ``--storage auto``, take the most exact storage and receiver inputs that fit (pahq_fx.acdc.plan.choose_storage)."""
+    from .acdc.plan import STORED, choose_storage, preflight
 
     if args.storage == "auto":
         if args.max_memory == "none":
-            args.storage = "fp32"
-            print("storage auto: fp32 (--max-memory none: no plan to choose from)", file=sys.stderr)
+            args.storage, args.receiver_inputs = "fp32", args.receiver_inputs or STORED
+            print(
+                f"storage auto: fp32, {args.receiver_inputs} inputs (--max-memory none: no plan to choose from)", file=sys.stderr
+            )
             return
-        args.storage, note = choose_storage(model, task, max_memory=args.max_memory, assume=args.assume)
+        args.storage, args.receiver_inputs, note = choose_storage(
+            model, task, max_memory=args.max_memory, assume=args.assume, receiver_inputs=args.receiver_inputs
+        )
         print(note, file=sys.stderr)
     if args.max_memory == "none":
         return
-    preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume)
+    inputs = args.receiver_inputs or STORED
+    preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume, receiver_inputs=inputs)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -510,6 +521,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             storage=args.storage,
             assume=args.assume,
             name=args.config,
+            receiver_inputs=args.receiver_inputs or "stored",
         )
     else:
         if not args.task:
@@ -532,6 +544,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             layers=args.layers,
             assume=args.assume,
             check=False,
+            receiver_inputs=args.receiver_inputs or "stored",
         )
         result = dataclasses.replace(result, model=args.model)
     print(result.describe(), end="")
@@ -662,7 +675,18 @@ def _memory_arguments(parser: argparse.ArgumentParser, *, run: bool = True) -> N
         choices=STORAGES + (("auto",) if run else ()),
         help="how the runtime stores its caches and the senders' outputs: fp32 (exact; default), bf16 (half the "
         "bytes) or fp8 (a quarter, a scale per row)"
-        + ("; auto: the most exact one whose planned peak fits --max-memory" if run else ""),
+        + (
+            "; auto: the most exact one whose planned peak fits --max-memory (with --receiver-inputs, unless given)"
+            if run
+            else ""
+        ),
+    )
+    parser.add_argument(
+        "--receiver-inputs",
+        default=None,
+        choices=("stored", "recomputed"),
+        help="stored: every receiver's FP32 input kept in the state (default); recomputed: rebuilt from the removed and "
+        "kept edges when a query reaches it, a smaller state for some time per query (the same circuit to round-off)",
     )
 
 

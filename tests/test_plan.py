@@ -20,6 +20,7 @@ from pahq_fx import cli
 from pahq_fx.acdc import EdgeGraph, Metric
 from pahq_fx.acdc import plan as planning
 from pahq_fx.acdc import search as search_module
+from pahq_fx.acdc.runtime import ReceiverInputs
 from pahq_fx.acdc.search import prepare, search
 from pahq_fx.acdc.setup import _trace_for, build_runtime
 from pahq_fx.acdc.speculation import candidate_memory
@@ -43,28 +44,30 @@ def _edges(graph) -> list[tuple[str, str]]:
 @given(spec=specs(PLAN_FAMILIES), batch=st.integers(1, 4), seq=st.integers(2, 12), data=st.data())
 def test_caches_and_dense_state_are_predicted_to_the_byte(spec, batch, seq, data):
     """``state_bytes()`` after setup is the caches; with every step running and every edge kept it adds the
-    projections and the trailing MLP's rows. The configuration-only head graph is the one the split pass finds."""
+    projections and the trailing MLP's rows, with receiver inputs stored or recomputed. The configuration-only head
+    graph is the one the split pass finds."""
     model = build(spec)
     task = _task(batch, seq, seed=data.draw(st.integers(0, 50)))
-    runtime, edges = build_runtime(model, task, Metric.KL, Format.FP32, "per_row", False)
+    inputs = data.draw(st.sampled_from(planning.RECEIVER_INPUTS))
+    runtime, edges = build_runtime(model, task, Metric.KL, Format.FP32, "per_row", False, receiver_inputs=ReceiverInputs(inputs))
     config_geometry = planning.geometry_from_config(model.config)
     assert _edges(config_geometry.head_graph) == _edges(edges.head_graph)
     geometry = planning.geometry_from_runtime(runtime, model)
     assert geometry.split_bytes == config_geometry.split_bytes
     assert geometry.model_bytes == config_geometry.model_bytes
-    memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch))
+    memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch), receiver_inputs=inputs)
     assert runtime.state_bytes() == memory.cache_bytes
     runtime.investigate(edges.receivers[-1])  # every step starts running
     assert runtime.state_bytes() == memory.cache_bytes + memory.state_start
 
 
-def _run(model, task, threshold, speculation="off", storage="fp32"):
+def _run(model, task, threshold, speculation="off", storage="fp32", inputs="stored"):
     """A real run (``discover``'s two phases: ``prepare``, then ``search``): its allocator peak above what was allocated
     before (the larger of prepare's peak, and what prepare left plus the search's peak), its largest state_bytes(), and
     what prepare left beyond what the plan counts."""
     gc.collect()  # fx graph modules of earlier runs are cyclic garbage: collected now, not during the measurement
     session, prepare_peak, left = planning.measured_allocation(
-        lambda: prepare(model, task, precision="fp32", allow_weak_task=True, storage=storage)
+        lambda: prepare(model, task, precision="fp32", allow_weak_task=True, storage=storage, receiver_inputs=inputs)
     )
     largest = [session.runtime.state_bytes()]
     original = search_module._search_receiver
@@ -111,6 +114,28 @@ def test_peak_of_a_real_run_in_low_storage(storage):
     for threshold in (0.0, 0.003):
         circuit, peak, state, garbage = _run(model, task, threshold, storage=storage)
         peak -= garbage
+        assert state <= memory.cache_bytes + memory.state_bound, threshold
+        assert peak <= memory.peak_bound - memory.weights, threshold
+        if threshold == 0.0:
+            assert len(circuit.edges) == circuit.total_edges and state == memory.cache_bytes + memory.state_start
+            assert abs(peak / (memory.peak - memory.weights) - 1) <= 0.2, (peak, memory.peak - memory.weights)
+
+
+@pytest.mark.parametrize("spec", SHAPES[:2], ids=lambda s: f"{s.family}-{s.heads}h{s.kv_heads}g")
+def test_peak_of_a_real_run_with_recomputed_inputs(spec):
+    """Receiver inputs recomputed: a dense run's peak within 20% of the mode's plan, the state and the peak under its
+    bounds at a sparse threshold and at one that removes every edge."""
+    batch, seq = 8, 16
+    model, task = build(spec), _task(batch, seq)
+    geometry = _measured_geometry(model, task)
+    memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch), receiver_inputs="recomputed")
+    stored = planning.memory_plan(geometry, planning.Workload(batch, seq, batch))
+    assert memory.state_bound < stored.state_bound and memory.query_bound < stored.query_bound
+    for threshold in (0.0, 0.003, 10.0):
+        circuit, peak, state, garbage = _run(model, task, threshold, inputs="recomputed")
+        assert garbage <= 2 * memory.weights, garbage
+        peak -= garbage
+        assert circuit.stats.receiver_inputs == "recomputed"
         assert state <= memory.cache_bytes + memory.state_bound, threshold
         assert peak <= memory.peak_bound - memory.weights, threshold
         if threshold == 0.0:
@@ -296,6 +321,15 @@ def test_cli_plan_from_a_configuration(capsys, tmp_path):
     assert "2 layers, 4 heads, 2 key/value groups" in capsys.readouterr().out
     assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4000", "--seq", "512", "--max-memory", "1GiB"]) == 2
     assert "at most" in capsys.readouterr().err
+    plan = ["plan", "--config", str(tmp_path), "--batch", "64", "--seq", "512", "--json", str(tmp_path / "plan.json")]
+    assert cli.main([*plan, "--max-memory", "none", "--receiver-inputs", "recomputed"]) == 0
+    memory = json.loads((tmp_path / "plan.json").read_text())["memory"]
+    assert memory["receiver_inputs"] == "recomputed" and "recomputed" in capsys.readouterr().out
+    stored = planning.plan_from_config(LlamaConfig.from_pretrained(tmp_path), 64, 512, max_memory="1TiB").memory
+    assert memory["peak_bound"] < stored.peak_bound
+    limit = (memory["peak_bound"] + stored.peak_bound) // 2
+    assert cli.main([*plan, "--max-memory", str(limit)]) == 2
+    assert "--storage fp32 --receiver-inputs recomputed" in capsys.readouterr().err
 
 
 def test_discover_refuses_a_run_that_cannot_fit(capsys, tmp_path):
@@ -344,17 +378,27 @@ def _peaks(model, task) -> dict[str, int]:
     return {"fp32": planned.needed, **{s: p.needed(planning.BOUND) for s, p in planned.projections.items()}}
 
 
-def test_storage_auto_takes_the_most_exact_storage_that_fits():
+def test_storage_auto_takes_the_first_storage_and_inputs_that_fit():
+    """In the order fp32, fp32/recomputed, bf16, bf16/recomputed, fp8, fp8/recomputed (exactness, then speed); only
+    the given receiver inputs where they are given."""
     model, task = build(Spec("gpt2", 3, 4, 4, 16)), _task(8, 16)
     peaks = _peaks(model, task)
+    order = [planning.choice_label(*c) for c in planning.choices()]
+    assert order == ["fp32", "fp32/recomputed", "bf16", "bf16/recomputed", "fp8", "fp8/recomputed"]
     assert peaks["fp32"] > peaks["bf16"] > peaks["fp8"]
+    assert all(peaks[f"{s}/recomputed"] < peaks[s] for s in planning.STORAGE)
+    for key in order:
+        expected = next(k for k in order if peaks[k] <= peaks[key])
+        storage, inputs, note = planning.choose_storage(model, task, max_memory=peaks[key])
+        assert planning.choice_label(storage, inputs) == expected and note.startswith(f"storage auto: {expected} (")
     for limit, chosen in ((peaks["fp32"], "fp32"), (peaks["fp32"] - 1, "bf16"), (peaks["bf16"] - 1, "fp8")):
-        storage, note = planning.choose_storage(model, task, max_memory=limit)
-        assert storage == chosen and note.startswith(f"storage auto: {chosen} (")
+        storage, inputs, note = planning.choose_storage(model, task, max_memory=limit, receiver_inputs="stored")
+        assert (storage, inputs) == (chosen, "stored") and note.startswith(f"storage auto: {chosen} (")
     with pytest.raises(pahq_fx.PlanError, match="does not fit"):
-        planning.choose_storage(model, task, max_memory=peaks["fp8"] - 1)
+        planning.choose_storage(model, task, max_memory=min(peaks.values()) - 1)
     circuit = pahq_fx.discover(model, task, threshold=0.01, storage="auto", progress=False, allow_weak_task=True)
     assert circuit.stats.storage == "fp32" and "storage auto: fp32" in circuit.precision_note  # this machine's memory
+    assert circuit.stats.receiver_inputs == "stored"
 
 
 def test_cli_storage_auto_runs_in_the_storage_it_chose(capsys, tmp_path):
@@ -365,8 +409,13 @@ def test_cli_storage_auto_runs_in_the_storage_it_chose(capsys, tmp_path):
     limit = _peaks(model, make_task("induction", tokenizer, n=4, seed=0))["fp32"] - 1
     run = ["discover", "--model", "gpt2-induction", "--task", "induction", "--n", "4", "--threshold", "0.1"]
     assert cli.main([*run, "--out", str(tmp_path / "a"), "--storage", "auto", "--max-memory", str(limit), "--no-progress"]) == 0
+    assert "storage auto: fp32/recomputed" in capsys.readouterr().err
+    stats = json.loads((tmp_path / "a" / "circuit.json").read_text())["stats"]
+    assert (stats["storage"], stats["receiver_inputs"]) == ("fp32", "recomputed")
+    stored = ["--storage", "auto", "--receiver-inputs", "stored", "--max-memory", str(limit), "--no-progress"]
+    assert cli.main([*run, "--out", str(tmp_path / "c"), *stored]) == 0
     assert "storage auto: bf16" in capsys.readouterr().err
-    assert json.loads((tmp_path / "a" / "circuit.json").read_text())["stats"]["storage"] == "bf16"
+    assert json.loads((tmp_path / "c" / "circuit.json").read_text())["stats"]["storage"] == "bf16"
     assert cli.main([*run, "--out", str(tmp_path / "b"), "--storage", "auto", "--max-memory", "none", "--no-progress"]) == 0
     assert "storage auto: fp32" in capsys.readouterr().err
     assert cli.main(["plan", "--config", str(tmp_path), "--batch", "4", "--seq", "8", "--storage", "auto"]) == 2

@@ -59,13 +59,22 @@ def _interrupted(model, task, path, monkeypatch, stop_at: int, write_budget: flo
 
 
 @pytest.mark.parametrize(
-    "storage, speculation", [("fp32", "off"), ("bf16", "off"), ("fp32", "removed"), ("fp8", "removed")], ids=str
+    "storage, speculation, inputs",
+    [
+        ("fp32", "off", "stored"),
+        ("bf16", "off", "stored"),
+        ("fp32", "removed", "stored"),
+        ("fp8", "removed", "stored"),
+        ("fp32", "off", "recomputed"),
+        ("fp8", "removed", "recomputed"),
+    ],
+    ids=str,
 )
-def test_the_resumed_runtime_is_the_uninterrupted_ones_bit_for_bit(tmp_path, monkeypatch, storage, speculation):
+def test_the_resumed_runtime_is_the_uninterrupted_ones_bit_for_bit(tmp_path, monkeypatch, storage, speculation, inputs):
     """State saved after receiver 5, decisions after receiver 9: the resume loads 5 and replays 6 to 9."""
     model, task = build(Spec("llama", 2, 4, 2, 8)), _task()
-    options = dict(precision="fp8", storage=storage, speculation=speculation)
-    session = search_module.prepare(model, task, precision="fp8", storage=storage)
+    options = dict(precision="fp8", storage=storage, speculation=speculation, receiver_inputs=inputs)
+    session = search_module.prepare(model, task, precision="fp8", storage=storage, receiver_inputs=inputs)
     at_nine = {}
 
     def snapshot(done):
@@ -80,7 +89,7 @@ def test_the_resumed_runtime_is_the_uninterrupted_ones_bit_for_bit(tmp_path, mon
     saved = json.loads(path.read_text())
     assert saved["state"]["receivers"] == 5 and len(saved["done"]) == 9
 
-    resumed = search_module.prepare(model, task, precision="fp8", storage=storage)
+    resumed = search_module.prepare(model, task, precision="fp8", storage=storage, receiver_inputs=inputs)
     replayed = []
     monkeypatch.setattr(resumed.runtime, "investigate", lambda r, f=resumed.runtime.investigate: replayed.append(r.name) or f(r))
     loaded = checkpoint_module.resume(resumed.runtime, resumed.edges, checkpoint_module.Checkpoint(path, {}), saved)

@@ -176,7 +176,7 @@ def test_a_query_into_a_layer_normed_across_heads_recomputes_every_head():
 def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_once(heads, data):
     """``Deltas.terms``: one summed term per attention step whose recomputed heads all reach the receiver, the single
     changes of the others, and the same total as adding every change on its own. A head's change is computed when
-    needed, and kept only where a receiver adds it alone."""
+    needed, and kept only where a receiver adds it alone (never with ``keep_heads=False``: computed again, the same)."""
     from pahq_fx.acdc.runtime.deltas import Deltas
 
     changes = {s: torch.randn(2, 3, 4) for s in range(heads)}
@@ -186,7 +186,7 @@ def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_on
     changes[heads] = torch.randn(2, 3, 4)
     deltas.add(heads, changes[heads])  # an MLP after the heads
     reaching = data.draw(st.lists(st.sampled_from(range(heads + 1)), min_size=1, unique=True).map(sorted))
-    terms = deltas.terms(reaching)
+    terms = list(deltas.terms(reaching))
     every_head = set(range(heads)) <= set(reaching)
     assert len(terms) == (len(reaching) - heads + 1 if every_head else len(reaching))
     total = sum(d for _, d in terms)
@@ -194,6 +194,12 @@ def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_on
     if every_head and heads > 1:
         assert sorted(computed) == list(range(heads))  # once each, for the sum
         assert not set(range(heads)) & set(deltas.held)  # and none of them held
+    unkept = Deltas(lambda s: changes[s].clone(), keep_heads=False)  # receiver inputs recomputed: nothing held
+    unkept.add_heads(0, list(range(heads)))
+    unkept.add(heads, changes[heads])
+    again = [d for _ in range(2) for _, d in unkept.terms(reaching)]
+    assert not set(range(heads)) & set(unkept.held)
+    assert all(torch.equal(a, b) for a, b in zip(again[: len(again) // 2], again[len(again) // 2 :], strict=True))
 
 
 @settings(max_examples=30, deadline=None)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import pahq_fx
 from pahq_fx.acdc import EdgeGraph, Metric
 from pahq_fx.acdc import plan as planning
-from pahq_fx.acdc.runtime import PatchingRuntime
+from pahq_fx.acdc.runtime import PatchingRuntime, ReceiverInputs
 from pahq_fx.acdc.storage import Storage, codec
 from pahq_fx.passes import lower_precision, split_heads, trace
 from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_ids
@@ -100,21 +100,21 @@ def test_stored_state_is_fp32_within_the_formats_error_and_does_not_drift(spec, 
 @given(
     spec=specs(("gpt2", "llama", "neox")),
     storage=st.sampled_from(list(Storage)),
+    inputs=st.sampled_from(list(ReceiverInputs)),
     batch=st.integers(1, 3),
     seq=st.integers(2, 8),
 )
-def test_bytes_are_the_plans(spec, storage, batch, seq):
+def test_bytes_are_the_plans(spec, storage, inputs, batch, seq):
     """``state_bytes()`` after setup and with every step running equals the plan's caches and starting state, in every
-    storage format, to the byte."""
+    storage format, with receiver inputs stored or recomputed, to the byte."""
     from pahq_fx.acdc.setup import build_runtime
     from pahq_fx.passes.precision import Format
 
     model = build(spec)
     task = pahq_fx.Task(token_ids(batch, seq, seed=3), token_ids(batch, seq, seed=4))
-    runtime, edges = build_runtime(model, task, Metric.KL, Format.FP32, "per_row", False, storage)
-    memory = planning.memory_plan(
-        planning.geometry_from_runtime(runtime, model), planning.Workload(batch, seq, batch), storage.value
-    )
+    runtime, edges = build_runtime(model, task, Metric.KL, Format.FP32, "per_row", False, storage, inputs)
+    geometry = planning.geometry_from_runtime(runtime, model)
+    memory = planning.memory_plan(geometry, planning.Workload(batch, seq, batch), storage.value, 0, inputs.value)
     assert runtime.state_bytes() == memory.cache_bytes
     runtime.investigate(edges.receivers[-1])
     assert runtime.state_bytes() == memory.cache_bytes + memory.state_start

@@ -47,6 +47,7 @@ class RunStats:
     candidates_per_batch: float | None = None
     near_threshold: int | None = None  # decisions within round-off of the threshold (either way under round-off)
     storage: str = "fp32"  # how the caches and the senders' outputs were stored (pahq_fx.acdc.storage)
+    receiver_inputs: str = "stored"  # receivers' inputs stored, or recomputed when reached (pahq_fx.acdc.runtime.inputs)
 
 
 @dataclass(frozen=True)

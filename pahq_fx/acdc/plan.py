@@ -25,6 +25,9 @@ positions where the unembedding acts per token, ``S`` senders, ``K`` steps):
   adds the heads' own changes, kept where a receiver adds one alone.
 * setup's own peak: the corrupted run's reads exist next to the caches for a moment.
 
+``receiver_inputs="recomputed"`` holds no per-receiver input: the state bound has two FP32 streams per step instead
+(the stream's change and the corrupted read), and a query holds one step's new and rebuilt inputs at a time.
+
 ``storage`` is the runtime's storage format (:mod:`~pahq_fx.acdc.storage`): the clean and corrupted-minus-clean
 outputs of every sender and the senders' own outputs at that element size (fp8: one FP32 scale per row); clean
 reads, projections, inputs and the final read FP32, as the runtime holds them.
@@ -52,6 +55,9 @@ FP32 = "fp32"
 # Element bytes of a storage format, and the extra bytes per stored row (fp8: one FP32 scale per row).
 STORAGE = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 4)}
 GiB = 2**30
+# Receivers' inputs: every one stored in the state, or rebuilt when a query reaches it (runtime/inputs.py).
+STORED, RECOMPUTED = "stored", "recomputed"
+RECEIVER_INPUTS = (STORED, RECOMPUTED)
 BOUND, DENSE = "bound", "dense"  # what a check assumes of the circuit: anything (the bound), or a dense one
 
 _GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"}
@@ -286,6 +292,7 @@ class MemoryPlan:
     setup_peak: int  # caches plus what exists only during setup
     forward: int  # an eager forward of the original model (the task check and the forward timing)
     candidates: int = 0  # what speculation's candidate batches add at most: more dense queries, within their budget
+    receiver_inputs: str = STORED
 
     @property
     def cache_bytes(self) -> int:
@@ -313,6 +320,7 @@ class MemoryPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "storage": self.storage,
+            "receiver_inputs": self.receiver_inputs,
             "weights": self.weights,
             "split_weights": self.split_weights,
             "split_peak": self.split_peak,
@@ -332,11 +340,15 @@ class MemoryPlan:
         }
 
 
-def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, candidate_budget: int = 0) -> MemoryPlan:
+def memory_plan(
+    geometry: Geometry, workload: Workload, storage: str = FP32, candidate_budget: int = 0, receiver_inputs: str = STORED
+) -> MemoryPlan:
     """The bytes a search on ``workload`` holds, term by term (module docstring), with the senders' outputs stored in
-    ``storage``; the transient tensors of a query and of setup are FP32."""
+    ``storage`` and the receivers' inputs ``receiver_inputs``; the transient tensors of a query and of setup are FP32."""
     if storage not in STORAGE:
         raise PlanError(f"unknown storage format {storage!r}; one of {', '.join(STORAGE)}")
+    _check_inputs(receiver_inputs)
+    recomputed = receiver_inputs == RECOMPUTED
     elem, per_row = STORAGE[storage]
     g, hg = geometry, geometry.head_graph
     n, d = workload.tokens, g.d_model
@@ -362,8 +374,12 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
         if kind == "attention":
             break
         tail += 1 if g.token_wise else 0
-    state_start = projections + tail * (rows + fp32_rows)  # the trailing MLP's stored output and FP32 input, at the rows
-    state_bound = state_start + (senders - 1) * stream + (receivers - 1) * fp32_stream + fp32_rows
+    # the trailing MLP's stored output and FP32 input (none where inputs are recomputed), at the rows
+    state_start = projections + tail * (rows + (0 if recomputed else fp32_rows))
+    if recomputed:  # per step the stream's change and the corrupted read, instead of an input per receiver
+        state_bound = state_start + (senders - 1) * stream + 2 * len(steps) * fp32_stream
+    else:
+        state_bound = state_start + (senders - 1) * stream + (receivers - 1) * fp32_stream + fp32_rows
     # A dense query into the first step (a key/value input where that recomputes the most heads): every step above
     # recomputed, its tentative inputs, projections, outputs and changes held until the query ends; the peak is the
     # most held at once, with the running component's own temporaries (the trailing MLP runs at the final rows).
@@ -383,27 +399,33 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
     unit_heads = first.n_heads if first.coupled_roles else max(1, first.n_heads // first.n_kv_groups)
     held = query = 0
     first_attention = True
+    # Stored, a step's new input stays until the query ends; recomputed, it is freed after its step, but exists beside
+    # the state input rebuilt for it (where a commit changed the stream).
+    kept_input, step_inputs = (0, 2 * fp32_stream) if recomputed else (fp32_stream, fp32_stream)
     for i, (kind, _, layer) in enumerate(steps):
         if i >= len(steps) - tail:
             held += 3 * 4 * f_rows * d
         elif kind == "attention":
             info = hg.layers[layer]
-            recomputed = unit_heads if first_attention else info.n_heads
+            heads = unit_heads if first_attention else info.n_heads
             first_attention = False
             projections_new = 4 * n * (info.n_heads + 2 * info.n_kv_groups) * g.d_head
-            query = max(query, held + fp32_stream + projections_new + cores[layer])
+            query = max(query, held + step_inputs + projections_new + cores[layer])
             # the heads' FP32 outputs while they are stored; then the stored ones and the layer's summed change (a
             # single recomputed head: its own change) stay, the heads' own changes computed for the sum and dropped
-            query = max(query, held + fp32_stream + projections_new + recomputed * (fp32_stream + stream))
-            held += fp32_stream + projections_new + recomputed * stream + fp32_stream
+            query = max(query, held + step_inputs + projections_new + heads * (fp32_stream + stream))
+            held += kept_input + projections_new + heads * stream + fp32_stream
         else:
-            query = max(query, held + fp32_stream + mlp_hidden)
-            held += 2 * fp32_stream + stream  # its new input and change, its stored output
+            query = max(query, held + step_inputs + mlp_hidden)
+            held += kept_input + fp32_stream + stream  # its new input (where kept) and change, its stored output
         query = max(query, held)
     query = max(query, held + 2 * 4 * f_rows * d)  # the new final read and its change
     # Where removals have made a layer's receivers' sums differ, each receiver builds its own new input, and a head's
-    # change that a receiver adds alone is kept.
-    query_bound = query + sum(2 * layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers) * fp32_stream
+    # change that a receiver adds alone is kept. Recomputed: one step's new inputs at a time, beside their rebuilt state
+    # inputs, and a head's change computed again each time it is added (one at a time).
+    own_inputs = [layer.n_heads + 2 * layer.n_kv_groups - 1 for layer in hg.layers]
+    extra = 2 * max(own_inputs) + 1 if recomputed else sum(layer.n_heads for layer in hg.layers) + sum(own_inputs)
+    query_bound = query + extra * fp32_stream
     # Setup: the clean run's FP32 outputs and reads, the corrupted run's changes from them stored as they come, the
     # step outputs either run sums, and a component's temporaries; the clean outputs are stored after.
     fp32_caches = 4 * ((senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
@@ -430,7 +452,29 @@ def memory_plan(geometry: Geometry, workload: Workload, storage: str = FP32, can
         setup_peak,
         forward,
         candidates,
+        receiver_inputs,
     )
+
+
+def _check_inputs(receiver_inputs: str) -> None:
+    if receiver_inputs not in RECEIVER_INPUTS:
+        raise PlanError(f"unknown receiver inputs {receiver_inputs!r}; one of {', '.join(RECEIVER_INPUTS)}")
+
+
+def choice_label(storage: str, receiver_inputs: str) -> str:
+    """A storage and receiver-input choice as the plan names it: ``bf16``, ``bf16/recomputed``."""
+    return storage if receiver_inputs == STORED else f"{storage}/{receiver_inputs}"
+
+
+def _options(key: str) -> str:
+    """The command-line options of a :func:`choice_label`."""
+    storage, _, inputs = key.partition("/")
+    return f"--storage {storage}" + (f" --receiver-inputs {inputs}" if inputs else "")
+
+
+def choices() -> list[tuple[str, str]]:
+    """Storage and receiver inputs, the most exact first, then the fastest: fp32/stored, fp32/recomputed, bf16/..."""
+    return [(s, m) for s in STORAGE for m in RECEIVER_INPUTS]
 
 
 # ---------------------------------------------------------------------------------------------------------- time
@@ -588,7 +632,7 @@ class Plan:
     receivers: int
     senders: int
     memory: MemoryPlan
-    projections: dict[str, MemoryPlan]  # the same run with the other storage formats
+    projections: dict[str, MemoryPlan]  # the same run with the other storage formats and receiver inputs, by choice_label()
     device: str
     max_memory: int
     max_memory_source: str
@@ -644,9 +688,11 @@ class Plan:
             lines.append(f"not even one prompt of {w.seq} tokens fits")
         if self.assume == BOUND and self.fits_dense:
             lines.append(f"a dense circuit's run would fit ({_gib(m.peak)}; assume='dense', --assume dense, to allow it)")
-        for storage, projection in self.projections.items():
+        for key, projection in self.projections.items():
             if projection.needed(self.assume) <= self.max_memory:
-                lines.append(f"storage={storage!r} (--storage {storage}) would fit ({_gib(projection.needed(self.assume))})")
+                storage, _, inputs = key.partition("/")
+                option = f"storage={storage!r}" + (f", receiver_inputs={inputs!r}" if inputs else "")
+                lines.append(f"{option} ({_options(key)}) would fit ({_gib(projection.needed(self.assume))})")
         return "; ".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -703,7 +749,7 @@ class Plan:
                 "queries (one per edge, one per receiver)"
             ),
             "",
-            "| memory (state in FP32) | bytes |",
+            f"| memory ({choice_label(m.storage, m.receiver_inputs)}) | bytes |",
             "| --- | --- |",
             f"| weights (model) | {_gib(m.weights)} |",
             f"| weights (split per-head copies) | {_gib(m.split_weights)} |",
@@ -733,9 +779,10 @@ class Plan:
         ]
         if self.largest_batch is not None and not self.fits:
             lines.append(f"| largest batch that fits | {self.largest_batch} x {w.seq} |")
-        for storage, p in self.projections.items():
+        for p in self.projections.values():
+            inputs = ", receiver inputs recomputed" if p.receiver_inputs == RECOMPUTED else ""
             lines.append(
-                f"| with {storage} storage: caches + state, peak, bound | "
+                f"| with {p.storage} storage{inputs}: caches + state, peak, bound | "
                 f"{_gib(p.cache_bytes + p.state_start)}, {_gib(p.peak)}, {_gib(p.peak_bound)} |"
             )
         t = self.timing
@@ -799,6 +846,7 @@ def _assemble(
     max_memory: int | str | None,
     loaded_bytes: int,
     assume: str = BOUND,
+    receiver_inputs: str = STORED,
     timing: Timing | None = None,
     measured: dict[str, int] | None = None,
     notes: tuple[str, ...] = (),
@@ -815,11 +863,16 @@ def _assemble(
         limit, source = parse_bytes(max_memory), "max_memory"
     edges = EdgeCounts.of(geometry.head_graph)
     budget = _candidate_budget(device, limit)
-    memory = memory_plan(geometry, workload, storage, budget)
-    projections = {s: memory_plan(geometry, workload, s, budget) for s in STORAGE if s != storage}
+    _check_inputs(receiver_inputs)
+    memory = memory_plan(geometry, workload, storage, budget, receiver_inputs)
+    projections = {
+        choice_label(s, m): memory_plan(geometry, workload, s, budget, m)
+        for s, m in choices()
+        if (s, m) != (storage, receiver_inputs)
+    }
     largest = None
     if memory.needed(assume) > limit:
-        largest = _largest_batch(geometry, workload, storage, limit, assume, budget)
+        largest = _largest_batch(geometry, workload, storage, limit, assume, budget, receiver_inputs)
     return Plan(
         geometry.name,
         workload,
@@ -854,11 +907,13 @@ def _candidate_budget(device: str, limit: int) -> int:
         return limit // MEMORY_SHARE
 
 
-def _largest_batch(geometry: Geometry, workload: Workload, storage: str, limit: int, assume: str, budget: int) -> int:
+def _largest_batch(
+    geometry: Geometry, workload: Workload, storage: str, limit: int, assume: str, budget: int, receiver_inputs: str = STORED
+) -> int:
     lo, hi = 0, workload.batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if memory_plan(geometry, workload.with_batch(mid), storage, budget).needed(assume) <= limit:
+        if memory_plan(geometry, workload.with_batch(mid), storage, budget, receiver_inputs).needed(assume) <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -891,10 +946,11 @@ def plan_from_config(
     name: str | None = None,
     assume: str = BOUND,
     check: bool = False,
+    receiver_inputs: str = STORED,
 ) -> Plan:
     """The plan of a run on ``batch`` prompts of ``seq`` tokens (``positions`` metric rows, default one per prompt)
     from a Hugging Face configuration alone: no weights, no runtime, no timing. ``check`` raises
-    :class:`~pahq_fx.errors.PlanError` where it does not fit."""
+    :class:`~pahq_fx.errors.PlanError` where it does not fit. ``receiver_inputs``: as :func:`plan`'s."""
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (batch, seq)):
         raise PlanError(f"batch and seq must be positive integers, got batch={batch!r}, seq={seq!r}")
     if positions is not None and (
@@ -910,6 +966,7 @@ def plan_from_config(
         max_memory=max_memory,
         loaded_bytes=0,
         assume=assume,
+        receiver_inputs=receiver_inputs,
     )
     return result.check() if check else result
 
@@ -929,6 +986,7 @@ def plan(
     compile: bool | str = "auto",
     assume: str = BOUND,
     check: bool = True,
+    receiver_inputs: str = STORED,
 ) -> Plan:
     """The plan of ``discover(model, task, ...)``: edges, queries (an upper bound), weights, caches, state and peak
     memory, and (``calibrate``) time from ``queries_per_role`` real queries per receiver role of each of ``layers``
@@ -938,7 +996,8 @@ def plan(
     with ``check``, a run that cannot fit raises :class:`~pahq_fx.errors.PlanError`, saying what would fit, before
     anything is built. ``assume="bound"`` (default) checks the peak bound, which a search at any threshold stays under;
     ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage``: the
-    runtime's storage format (fp32, bf16, fp8); ``Plan.projections`` gives the other formats' figures."""
+    runtime's storage format (fp32, bf16, fp8) and ``receiver_inputs`` whether it stores every receiver's input or
+    recomputes it (``stored``, ``recomputed``); ``Plan.projections`` gives the other choices' figures."""
     import torch
 
     from ..ir import graph_meta
@@ -946,7 +1005,7 @@ def plan(
     from ..passes.precision import AUTO, Format, PrecisionConfig, parse_format
     from .edges import EdgeGraph
     from .run_info import eager_forward_seconds
-    from .runtime import PatchingRuntime
+    from .runtime import PatchingRuntime, ReceiverInputs
     from .setup import _trace_for, check_vocabulary, parse_metric, resolve_compile
     from .storage import Storage
 
@@ -981,6 +1040,7 @@ def plan(
             loaded_bytes=loaded,
             assume=assume,
             notes=tuple(notes),
+            receiver_inputs=receiver_inputs,
         )
         if check:
             early.check()  # refuse before anything is traced or cached
@@ -997,7 +1057,16 @@ def plan(
         graph, split_peak = measured_peak(lambda: lower_split(_trace_for(model, ids), PrecisionConfig(fmt, granularity)), device)
         edges = EdgeGraph(graph_meta.head_graph(graph))
         runtime, setup_peak = measured_peak(
-            lambda: PatchingRuntime(graph, edges, task, parsed_metric, compile=compiled, storage=Storage(storage)), device
+            lambda: PatchingRuntime(
+                graph,
+                edges,
+                task,
+                parsed_metric,
+                compile=compiled,
+                storage=Storage(storage),
+                receiver_inputs=ReceiverInputs(receiver_inputs),
+            ),
+            device,
         )
     measured = {"setup_state_bytes": runtime.state_bytes(), "split_peak": split_peak, "setup_peak": setup_peak}
     geometry = replace(geometry_from_runtime(runtime, model), split_peak=split_peak)
@@ -1020,12 +1089,19 @@ def plan(
         timing=timing,
         measured=measured,
         notes=tuple(notes),
+        receiver_inputs=receiver_inputs,
     )
     return result.check() if check else result
 
 
 def preflight(
-    model: Any, task: Any, *, max_memory: int | str | None = None, storage: str = FP32, assume: str = BOUND
+    model: Any,
+    task: Any,
+    *,
+    max_memory: int | str | None = None,
+    storage: str = FP32,
+    assume: str = BOUND,
+    receiver_inputs: str = STORED,
 ) -> Plan | None:
     """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
     where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
@@ -1040,35 +1116,59 @@ def preflight(
     workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
     loaded = _tensor_bytes([t for t in tensors if t.device == device])
     return _assemble(
-        geometry, workload, storage=storage, device=str(device), max_memory=max_memory, loaded_bytes=loaded, assume=assume
+        geometry,
+        workload,
+        storage=storage,
+        device=str(device),
+        max_memory=max_memory,
+        loaded_bytes=loaded,
+        assume=assume,
+        receiver_inputs=receiver_inputs,
     ).check()
 
 
 AUTO_STORAGE = "auto"
 
 
-def choose_storage(model: Any, task: Any, *, max_memory: int | str | None = None, assume: str = BOUND) -> tuple[str, str]:
-    """``storage="auto"``: the most exact storage whose planned peak fits ``max_memory`` (default: the device's free
-    memory), FP32 first, then bf16, then FP8, and a line saying why. FP32 where the family has no configuration-only
-    plan; :class:`~pahq_fx.errors.PlanError`, saying what would fit, where none does."""
+def choose_storage(
+    model: Any, task: Any, *, max_memory: int | str | None = None, assume: str = BOUND, receiver_inputs: str | None = None
+) -> tuple[str, str, str]:
+    """``storage="auto"``: the first storage and receiver inputs whose planned peak fits ``max_memory`` (default: the
+    device's free memory) in the order of :func:`choices` (exactness first, then speed: fp32 stored, fp32 recomputed,
+    bf16 stored, ...; only ``receiver_inputs`` where it is given), and a line saying why. FP32 (and stored inputs,
+    unless given) where the family has no configuration-only plan; :class:`~pahq_fx.errors.PlanError`, saying what
+    would fit, where none does."""
+    if receiver_inputs is not None:
+        _check_inputs(receiver_inputs)
     tensors = list(model.parameters()) + list(model.buffers())
     try:
         geometry = geometry_from_config(getattr(model, "config", None), model_bytes=_tensor_bytes(tensors))
     except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError):
-        return "fp32", "storage auto: fp32 (this family has no configuration-only plan to choose from)"
+        inputs = receiver_inputs or STORED
+        key = choice_label(FP32, inputs)
+        return FP32, inputs, f"storage auto: {key} (this family has no configuration-only plan to choose from)"
     device = task.clean_input_ids.device
     ids = task.clean_input_ids
     workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
     loaded = _tensor_bytes([t for t in tensors if t.device == device])
+    candidates = [(s, m) for s, m in choices() if receiver_inputs in (None, m)]
     first = _assemble(
-        geometry, workload, storage="fp32", device=str(device), max_memory=max_memory, loaded_bytes=loaded, assume=assume
+        geometry,
+        workload,
+        storage=candidates[0][0],
+        device=str(device),
+        max_memory=max_memory,
+        loaded_bytes=loaded,
+        assume=assume,
+        receiver_inputs=candidates[0][1],
     )
-    peaks = {"fp32": first.needed, **{s: p.needed(assume) for s, p in first.projections.items()}}
+    peaks = {choice_label(*candidates[0]): first.needed, **{k: p.needed(assume) for k, p in first.projections.items()}}
     what = "at any threshold" if assume == BOUND else "for a dense circuit"
-    for storage in STORAGE:  # the most exact first
-        if peaks[storage] <= first.max_memory:
-            tried = ", ".join(f"{s} {_gib(peaks[s])}" for s in STORAGE if s == storage or peaks[s] > first.max_memory)
-            return storage, f"storage auto: {storage} (planned peak {what}: {tried}; memory {_gib(first.max_memory)})"
+    for i, (storage, inputs) in enumerate(candidates):
+        key = choice_label(storage, inputs)
+        if peaks[key] <= first.max_memory:
+            tried = ", ".join(f"{k} {_gib(peaks[k])}" for k in (choice_label(*c) for c in candidates[: i + 1]))
+            return storage, inputs, f"storage auto: {key} (planned peak {what}: {tried}; memory {_gib(first.max_memory)})"
     raise PlanError(first.refusal())
 
 
@@ -1079,6 +1179,7 @@ def write_json(result: Plan, path: str) -> None:
 
 __all__ = [
     "AUTO_STORAGE",
+    "RECEIVER_INPUTS",
     "Geometry",
     "MemoryPlan",
     "Plan",

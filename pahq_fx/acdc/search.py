@@ -37,7 +37,7 @@ from .eta import Remaining
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
 from .plan import AUTO_STORAGE, choose_storage
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
-from .runtime import PatchingRuntime
+from .runtime import PatchingRuntime, ReceiverInputs
 from .setup import build_runtime, check_threshold, check_vocabulary, parse_metric, resolve_compile
 from .speculation import OFF, Predictor, candidate_memory, check_speculation, search_receiver
 from .storage import Storage
@@ -74,6 +74,7 @@ def discover(
     save_to: str | Path | None = None,
     speculation: str | Predictor = OFF,
     storage: str = "fp32",
+    receiver_inputs: str | None = None,
 ) -> Circuit:
     """ACDC circuit discovery where every edge query runs the PAHQ-transformed graph.
 
@@ -88,7 +89,10 @@ def discover(
     outputs (:mod:`~pahq_fx.acdc.storage`): ``fp32`` (exact, the default), ``bf16`` (half the bytes) or ``fp8``
     (a quarter, with a scale per row); the rounding is the stored outputs', never accumulated over the search.
     ``auto`` takes the most exact one whose planned peak at any threshold fits the device's free memory
-    (:func:`~pahq_fx.acdc.plan.choose_storage`; ``precision_note`` says what was planned).
+    (:func:`~pahq_fx.acdc.plan.choose_storage`; ``precision_note`` says what was planned). ``receiver_inputs``:
+    ``stored`` (every receiver's FP32 input kept in the state, the default) or ``recomputed`` (rebuilt from the
+    removed and kept edges when a query reaches it: a smaller state, the same circuit to round-off); under
+    ``storage="auto"`` left unset, the plan chooses it with the storage.
 
     Before searching, :func:`~pahq_fx.acdc.evaluation.check_task` measures the metric clean and with every edge
     patched (and the clean accuracy where the task has answers): where the corrupted prompts barely move the
@@ -104,7 +108,7 @@ def discover(
     """
     threshold = check_threshold(threshold)
     check_speculation(speculation)
-    stored, storage_note = resolve_storage(storage, model, task)
+    stored, inputs, storage_note = resolve_storage(storage, receiver_inputs, model, task)
     requested = AUTO if precision == AUTO else parse_format(precision).value
 
     def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
@@ -117,6 +121,7 @@ def discover(
             "granularity": granularity,
             "abs": abs_threshold,
             **({"storage": stored.value} if stored is not Storage.FP32 else {}),
+            **({"receiver_inputs": inputs.value} if inputs is not ReceiverInputs.STORED else {}),
         }
 
     path = Path(checkpoint) if checkpoint is not None else None
@@ -136,6 +141,7 @@ def discover(
         allow_weak_task=allow_weak_task,
         identity=identity,
         storage=stored,
+        receiver_inputs=inputs,
     )
     if requested == AUTO and not session.precision_note.startswith("auto:"):
         resumed = f"auto: {session.format.value}, as measured when this run started (resumed from {path})"
@@ -197,12 +203,14 @@ def prepare(
     allow_weak_task: bool = False,
     identity: dict[str, Any] | None = None,
     storage: str | Storage = Storage.FP32,
+    receiver_inputs: str | ReceiverInputs = ReceiverInputs.STORED,
 ) -> Session:
     """Check the arguments and the task (:class:`WeakTaskError` unless ``allow_weak_task``), time one eager
     forward, and build the runtime: trace, split, lower, clean and corrupted caches. ``identity``: the model's
     :func:`~pahq_fx.acdc.run_info.model_identity` where the caller has computed it already."""
     parsed_metric = parse_metric(metric, task)
     stored = Storage.parse(storage)
+    inputs = ReceiverInputs.parse(receiver_inputs)
     check_float32_weights(model.parameters())  # before the task check and the trace
     check_finite_weights(model)
     device = task.clean_input_ids.device
@@ -226,18 +234,18 @@ def prepare(
     forward_samples = eager_forward_seconds(model, task.clean_input_ids, repeats=3, warm_up=False)  # check_task warmed it
     start = time.perf_counter()
     if fmt is None:
-        runtime, edges = build_runtime(model, task, parsed_metric, Format.FP32, granularity, compiled, stored)
+        runtime, edges = build_runtime(model, task, parsed_metric, Format.FP32, granularity, compiled, stored, inputs)
         build_s = time.perf_counter() - start
         search_s = estimated_search_seconds(runtime.total_edges, statistics.median(forward_samples))
         if worth_measuring(build_s, search_s):
             runtime, edges, calibration = _calibrated_runtime(
-                model, task, parsed_metric, granularity, compiled, (runtime, edges), stored
+                model, task, parsed_metric, granularity, compiled, (runtime, edges), stored, inputs
             )
             fmt, precision_note = calibration.chosen, calibration.note()
         else:
             fmt, precision_note = Format.FP32, unmeasured_note(build_s, search_s)
     else:
-        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled, stored)
+        runtime, edges = build_runtime(model, task, parsed_metric, fmt, granularity, compiled, stored, inputs)
         precision_note = ""
     precision_note = "; ".join(n for n in (precision_note, wide_weights_note(model.parameters())) if n)
     return Session(
@@ -264,6 +272,7 @@ def _calibrated_runtime(
     compiled: bool,
     fp32: tuple[PatchingRuntime, EdgeGraph],
     storage: Storage,
+    inputs: ReceiverInputs,
 ) -> tuple[PatchingRuntime, EdgeGraph, Calibration]:
     """``precision="auto"``: a runtime in each format the device may run fast (``fp32``'s already built), a few
     queries timed in each (:mod:`~pahq_fx.acdc.calibration`); the chosen one's runtime. At most two runtimes are held
@@ -275,7 +284,7 @@ def _calibrated_runtime(
     last: tuple[Format, PatchingRuntime, EdgeGraph] | None = None
 
     def probed(fmt: Format) -> tuple[Format, PatchingRuntime, EdgeGraph]:
-        runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage)
+        runtime, edges = build_runtime(model, task, metric, fmt, granularity, compiled, storage, inputs)
         seconds[fmt] = seconds_per_query(runtime, probe_receiver(edges))
         return fmt, runtime, edges
 
@@ -290,16 +299,20 @@ def _calibrated_runtime(
         return (*fp32, calibration)
     if last is not None and last[0] is calibration.chosen:
         return last[1], last[2], calibration
-    return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled, storage), calibration)
+    return (*build_runtime(model, task, metric, calibration.chosen, granularity, compiled, storage, inputs), calibration)
 
 
-def resolve_storage(storage: str | Storage, model: nn.Module, task: Task) -> tuple[Storage, str]:
-    """``storage`` parsed, or under ``auto`` chosen by the plan (:func:`~pahq_fx.acdc.plan.choose_storage`), and the
-    line that says why ("" where it was given)."""
+def resolve_storage(
+    storage: str | Storage, receiver_inputs: str | ReceiverInputs | None, model: nn.Module, task: Task
+) -> tuple[Storage, ReceiverInputs, str]:
+    """``storage`` and ``receiver_inputs`` parsed (inputs stored where not given), or under ``auto`` chosen by the plan
+    (:func:`~pahq_fx.acdc.plan.choose_storage`, inputs too where not given), and the line that says why ("" where
+    both were given)."""
+    inputs = None if receiver_inputs is None else ReceiverInputs.parse(receiver_inputs)
     if isinstance(storage, str) and storage.lower() == AUTO_STORAGE:
-        chosen, note = choose_storage(model, task)
-        return Storage(chosen), note
-    return Storage.parse(storage), ""
+        chosen, chosen_inputs, note = choose_storage(model, task, receiver_inputs=None if inputs is None else inputs.value)
+        return Storage(chosen), ReceiverInputs(chosen_inputs), note
+    return Storage.parse(storage), inputs or ReceiverInputs.STORED, ""
 
 
 def search(
@@ -442,6 +455,7 @@ def search(
             candidates_per_batch=None if predictor is None else predictor.evaluated / max(predictor.batches, 1),
             near_threshold=None if predictor is None else predictor.near_threshold,
             storage=runtime.storage.value,
+            receiver_inputs=runtime.receiver_inputs.value,
         ),
         total_edges=runtime.total_edges,
         versions=library_versions(),

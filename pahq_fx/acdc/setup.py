@@ -15,7 +15,7 @@ from ..passes.pipeline import lower_split
 from ..passes.precision import AUTO, Format, PrecisionConfig
 from ..passes.trace import trace
 from .edges import EdgeGraph
-from .runtime import PatchingRuntime
+from .runtime import PatchingRuntime, ReceiverInputs
 from .storage import Storage
 from .task import Task
 
@@ -73,10 +73,12 @@ def build_runtime(
     granularity: str,
     compile: bool,
     storage: Storage = Storage.FP32,
+    receiver_inputs: ReceiverInputs = ReceiverInputs.STORED,
 ) -> tuple[PatchingRuntime, EdgeGraph]:
-    """Trace, split and lower the model; return the runtime (its caches and state stored in ``storage``) and its
-    edge graph."""
+    """Trace, split and lower the model; return the runtime (its caches and state stored in ``storage``, its receiver
+    inputs stored or recomputed) and its edge graph."""
     check_vocabulary(model, task)
     graph = lower_split(_trace_for(model, task.clean_input_ids), PrecisionConfig(precision, granularity))
     edges = EdgeGraph(graph_meta.head_graph(graph))
-    return PatchingRuntime(graph, edges, task, metric, compile=compile, storage=storage), edges
+    runtime = PatchingRuntime(graph, edges, task, metric, compile=compile, storage=storage, receiver_inputs=receiver_inputs)
+    return runtime, edges

@@ -1,7 +1,8 @@
 """The patching runtime's state as one safetensors file and back: a resume loads it instead of replaying every
 decision (:mod:`.checkpoint`).
 
-What the state is, is :meth:`PatchingRuntime.reset`'s list: sender outputs, receiver inputs, per-head projections,
+What the state is, is :meth:`PatchingRuntime.reset`'s list: sender outputs, receiver inputs (none where they are
+recomputed: the streams they are rebuilt from are a function of the rest), per-head projections,
 the final read, the metric, the running steps, the plan, the row-only steps and the removed edges. Object identity
 is part of it and is kept: an output still equal to its clean cache is that cache (``outputs[s] is clean[s]``), an
 input still equal to its step's clean read is that read, and receivers that share one input tensor (every q/k/v input
@@ -74,6 +75,7 @@ def encode(runtime: PatchingRuntime) -> bytes:
     layout = {
         "format": STATE_FORMAT,
         "storage": runtime.storage.value,
+        "receiver_inputs": runtime.receiver_inputs.value,
         "outputs": outputs,
         "inputs": [input_(x) for x in runtime.inputs],
         "projections": {str(k): writer.name(p) for k, p in runtime.projections.items()},
@@ -192,6 +194,9 @@ def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torc
     rows = len(runtime.final_rows)
     if layout.get("storage") != runtime.storage.value:
         raise StateMismatch(f"the state file holds {layout.get('storage')} storage, this run {runtime.storage.value}")
+    mode = layout.get("receiver_inputs", "stored")  # files written before the choice hold stored inputs
+    if mode != runtime.receiver_inputs.value:
+        raise StateMismatch(f"the state file holds {mode} receiver inputs, this run {runtime.receiver_inputs.value} ones")
     sizes = (len(layout["outputs"]), len(layout["inputs"]), len(layout["removed_from"]))
     if sizes != (len(runtime.clean), len(runtime.inputs), len(runtime.inputs)):
         raise StateMismatch("the state file belongs to a model with other edges")

@@ -168,6 +168,7 @@ def sweep(
     allow_weak_task: bool = False,
     save_to: str | Path | None = None,
     storage: str | Storage = "fp32",
+    receiver_inputs: str | None = None,
 ) -> Sweep:
     """ACDC at every threshold, from one setup: each circuit is the one ``discover`` finds at that threshold.
 
@@ -175,13 +176,14 @@ def sweep(
     sweep again in FP32 (unless ``precision`` is FP32 already) and score both sweeps against the FP32 circuit at
     the lowest threshold, with the edge Jaccard between the two per threshold. ``save_to``: a folder where each
     circuit is written as ``tau=<t>/circuit.json`` as soon as its search ends (without its faithfulness, which
-    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished. ``storage``: see
-    :func:`~pahq_fx.acdc.search.discover`; the ``"fp32"`` reference sweep stores in FP32.
+    :meth:`Sweep.save` adds), so that a sweep that dies keeps the thresholds it finished. ``storage`` and
+    ``receiver_inputs``: see :func:`~pahq_fx.acdc.search.discover`; the ``"fp32"`` reference sweep stores in FP32,
+    its receiver inputs as the sweep's.
     """
     values = sorted({check_threshold(t) for t in thresholds})
     if not values:
         raise PahqError("a sweep needs at least one threshold")
-    stored, storage_note = resolve_storage(storage, model, task)
+    stored, inputs, storage_note = resolve_storage(storage, receiver_inputs, model, task)
     session = prepare(
         model,
         task,
@@ -191,6 +193,7 @@ def sweep(
         compile=compile,
         allow_weak_task=allow_weak_task,
         storage=stored,
+        receiver_inputs=inputs,
     )
     session.precision_note = "; ".join(n for n in (session.precision_note, storage_note) if n)
     circuits = _search_all(session, values, progress, None if save_to is None else Path(save_to))
@@ -200,7 +203,14 @@ def sweep(
     if session.format is Format.FP32 and session.runtime.storage is Storage.FP32:
         return _result(session, circuits, circuits[0].edge_set(), name)
     fp32_session = prepare(
-        model, task, metric=metric, precision=Format.FP32.value, granularity=granularity, compile=compile, allow_weak_task=True
+        model,
+        task,
+        metric=metric,
+        precision=Format.FP32.value,
+        granularity=granularity,
+        compile=compile,
+        allow_weak_task=True,
+        receiver_inputs=inputs,
     )
     fp32_circuits = _search_all(fp32_session, values, progress)
     reference_edges = fp32_circuits[0].edge_set()

@@ -124,7 +124,7 @@ class CandidateBatches(RuntimeState):
         tensors = [
             t for s, stored in enumerate(self.outputs) if self.index.sender_step[s] >= step for t in self.codec.tensors(stored)
         ]
-        tensors += [x for r, x in enumerate(self.inputs) if x is not None and self.index.row_step[r] >= step]
+        tensors += self._input_tensors(step)
         tensors += [p for k, p in self.projections.items() if k >= step]
         seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*tensors, self.final]}
         return sum(seen.values())

@@ -73,7 +73,7 @@ class Cascade(RuntimeState):
             if all(self.reads_rows(r) for r in self.edge_state.kept_out[sender]):
                 self.rows_only.add(k)
                 row = next(iter(self.index.step_rows[k].values()))[0]  # the component's one receiver
-                self.inputs[row] = self.final_rows_of(self._input(row))
+                self._inputs_to_rows(row)
                 self.outputs[sender] = self.codec.select_rows(self.outputs[sender], self.final_rows)
 
     def _cascade(
@@ -100,7 +100,7 @@ class Cascade(RuntimeState):
         current_plan = plan if plan is not None else self.plan
         if new_from < self.active_from:
             pending.active_from = new_from
-        deltas = Deltas(lambda sender: self._change(sender, pending.outputs[sender]))
+        deltas = Deltas(lambda sender: self._change(sender, pending.outputs[sender]), keep_heads=self._keeps_inputs)
         rows = self._reached_rows(changes, given) if new_from == self.active_from and not plan_changes else None
         first = min(
             [self.index.row_step[r] for r in (*changes, *given) if r != self.index.final_row]
@@ -110,7 +110,7 @@ class Cascade(RuntimeState):
         for k in range(first, len(self.steps)):
             activating = new_from <= k < self.active_from
             new_inputs, changed = self._step_inputs(k, changes, given, deltas, kept_in, activating)
-            pending.inputs.update(new_inputs)
+            self._keep_inputs(pending, new_inputs)
             step = self.steps[k]
             if step.kind is StepKind.ATTENTION:
                 old_units = plan_changes.get(k)
@@ -206,7 +206,7 @@ class Cascade(RuntimeState):
                     removed = tuple(self.edge_state.removed_from[row])
                     key = ("clean read", removed, *reaching)
                 elif reaching or row in changes:
-                    removed, key = (), ("state", id(self.inputs[row]), *reaching)
+                    removed, key = (), ("state", self._input_key(row), *reaching)
                 else:
                     continue
                 if row in changes:  # its own change: a sum no other receiver has

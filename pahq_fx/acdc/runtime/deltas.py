@@ -36,10 +36,12 @@ class Deltas:
 
     A head's change is computed from its stored new and old outputs when it is first needed, and kept only where a
     receiver adds it alone: a dense query then holds one summed change per layer, not one change per head (on a
-    large model, most of what a query holds)."""
+    large model, most of what a query holds). With ``keep_heads=False`` (receiver inputs recomputed: a sparse query
+    could otherwise keep one change per head of its cone) it is computed again, bit for bit, each time it is added."""
 
-    def __init__(self, change: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, change: Callable[[int], torch.Tensor], keep_heads: bool = True) -> None:
         self._change = change  # sender -> its change, from the stored outputs
+        self._keep_heads = keep_heads
         self._changes: dict[int, torch.Tensor | None] = {}  # by sender, in the order they were recomputed
         self._group_of: dict[int, int] = {}  # sender -> attention step, for steps with several recomputed heads
         self._groups: dict[int, list[int]] = {}  # step -> its recomputed heads' senders
@@ -64,27 +66,28 @@ class Deltas:
         return iter(self._changes)
 
     def change(self, sender: int) -> torch.Tensor:
-        """One sender's change, kept once computed."""
+        """One sender's change, kept once computed (a head's, where heads' changes are kept)."""
         change = self._changes[sender]
         if change is None:
-            change = self._changes[sender] = self._change(sender)
+            change = self._change(sender)
+            if self._keep_heads:
+                self._changes[sender] = change
         return change
 
-    def terms(self, reaching: list[int]) -> list[tuple[int, torch.Tensor]]:
+    def terms(self, reaching: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """(a sender standing for the term, change) for each term a receiver reached by ``reaching`` adds, in
-        ``reaching``'s order: a step's summed change where all of its recomputed heads reach, single changes
-        otherwise."""
-        reached, terms, done = set(reaching), [], set()
+        ``reaching``'s order, one at a time: a step's summed change where all of its recomputed heads reach, single
+        changes otherwise."""
+        reached, done = set(reaching), set()
         for s in reaching:
             step = self._group_of.get(s)
             if step is None:
-                terms.append((s, self.change(s)))
+                yield s, self.change(s)
             elif step not in done and reached.issuperset(self._groups[step]):
                 done.add(step)
-                terms.append((s, self._sum(step)))
+                yield s, self._sum(step)
             elif step not in done:
-                terms.append((s, self.change(s)))
-        return terms
+                yield s, self.change(s)
 
     def _sum(self, step: int) -> torch.Tensor:
         """The step's heads' summed change; a head's change not kept already is computed for the sum and dropped."""

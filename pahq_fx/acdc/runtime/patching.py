@@ -49,6 +49,7 @@ from .cascade import Cascade
 from .deltas import Pending
 from .edge_state import EdgeState
 from .index import RuntimeIndex
+from .inputs import InputState, ReceiverInputs
 from .state import Aux, Kernel
 
 
@@ -61,7 +62,7 @@ def _stream_shaped(fn: Callable) -> Callable:
     return run
 
 
-class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
+class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches, InputState):
     """State of the patched forward pass of a split model on a task; answers ACDC's queries incrementally."""
 
     def __init__(
@@ -72,6 +73,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         metric: Metric,
         compile: bool = False,
         storage: Storage = Storage.FP32,
+        receiver_inputs: ReceiverInputs = ReceiverInputs.STORED,
     ) -> None:
         self.graph = graph
         self._prelude, self._unembed = graph.get_submodule("prelude"), graph.get_submodule("unembed")
@@ -85,6 +87,8 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         report = graph_meta.precision_report(graph)
         self.low_precision = report is not None and report.config.low_precision is not Format.FP32
         self.index = RuntimeIndex(graph, self.steps, edges)
+        self.receiver_inputs = receiver_inputs
+        self._index_inputs()
         self._components, self._cores, self._metric = self._kernels()
         self.device = task.clean_input_ids.device
         self._clean_ids = task.clean_input_ids
@@ -117,7 +121,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         self.rows_only: set[int] = set()  # MLP and norm steps whose state is kept at the final read's rows only
         self.plan: dict[int, FullPrecisionUnits] = {}
         self.outputs = list(self.clean)
-        self.inputs: list[torch.Tensor | None] = [None] * len(edges.receivers)
+        self._reset_inputs()
         self.projections: dict[int, torch.Tensor] = {}
         self.final = self._final_clean
         self.metric = self._clean_metric
@@ -162,7 +166,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
             *held,
             *self.clean_reads,
             *self._cmc_rows,
-            *(t for t in self.inputs if t is not None),
+            *self._input_tensors(),
             *self.projections.values(),
             self.final,
         ]
@@ -233,8 +237,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches):
         """Make the last tentative values the state; returns the metric."""
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() follows a query"
-        for row, x in pending.inputs.items():
-            self.inputs[row] = x
+        self._commit_inputs(pending)
         for s, stored in pending.outputs.items():
             self.outputs[s] = stored
         self.projections.update(pending.projections)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import fx, nn
@@ -21,6 +21,9 @@ from .deltas import Pending
 from .edge_state import EdgeState
 from .index import RuntimeIndex
 from .rows import ReachedRows
+
+if TYPE_CHECKING:
+    from .inputs import ReceiverInputs
 
 Aux = torch.Tensor | int  # a prelude's auxiliary value: a mask or positions, or a size (the batch's, the sequence's)
 Kernel = Callable[..., torch.Tensor]
@@ -96,17 +99,38 @@ class RuntimeState(ABC):
     rows_only: set[int]
     plan: dict[int, FullPrecisionUnits]
     outputs: list[Stored]
-    inputs: list[torch.Tensor | None]
+    inputs: list[torch.Tensor | None]  # stored receiver inputs; all None where they are recomputed
+    receiver_inputs: ReceiverInputs
     projections: dict[int, torch.Tensor]
     final: torch.Tensor
     metric: float
     _pending: Pending | None
 
-    def _input(self, row: int) -> torch.Tensor:
-        """Receiver ``row``'s input in the state: set for every receiver of a step that runs, which is all a query reads."""
-        x = self.inputs[row]
-        assert x is not None, f"receiver row {row} has no input in the state: its step does not run"
-        return x
+    # InputState's.
+    @abstractmethod
+    def _input(self, row: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _input_key(self, row: int) -> object: ...
+
+    @property
+    @abstractmethod
+    def _keeps_inputs(self) -> bool: ...
+
+    @abstractmethod
+    def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def _inputs_to_rows(self, row: int) -> None: ...
+
+    @abstractmethod
+    def _input_tensors(self, from_step: int = 0) -> list[torch.Tensor]: ...
+
+    @abstractmethod
+    def reads_rows(self, row: int) -> bool: ...
+
+    @abstractmethod
+    def sends_rows(self, sender: int) -> bool: ...
 
     # PatchingRuntime's.
     @abstractmethod
