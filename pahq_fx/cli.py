@@ -477,6 +477,7 @@ def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
     under ``--storage auto``, take the most exact storage and receiver inputs that fit (pahq_fx.acdc.plan.choose_storage)."""
     from .acdc.plan import STORED, choose_storage, preflight
 
+    speculative = getattr(args, "speculation", "off") != "off"  # candidate batches hold memory of their own
     if args.storage == "auto":
         if args.max_memory == "none":
             args.storage, args.receiver_inputs = "fp32", args.receiver_inputs or STORED
@@ -485,13 +486,26 @@ def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
             )
             return
         args.storage, args.receiver_inputs, note = choose_storage(
-            model, task, max_memory=args.max_memory, assume=args.assume, receiver_inputs=args.receiver_inputs
+            model,
+            task,
+            max_memory=args.max_memory,
+            assume=args.assume,
+            receiver_inputs=args.receiver_inputs,
+            speculation=speculative,
         )
         print(note, file=sys.stderr)
     if args.max_memory == "none":
         return
     inputs = args.receiver_inputs or STORED
-    preflight(model, task, max_memory=args.max_memory, storage=args.storage, assume=args.assume, receiver_inputs=inputs)
+    preflight(
+        model,
+        task,
+        max_memory=args.max_memory,
+        storage=args.storage,
+        assume=args.assume,
+        receiver_inputs=inputs,
+        speculation=speculative,
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -522,6 +536,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             assume=args.assume,
             name=args.config,
             receiver_inputs=args.receiver_inputs or "stored",
+            speculation=args.speculation != "off",
         )
     else:
         if not args.task:
@@ -545,6 +560,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             assume=args.assume,
             check=False,
             receiver_inputs=args.receiver_inputs or "stored",
+            speculation=args.speculation != "off",
         )
         result = dataclasses.replace(result, model=args.model)
     print(result.describe(), end="")
@@ -815,6 +831,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the plan as JSON to this file")
     p.add_argument("--no-progress", action="store_true")
     _memory_arguments(p, run=False)
+    p.add_argument(
+        "--speculation",
+        default="off",
+        choices=SPECULATIONS,
+        help="plan for discover --speculation: candidate batches add their memory budget to the peak (off: none)",
+    )
     p.set_defaults(run=cmd_plan)
     i = sub.add_parser("inspect", help="attention sites, heads, key/value groups and node counts the pass finds")
     i.add_argument("--model", required=True)

@@ -219,10 +219,13 @@ def test_a_run_that_cannot_fit_is_refused_with_what_would():
     assert not result.fits and 0 < result.largest_batch < 8
     smaller = result.workload.with_batch(result.largest_batch)
     geometry = result.geometry
-    budget = candidate_memory(torch.device("cpu"))
-    assert planning.memory_plan(geometry, smaller, candidate_budget=budget).peak_bound <= limit
+    assert planning.memory_plan(geometry, smaller).peak_bound <= limit  # no speculation: no candidate batches
     larger = result.workload.with_batch(result.largest_batch + 1)
-    assert planning.memory_plan(geometry, larger, candidate_budget=budget).peak_bound > limit
+    assert planning.memory_plan(geometry, larger).peak_bound > limit
+    speculative = planning.plan(model, task, calibrate=False, max_memory="1TiB", speculation=True).memory
+    budget = candidate_memory(torch.device("cpu"))
+    assert full.memory.candidates == 0 < speculative.candidates <= budget
+    assert speculative.peak_bound == full.memory.peak_bound + speculative.candidates
     with pytest.raises(pahq_fx.PlanError, match="weights alone"):
         planning.plan(model, task, calibrate=False, max_memory=1000)
     # A dense circuit needs less than the bound: assume="dense" admits what the bound refuses.

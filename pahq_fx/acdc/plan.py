@@ -847,6 +847,7 @@ def _assemble(
     loaded_bytes: int,
     assume: str = BOUND,
     receiver_inputs: str = STORED,
+    speculation: bool = False,
     timing: Timing | None = None,
     measured: dict[str, int] | None = None,
     notes: tuple[str, ...] = (),
@@ -862,7 +863,7 @@ def _assemble(
     else:
         limit, source = parse_bytes(max_memory), "max_memory"
     edges = EdgeCounts.of(geometry.head_graph)
-    budget = _candidate_budget(device, limit)
+    budget = _candidate_budget(device, limit) if speculation else 0  # candidate batches run only under speculation
     _check_inputs(receiver_inputs)
     memory = memory_plan(geometry, workload, storage, budget, receiver_inputs)
     projections = {
@@ -947,10 +948,11 @@ def plan_from_config(
     assume: str = BOUND,
     check: bool = False,
     receiver_inputs: str = STORED,
+    speculation: bool = False,
 ) -> Plan:
     """The plan of a run on ``batch`` prompts of ``seq`` tokens (``positions`` metric rows, default one per prompt)
     from a Hugging Face configuration alone: no weights, no runtime, no timing. ``check`` raises
-    :class:`~pahq_fx.errors.PlanError` where it does not fit. ``receiver_inputs``: as :func:`plan`'s."""
+    :class:`~pahq_fx.errors.PlanError` where it does not fit. ``receiver_inputs``, ``speculation``: as :func:`plan`'s."""
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (batch, seq)):
         raise PlanError(f"batch and seq must be positive integers, got batch={batch!r}, seq={seq!r}")
     if positions is not None and (
@@ -967,6 +969,7 @@ def plan_from_config(
         loaded_bytes=0,
         assume=assume,
         receiver_inputs=receiver_inputs,
+        speculation=speculation,
     )
     return result.check() if check else result
 
@@ -987,6 +990,7 @@ def plan(
     assume: str = BOUND,
     check: bool = True,
     receiver_inputs: str = STORED,
+    speculation: bool = False,
 ) -> Plan:
     """The plan of ``discover(model, task, ...)``: edges, queries (an upper bound), weights, caches, state and peak
     memory, and (``calibrate``) time from ``queries_per_role`` real queries per receiver role of each of ``layers``
@@ -997,7 +1001,9 @@ def plan(
     anything is built. ``assume="bound"`` (default) checks the peak bound, which a search at any threshold stays under;
     ``"dense"`` the peak of a dense circuit's run (a sparse search's state can grow past it). ``storage``: the
     runtime's storage format (fp32, bf16, fp8) and ``receiver_inputs`` whether it stores every receiver's input or
-    recomputes it (``stored``, ``recomputed``); ``Plan.projections`` gives the other choices' figures."""
+    recomputes it (``stored``, ``recomputed``); ``Plan.projections`` gives the other choices' figures. ``speculation``:
+    whether the run batches candidate queries (``discover``'s ``speculation`` other than ``"off"``), whose budget
+    the peak then includes."""
     import torch
 
     from ..ir import graph_meta
@@ -1041,6 +1047,7 @@ def plan(
             assume=assume,
             notes=tuple(notes),
             receiver_inputs=receiver_inputs,
+            speculation=speculation,
         )
         if check:
             early.check()  # refuse before anything is traced or cached
@@ -1090,6 +1097,7 @@ def plan(
         measured=measured,
         notes=tuple(notes),
         receiver_inputs=receiver_inputs,
+        speculation=speculation,
     )
     return result.check() if check else result
 
@@ -1102,6 +1110,7 @@ def preflight(
     storage: str = FP32,
     assume: str = BOUND,
     receiver_inputs: str = STORED,
+    speculation: bool = False,
 ) -> Plan | None:
     """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
     where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
@@ -1124,6 +1133,7 @@ def preflight(
         loaded_bytes=loaded,
         assume=assume,
         receiver_inputs=receiver_inputs,
+        speculation=speculation,
     ).check()
 
 
@@ -1131,7 +1141,13 @@ AUTO_STORAGE = "auto"
 
 
 def choose_storage(
-    model: Any, task: Any, *, max_memory: int | str | None = None, assume: str = BOUND, receiver_inputs: str | None = None
+    model: Any,
+    task: Any,
+    *,
+    max_memory: int | str | None = None,
+    assume: str = BOUND,
+    receiver_inputs: str | None = None,
+    speculation: bool = False,
 ) -> tuple[str, str, str]:
     """``storage="auto"``: the first storage and receiver inputs whose planned peak fits ``max_memory`` (default: the
     device's free memory) in the order of :func:`choices` (exactness first, then speed: fp32 stored, fp32 recomputed,
@@ -1161,6 +1177,7 @@ def choose_storage(
         loaded_bytes=loaded,
         assume=assume,
         receiver_inputs=candidates[0][1],
+        speculation=speculation,
     )
     peaks = {choice_label(*candidates[0]): first.needed, **{k: p.needed(assume) for k, p in first.projections.items()}}
     what = "at any threshold" if assume == BOUND else "for a dense circuit"

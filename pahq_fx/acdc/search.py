@@ -108,7 +108,7 @@ def discover(
     """
     threshold = check_threshold(threshold)
     check_speculation(speculation)
-    stored, inputs, storage_note = resolve_storage(storage, receiver_inputs, model, task)
+    stored, inputs, storage_note = resolve_storage(storage, receiver_inputs, model, task, speculation != OFF)
     requested = AUTO if precision == AUTO else parse_format(precision).value
 
     def fingerprint_of(identity: dict[str, Any], parsed_metric: Metric) -> dict[str, Any]:
@@ -303,14 +303,19 @@ def _calibrated_runtime(
 
 
 def resolve_storage(
-    storage: str | Storage, receiver_inputs: str | ReceiverInputs | None, model: nn.Module, task: Task
+    storage: str | Storage,
+    receiver_inputs: str | ReceiverInputs | None,
+    model: nn.Module,
+    task: Task,
+    speculation: bool = False,
 ) -> tuple[Storage, ReceiverInputs, str]:
     """``storage`` and ``receiver_inputs`` parsed (inputs stored where not given), or under ``auto`` chosen by the plan
-    (:func:`~pahq_fx.acdc.plan.choose_storage`, inputs too where not given), and the line that says why ("" where
-    both were given)."""
+    (:func:`~pahq_fx.acdc.plan.choose_storage`, inputs too where not given; ``speculation``: the run batches candidate
+    queries), and the line that says why ("" where both were given)."""
     inputs = None if receiver_inputs is None else ReceiverInputs.parse(receiver_inputs)
     if isinstance(storage, str) and storage.lower() == AUTO_STORAGE:
-        chosen, chosen_inputs, note = choose_storage(model, task, receiver_inputs=None if inputs is None else inputs.value)
+        given = None if inputs is None else inputs.value
+        chosen, chosen_inputs, note = choose_storage(model, task, receiver_inputs=given, speculation=speculation)
         return Storage(chosen), ReceiverInputs(chosen_inputs), note
     return Storage.parse(storage), inputs or ReceiverInputs.STORED, ""
 
