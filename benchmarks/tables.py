@@ -70,12 +70,13 @@ def _measured(data: dict, env: str) -> tuple[str, str]:
     if not found:
         return env, ""
     cache = found.get("PAHQ_FX_TRACE_CACHE")
+    others = [part for part in env.split() if not part.startswith("PAHQ_FX_TRACE_CACHE=")]  # e.g. the thread count
     gpu = f", {found['gpu']}" if found.get("gpu") else ""
     note = (
         f" Measured with Python {found['python']}, torch {found['torch']}, torchao {found['torchao']}, transformers "
         f"{found['transformers']} on {found['cpu']} ({found['cpus']} CPUs{gpu})."
     )
-    return (f"PAHQ_FX_TRACE_CACHE={cache}" if cache else ""), note
+    return " ".join(([f"PAHQ_FX_TRACE_CACHE={cache}"] if cache else []) + others), note
 
 
 def _ordered(rows: list[dict]) -> list[dict]:
