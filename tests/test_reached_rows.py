@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import pahq_fx
 from pahq_fx.acdc import EdgeGraph, Metric
-from pahq_fx.acdc.runtime import PatchingRuntime
+from pahq_fx.acdc.runtime import PatchingRuntime, ReceiverInputs
 from pahq_fx.acdc.runtime.rows import ReachedRows
 from pahq_fx.acdc.storage import Storage, codec
 from pahq_fx.passes import lower_precision, split_heads, trace
@@ -28,7 +28,9 @@ def test_reached_rows_are_every_position_from_a_sequences_first_change_on(mask, 
         assert rows is not None and rows.index.tolist() == expected and rows.batch.rows == len(expected)
 
 
-def shared_prefix_runtime(spec: Spec, precision: str, starts: list[int], seed: int):
+def shared_prefix_runtime(
+    spec: Spec, precision: str, starts: list[int], seed: int, receiver_inputs: ReceiverInputs = ReceiverInputs.STORED
+):
     """A runtime on a task whose corrupted prompts differ from the clean ones at position ``starts[b]`` alone (sequence
     b; attention carries the change to later positions), and the dense reference."""
     model = build(spec)
@@ -39,7 +41,7 @@ def shared_prefix_runtime(spec: Spec, precision: str, starts: list[int], seed: i
         corrupted[b, start] = other[b, start]
     task = pahq_fx.Task(clean, corrupted)
     graph = lower_precision(split_heads(trace(model, clean, dynamic_shapes="batch")), precision)
-    runtime = PatchingRuntime(graph, EdgeGraph(graph.meta["head_graph"]), task, Metric.KL)
+    runtime = PatchingRuntime(graph, EdgeGraph(graph.meta["head_graph"]), task, Metric.KL, receiver_inputs=receiver_inputs)
     assert runtime.rows_restrictable, "every family here is causal, with per-token MLPs"
     runtime.restrict_rows = True  # whether or not it pays on a model this small
     return runtime, ReferenceACDC(model, clean, corrupted, task.metric_mask, precision)
@@ -50,14 +52,16 @@ def shared_prefix_runtime(spec: Spec, precision: str, starts: list[int], seed: i
     spec=specs(RUNTIME_FAMILIES),
     precision=st.sampled_from(["fp32", "fp32", "bf16"]),
     starts=st.lists(st.integers(1, 5), min_size=2, max_size=3),
+    receiver_inputs=st.sampled_from(list(ReceiverInputs)),
     data=st.data(),
 )
-def test_queries_over_reached_rows_equal_the_dense_evaluation(spec, precision, starts, data):
+def test_queries_over_reached_rows_equal_the_dense_evaluation(spec, precision, starts, receiver_inputs, data):
     """The state after every commit and every query's metric, against the reference's from-scratch evaluation (the
     same oracle as tests/test_runtime.py; recomputing every row instead differs by FP32 round-off only, in both
-    directions: a head recomputed alone rounds differently from the batch that computed its state)."""
+    directions: a head recomputed alone rounds differently from the batch that computed its state), with receiver inputs
+    stored or recomputed."""
     spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
-    runtime, reference = shared_prefix_runtime(spec, precision, starts, data.draw(st.integers(0, 50)))
+    runtime, reference = shared_prefix_runtime(spec, precision, starts, data.draw(st.integers(0, 50)), receiver_inputs)
     low = precision != "fp32"
     for row, receiver in enumerate(runtime.edges.receivers):  # in visiting order
         if not data.draw(st.booleans(), label="investigate"):
