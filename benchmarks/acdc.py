@@ -149,12 +149,13 @@ def run_one(args: argparse.Namespace) -> dict:
         kl = reference.kl
 
         def counting_kl(removed):
+            if counted["n"] == args.naive_queries:  # a sample's end (0: the whole run)
+                raise _Enough
             counted["n"] += 1
             return kl(removed)
 
         reference.kl = counting_kl
         if args.naive_queries:  # a sample: the reference's query costs the same whatever is removed
-            reference.kl = lambda removed: counting_kl(removed) if counted["n"] < args.naive_queries else _stop()
             with contextlib.suppress(_Enough):
                 reference.run(args.threshold)
             edges = None
@@ -228,10 +229,6 @@ def run_one(args: argparse.Namespace) -> dict:
 
 class _Enough(Exception):
     """Ends the naive reference's run once its sample of queries is timed."""
-
-
-def _stop() -> float:
-    raise _Enough
 
 
 def _extrapolate_naive(medians: list[dict]) -> None:

@@ -474,7 +474,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
     """Refuse a run whose plan does not fit the memory before anything is traced (pahq_fx.acdc.plan.preflight);
-    under ``--storage auto``, take the most exact storage and receiver inputs that fit (pahq_fx.acdc.plan.choose_storage)."""
+    under ``--storage auto``, take the most exact storage and receiver inputs that fit (pahq_fx.acdc.plan.choose_storage,
+    which refuses where none does)."""
     from .acdc.plan import STORED, choose_storage, preflight
 
     speculative = getattr(args, "speculation", "off") != "off"  # candidate batches hold memory of their own
@@ -493,7 +494,8 @@ def _preflight(args: argparse.Namespace, model: nn.Module, task: Task) -> None:
             receiver_inputs=args.receiver_inputs,
             speculation=speculative,
         )
-        print(note, file=sys.stderr)
+        print(note, file=sys.stderr)  # the plan it chose fits: choose_storage refuses where none does
+        return
     if args.max_memory == "none":
         return
     inputs = args.receiver_inputs or STORED

@@ -1102,19 +1102,18 @@ def plan(
     return result.check() if check else result
 
 
-def preflight(
+def _config_plan(
     model: Any,
     task: Any,
     *,
-    max_memory: int | str | None = None,
-    storage: str = FP32,
-    assume: str = BOUND,
-    receiver_inputs: str = STORED,
-    speculation: bool = False,
+    max_memory: int | str | None,
+    storage: str,
+    assume: str,
+    receiver_inputs: str,
+    speculation: bool,
 ) -> Plan | None:
-    """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
-    where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
-    discover`` and ``sweep`` run before anything else."""
+    """The configuration-only plan of ``discover(model, task)``, unchecked; None where the model's family has no
+    configuration-only geometry (nothing is traced to find out)."""
     tensors = list(model.parameters()) + list(model.buffers())
     try:
         geometry = geometry_from_config(getattr(model, "config", None), model_bytes=_tensor_bytes(tensors))
@@ -1134,7 +1133,32 @@ def preflight(
         assume=assume,
         receiver_inputs=receiver_inputs,
         speculation=speculation,
-    ).check()
+    )
+
+
+def preflight(
+    model: Any,
+    task: Any,
+    *,
+    max_memory: int | str | None = None,
+    storage: str = FP32,
+    assume: str = BOUND,
+    receiver_inputs: str = STORED,
+    speculation: bool = False,
+) -> Plan | None:
+    """The configuration-only plan of a run, checked: :class:`~pahq_fx.errors.PlanError` where it cannot fit, None
+    where the model's family has no configuration-only geometry (nothing is traced to find out). What ``pahq-fx
+    discover`` and ``sweep`` run before anything else."""
+    result = _config_plan(
+        model,
+        task,
+        max_memory=max_memory,
+        storage=storage,
+        assume=assume,
+        receiver_inputs=receiver_inputs,
+        speculation=speculation,
+    )
+    return None if result is None else result.check()
 
 
 AUTO_STORAGE = "auto"
@@ -1156,29 +1180,20 @@ def choose_storage(
     would fit, where none does."""
     if receiver_inputs is not None:
         _check_inputs(receiver_inputs)
-    tensors = list(model.parameters()) + list(model.buffers())
-    try:
-        geometry = geometry_from_config(getattr(model, "config", None), model_bytes=_tensor_bytes(tensors))
-    except (UnsupportedArchitectureError, AttributeError, ValueError, TypeError):
-        inputs = receiver_inputs or STORED
-        key = choice_label(FP32, inputs)
-        return FP32, inputs, f"storage auto: {key} (this family has no configuration-only plan to choose from)"
-    device = task.clean_input_ids.device
-    ids = task.clean_input_ids
-    workload = Workload(int(ids.shape[0]), int(ids.shape[1]), int(task.metric_mask.sum()))
-    loaded = _tensor_bytes([t for t in tensors if t.device == device])
     candidates = [(s, m) for s, m in choices() if receiver_inputs in (None, m)]
-    first = _assemble(
-        geometry,
-        workload,
-        storage=candidates[0][0],
-        device=str(device),
+    first = _config_plan(
+        model,
+        task,
         max_memory=max_memory,
-        loaded_bytes=loaded,
+        storage=candidates[0][0],
         assume=assume,
         receiver_inputs=candidates[0][1],
         speculation=speculation,
     )
+    if first is None:
+        inputs = receiver_inputs or STORED
+        key = choice_label(FP32, inputs)
+        return FP32, inputs, f"storage auto: {key} (this family has no configuration-only plan to choose from)"
     peaks = {choice_label(*candidates[0]): first.needed, **{k: p.needed(assume) for k, p in first.projections.items()}}
     what = "at any threshold" if assume == BOUND else "for a dense circuit"
     for i, (storage, inputs) in enumerate(candidates):
