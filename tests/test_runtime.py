@@ -57,6 +57,21 @@ def assert_state_matches(runtime: PatchingRuntime, reference: ReferenceACDC, met
             assert sqnr_db(want, got) > 80, (sender.name, sqnr_db(want, got))
 
 
+def check_random_flips(runtime: PatchingRuntime, reference: ReferenceACDC, row: int, data, low: bool, max_flips: int):
+    """Investigate receiver ``row``, then remove up to ``max_flips`` of its edges drawn at random, each committed or
+    rolled back at random: the state checked against the reference after every step."""
+    receiver = runtime.edges.receivers[row]
+    assert_state_matches(runtime, reference, runtime.investigate(receiver), low_precision=low)
+    for sender in data.draw(st.lists(st.sampled_from(receiver.senders), unique=True, max_size=max_flips), label="senders"):
+        value = runtime.try_remove(row, [sender])
+        assert_state_matches(runtime, reference, value, extra=((row, sender),), low_precision=low)
+        if data.draw(st.booleans(), label="commit"):
+            runtime.commit()
+            assert_state_matches(runtime, reference, runtime.metric, low_precision=low)
+        else:
+            runtime.rollback()
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     spec=specs(RUNTIME_FAMILIES),
@@ -78,15 +93,7 @@ def test_state_equals_dense_evaluation_after_any_flips(spec, precision, dynamic_
         if not data.draw(st.booleans(), label="investigate"):
             runtime.remove(row, receiver.senders)
             continue
-        assert_state_matches(runtime, reference, runtime.investigate(receiver), low_precision=low)
-        for sender in data.draw(st.lists(st.sampled_from(receiver.senders), unique=True, max_size=4), label="senders"):
-            value = runtime.try_remove(row, [sender])
-            assert_state_matches(runtime, reference, value, extra=((row, sender),), low_precision=low)
-            if data.draw(st.booleans(), label="commit"):
-                runtime.commit()
-                assert_state_matches(runtime, reference, runtime.metric, low_precision=low)
-            else:
-                runtime.rollback()
+        check_random_flips(runtime, reference, row, data, low, max_flips=4)
     assert_state_matches(runtime, reference, runtime.run_from(0), low_precision=low)
 
 
