@@ -33,7 +33,7 @@ from .calibration import (
 from .checkpoint import Checkpoint, resume
 from .circuit import Circuit, CircuitEdge, RunStats
 from .edges import EdgeGraph, Receiver
-from .eta import Remaining
+from .eta import Eta
 from .evaluation import TaskCheck, WeakTaskError, check_task, evaluate_edges
 from .plan import AUTO_STORAGE, choose_storage
 from .run_info import eager_forward_seconds, library_versions, model_identity, peak_memory_mb
@@ -358,32 +358,31 @@ def search(
     snapshot = None if predictor is None else predictor.state()
     resume_s = time.perf_counter() - start_time
     memory_limit = candidate_memory(runtime.device)
-    remaining = Remaining(runtime, edges)
-    done_units = sum(
-        remaining.finish(row, any((row, s) in effects for s in edges.receivers[row].senders)) for row in range(len(done))
-    )
+    eta = Eta(runtime, edges, statistics.median(session.forward_samples), attribute=progress or callback is not None)
+    for row in range(len(done)):
+        eta.finish(row, any((row, s) in effects for s in edges.receivers[row].senders), None)
     bar = tqdm(
-        total=done_units + remaining.expected(range(len(done), len(edges.receivers))),
-        initial=done_units,
+        total=eta.seconds_left(len(done)) or 0.0,
         disable=not progress,
-        unit="work",
+        unit="s",
         desc="ACDC",
-        smoothing=0,  # the ETA is the work left at the average pace of this run (acdc/eta.py)
+        smoothing=0,  # the bar counts predicted seconds of work (acdc/eta.py): its ETA is the predicted seconds left
         bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
     )
-    loop_start, loop_queries, units_done = time.perf_counter(), runtime.queries, 0.0
+    loop_start, loop_queries = time.perf_counter(), runtime.queries
     finished_queries, finished_evaluated = runtime.queries, runtime.evaluated
     unfinished: int | None = None
     try:
         for r_index, receiver in enumerate(edges.receivers):
             if receiver.name in done:
                 continue
-            unfinished = r_index
+            unfinished, receiver_start = r_index, time.perf_counter()
             searched = runtime.is_live(r_index)
             if predictor is None or not searched:
                 _search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects)
             else:
                 search_receiver(runtime, r_index, receiver, threshold, abs_threshold, effects, predictor, memory_limit)
+            receiver_s = time.perf_counter() - receiver_start
             done.append(receiver.name)
             unfinished, finished_queries, finished_evaluated = None, runtime.queries, runtime.evaluated
             snapshot = None if predictor is None else predictor.state()
@@ -397,21 +396,20 @@ def search(
             bar.set_postfix(
                 receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False
             )  # drawn at tqdm's own pace
-            units = remaining.finish(r_index, searched)
-            units_done += units  # counted here: a disabled bar counts nothing
-            units_left = remaining.expected(range(r_index + 1, len(edges.receivers)))
-            bar.total = done_units + units_done + units_left
-            bar.update(units)
+            eta.finish(r_index, searched, receiver_s)
+            left = eta.seconds_left(r_index + 1)
+            bar.initial = eta.restored_seconds()  # not this run's pace: tqdm's rate leaves it out
+            bar.total = bar.initial + eta.seconds + (left or 0.0)
+            bar.update(bar.initial + eta.seconds - bar.n)
             if callback is not None:
-                eta = units_left * (time.perf_counter() - loop_start) / units_done if units_done > 0 else None
-                callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries, eta))
+                callback(ReceiverDone(receiver.name, len(done), len(edges.receivers), kept, runtime.queries, left))
     except BaseException:
         # Interrupted (Ctrl-C, a callback's exception): keep every finished receiver, whatever the write budget said.
         _save(store, runtime, done, effects, (finished_queries, finished_evaluated), unfinished, snapshot)
         raise
     bar.close()
-    search_s = time.perf_counter() - loop_start
-    setup = session.setup_s + resume_s
+    search_s = time.perf_counter() - loop_start - eta.attribution_s
+    setup = session.setup_s + resume_s + eta.attribution_s
     kept_edges = tuple(
         CircuitEdge(edges.senders[s].name, r.name, effects.get((i, s), float("nan")))
         for i, r in enumerate(edges.receivers)

@@ -1,0 +1,141 @@
+"""The ETA's cone estimate: the cone it gives a receiver when the search reaches it is what the runtime recomputes
+in that receiver's queries, and whether it is searched; with perfect estimates of the decisions and costs linear in
+the cone, the seconds it predicts are exact; the attribution ranks edges as their exact effects do."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pahq_fx
+from pahq_fx.acdc import eta as eta_module
+from pahq_fx.acdc import search as search_module
+from pahq_fx.acdc.attribution import edge_attribution
+from pahq_fx.acdc.cone_estimate import ConeEstimate
+from pahq_fx.ir import names
+from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, token_ids
+
+FAMILIES = tuple(f for f in RUNTIME_FAMILIES if f in ("gpt2", "neox", "llama", "opt"))
+THRESHOLDS = st.sampled_from([1e-4, 1e-3, 1e-2])
+
+
+def _session(spec, seed: int = 7):
+    task = pahq_fx.Task(token_ids(3, 6, seed=seed), token_ids(3, 6, seed=seed + 1000))
+    return search_module.prepare(build(spec), task, precision="fp32", allow_weak_task=True)
+
+
+def _components(recomputed: list[str]) -> tuple[int, int]:
+    """(heads, other nodes) a query recomputed, the final read left out (every query ends with it)."""
+    nodes = [n for n in recomputed if n != names.RESID_POST]
+    heads = sum(1 for n in nodes if ".h" in n)
+    return heads, len(nodes) - heads
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(FAMILIES), threshold=THRESHOLDS)
+def test_the_predicted_cone_is_what_a_query_recomputes(spec, threshold):
+    session = _session(spec)
+    runtime, edges = session.runtime, session.edges
+    attribution = edge_attribution(runtime, edges)
+    assert attribution is not None and [len(a) for a in attribution] == [len(r.senders) for r in edges.receivers]
+    estimate = ConeEstimate(runtime, edges, attribution)
+    predicted = {0: estimate.cone(0)}
+    recomputed: dict[int, tuple[int, int]] = {}
+    searched: dict[int, bool] = {}
+    try_remove, counted = runtime.try_remove, [0]
+
+    def query(row, senders):
+        runtime.last_recomputed = []
+        effect = try_remove(row, senders)
+        recomputed.setdefault(row, _components(runtime.last_recomputed))
+        return effect
+
+    def finished(done) -> None:
+        row = done.index - 1
+        searched[row] = done.queries > counted[0]
+        counted[0] = done.queries
+        estimate.finish(row, searched[row], 0.0)
+        if row + 1 < len(edges.receivers):
+            predicted[row + 1] = estimate.cone(row + 1)
+
+    runtime.try_remove = query
+    search_module.search(session, threshold, progress=False, callback=finished)
+    for row, (live, heads, others) in predicted.items():
+        assert live == searched[row], edges.receivers[row].name
+        if row != runtime.index.final_row and row in recomputed:
+            assert (heads, others) == recomputed[row], edges.receivers[row].name
+
+
+@settings(max_examples=6, deadline=None)
+@given(spec=specs(FAMILIES), threshold=THRESHOLDS, weights=st.tuples(*[st.floats(1e-4, 1e-2)] * 3))
+def test_perfect_estimates_and_linear_costs_give_exact_seconds(spec, threshold, weights):
+    """Estimates that separate the kept edges from the removed ones and seconds linear in the cone: once the timed
+    receivers' features span the fit, every prediction of the seconds left is the seconds that follow."""
+    session = _session(spec)
+    runtime, edges = session.runtime, session.edges
+    searched: list[bool] = []
+    counted = [0]
+
+    def finished(done) -> None:
+        searched.append(done.queries > counted[0])
+        counted[0] = done.queries
+
+    search_module.search(session, threshold, progress=False, callback=finished)
+    kept = runtime.edge_state.kept_in
+    perfect = [torch.tensor([1.0 if s in kept[row] else -1.0 for s in r.senders]) for row, r in enumerate(edges.receivers)]
+    truth = ConeEstimate(runtime, edges, perfect)
+    for row in range(len(edges.receivers)):
+        truth.finish(row, searched[row], None)
+
+    def seconds(row: int) -> float:
+        _, heads, others = truth.cone(row)
+        queries = len(edges.receivers[row].senders) + 1
+        return queries * (weights[0] + weights[1] * heads + weights[2] * others) if searched[row] else 0.0
+
+    estimate = ConeEstimate(runtime, edges, perfect)
+    features: list[tuple[float, ...]] = []
+    for row in range(len(edges.receivers)):
+        estimate.finish(row, searched[row], seconds(row))
+        if searched[row]:
+            _, heads, others = truth.cone(row)
+            features.append((1.0, float(heads), float(others)))
+        if features and torch.linalg.matrix_rank(torch.tensor(features, dtype=torch.float64)) == 3:
+            rows = range(row + 1, len(edges.receivers))
+            expected = sum(seconds(r) for r in rows)
+            assert estimate.seconds_left(rows) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attribution_ranks_edges_as_their_exact_effects(family):
+    """On the clean state, the attribution of the edges into the final read correlates with their exact effects."""
+    session = _session(Spec(family, 2, 2, 2, 8, seed=3))
+    runtime, edges = session.runtime, session.edges
+    attribution = edge_attribution(runtime, edges, steps=8)
+    assert attribution is not None
+    row = runtime.index.final_row
+    runtime.investigate(edges.receivers[row])
+    base = runtime.metric
+    exact = []
+    for s in edges.receivers[row].senders:
+        exact.append(runtime.try_remove(row, [s]) - base)
+        runtime.rollback()
+    estimated = attribution[row].tolist()
+    rank = lambda xs: torch.tensor(xs).argsort().argsort().double()  # noqa: E731
+    correlation = torch.corrcoef(torch.stack([rank(exact), rank(estimated)]))[0, 1]
+    assert correlation > 0.5
+
+
+def test_a_long_search_runs_the_attribution_once_and_a_short_one_never(monkeypatch):
+    session = _session(Spec("gpt2", 2, 2, 2, 8))
+    runs = []
+    attribution = eta_module.edge_attribution
+    monkeypatch.setattr(eta_module, "edge_attribution", lambda *a: runs.append(1) or attribution(*a))
+    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", 0)
+    etas = []
+    circuit = search_module.search(session, 1e-3, progress=False, callback=lambda d: etas.append(d.eta_s))
+    assert runs == [1] and etas[-1] == 0.0 and all(e is None or e >= 0 for e in etas)
+    assert circuit.edges
+    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", float("inf"))
+    runs.clear()
+    search_module.search(_session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=False, callback=lambda d: None)
+    assert runs == []
