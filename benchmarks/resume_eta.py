@@ -6,10 +6,12 @@
         --eta-only
 
 ETA: an uninterrupted search records, at every finished receiver, the seconds left that the progress bar shows
-(``ReceiverDone.eta_s``, acdc/eta.py) and, for comparison, what the earlier bar showed (elapsed time x work left /
-work done, a receiver's work being its edges times its depth, whether or not it is pruned). Errors are taken after the
-first tenth of the search's time: of the predicted total (elapsed + ETA) against the actual total, and of the
-predicted time left against the time that actually remained (which grows as the end nears).
+(``ReceiverDone.eta_s``, acdc/eta.py: predicted cones once the attribution pass has run) and, for comparison, two
+earlier estimates: the receivers' depth and known liveness at the pace so far (``eta.Remaining``), and elapsed time
+x work left / work done, a receiver's work being its edges times its depth, whether or not it is pruned. Errors are
+taken after the first tenth of the search's time: of the predicted total (elapsed + ETA) against the actual total,
+and of the predicted time left against the time that actually remained (which grows as the end nears). The search's
+clock leaves out the attribution pass (reported apart): it runs once, and no estimate counts it.
 
 Resume: a search with a checkpoint is interrupted after half of its receivers' time, then resumed twice from the same
 files: once with its state file (load it, replay the decisions after it) and once without (every decision replayed,
@@ -72,20 +74,40 @@ def main() -> None:
     session = search_module.prepare(model, task, precision="fp32", allow_weak_task=True)
     setup_s = time.perf_counter() - started
     runtime, edges = session.runtime, session.edges
+    from pahq_fx.acdc import eta as eta_module
+    from pahq_fx.acdc.eta import Remaining
+
+    attribution, attribution_s = eta_module.edge_attribution, [0.0]
+
+    def timed_attribution(*a, **k):  # its time is the bar's own overhead: the clock below leaves it out
+        began = time.perf_counter()
+        try:
+            return attribution(*a, **k)
+        finally:
+            attribution_s[0] += time.perf_counter() - began
+
+    eta_module.edge_attribution = timed_attribution
     old_work = [len(r.senders) * runtime.index.cone_steps(row) for row, r in enumerate(edges.receivers)]
-    finished: list[tuple[float, float | None, float]] = []  # (elapsed, the bar's ETA, the earlier bar's ETA)
+    depth, depth_units, counted = Remaining(runtime, edges), [0.0], [0]
+    # (elapsed, the bar's ETA, the depth-and-liveness estimate's, the edges-times-depth one's)
+    finished: list[tuple[float, float | None, float | None, float]] = []
     start = time.perf_counter()
 
     def record(done) -> None:
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - attribution_s[0]
+        depth_units[0] += depth.finish(done.index - 1, done.queries > counted[0])
+        counted[0] = done.queries
+        left = depth.expected(range(done.index, len(edges.receivers)))
+        by_depth = left * elapsed / depth_units[0] if depth_units[0] > 0 else None
         share = sum(old_work[: done.index]) / sum(old_work)
-        finished.append((elapsed, done.eta_s, elapsed * (1 - share) / share))
+        finished.append((elapsed, done.eta_s, by_depth, elapsed * (1 - share) / share))
 
     circuit = search_module.search(session, args.threshold, progress=False, callback=record)
     end = finished[-1][0]
-    eta = _errors([(t, left) for t, left, _ in finished if left is not None], end)
-    earlier = _errors([(t, old) for t, _, old in finished], end)
-    half = next(i for i, (t, _, _) in enumerate(finished) if t >= end / 2)
+    eta = _errors([(t, left) for t, left, _, _ in finished if left is not None], end)
+    by_depth = _errors([(t, left) for t, _, left, _ in finished if left is not None], end)
+    earlier = _errors([(t, old) for t, _, _, old in finished], end)
+    half = next(i for i, (t, *_) in enumerate(finished) if t >= end / 2)
     searched_to_half = finished[half][0]
     result = {
         "arguments": vars(args),
@@ -94,15 +116,19 @@ def main() -> None:
         "edges_kept": len(circuit.edges),
         "setup_s": setup_s,
         "search_s": end,
+        "attribution_s": attribution_s[0],
         "eta": eta,
+        "eta_depth_and_liveness": by_depth,
         "eta_earlier_bar": earlier,
+        "trajectory": [[round(x, 3) if x is not None else None for x in point] for point in finished],
     }
     print(f"model {args.model}, {len(edges.receivers)} receivers, threshold {args.threshold}, {len(circuit.edges)} edges kept")
     if not args.eta_only:
         result.update(_resumes(args, model, task, circuit, half, searched_to_half))
     print("| ETA after a tenth | total: largest, median | time left: largest, median |")
     print("| --- | --- | --- |")
-    for name, errors in (("measured cost (now)", eta), ("edges x depth (before)", earlier)):
+    estimates = (("predicted cones (now)", eta), ("depth and liveness (before)", by_depth), ("edges x depth", earlier))
+    for name, errors in estimates:
         print(
             f"| {name} | {errors['total_largest']:.0%}, {errors['total_median']:.0%} "
             f"| {errors['remaining_largest']:.0%}, {errors['remaining_median']:.0%} |"
