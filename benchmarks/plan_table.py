@@ -172,8 +172,7 @@ def main() -> None:
             plan = planning.plan_from_config(config, BATCH, SEQ, max_memory=limit, name=name, device=device)
             rows.append(row(name, plan, where))
     print(
-        f"N = {BATCH} x {SEQ} = {BATCH * SEQ} tokens, one metric row per prompt; state in FP32 (the runtime's only "
-        f"format); CPU: {cpu_bytes / GiB:.1f} GiB ({cpu_source})\n"
+        f"N = {BATCH} x {SEQ} = {BATCH * SEQ} tokens, one metric row per prompt; CPU: {cpu_bytes / GiB:.1f} GiB ({cpu_source})\n"
     )
     print(table(rows))
     result = {

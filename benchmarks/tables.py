@@ -287,6 +287,17 @@ def setup_phases(files: list[str], env: str) -> str:
     )
 
 
+def _state_ratios(plan: dict) -> str:
+    """The state's bound (caches and state, no weights or query) in FP32, and how many times smaller each stored
+    format makes it: the ratio the state storage is for."""
+    memory = {"fp32": plan["memory"], **plan["other_storage"]}
+    state = {name: m["cache_bytes"] + m["state_bound"] for name, m in memory.items()}
+    base = state["fp32"]
+    stored = " / ".join(f"{base / state[f]:.2f}" for f in ("bf16", "fp8"))
+    recomputed = " / ".join(f"{base / state[f + '/recomputed']:.2f}" for f in ("bf16", "fp8"))
+    return f"{base / 2**30:.1f} GiB; {stored}; {recomputed}"
+
+
 def plan_table(files: list[str], env: str) -> str:
     """The plan of the four MIB models on one GPU and on this CPU, in each storage format (benchmarks/plan_table.py)."""
     (path,) = files
@@ -294,8 +305,9 @@ def plan_table(files: list[str], env: str) -> str:
     lines = [
         "| model | where | edges | weights + copies | caches (FP32) | dense query | peak, dense / bound: fp32 | bf16 | fp8 "
         f"| fits in FP32 (dense / any threshold); prompts of {data['seq']} that fit "
-        "| bound, receiver inputs recomputed: fp32 / bf16 / fp8 (fits any threshold in) |",
-        "|" + " --- |" * 11,
+        "| bound, receiver inputs recomputed: fp32 / bf16 / fp8 (fits any threshold in) "
+        "| state bound (caches + state), FP32; x smaller in bf16 / fp8, inputs stored; recomputed |",
+        "|" + " --- |" * 12,
     ]
     for r in data["rows"]:
         fits = f"{'yes' if r['fits_dense'] else 'no'} / {'yes' if r['fits_any_threshold'] else 'no'}"
@@ -307,7 +319,7 @@ def plan_table(files: list[str], env: str) -> str:
             f"| {r['fp8_peak_dense_gib']:.1f} / {r['fp8_peak_bound_gib']:.1f} GiB "
             f"| {fits}; {r['largest_batch_dense']} / {r['largest_batch_any_threshold']} "
             f"| {' / '.join(f'{v:.1f}' for v in r['recomputed_peak_bound_gib'].values())} GiB "
-            f"({', '.join(r['recomputed_fits_any_threshold']) or 'none'}) |"
+            f"({', '.join(r['recomputed_fits_any_threshold']) or 'none'}) | {_state_ratios(r['plan'])} |"
         )
     note = f"N = {data['batch']} prompts x {data['seq']} tokens. Command: `python benchmarks/plan_table.py` (`{path}`)"
     return "\n".join(lines) + "\n\n" + note

@@ -364,7 +364,7 @@ def memory_plan(
         "clean outputs": senders * stream,
         "corrupted - clean": senders * stream,
         "clean reads": len(steps) * fp32_stream,
-        "corrupted - clean at final rows": senders * fp32_rows,
+        "corrupted - clean at final rows": senders * rows,
         "clean final read": fp32_rows,
     }
     widths = [(layer.n_heads + 2 * layer.n_kv_groups) * g.d_head for layer in hg.layers]

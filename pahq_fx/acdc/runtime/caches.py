@@ -72,7 +72,7 @@ class CacheSetup(RuntimeState):
         # Stored one at a time, each FP32 output released as its stored form replaces it.
         for i, x in enumerate(self.clean):
             self.clean[i] = self.codec.store(cast(torch.Tensor, x))
-        self._cmc_rows = [self.final_rows_of(self.codec.load(c)) for c in self.corrupt_minus_clean]
+        self._cmc_rows = [self.codec.select_rows(c, self.final_rows) for c in self.corrupt_minus_clean]
 
     def final_rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""

@@ -53,9 +53,9 @@ class Cascade(RuntimeState):
         """``corrupt_s - current_s``: what removing (sender, row) adds to the receiver's input."""
         load = self.codec.load
         if self.outputs[sender] is self.clean[sender]:
-            return self._cmc_rows[sender] if self.reads_rows(row) else load(self.corrupt_minus_clean[sender])
+            return load(self._cmc_rows[sender]) if self.reads_rows(row) else load(self.corrupt_minus_clean[sender])
         if self.sends_rows(sender):
-            return self._cmc_rows[sender] + self.final_rows_of(load(self.clean[sender])) - load(self.outputs[sender])
+            return load(self._cmc_rows[sender]) + self.final_rows_of(load(self.clean[sender])) - load(self.outputs[sender])
         change = load(self.corrupt_minus_clean[sender]) + load(self.clean[sender]) - load(self.outputs[sender])
         return self._as_read_by(row, change, sender)
 

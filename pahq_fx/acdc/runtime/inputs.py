@@ -186,7 +186,7 @@ class InputState(RuntimeState):
         if k not in self._corrupted_reads:
             x = self._clean_read(k)
             for s in self._read_senders[k]:
-                x = x + (self._cmc_rows[s] if self._rows(k) else self.codec.load(self.corrupt_minus_clean[s]))
+                x = x + self.codec.load(self._cmc_rows[s] if self._rows(k) else self.corrupt_minus_clean[s])
             self._corrupted_reads[k] = x
         return self._corrupted_reads[k]
 

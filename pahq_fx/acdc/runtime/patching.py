@@ -161,11 +161,10 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches, Inpu
 
     def state_bytes(self) -> int:
         """Bytes held by the state and the caches (distinct tensors counted once)."""
-        held = (t for stored in (*self.clean, *self.corrupt_minus_clean, *self.outputs) for t in self.codec.tensors(stored))
+        stored = (*self.clean, *self.corrupt_minus_clean, *self._cmc_rows, *self.outputs)
         tensors = [
-            *held,
+            *(t for each in stored for t in self.codec.tensors(each)),
             *self.clean_reads,
-            *self._cmc_rows,
             *self._input_tensors(),
             *self.projections.values(),
             self.final,

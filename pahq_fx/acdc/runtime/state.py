@@ -80,7 +80,7 @@ class RuntimeState(ABC):
     clean: list[Stored]  # FP32 tensors during setup, until they are stored
     clean_reads: list[torch.Tensor]
     corrupt_minus_clean: list[Stored]
-    _cmc_rows: list[torch.Tensor]
+    _cmc_rows: list[Stored]
     clean_distribution: CleanDistribution
     row_batch: RowBatch
     final_rows: torch.Tensor
