@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -69,8 +70,10 @@ class PahqModel(nn.Module):
         set_head(self.graph, pair)
         self._head = pair
 
-    def forward(self, input_ids: ExampleInputs) -> torch.Tensor:
-        input_ids = input_ids_from(input_ids, "input")
+    def forward(self, input_ids: ExampleInputs, **entries: Any) -> torch.Tensor:
+        """Logits for ``input_ids`` (a tensor, ``(ids,)``, a dict or ``BatchEncoding``); keyword entries, as in
+        ``model(**encoding)``, are checked as a dict's are: a mask must mask nothing, other entries are refused."""
+        input_ids = input_ids_from({"input_ids": input_ids, **entries} if entries else input_ids, "input")
         check_ids_fit(input_ids, self._limits)
         if not graph_meta.accepts_shape(self.graph, input_ids.shape):
             traced = tuple(graph_meta.example_input_ids(self.graph).shape)

@@ -67,6 +67,12 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
     if isinstance(inputs, (tuple, list)):
         if not inputs:
             raise InvalidInputsError(f"{what} is an empty {type(inputs).__name__}; pass (input_ids,)")
+        if any(x is not None for x in inputs[1:]):
+            raise InvalidInputsError(
+                f"{what} is a {type(inputs).__name__} of {len(inputs)} positional inputs; the graph takes input_ids "
+                "alone, and what the others mean depends on the model's forward: pass (input_ids,), or a dict with "
+                "input_ids and an attention_mask"
+            )
         ids = inputs[0]
     elif not isinstance(inputs, torch.Tensor) and (
         isinstance(inputs, Mapping) or (hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"))
@@ -74,6 +80,7 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
         if "input_ids" not in inputs:
             raise InvalidInputsError(f"{what} has no 'input_ids' entry (it has {sorted(inputs.keys())})")
         ids = inputs["input_ids"]
+        _refuse_other_entries(inputs, what)
     if not isinstance(ids, torch.Tensor):
         raise InvalidInputsError(f"{what}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -103,12 +110,38 @@ def _refuse_padding(inputs: Any, ids: torch.Tensor, what: str) -> None:
     """An ``attention_mask`` passed with the ids must mask nothing: the traced graph takes ``input_ids`` alone, so a
     padded batch would attend to its padding and give other logits than ``model(**encoding)``."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) or hasattr(inputs, "get") else None
-    if isinstance(mask, torch.Tensor) and (mask.shape != ids.shape or not bool(mask.bool().all())):
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InvalidInputsError(
+            f"{what}: the attention_mask must be a [batch, seq] tensor like input_ids {tuple(ids.shape)}, got {shape}"
+        )
+    if not bool(mask.bool().all()):
         raise InvalidInputsError(
             f"{what}: the attention_mask marks padding, which pahq_fx cannot honour (its graph takes input_ids alone, "
             "and the padded rows would attend to the padding); pass prompts of one length without padding "
             "(tokenize without padding=True, or one prompt per call)"
         )
+
+
+# Entries of a dict or BatchEncoding besides input_ids that may come with it, checked rather than used: a mask
+# that masks nothing, and token types that are all 0 (what tokenizers of causal LMs give where they give any).
+_CHECKED_ENTRIES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _refuse_other_entries(inputs: Any, what: str) -> None:
+    """Entries the traced graph would drop (``position_ids``, ``inputs_embeds``, a cache...) change the logits: one
+    given is an error, never ignored; so are token types other than 0."""
+    others = sorted(str(k) for k in inputs if k not in _CHECKED_ENTRIES and inputs[k] is not None)
+    if others:
+        raise InvalidInputsError(
+            f"{what} has entries the graph does not take ({', '.join(others)}): it runs on input_ids alone; "
+            "pass input_ids (and an attention_mask that masks nothing) only"
+        )
+    types = inputs.get("token_type_ids") if hasattr(inputs, "get") else None
+    if isinstance(types, torch.Tensor) and bool(types.any()):
+        raise InvalidInputsError(f"{what}: token_type_ids other than 0 are not used by the graph; pass input_ids only")
 
 
 def max_positions(model: nn.Module) -> int | None:

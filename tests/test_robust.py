@@ -441,6 +441,19 @@ def transformed(induction):
             ),
             "tokenize without padding=True",
         ),
+        (
+            {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 1, 5, 5, dtype=torch.long)},
+            "the attention_mask must be a [batch, seq] tensor like input_ids (2, 5), got (2, 1, 5, 5)",
+        ),
+        (
+            {"input_ids": torch.ones(2, 5, dtype=torch.long), "position_ids": torch.arange(5).expand(2, 5) + 3},
+            "entries the graph does not take (position_ids)",
+        ),
+        (
+            {"input_ids": torch.ones(2, 5, dtype=torch.long), "token_type_ids": torch.ones(2, 5, dtype=torch.long)},
+            "token_type_ids other than 0",
+        ),
+        ((torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)), "a tuple of 2 positional inputs"),
     ],
 )
 def test_bad_input_ids_are_an_invalid_inputs_error(induction, transformed, ids, message):
@@ -579,6 +592,12 @@ def test_padding_is_refused_never_dropped_on_every_family(family):
             pahq(padded)
         with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
             pahq_fx.transform(model, example_inputs=padded, precision="fp32", compile=False)
+        with pytest.raises(pahq_fx.InvalidInputsError, match="attention_mask marks padding"):
+            pahq(**padded)  # model(**encoding)'s call
+        with pytest.raises(pahq_fx.InvalidInputsError, match="positional inputs"):
+            pahq((ids, padded["attention_mask"]))  # a tuple's second input is not taken for a mask, nor dropped
+    torch.testing.assert_close(pahq(**unpadded), pahq(ids))
+    torch.testing.assert_close(pahq((ids, None)), pahq(ids))
 
 
 def test_another_runs_checkpoint_is_refused_before_the_setup(induction, tmp_path, monkeypatch):
