@@ -112,6 +112,24 @@ def test_a_state_file_that_does_not_belong_is_ignored_with_a_warning(tmp_path, m
     assert not path.exists() and not state.exists(), "a finished run removes its state file with its checkpoint"
 
 
+def test_a_checkpoint_that_contradicts_its_state_file_is_refused(tmp_path, monkeypatch):
+    """Removed edges taken out of a checkpoint, its digest written again to match: the state file it names, written
+    with it, still holds them, so the checkpoint is refused rather than replayed without them."""
+    from pahq_fx.acdc.checkpoint import _digest
+
+    model, task = build(Spec("gpt2", 2, 2, 2, 8)), _task()
+    path = tmp_path / "checkpoint.json"
+    _interrupted(model, task, path, monkeypatch, 6, 0, precision="fp32")
+    saved = json.loads(path.read_text())
+    held = saved["state"]["receivers"]
+    dropped = next(pair for pair in saved["removed"] if pair[0] < held)
+    saved["removed"].remove(dropped)
+    saved["digest"] = _digest(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(pahq_fx.CheckpointError, match="disagree on the removed edges"):
+        pahq_fx.discover(model, task, threshold=THRESHOLD, precision="fp32", progress=False, checkpoint=path)
+
+
 def test_a_state_of_another_model_is_refused_untouched():
     small = search_module.prepare(build(Spec("gpt2", 1, 2, 2, 8)), _task(), precision="fp32")
     other = search_module.prepare(build(Spec("gpt2", 2, 2, 2, 8)), _task(), precision="fp32")

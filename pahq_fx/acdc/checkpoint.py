@@ -114,7 +114,9 @@ class Checkpoint:
 
     def load_state(self, runtime: PatchingRuntime, saved: dict[str, Any], removed: set[tuple[int, int]]) -> int:
         """Load the state file ``saved`` (a checkpoint's content) names into ``runtime``; the number of finished
-        receivers it holds. 0, with a warning and the runtime untouched, where it is missing or does not match."""
+        receivers it holds. 0, with a warning and the runtime untouched, where it is missing or is not the file the
+        checkpoint names (a run killed between writing the two leaves that). A named file whose removed edges are not
+        the checkpoint's means that one of them was changed after they were written: a :class:`CheckpointError`."""
         reference = saved.get("state")
         self._state = None
         if reference is None or self.state_path is None:
@@ -125,7 +127,10 @@ class Checkpoint:
                 raise state_io.StateMismatch("its SHA-256 is not the one the checkpoint names")
             receivers = reference["receivers"]
             if state_io.removed_edges(data) != {(row, s) for row, s in removed if row < receivers}:
-                raise state_io.StateMismatch("its removed edges are not the checkpoint's")
+                raise CheckpointError(
+                    f"checkpoint {self.path} and its state file {self.state_path.name} disagree on the removed edges: "
+                    "one was changed after pahq_fx wrote them; delete both to start afresh"
+                )
             state_io.restore(runtime, data)
         except (OSError, state_io.StateMismatch) as error:
             warnings.warn(
