@@ -204,6 +204,11 @@ def test_a_planted_cache_entry_never_runs_and_is_reported(tmp_path, monkeypatch,
     torch.testing.assert_close(gm(ids), reference_logits(model, ids), rtol=1e-5, atol=1e-5)
     assert trace_cache.load(model, ids, entry.stem) is not None  # the entry written afresh verifies
     assert (cache.stat().st_mode & 0o777) == 0o700 and (entry.stat().st_mode & 0o777) == 0o600
+    entry.write_bytes(header + b"planted again")
+    with pytest.warns(UserWarning, match=r"ignored the trace cache entry"):
+        trace(model, ids)
+    assert entry.with_name(entry.name + ".rejected").read_bytes().endswith(planted.getvalue())  # the first kept
+    assert entry.with_name(entry.name + ".rejected.1").read_bytes() == header + b"planted again"
 
 
 def test_a_cache_folder_others_can_write_is_not_used(tmp_path, monkeypatch):

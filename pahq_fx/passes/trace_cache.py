@@ -350,7 +350,10 @@ def load(model: nn.Module, example: torch.Tensor, entry: str) -> tuple[fx.GraphM
 
 def _reject(path: Path) -> None:
     """Set aside an entry that this user's pahq_fx did not write (never unpickled), and say so."""
-    aside = path.with_name(path.name + ".rejected")
+    aside, earlier = path.with_name(path.name + ".rejected"), 0
+    while aside.exists():  # an earlier planted entry stays evidence too
+        earlier += 1
+        aside = path.with_name(f"{path.name}.rejected.{earlier}")
     try:
         os.replace(path, aside)
     except OSError:
