@@ -61,7 +61,8 @@ def input_ids_from(inputs: ExampleInputs, what: str = "example_inputs") -> torch
 
     Accepts a tensor, a tuple or list of positional arguments whose first is ``input_ids`` (the
     ``torch.export`` convention, ``(ids,)``), and a dict or tokenizer ``BatchEncoding`` with an ``input_ids``
-    entry (other entries, such as an all-ones ``attention_mask``, are not used by the trace).
+    entry. The graph runs on the ids alone: an ``attention_mask`` must mask nothing, token types must be 0, and other
+    entries (or a tuple's inputs after the first, unless None) are refused rather than dropped.
     """
     ids: Any = inputs
     if isinstance(inputs, (tuple, list)):
@@ -133,7 +134,7 @@ _CHECKED_ENTRIES = ("input_ids", "attention_mask", "token_type_ids")
 def _refuse_other_entries(inputs: Any, what: str) -> None:
     """Entries the traced graph would drop (``position_ids``, ``inputs_embeds``, a cache...) change the logits: one
     given is an error, never ignored; so are token types other than 0."""
-    others = sorted(str(k) for k in inputs if k not in _CHECKED_ENTRIES and inputs[k] is not None)
+    others = sorted(str(k) for k in inputs.keys() if k not in _CHECKED_ENTRIES and inputs[k] is not None)  # noqa: SIM118
     if others:
         raise InvalidInputsError(
             f"{what} has entries the graph does not take ({', '.join(others)}): it runs on input_ids alone; "

@@ -4,7 +4,7 @@ the cone, the seconds it predicts are exact; the attribution ranks edges as thei
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pahq_fx
@@ -33,6 +33,7 @@ def _components(recomputed: list[str]) -> tuple[int, int]:
 
 @settings(max_examples=8, deadline=None)
 @given(spec=specs(FAMILIES), threshold=THRESHOLDS)
+@example(spec=Spec("llama", 3, 4, 4, 8), threshold=1e-2)  # a step whose last receiver is dead: cones still move on
 def test_the_predicted_cone_is_what_a_query_recomputes(spec, threshold):
     session = _session(spec)
     runtime, edges = session.runtime, session.edges
@@ -110,7 +111,7 @@ def test_attribution_ranks_edges_as_their_exact_effects(family):
     """On the clean state, the attribution of the edges into the final read correlates with their exact effects."""
     session = _session(Spec(family, 2, 2, 2, 8, seed=3))
     runtime, edges = session.runtime, session.edges
-    attribution = edge_attribution(runtime, edges, steps=8)
+    attribution = edge_attribution(runtime, edges)  # the default points of the path, as the ETA runs it
     assert attribution is not None
     row = runtime.index.final_row
     runtime.investigate(edges.receivers[row])
@@ -126,16 +127,37 @@ def test_attribution_ranks_edges_as_their_exact_effects(family):
 
 
 def test_a_long_search_runs_the_attribution_once_and_a_short_one_never(monkeypatch):
+    """The pass runs once where it pays, the cone estimate is then what the ETA uses, and the circuit is the one a
+    search without a bar or callback finds (which never runs the pass)."""
     session = _session(Spec("gpt2", 2, 2, 2, 8))
-    runs = []
+    runs, built = [], []
     attribution = eta_module.edge_attribution
     monkeypatch.setattr(eta_module, "edge_attribution", lambda *a: runs.append(1) or attribution(*a))
+    monkeypatch.setattr(eta_module, "ConeEstimate", lambda *a: built.append(ConeEstimate(*a)) or built[-1])
     monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", 0)
     etas = []
     circuit = search_module.search(session, 1e-3, progress=False, callback=lambda d: etas.append(d.eta_s))
-    assert runs == [1] and etas[-1] == 0.0 and all(e is None or e >= 0 for e in etas)
-    assert circuit.edges
-    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", float("inf"))
+    assert runs == [1] and len(built) == 1 and built[0]._weights is not None
+    assert etas[-1] == 0.0 and all(e is None or e >= 0 for e in etas) and len({e for e in etas if e}) > 1
     runs.clear()
+    quiet = search_module.search(_session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=False)
+    assert runs == [] and [(e.sender, e.receiver, e.effect) for e in quiet.edges] == [
+        (e.sender, e.receiver, e.effect) for e in circuit.edges
+    ]
+    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", float("inf"))
     search_module.search(_session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=False, callback=lambda d: None)
     assert runs == []
+
+
+def test_a_failing_estimate_warns_and_never_ends_the_search(monkeypatch):
+    def broken(*args):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(eta_module, "edge_attribution", broken)
+    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", 0)
+    etas = []
+    with pytest.warns(UserWarning, match="cone estimate failed .*broken on purpose.*depth estimate alone"):
+        circuit = search_module.search(
+            _session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=False, callback=lambda d: etas.append(d.eta_s)
+        )
+    assert circuit.edges and etas[-1] == 0.0

@@ -74,7 +74,7 @@ def _path_point(
             for senders, group in by_senders.items():
                 g = torch.stack([(grad if unit < 0 else grad[:, :, unit]).flatten() for _, unit in group])
                 d = torch.stack([diffs[s].flatten() for s in senders])
-                for (row, _), values in zip(group, (g @ d.T).double(), strict=True):
+                for (row, _), values in zip(group, (g @ d.T).cpu().double(), strict=True):  # the scores: CPU FP64
                     scores[row] += values
 
         return add
@@ -112,6 +112,7 @@ def _path_point(
     final = tensor_sum(totals[c] for c in runtime.structure.final_reads).view_as(totals[runtime.structure.final_reads[0]])
     hooks.append((final, score([(index.final_row, -1)])))
     diffs.extend(c - o for c, o in zip(corrupted, outputs, strict=True))  # type: ignore[operator]
+    outputs.clear()  # the differences replace them through the backward pass
     for tensor, hook in hooks:
         tensor.register_hook(hook)
     runtime._final_metric(runtime.final_rows_of(final)).backward()

@@ -47,16 +47,15 @@ class ConeEstimate:
     def finish(self, row: int, searched: bool, seconds: float | None) -> None:
         """Record finished receiver ``row``: its decisions, and (``seconds``: timed in this process) its cost."""
         self._finished.add(row)
-        if not searched:
-            return
-        kept = self._runtime.edge_state.kept_in[row]
-        senders = self._edges.receivers[row].senders
-        self._decided.extend((score, s in kept) for s, score in zip(senders, self._scores[row], strict=True))
-        if seconds is not None:
-            self._features.append(self._row_features(row))
-            self._seconds.append(seconds)
-            if len(self._seconds) >= MIN_FITTED:
-                self._weights = _non_negative_fit(self._features, self._seconds)
+        if searched:
+            kept = self._runtime.edge_state.kept_in[row]
+            senders = self._edges.receivers[row].senders
+            self._decided.extend((score, s in kept) for s, score in zip(senders, self._scores[row], strict=True))
+            if seconds is not None:
+                self._features.append(self._row_features(row))
+                self._seconds.append(seconds)
+                if len(self._seconds) >= MIN_FITTED:
+                    self._weights = _non_negative_fit(self._features, self._seconds)
         next_row = row + 1
         if next_row < len(self._edges.receivers) and self._runtime.index.row_step[next_row] != self._runtime.index.row_step[row]:
             self._update_cones()

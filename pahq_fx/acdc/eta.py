@@ -17,6 +17,7 @@ that was.
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 
 import torch
@@ -111,7 +112,10 @@ class Eta:
         else:
             self.units, self.seconds = self.units + units, self.seconds + seconds
         if self._cones is not None:
-            self._cones.finish(row, searched, seconds)
+            try:
+                self._cones.finish(row, searched, seconds)
+            except Exception as error:  # an estimate: it never ends a search
+                self._drop_cones(error)
         elif self._attribute and self._step_ends(row) and self._long_enough(row + 1):
             self._start_cones()
 
@@ -122,7 +126,11 @@ class Eta:
         much once the first receivers are timed (benchmarks/resume_eta.py)."""
         rows = range(next_row, len(self._edges.receivers))
         by_depth = self._depth.expected(rows) * self.seconds / self.units if self.units > 0 else None
-        by_cones = None if self._cones is None else self._cones.seconds_left(rows)
+        try:
+            by_cones = None if self._cones is None else self._cones.seconds_left(rows)
+        except Exception as error:
+            self._drop_cones(error)
+            by_cones = None
         if by_cones is None or by_depth is None:
             return by_depth if by_cones is None else by_cones
         return max(by_cones, by_depth)
@@ -141,21 +149,34 @@ class Eta:
 
     def _start_cones(self) -> None:
         start = time.perf_counter()
-        if self._runtime not in _ATTRIBUTIONS:  # a sweep's searches share their runtime's
-            _ATTRIBUTIONS[self._runtime] = edge_attribution(self._runtime, self._edges) if self._fits() else None
-        scores = _ATTRIBUTIONS[self._runtime]
         self._attribute = False
-        if scores is not None:
-            self._cones = ConeEstimate(self._runtime, self._edges, scores)
-            for row, searched, seconds in self._finished:
-                self._cones.finish(row, searched, seconds)
+        try:
+            if self._runtime not in _ATTRIBUTIONS:  # a sweep's searches share their runtime's
+                _ATTRIBUTIONS[self._runtime] = edge_attribution(self._runtime, self._edges) if self._fits() else None
+            scores = _ATTRIBUTIONS[self._runtime]
+            if scores is not None:
+                self._cones = ConeEstimate(self._runtime, self._edges, scores)
+                for row, searched, seconds in self._finished:
+                    self._cones.finish(row, searched, seconds)
+        except Exception as error:
+            _ATTRIBUTIONS[self._runtime] = None
+            self._drop_cones(error)
         self.attribution_s += time.perf_counter() - start
+
+    def _drop_cones(self, error: Exception) -> None:
+        """Go on with the depth estimate alone, and say why: the ETA is worth less than the search."""
+        self._cones = None
+        warnings.warn(
+            f"pahq_fx: the ETA's cone estimate failed ({type(error).__name__}: {error}); the progress bar goes on with "
+            "the depth estimate alone",
+            stacklevel=2,
+        )
 
     def _fits(self) -> bool:
         from .plan import PlanError, free_memory
 
         try:
             free = free_memory(self._runtime.device)[0]
-        except PlanError:
+        except (PlanError, OSError):
             return False
         return attribution_bytes(self._runtime, self._edges) <= MEMORY_SHARE * free

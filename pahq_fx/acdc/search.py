@@ -53,7 +53,7 @@ class ReceiverDone:
     total: int
     edges_kept: int
     queries: int
-    eta_s: float | None = None  # the progress bar's estimate of the seconds left (None before anything is measured)
+    eta_s: float | None = None  # predicted seconds of search left, as the bar shows them (None before any is measured)
 
 
 def discover(
@@ -360,7 +360,7 @@ def search(
     memory_limit = candidate_memory(runtime.device)
     eta = Eta(runtime, edges, statistics.median(session.forward_samples), attribute=progress or callback is not None)
     for row in range(len(done)):
-        eta.finish(row, any((row, s) in effects for s in edges.receivers[row].senders), None)
+        eta.finish(row, runtime.is_live(row), None)  # searched at its turn: its node's out-edges were decided before it
     bar = tqdm(
         total=eta.seconds_left(len(done)) or 0.0,
         disable=not progress,
@@ -392,11 +392,14 @@ def search(
             elif store.due():
                 _save(store, runtime, done, effects, (finished_queries, finished_evaluated), None, snapshot)
             kept = runtime.kept_edges
-            rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start, 1e-9)
+            rate = (runtime.queries - loop_queries) / max(time.perf_counter() - loop_start - eta.attribution_s, 1e-9)
             bar.set_postfix(
                 receivers=f"{len(done)}/{len(edges.receivers)}", edges_kept=kept, queries_per_s=f"{rate:.1f}", refresh=False
             )  # drawn at tqdm's own pace
+            attributed = eta.attribution_s
             eta.finish(r_index, searched, receiver_s)
+            if not bar.disable:  # tqdm's rate is search seconds over its elapsed time: the pass is not search
+                bar.start_t += eta.attribution_s - attributed
             left = eta.seconds_left(r_index + 1)
             bar.initial = eta.restored_seconds()  # not this run's pace: tqdm's rate leaves it out
             bar.total = bar.initial + eta.seconds + (left or 0.0)
