@@ -161,3 +161,10 @@ def test_a_failing_estimate_warns_and_never_ends_the_search(monkeypatch):
             _session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=False, callback=lambda d: etas.append(d.eta_s)
         )
     assert circuit.edges and etas[-1] == 0.0
+
+
+def test_the_bar_ends_at_its_total_after_the_pass(monkeypatch, capsys):
+    """The pass's seconds are taken out of tqdm's clock (its rate is search seconds); the bar still closes at 100%."""
+    monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", 0)
+    search_module.search(_session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=True)
+    assert "ACDC: 100%" in capsys.readouterr().err

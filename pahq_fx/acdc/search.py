@@ -400,6 +400,7 @@ def search(
             eta.finish(r_index, searched, receiver_s)
             if not bar.disable:  # tqdm's rate is search seconds over its elapsed time: the pass is not search
                 bar.start_t += eta.attribution_s - attributed
+                bar.last_print_t += eta.attribution_s - attributed  # (tqdm draws nothing at close if it precedes start)
             left = eta.seconds_left(r_index + 1)
             bar.initial = eta.restored_seconds()  # not this run's pace: tqdm's rate leaves it out
             bar.total = bar.initial + eta.seconds + (left or 0.0)
