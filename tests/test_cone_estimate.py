@@ -168,3 +168,14 @@ def test_the_bar_ends_at_its_total_after_the_pass(monkeypatch, capsys):
     monkeypatch.setattr(eta_module, "ATTRIBUTION_PAYS", 0)
     search_module.search(_session(Spec("gpt2", 2, 2, 2, 8)), 1e-3, progress=True)
     assert "ACDC: 100%" in capsys.readouterr().err
+
+
+def test_the_cut_off_takes_equal_estimates_together():
+    """Edges with one estimate are predicted alike: the cut-off never falls inside a run of equal estimates."""
+    estimate = ConeEstimate.__new__(ConeEstimate)
+    estimate._decided = [(3.0, True), (2.0, True), (2.0, False), (2.0, False), (1.0, False)]
+    assert estimate._cut_off() == 3.0  # at 2.0 the three equal ones count as kept: two errors, against one at 3.0
+    estimate._decided = [(3.0, True), (2.0, True), (2.0, True), (2.0, False), (1.0, False)]
+    assert estimate._cut_off() == 2.0
+    estimate._decided = [(1.0, False), (1.0, False)]
+    assert estimate._cut_off() == float("inf")

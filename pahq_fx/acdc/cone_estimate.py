@@ -85,6 +85,8 @@ class ConeEstimate:
         order = torch.argsort(scores, descending=True, stable=True)
         kept_above = torch.cumsum(kept[order], 0)
         errors = (torch.arange(1, len(order) + 1, dtype=torch.float64) - kept_above) + (kept.sum() - kept_above)
+        ranked = scores[order]
+        errors[:-1][ranked[:-1] == ranked[1:]] = float("inf")  # a cut-off takes a run of equal estimates whole
         best = int(torch.argmin(errors))
         return float(scores[order[best]]) if errors[best] < kept.sum() else float("inf")
 
