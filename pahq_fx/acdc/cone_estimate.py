@@ -34,7 +34,6 @@ class ConeEstimate:
         index = runtime.index
         self._steps_down = sorted(set(index.row_step), reverse=True)  # search order: from the output down
         self._step_rows = {k: [r for r in range(len(edges.receivers)) if index.row_step[r] == k] for k in self._steps_down}
-        self._step_senders = {k: [s for s in range(len(edges.senders)) if index.sender_step[s] == k] for k in self._steps_down}
         self._decided: list[tuple[float, bool]] = []
         self._finished: set[int] = set()
         self._features: list[list[float]] = []
@@ -56,8 +55,7 @@ class ConeEstimate:
                 self._seconds.append(seconds)
                 if len(self._seconds) >= MIN_FITTED:
                     self._weights = _non_negative_fit(self._features, self._seconds)
-        next_row = row + 1
-        if next_row < len(self._edges.receivers) and self._runtime.index.row_step[next_row] != self._runtime.index.row_step[row]:
+        if self._runtime.index.ends_step(row):
             self._update_cones()
 
     def seconds_left(self, rows: range) -> float | None:
@@ -110,7 +108,7 @@ class ConeEstimate:
         row_live = [False] * len(receivers)
         row_live[index.final_row] = True
         for k in self._steps_down:
-            for s in self._step_senders.get(k, []):
+            for s in index.step_senders[k] if k < index.n_steps else ():  # the final read's step sends nothing
                 cone, live = 1 << s, False
                 for row in out_rows[s]:
                     cone |= row_cone[row]

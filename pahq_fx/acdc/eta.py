@@ -116,7 +116,7 @@ class Eta:
                 self._cones.finish(row, searched, seconds)
             except Exception as error:  # an estimate: it never ends a search
                 self._drop_cones(error)
-        elif self._attribute and self._step_ends(row) and self._long_enough(row + 1):
+        elif self._attribute and self._runtime.index.ends_step(row) and self._long_enough(row + 1):
             self._start_cones()
 
     def seconds_left(self, next_row: int) -> float | None:
@@ -138,10 +138,6 @@ class Eta:
     def restored_seconds(self) -> float:
         """The restored receivers' work at this run's pace (what a resumed bar starts from)."""
         return self.restored_units * self.seconds / self.units if self.units > 0 else 0.0
-
-    def _step_ends(self, row: int) -> bool:
-        step = self._runtime.index.row_step
-        return row + 1 < len(step) and step[row + 1] != step[row]
 
     def _long_enough(self, next_row: int) -> bool:
         left = self.seconds_left(next_row)

@@ -86,6 +86,10 @@ class RuntimeIndex:
         after it (what a dense cone runs, the progress bars' measure of a query's work)."""
         return self.n_steps + 1 - min(self.row_step[row], self.n_steps)
 
+    def ends_step(self, row: int) -> bool:
+        """Whether ``row`` is the last receiver of its step in search order (a later row belongs to another step)."""
+        return row + 1 < len(self.row_step) and self.row_step[row + 1] != self.row_step[row]
+
     def start_of(self, receiver: Receiver) -> int:
         """Index of the first step that runs while this receiver is investigated (len(steps): only the final read)."""
         return self.row_step[self.edges.receiver_index[receiver.name]]
