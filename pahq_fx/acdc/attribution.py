@@ -72,11 +72,11 @@ def _path_point(runtime: PatchingRuntime, edges: EdgeGraph, alpha: float, scores
 
     def score(rows: list[tuple[int, int]]) -> Callable[[torch.Tensor], None]:
         """A hook adding the scores of ``rows`` (row, unit along dimension 2, or -1 for the whole read)."""
+        by_senders: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # rows that share their senders share a product
+        for row, unit in rows:
+            by_senders.setdefault(edges.receivers[row].senders, []).append((row, unit))
 
         def add(grad: torch.Tensor) -> None:
-            by_senders: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-            for row, unit in rows:
-                by_senders.setdefault(edges.receivers[row].senders, []).append((row, unit))
             for senders, group in by_senders.items():
                 g = torch.stack([(grad if unit < 0 else grad[:, :, unit]).flatten() for _, unit in group])
                 by_sender = torch.stack([g @ cast(torch.Tensor, diffs[s]).flatten() for s in senders], 1)  # no copy of all
