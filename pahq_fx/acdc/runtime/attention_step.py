@@ -58,9 +58,17 @@ class AttentionStep(RuntimeState):
             if len(set(slots[role])) == 1:
                 parts.append(projection.units(normed.select(-2, slots[role][0]), order[role], fp32, shared_input=True))
             else:
-                x = normed.index_select(-2, torch.tensor(slots[role], device=normed.device))
-                parts.append(projection.units(x, order[role], fp32))
+                parts.append(projection.units(self._slots_of(normed, slots[role]), order[role], fp32))
         return parts
+
+    @staticmethod
+    def _slots_of(normed: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """The normed inputs at ``slots`` along dim -2: a view where they are one ascending range (every unit reading
+        an input of its own, as in a dense circuit where kept edges differ per unit), a gathered copy otherwise."""
+        start = slots[0]
+        if slots == list(range(start, start + len(slots))):
+            return normed.narrow(-2, start, len(slots))
+        return normed.index_select(-2, torch.tensor(slots, device=normed.device))
 
     def _attention(
         self,

@@ -11,9 +11,9 @@ from ...ir import names
 from ...ir.structure import StepKind
 from ...passes.precision import FullPrecisionUnits
 from ..storage import Stored
-from .deltas import Deltas, Pending
+from .deltas import Deltas, Pending, add_terms
 from .rows import ReachedRows
-from .state import RuntimeState, tensor_sum
+from .state import RuntimeState
 
 
 class Cascade(RuntimeState):
@@ -139,7 +139,7 @@ class Cascade(RuntimeState):
         final_change = changes.get(self.index.final_row)
         reaching = [s for s in deltas if s in kept_in[self.index.final_row]]
         if reaching:
-            total = tensor_sum(self._as_read_by(self.index.final_row, d, s) for s, d in deltas.terms(reaching))
+            total = add_terms(0, (self._as_read_by(self.index.final_row, d, s) for s, d in deltas.terms(reaching)))
             final_change = total if final_change is None else final_change + total
         final = given.get(self.index.final_row)
         if final_change is not None:
@@ -225,14 +225,10 @@ class Cascade(RuntimeState):
         """Receiver ``row``'s new input: its base (the clean read plus its removed edges' corruption when step k starts
         running, its state input otherwise), then its own change, then the deltas reaching it (:meth:`Deltas.terms`), in
         that order."""
+        load = self.codec.load
         if activating:
-            x = self.clean_reads[k]
-            for s in self.edge_state.removed_from[row]:
-                x = x + self.codec.load(self.corrupt_minus_clean[s])
+            x = add_terms(self.clean_reads[k], (load(self.corrupt_minus_clean[s]) for s in self.edge_state.removed_from[row]))
         else:
             x = self._input(row)
-        if change is not None:
-            x = x + change
-        for s, d in deltas.terms(reaching):
-            x = x + self._as_read_by(row, d, s)
-        return x
+        own = [] if change is None else [change]
+        return add_terms(x, [*own, *(self._as_read_by(row, d, s) for s, d in deltas.terms(reaching))])
