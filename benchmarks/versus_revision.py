@@ -62,7 +62,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path]:
     if args.model in shipped:
         model_dir = shipped[args.model].path
     elif Path(args.model).is_dir():
-        model_dir = Path(args.model)
+        model_dir = Path(args.model).resolve()  # the runs start in their own trees
     else:
         model_dir = workdir / "model"
         model.save_pretrained(model_dir)

@@ -209,6 +209,31 @@ def test_a_receiver_reached_by_every_recomputed_head_of_a_step_adds_their_sum_on
     assert all(torch.equal(a, b) for a, b in zip(again[: len(again) // 2], again[len(again) // 2 :], strict=True))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    terms=st.lists(st.sampled_from([(2, 3, 4), (3, 4), (1, 3, 4), (5, 2, 3, 4)]), max_size=6),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16]), min_size=6, max_size=6),
+    subtract=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_add_terms_is_pythons_left_to_right_sum_bit_for_bit_and_modifies_nothing(terms, dtypes, subtract, seed):
+    """``add_terms`` accumulates in place after its first operation: the same bits as ``x + t0 + t1 ...`` (or ``-``)
+    whatever the terms' shapes (broadcasting ones included) and dtypes, and neither ``x`` nor a term changes."""
+    from pahq_fx.acdc.runtime.deltas import add_terms
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, generator=generator)
+    parts = [torch.randn(shape, generator=generator).to(dtype) for shape, dtype in zip(terms, dtypes[: len(terms)], strict=True)]
+    before = [t.clone() for t in (x, *parts)]
+    expected = x
+    for t in parts:
+        expected = expected - t if subtract else expected + t
+    got = add_terms(x, parts, subtract=subtract)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, *parts), strict=True))
+    assert parts or got is x  # nothing to add: x itself, not a copy
+
+
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 40), seq=st.integers(1, 9), width=st.integers(1, 5))
 def test_a_row_batch_packs_rows_into_whole_sequences_and_unpacks_them_unchanged(rows, seq, width):

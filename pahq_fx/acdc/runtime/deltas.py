@@ -12,17 +12,18 @@ from ...passes.precision import FullPrecisionUnits
 from ..storage import Stored
 
 
-def add_terms(x: torch.Tensor | int, terms: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``x + t0 + t1 + ...``, left to right, bit for bit what Python's additions give, with neither ``x`` nor a term
-    modified: after the first addition the running sum is a tensor of its own, and a later term of its shape and
-    dtype is added into it in place, which spares an allocation and a pass over memory per term (a dense query adds
-    hundreds of deltas to receiver inputs). Without gradients: the runtime's sums are not differentiated."""
+def add_terms(x: torch.Tensor | int, terms: Iterable[torch.Tensor], subtract: bool = False) -> torch.Tensor:
+    """``x + t0 + t1 + ...`` (with ``subtract``, ``x - t0 - t1 - ...``), left to right, bit for bit what Python's
+    operators give, with neither ``x`` nor a term modified: after the first operation the running sum is a tensor of
+    its own, and a later term of its shape and dtype goes into it in place, which spares an allocation and a pass
+    over memory per term (a dense query adds hundreds of deltas to receiver inputs). Without gradients: the
+    runtime's sums are not differentiated."""
     total, owned = x, False
     for t in terms:
         if owned and isinstance(total, torch.Tensor) and t.shape == total.shape and t.dtype == total.dtype:
-            total.add_(t)
+            total.sub_(t) if subtract else total.add_(t)
         else:
-            total, owned = total + t, True
+            total, owned = (total - t if subtract else total + t), True
     return cast(torch.Tensor, total)
 
 

@@ -23,7 +23,7 @@ import enum
 import torch
 
 from ...errors import PahqError, UnsupportedArchitectureError
-from .deltas import Pending
+from .deltas import Pending, add_terms
 from .state import RuntimeState
 
 InputKey = tuple[str, tuple[int, ...] | frozenset[int]] | int
@@ -115,17 +115,10 @@ class InputState(RuntimeState):
         form, senders = key
         k = self.index.row_step[row]
         if form == "kept":
-            x = self._corrupted_read(k)
-            for s in sorted(senders):
-                x = x - self._removal_change(row, s)
-            return x
-        x = self._clean_read(k)
+            return add_terms(self._corrupted_read(k), (self._removal_change(row, s) for s in sorted(senders)), subtract=True)
         change = self._stream_change(k)
-        if change is not None:
-            x = x + change
-        for s in senders:
-            x = x + self._removed_term(row, s)
-        return x
+        own = [] if change is None else [change]
+        return add_terms(self._clean_read(k), [*own, *(self._removed_term(row, s) for s in senders)])
 
     def _rows(self, k: int) -> bool:
         return k in self.rows_only
@@ -167,27 +160,28 @@ class InputState(RuntimeState):
         if change is not None and parent is not None and self._rows(k) and not self._rows(parent):
             change = self.final_rows_of(change)
         done = set() if parent is None else self._included(parent)
-        load = self.codec.load
-        for s in sorted(self._included(k) - done):
-            if self.outputs[s] is self.clean[s]:
-                continue
-            if self.sends_rows(s):
-                term = load(self.outputs[s]) - self.final_rows_of(load(self.clean[s]))
-            elif self._rows(k):
-                term = self.final_rows_of(load(self.outputs[s])) - self.final_rows_of(load(self.clean[s]))
-            else:
-                term = load(self.outputs[s]) - load(self.clean[s])
-            change = term if change is None else change + term
+        changed = [s for s in sorted(self._included(k) - done) if self.outputs[s] is not self.clean[s]]
+        terms = (self._sender_change(k, s) for s in changed)
+        if change is None and changed:
+            change = next(terms)
+        change = change if change is None else add_terms(change, terms)
         self._stream_changes[k] = change
         return change
+
+    def _sender_change(self, k: int, s: int) -> torch.Tensor:
+        """``load(current_s) - load(clean_s)`` in the shape step k reads (a term of ``D_k``)."""
+        load = self.codec.load
+        if self.sends_rows(s):
+            return load(self.outputs[s]) - self.final_rows_of(load(self.clean[s]))
+        if self._rows(k):
+            return self.final_rows_of(load(self.outputs[s])) - self.final_rows_of(load(self.clean[s]))
+        return load(self.outputs[s]) - load(self.clean[s])
 
     def _corrupted_read(self, k: int) -> torch.Tensor:
         """``C_k``: step k's read with every edge into it removed; fixed by the caches, built once per step."""
         if k not in self._corrupted_reads:
-            x = self._clean_read(k)
-            for s in self._read_senders[k]:
-                x = x + self.codec.load(self._cmc_rows[s] if self._rows(k) else self.corrupt_minus_clean[s])
-            self._corrupted_reads[k] = x
+            cmc = self._cmc_rows if self._rows(k) else self.corrupt_minus_clean
+            self._corrupted_reads[k] = add_terms(self._clean_read(k), (self.codec.load(cmc[s]) for s in self._read_senders[k]))
         return self._corrupted_reads[k]
 
     def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None:
