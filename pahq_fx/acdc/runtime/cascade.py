@@ -3,6 +3,7 @@ tentative inputs, outputs and metric it computes (docs/runtime.md, "One query").
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -230,5 +231,6 @@ class Cascade(RuntimeState):
             x = add_terms(self.clean_reads[k], (load(self.corrupt_minus_clean[s]) for s in self.edge_state.removed_from[row]))
         else:
             x = self._input(row)
-        own = [] if change is None else [change]
-        return add_terms(x, [*own, *(self._as_read_by(row, d, s) for s, d in deltas.terms(reaching))])
+        own = () if change is None else (change,)
+        # Lazily: a term is made when added (a head's change, with inputs recomputed, is not held beyond that).
+        return add_terms(x, itertools.chain(own, (self._as_read_by(row, d, s) for s, d in deltas.terms(reaching))))

@@ -19,6 +19,7 @@ the sequential search's state within the mode.
 from __future__ import annotations
 
 import enum
+import itertools
 
 import torch
 
@@ -117,8 +118,8 @@ class InputState(RuntimeState):
         if form == "kept":
             return add_terms(self._corrupted_read(k), (self._removal_change(row, s) for s in sorted(senders)), subtract=True)
         change = self._stream_change(k)
-        own = [] if change is None else [change]
-        return add_terms(self._clean_read(k), [*own, *(self._removed_term(row, s) for s in senders)])
+        own = () if change is None else (change,)
+        return add_terms(self._clean_read(k), itertools.chain(own, (self._removed_term(row, s) for s in senders)))
 
     def _rows(self, k: int) -> bool:
         return k in self.rows_only
