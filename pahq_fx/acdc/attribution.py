@@ -19,7 +19,7 @@ from ..ir import names
 from ..ir.structure import StepKind
 from .edges import EdgeGraph
 from .runtime import PatchingRuntime
-from .runtime.state import tensor_sum
+from .runtime.deltas import add_terms
 
 STEPS = 2  # points on the path from clean to corrupted: midpoints of equal intervals
 # The pass holds about this many stream-sized FP32 tensors per receiver and per sender (the senders' corrupted
@@ -86,7 +86,7 @@ def _path_point(runtime: PatchingRuntime, edges: EdgeGraph, alpha: float, scores
         return add
 
     for k, step in enumerate(runtime.steps):
-        read = tensor_sum(totals[c] for c in step.reads)
+        read = add_terms(0, (totals[c] for c in step.reads))
         block = getattr(runtime.graph, step.module)
         aux = runtime._aux(step.aux)
         rows = index.step_rows[k]
@@ -116,7 +116,7 @@ def _path_point(runtime: PatchingRuntime, edges: EdgeGraph, alpha: float, scores
             sender_corrupted = corrupted(runtime, s)
             diffs[s] = sender_corrupted - out.detach()
             totals[step.name] = (1 - alpha) * out + alpha * sender_corrupted
-    final = tensor_sum(totals[c] for c in runtime.structure.final_reads).view_as(totals[runtime.structure.final_reads[0]])
+    final = add_terms(0, (totals[c] for c in runtime.structure.final_reads)).view_as(totals[runtime.structure.final_reads[0]])
     hooks.append((final, score([(index.final_row, -1)])))
     for tensor, hook in hooks:
         tensor.register_hook(hook)

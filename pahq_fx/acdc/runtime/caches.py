@@ -16,8 +16,9 @@ from ...metrics import CleanDistribution
 from ..row_batch import RowBatch
 from ..storage import Stored
 from ..task import Task
+from .deltas import add_terms
 from .rows import ReachedRows
-from .state import Aux, RuntimeState, tensor_sum
+from .state import Aux, RuntimeState
 
 # Restricting a query to its reached rows must make the timed component this much faster: the query also pays to
 # find the rows and to gather and scatter them at every recomputed head, which the timing leaves out. At 0.59
@@ -93,7 +94,7 @@ class CacheSetup(RuntimeState):
             outputs[sender] = x if finish is None else finish(sender, x)
 
         for k, step in enumerate(self.steps):
-            read = tensor_sum(totals[c] for c in step.reads)
+            read = add_terms(0, (totals[c] for c in step.reads))
             reads.append(read)
             block = getattr(self.graph, step.module)
             if step.kind is StepKind.ATTENTION:
@@ -108,7 +109,7 @@ class CacheSetup(RuntimeState):
         for sender, x in enumerate(outputs):  # the embedding's sender: no step writes it
             if x is None:
                 keep(sender, embed)
-        final = tensor_sum(totals[c] for c in self.structure.final_reads)
+        final = add_terms(0, (totals[c] for c in self.structure.final_reads))
         return cast(list[Stored], outputs), reads, final  # every sender's output is set above
 
     def _unembed_all(self, x: torch.Tensor) -> torch.Tensor:

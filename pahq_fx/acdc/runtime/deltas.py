@@ -16,8 +16,9 @@ def add_terms(x: torch.Tensor | int, terms: Iterable[torch.Tensor], subtract: bo
     """``x + t0 + t1 + ...`` (with ``subtract``, ``x - t0 - t1 - ...``), left to right, bit for bit what Python's
     operators give, with neither ``x`` nor a term modified: after the first operation the running sum is a tensor of
     its own, and a later term of its shape and dtype goes into it in place, which spares an allocation and a pass
-    over memory per term (a dense query adds hundreds of deltas to receiver inputs). Without gradients: the
-    runtime's sums are not differentiated."""
+    over memory per term (a dense query adds hundreds of deltas to receiver inputs). ``add_terms(0, terms)`` is
+    Python's ``sum(terms)``. Differentiable too: an addition keeps nothing for its backward pass, so adding into the
+    running sum in place leaves the gradients as they are (the attribution pass sums its reads with it)."""
     total, owned = x, False
     for t in terms:
         if owned and isinstance(total, torch.Tensor) and t.shape == total.shape and t.dtype == total.dtype:

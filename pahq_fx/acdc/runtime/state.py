@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 
 Aux = torch.Tensor | int  # a prelude's auxiliary value: a mask or positions, or a size (the batch's, the sequence's)
 Kernel = Callable[..., torch.Tensor]
-
-
-def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Python's ``sum(terms)`` (``0 + t0 + t1 + ...``, the runtime's order of additions, bit for bit), typed: the
-    runtime's sums have at least one term, so the result is a tensor."""
-    return cast(torch.Tensor, sum(terms, 0))
 
 
 class RuntimeState(ABC):
