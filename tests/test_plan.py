@@ -431,3 +431,10 @@ def test_torch_free_import_still_holds():
     code = "import sys, pahq_fx.cli; assert 'torch' not in sys.modules; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "ok"
     assert torch is not None
+
+
+def test_plan_holds_reads_as_the_runtime_does():
+    """The planner's read formats (kept free of torch) are the runtime's."""
+    from pahq_fx.acdc.storage import READ_STORAGE, Storage
+
+    assert {s.value: READ_STORAGE[s].value for s in Storage} == planning.READ_STORAGE

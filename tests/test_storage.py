@@ -15,8 +15,10 @@ import pahq_fx
 from pahq_fx.acdc import EdgeGraph, Metric
 from pahq_fx.acdc import plan as planning
 from pahq_fx.acdc.runtime import PatchingRuntime, ReceiverInputs
-from pahq_fx.acdc.storage import Storage, codec
+from pahq_fx.acdc.storage import Storage, codec, read_storage
+from pahq_fx.ir.structure import StepKind
 from pahq_fx.passes import lower_precision, split_heads, trace
+from pahq_fx.passes.precision import all_heads_fp32
 from tests.builders import RUNTIME_FAMILIES, Spec, build, specs, sqnr_db, token_ids
 
 # The format's stated error: the least SQNR of a stored output against FP32's after a search's commits, the largest
@@ -94,6 +96,26 @@ def test_stored_state_is_fp32_within_the_formats_error_and_does_not_drift(spec, 
         removals.setdefault(r, []).append(s)
     once = fresh.try_remove_edges(removals) if removals else fresh.metric
     assert once == pytest.approx(got, abs=DRIFT[storage] * (AMPLIFIED if normed else 1.0) * max(1.0, abs(got)))
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(RUNTIME_FAMILIES), storage=st.sampled_from([Storage.BF16, Storage.FP8]), seed=st.integers(0, 100))
+def test_clean_reads_are_held_rounded_and_the_runs_computed_from_them(spec, storage, seed):
+    """Low storage holds each step's clean read in bf16 (``read_storage``), and setup ran every step on its read as
+    held: each step run again on it gives every sender's stored clean output bit for bit. Otherwise every query's
+    change would carry the reads' rounding, and every step would differ from its caches once it runs."""
+    spec = Spec(spec.family, min(spec.layers, 2), spec.heads, spec.kv_heads, spec.head_dim, spec.parallel, spec.seed)
+    _, low, _ = _runtimes(spec, storage, seed)
+    assert {read.dtype for read in low.clean_reads} == {torch.bfloat16}
+    assert codec(read_storage(storage)).store(torch.ones(1)).dtype == torch.bfloat16
+    with torch.no_grad(), all_heads_fp32(low.graph):
+        for k, step in enumerate(low.steps):
+            block, aux = getattr(low.graph, step.module), low._aux(step.aux)
+            read = low.clean_read(k)
+            outputs = block.from_stream(read, *aux).unbind(2) if step.kind is StepKind.ATTENTION else [block(read, *aux)]
+            for sender, output in zip(low.index.step_senders[k], outputs, strict=True):
+                want = low.codec.load(low.clean[sender])
+                assert torch.equal(low.codec.load(low.codec.store(output)), want), low.edges.senders[sender].name
 
 
 @settings(max_examples=6, deadline=None)

@@ -36,7 +36,7 @@ def attribution_bytes(runtime: PatchingRuntime, edges: EdgeGraph) -> int:
     """An estimate of what :func:`edge_attribution` holds at its peak: :data:`STREAMS_PER_NODE` stream-sized tensors
     per node, each attention layer's FP32 scores and probabilities ([batch, heads, seq, seq] each) kept for the backward
     pass, and :data:`LOGITS_COPIES` of the metric rows' logits ([rows, vocab]: log-probabilities and gradients)."""
-    read = runtime.clean_reads[0]
+    read = runtime.clean_read(0)
     stream = read.numel() * 4
     batch, seq = read.shape[0], read.shape[1]
     attention = sum(2 * 4 * batch * layer.n_heads * seq * seq for layer in edges.head_graph.layers)

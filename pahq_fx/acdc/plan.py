@@ -29,8 +29,8 @@ positions where the unembedding acts per token, ``S`` senders, ``K`` steps):
 (the stream's change and the corrupted read), and a query holds one step's new and rebuilt inputs at a time.
 
 ``storage`` is the runtime's storage format (:mod:`~pahq_fx.acdc.storage`): the clean and corrupted-minus-clean
-outputs of every sender and the senders' own outputs at that element size (fp8: one FP32 scale per row); clean
-reads, projections, inputs and the final read FP32, as the runtime holds them.
+outputs of every sender and the senders' own outputs at that element size (fp8: one FP32 scale per row); the clean
+reads in bf16 for either low format; projections, inputs and the final read FP32, as the runtime holds them.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ from ..memory_size import parse_bytes
 FP32 = "fp32"
 # Element bytes of a storage format, and the extra bytes per stored row (fp8: one FP32 scale per row).
 STORAGE = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 4)}
+# The format each storage format holds the clean reads in (storage.READ_STORAGE, here without importing torch).
+READ_STORAGE = {"fp32": "fp32", "bf16": "bf16", "fp8": "bf16"}
 GiB = 2**30
 # Receivers' inputs: every one stored in the state, or rebuilt when a query reaches it (runtime/inputs.py).
 STORED, RECOMPUTED = "stored", "recomputed"
@@ -360,10 +362,11 @@ def memory_plan(
     senders = len(hg.senders())
     receivers = len(hg.receivers())
     fp32_rows = 4 * f_rows * d
+    read_stream = n * d * STORAGE[READ_STORAGE[storage]][0]  # a clean read as held (storage.read_storage)
     caches = {
         "clean outputs": senders * stream,
         "corrupted - clean": senders * stream,
-        "clean reads": len(steps) * fp32_stream,
+        "clean reads": len(steps) * read_stream,
         "corrupted - clean at final rows": senders * rows,
         "clean final read": fp32_rows,
     }
@@ -400,8 +403,11 @@ def memory_plan(
     held = query = 0
     first_attention = True
     # Stored, a step's new input stays until the query ends; recomputed, it is freed after its step, but exists beside
-    # the state input rebuilt for it (where a commit changed the stream).
-    kept_input, step_inputs = (0, 2 * fp32_stream) if recomputed else (fp32_stream, fp32_stream)
+    # the state input rebuilt for it (where a commit changed the stream). Stored inputs that are a bf16 clean read are
+    # read back to FP32 beside the new input, the same.
+    held_reads = read_stream != fp32_stream
+    kept_input = 0 if recomputed else fp32_stream
+    step_inputs = 2 * fp32_stream if recomputed or held_reads else fp32_stream
     for i, (kind, _, layer) in enumerate(steps):
         if i >= len(steps) - tail:
             held += 3 * 4 * f_rows * d
@@ -428,8 +434,8 @@ def memory_plan(
     query_bound = query + extra * fp32_stream
     # Setup: the clean run's FP32 outputs and reads, the corrupted run's changes from them stored as they come, the
     # step outputs either run sums, and a component's temporaries; the clean outputs are stored after.
-    fp32_caches = 4 * ((senders + len(steps)) * n * d + (senders + 1) * f_rows * d)
-    setup_peak = fp32_caches + senders * stream + fp32_stream * len(steps) + component
+    fp32_caches = 4 * (senders * n * d + (senders + 1) * f_rows * d) + len(steps) * read_stream
+    setup_peak = fp32_caches + senders * stream + read_stream * len(steps) + component
     forward = 4 * n * g.vocab + 4 * 4 * n * d + component
     # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
     # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).

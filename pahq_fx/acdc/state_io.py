@@ -23,7 +23,9 @@ from ..passes.precision import FullPrecisionUnits
 from .runtime import PatchingRuntime
 from .storage import ScaledFp8, Stored
 
-STATE_FORMAT = "pahq_fx.acdc.state/1"
+# /2: bf16 and FP8 storage hold the clean reads rounded and run setup from them, so a /1 file's outputs belong to
+# another clean run (a resume replays its decisions instead).
+STATE_FORMAT = "pahq_fx.acdc.state/2"
 _CLEAN = "clean"  # an output that is its clean cache
 _READ = "read:"  # an input that is its step's clean read
 
@@ -209,7 +211,7 @@ def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torc
             p not in tensors or not _fits(tensors[p], c, rows) for p, c in zip(parts, clean, strict=False)
         ):
             raise StateMismatch(f"the state file's output of sender {s} does not fit this model")
-    read, reads = runtime.clean_reads[0], len(runtime.clean_reads)
+    read, reads = runtime.clean_read(0), len(runtime.clean_reads)
     for ref in layout["inputs"]:
         if ref is None:
             continue

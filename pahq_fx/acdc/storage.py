@@ -5,8 +5,14 @@ The runtime computes in FP32 (or in the precision plan's formats) and rounds a s
 it reads stored values back as FP32. Every change it propagates is a difference of two *stored* values
 (``load(store(new)) - load(old)``), so a receiver's FP32 input is the exact sum of stored terms and rounding never
 accumulates over a search's commits: the state is always the patched pass in which every sender's output is rounded
-to the storage format, whatever the order of the removals. Inputs, projections, clean reads and the final read stay
-FP32: they are summed into or overwritten in place, and rounding them would drift.
+to the storage format, whatever the order of the removals. Inputs, projections and the final read stay FP32: they
+are summed into or overwritten in place, and rounding them would drift.
+
+Each step's clean read, the base every receiver's input is built on, is held in :func:`read_storage`'s format, and
+setup computes the clean and corrupted runs from the rounded reads: a step that starts running with nothing removed
+then gives its stored clean outputs again, bit for bit, so the state stays the patched pass of one model (the one
+whose reads are rounded). FP8 storage holds its reads in bf16: FP8's 4 significant bits on the whole stream would
+move the runs themselves, where bf16 moves them as bf16 storage moves each sender's output.
 """
 
 from __future__ import annotations
@@ -157,3 +163,11 @@ CODECS: dict[Storage, Codec] = {
 
 def codec(storage: Storage) -> Codec:
     return CODECS[storage]
+
+
+READ_STORAGE: dict[Storage, Storage] = {Storage.FP32: Storage.FP32, Storage.BF16: Storage.BF16, Storage.FP8: Storage.BF16}
+
+
+def read_storage(storage: Storage) -> Storage:
+    """The format the clean reads are held in when senders are stored in ``storage`` (module docstring)."""
+    return READ_STORAGE[storage]

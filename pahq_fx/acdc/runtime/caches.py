@@ -75,6 +75,10 @@ class CacheSetup(RuntimeState):
             self.clean[i] = self.codec.store(cast(torch.Tensor, x))
         self._cmc_rows = [self.codec.select_rows(c, self.final_rows) for c in self.corrupt_minus_clean]
 
+    def clean_read(self, k: int) -> torch.Tensor:
+        """Step k's clean read, FP32."""
+        return self.read_codec.load(self.clean_reads[k])
+
     def final_rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""
         return x.flatten(-3, -2).index_select(-2, self.final_rows)
@@ -83,7 +87,8 @@ class CacheSetup(RuntimeState):
         self, embed: torch.Tensor, finish: Callable[[int, torch.Tensor], Stored] | None = None
     ) -> tuple[list[Stored], list[torch.Tensor], torch.Tensor]:
         """Every sender's FP32 output (by sender index: a component that runs before its layer's heads, as Falcon-H1's
-        Mamba mixer beside the attention, still follows them), every step's read, and the final read, for one input.
+        Mamba mixer beside the attention, still follows them), every step's read (held in ``read_codec``'s format), and
+        the final read, for one input.
         ``finish(sender, output)``, where given, replaces each output as soon as it is computed (the corrupted run
         keeps its change from the clean run, stored, so its FP32 outputs never all exist at once)."""
         outputs: list[Stored | None] = [None] * len(self.edges.senders)
@@ -94,8 +99,10 @@ class CacheSetup(RuntimeState):
             outputs[sender] = x if finish is None else finish(sender, x)
 
         for k, step in enumerate(self.steps):
-            read = add_terms(0, (totals[c] for c in step.reads))
-            reads.append(read)
+            # the step runs on its read as held (storage.read_storage), so that the state, built on held reads, is this run
+            held = cast(torch.Tensor, self.read_codec.store(add_terms(0, (totals[c] for c in step.reads))))
+            reads.append(held)
+            read = self.read_codec.load(held)
             block = getattr(self.graph, step.module)
             if step.kind is StepKind.ATTENTION:
                 heads = block.from_stream(read, *self._aux(step.aux))
@@ -147,7 +154,7 @@ class CacheSetup(RuntimeState):
         for k, step in enumerate(self.steps):
             if step.kind is StepKind.ATTENTION:
                 block = getattr(self.graph, step.module)
-                if not self._causal(block, self.clean_reads[k], [one[i] for i in step.aux], self._aux(step.aux)):
+                if not self._causal(block, self.clean_read(k), [one[i] for i in step.aux], self._aux(step.aux)):
                     return False
             elif not self._token_wise_rows(k):
                 return False
@@ -163,7 +170,7 @@ class CacheSetup(RuntimeState):
         step = next((k for k, s in enumerate(self.steps) if s.kind is not StepKind.ATTENTION), None)
         if rows is None or step is None:
             return False
-        x, aux = self.clean_reads[step], self._aux(self.steps[step].aux)
+        x, aux = self.clean_read(step), self._aux(self.steps[step].aux)
         state = self.codec.store(cast(torch.Tensor, self.clean[self.index.step_senders[step][0]]))  # FP32 until stored
         packed_aux = self._packed_aux(step, rows)
 
@@ -198,7 +205,7 @@ class CacheSetup(RuntimeState):
 
     def _token_wise_rows(self, k: int) -> bool:
         """Whether step k's MLP or norm gives, on the second half of every sequence packed as a batch, its outputs there."""
-        x = self.clean_reads[k]
+        x = self.clean_read(k)
         batch, seq = x.shape[:2]
         index = (torch.arange(seq, device=x.device) >= seq // 2).repeat(batch).nonzero().flatten()
         rows = ReachedRows(index, RowBatch(index.numel(), self.row_batch.seq))
@@ -215,7 +222,7 @@ class CacheSetup(RuntimeState):
         """Whether step k's MLP or norm acts per token, so that it can run on the final read's rows alone."""
         if self._rows_prelude_aux is None:
             return False
-        x = self.clean_reads[k]
+        x = self.clean_read(k)
         try:
             rows = self.row_batch.unpack(self._components[k](self.row_batch.pack(self.final_rows_of(x)), *self._row_aux(k)))
         except (RuntimeError, IndexError):  # a recurrence unrolled over the trace's sequence length (Mamba's scan)

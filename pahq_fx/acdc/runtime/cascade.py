@@ -110,8 +110,9 @@ class Cascade(RuntimeState):
         )
         for k in range(first, len(self.steps)):
             activating = new_from <= k < self.active_from
-            new_inputs, changed = self._step_inputs(k, changes, given, deltas, kept_in, activating)
-            self._keep_inputs(pending, new_inputs)
+            read = self.clean_read(k) if activating else None  # one FP32 tensor, shared by every input equal to it
+            new_inputs, changed = self._step_inputs(k, changes, given, deltas, kept_in, read)
+            self._keep_inputs(pending, k, new_inputs, read)
             step = self.steps[k]
             if step.kind is StepKind.ATTENTION:
                 old_units = plan_changes.get(k)
@@ -182,11 +183,11 @@ class Cascade(RuntimeState):
         given: dict[int, torch.Tensor],
         deltas: Deltas,
         kept_in: list[set[int]],
-        activating: bool,
+        read: torch.Tensor | None,
     ) -> tuple[dict[int, torch.Tensor], list[int]]:
         """New inputs of step k's receivers that ``changes``, ``given`` or upstream deltas reach (all of them when the
-        step starts running: their clean read plus the removed edges' corruption), and the rows whose input differs
-        from the one the component's current output was computed from."""
+        step starts running, given its clean ``read``: the read plus the removed edges' corruption), and the rows whose
+        input differs from the one the component's current output was computed from."""
         new_inputs, changed = {}, []
         # Receivers whose input is the same sum (same base, same deltas; a step's receivers share one shape) share
         # one tensor: in a dense circuit every q/k/v input of a layer is the same sum, computed and stored once. Bit
@@ -195,15 +196,15 @@ class Cascade(RuntimeState):
         for rows in self.index.step_rows[k].values():
             for row in rows:
                 if not self.is_live(row):
-                    if activating:
-                        new_inputs[row] = self.clean_reads[k]  # a placeholder: nothing reads a dead node
+                    if read is not None:
+                        new_inputs[row] = read  # a placeholder: nothing reads a dead node's result (its head may run)
                     continue
                 if row in given:  # the investigated receiver of a candidate batch: no delta reaches it from downstream
                     new_inputs[row] = given[row]
                     changed.append(row)
                     continue
                 reaching = [s for s in deltas if s in kept_in[row]]
-                if activating:
+                if read is not None:
                     removed = tuple(self.edge_state.removed_from[row])
                     key = ("clean read", removed, *reaching)
                 elif reaching or row in changes:
@@ -211,24 +212,24 @@ class Cascade(RuntimeState):
                 else:
                     continue
                 if row in changes:  # its own change: a sum no other receiver has
-                    new_inputs[row] = self._input_sum(k, row, activating, reaching, deltas, changes[row])
+                    new_inputs[row] = self._input_sum(row, read, reaching, deltas, changes[row])
                 else:
                     if key not in built:
-                        built[key] = self._input_sum(k, row, activating, reaching, deltas, None)
+                        built[key] = self._input_sum(row, read, reaching, deltas, None)
                     new_inputs[row] = built[key]
                 if removed or reaching or row in changes:
                     changed.append(row)
         return new_inputs, changed
 
     def _input_sum(
-        self, k: int, row: int, activating: bool, reaching: list[int], deltas: Deltas, change: torch.Tensor | None
+        self, row: int, read: torch.Tensor | None, reaching: list[int], deltas: Deltas, change: torch.Tensor | None
     ) -> torch.Tensor:
-        """Receiver ``row``'s new input: its base (the clean read plus its removed edges' corruption when step k starts
-        running, its state input otherwise), then its own change, then the deltas reaching it (:meth:`Deltas.terms`), in
-        that order."""
+        """Receiver ``row``'s new input: its base (``read``, its step's clean read, plus its removed edges' corruption
+        when the step starts running; its state input otherwise), then its own change, then the deltas reaching it
+        (:meth:`Deltas.terms`), in that order."""
         load = self.codec.load
-        if activating:
-            x = add_terms(self.clean_reads[k], (load(self.corrupt_minus_clean[s]) for s in self.edge_state.removed_from[row]))
+        if read is not None:
+            x = add_terms(read, (load(self.corrupt_minus_clean[s]) for s in self.edge_state.removed_from[row]))
         else:
             x = self._input(row)
         own = () if change is None else (change,)

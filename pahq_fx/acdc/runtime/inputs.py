@@ -87,11 +87,11 @@ class InputState(RuntimeState):
     def _input(self, row: int) -> torch.Tensor:
         """Receiver ``row``'s input in the state: set for every receiver of a step that runs, which is all a query reads.
         Recomputed, receivers with the same lists share one tensor, kept while their step is the one read."""
+        k = self.index.row_step[row]
         if self._keeps_inputs:
             x = self.inputs[row]
             assert x is not None, f"receiver row {row} has no input in the state: its step does not run"
-            return x
-        k = self.index.row_step[row]
+            return self.clean_read(k) if x is self.clean_reads[k] else x
         assert k >= self.active_from, f"receiver row {row} has no input in the state: its step does not run"
         step, rebuilt = self._rebuilt
         if step != k:
@@ -125,7 +125,9 @@ class InputState(RuntimeState):
         return k in self.rows_only
 
     def _clean_read(self, k: int) -> torch.Tensor:
-        return self.final_rows_of(self.clean_reads[k]) if self._rows(k) else self.clean_reads[k]
+        if self._rows(k):
+            return self.read_codec.load(self.read_codec.select_rows(self.clean_reads[k], self.final_rows))
+        return self.clean_read(k)
 
     def _removed_term(self, row: int, s: int) -> torch.Tensor:
         """What a removed edge adds to ``clean_read + D_k``: a row-only sender is left out of a whole-batch step's
@@ -185,10 +187,13 @@ class InputState(RuntimeState):
             self._corrupted_reads[k] = add_terms(self._clean_read(k), (self.codec.load(cmc[s]) for s in self._read_senders[k]))
         return self._corrupted_reads[k]
 
-    def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None:
-        """A query's new inputs, kept for the commit where the state stores them; recomputed, freed after their step."""
+    def _keep_inputs(self, pending: Pending, k: int, new_inputs: dict[int, torch.Tensor], read: torch.Tensor | None) -> None:
+        """A query's new inputs of step k, kept for the commit where the state stores them; recomputed, freed after their
+        step. An input that is the step's clean ``read`` is kept as the read as held (FP32: itself; bf16: no FP32 copy
+        in the state), and :meth:`_input` reads it back."""
         if self._keeps_inputs:
-            pending.inputs.update(new_inputs)
+            held = self.clean_reads[k]
+            pending.inputs.update({row: held if x is read else x for row, x in new_inputs.items()})
 
     def _commit_inputs(self, pending: Pending) -> None:
         """Stored: the new inputs become the state's. Recomputed: the streams of steps reading a changed sender go."""

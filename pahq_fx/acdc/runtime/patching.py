@@ -40,7 +40,7 @@ from ...metrics import Metric
 from ...passes.precision import Format, FullPrecisionUnits, all_heads_fp32
 from ..edges import EdgeGraph, Receiver
 from ..row_batch import RowBatch
-from ..storage import Storage, codec
+from ..storage import Storage, codec, read_storage
 from ..task import Task
 from .attention_step import AttentionStep
 from .caches import CacheSetup
@@ -79,6 +79,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches, Inpu
         self._prelude, self._unembed = graph.get_submodule("prelude"), graph.get_submodule("unembed")
         self.storage = storage
         self.codec = codec(storage)
+        self.read_codec = codec(read_storage(storage))
         self.edges = edges
         self.metric_kind = metric
         self.structure = graph_meta.structure(graph)
@@ -164,7 +165,7 @@ class PatchingRuntime(CacheSetup, Cascade, AttentionStep, CandidateBatches, Inpu
         stored = (*self.clean, *self.corrupt_minus_clean, *self._cmc_rows, *self.outputs)
         tensors = [
             *(t for each in stored for t in self.codec.tensors(each)),
-            *self.clean_reads,
+            *(t for read in self.clean_reads for t in self.read_codec.tensors(read)),
             *self._input_tensors(),
             *self.projections.values(),
             self.final,

@@ -39,6 +39,7 @@ class RuntimeState(ABC):
     _unembed: nn.Module
     storage: Storage
     codec: Codec
+    read_codec: Codec  # the clean reads' (storage.read_storage)
     edges: EdgeGraph
     metric_kind: Metric
     structure: Structure
@@ -72,7 +73,7 @@ class RuntimeState(ABC):
     _row_final_aux: list[Aux]
     _rows_prelude_aux: tuple[Aux, ...] | None
     clean: list[Stored]  # FP32 tensors during setup, until they are stored
-    clean_reads: list[torch.Tensor]
+    clean_reads: list[torch.Tensor]  # in read_codec's format: read them with clean_read(k)
     corrupt_minus_clean: list[Stored]
     _cmc_rows: list[Stored]
     clean_distribution: CleanDistribution
@@ -112,7 +113,7 @@ class RuntimeState(ABC):
     def _keeps_inputs(self) -> bool: ...
 
     @abstractmethod
-    def _keep_inputs(self, pending: Pending, new_inputs: dict[int, torch.Tensor]) -> None: ...
+    def _keep_inputs(self, pending: Pending, k: int, new_inputs: dict[int, torch.Tensor], read: torch.Tensor | None) -> None: ...
 
     @abstractmethod
     def _inputs_to_rows(self, row: int) -> None: ...
@@ -137,6 +138,9 @@ class RuntimeState(ABC):
     def is_live(self, row: int) -> bool: ...
 
     # CacheSetup's.
+    @abstractmethod
+    def clean_read(self, k: int) -> torch.Tensor: ...
+
     @abstractmethod
     def final_rows_of(self, x: torch.Tensor) -> torch.Tensor: ...
 
