@@ -325,6 +325,34 @@ def plan_table(files: list[str], env: str) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def cone_flops(files: list[str], env: str) -> str:
+    """A whole run's queries in time against matrix-multiply FLOPs, per receiver layer (benchmarks/cone_flops.py)."""
+    (path,) = files
+    data = _load(path)
+    lines = [
+        "| receivers in layer | queries timed / counted | fwd-equiv / query, time | fwd-equiv / query, FLOPs | time / FLOPs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        time_eq, flop_eq = (_number(r[k], ".3f") for k in ("time_forward_equivalents", "flop_forward_equivalents"))
+        lines.append(
+            f"| {r['layer']} | {int(r['timed'])} / {int(r['counted'])} | {time_eq} | {flop_eq} | {_number(r['ratio'], '.2f')} |"
+        )
+    a = data["arguments"]
+    parts = [f"--model {a['model']}", f"--task {a['task']}", *([f"--half {a['half']}"] if a.get("half") else [])]
+    parts += [f"--n {a['n']}", f"--threshold {a['threshold']:g}"]
+    command_env, note = _measured(data, env)
+    return "\n".join(lines) + (
+        f"\n\n{data['edges_kept']} edges kept; one eager forward {data['forward_s'] * 1e3:.1f} ms and "
+        f"{data['forward_flops'] / 1e9:.2f} GFLOP; {data['threads']} thread(s).{note} Command: "
+        f"{_command('benchmarks/cone_flops.py', parts, path, command_env)}"
+    )
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def storage(files: list[str], env: str) -> str:
     """Bytes, circuits and speed per state storage format (benchmarks/storage.py)."""
     (path,) = files
@@ -471,6 +499,7 @@ KINDS = {
     "setup-phases": setup_phases,
     "plan-table": plan_table,
     "storage": storage,
+    "cone-flops": cone_flops,
     "receiver-inputs": receiver_inputs,
     "mib-curves": mib_curves,
     "mib-curves-brief": mib_curves_brief,

@@ -283,6 +283,10 @@ def _with(data: bytes, change) -> bytes:
     return save(tensors, metadata={"layout": json.dumps(layout)})
 
 
+def _first(layout: dict, field: str) -> int:
+    return next(i for i, ref in enumerate(layout[field]) if ref is not None)
+
+
 def _own(layout: dict, field: str) -> str:
     return next(ref for ref in layout[field] if isinstance(ref, str) and ref not in ("clean",) and not ref.startswith("read:"))
 
@@ -293,13 +297,26 @@ def _own(layout: dict, field: str) -> str:
         (lambda t, lay: t.update({_own(lay, "inputs"): t[_own(lay, "inputs")][:1].clone()}), "receiver inputs do not fit"),
         (lambda t, lay: t.update({_own(lay, "inputs"): t[_own(lay, "inputs")].double()}), "receiver inputs do not fit"),
         (lambda t, lay: t.update({lay["final"]: torch.zeros(3)}), "final read does not fit"),
+        (lambda t, lay: lay["inputs"].append(None), "a model with other edges"),
+        (lambda t, lay: lay["inputs"].__setitem__(_first(lay, "inputs"), "read:999"), "clean read of a step other than"),
         (lambda t, lay: lay.update(metric="abc"), "metric is not what pahq_fx writes"),
         (lambda t, lay: lay.update(active_from=999), "active_from is not what pahq_fx writes"),
         (lambda t, lay: lay.update(removed_from=[[999]] * len(lay["removed_from"])), "removed_from is not what"),
         (lambda t, lay: lay.pop("outputs"), "outputs is not what pahq_fx writes"),
         (lambda t, lay: lay["projections"].update({"x": lay["final"]}), "projections is not what pahq_fx writes"),
     ],
-    ids=["input-rows", "input-dtype", "final-shape", "metric", "active-from", "removed", "no-outputs", "projection-key"],
+    ids=[
+        "input-rows",
+        "input-dtype",
+        "input-count",
+        "input-read",
+        "final-shape",
+        "metric",
+        "active-from",
+        "removed",
+        "no-outputs",
+        "projection-key",
+    ],
 )
 def test_a_hand_edited_state_file_is_refused_whole(grouped, change, message):
     """A state file whose SHA-256 was recomputed into the checkpoint still has to be one pahq_fx wrote for this

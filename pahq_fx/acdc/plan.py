@@ -363,6 +363,7 @@ def memory_plan(
     receivers = len(hg.receivers())
     fp32_rows = 4 * f_rows * d
     read_stream = n * d * STORAGE[READ_STORAGE[storage]][0]  # a clean read as held (storage.read_storage)
+    held_reads = read_stream != fp32_stream  # read back to FP32 where they are used
     caches = {
         "clean outputs": senders * stream,
         "corrupted - clean": senders * stream,
@@ -405,7 +406,6 @@ def memory_plan(
     # Stored, a step's new input stays until the query ends; recomputed, it is freed after its step, but exists beside
     # the state input rebuilt for it (where a commit changed the stream). Stored inputs that are a bf16 clean read are
     # read back to FP32 beside the new input, the same.
-    held_reads = read_stream != fp32_stream
     kept_input = 0 if recomputed else fp32_stream
     step_inputs = 2 * fp32_stream if recomputed or held_reads else fp32_stream
     for i, (kind, _, layer) in enumerate(steps):
@@ -435,7 +435,7 @@ def memory_plan(
     # Setup: the clean run's FP32 outputs and reads, the corrupted run's changes from them stored as they come, the
     # step outputs either run sums, and a component's temporaries; the clean outputs are stored after.
     fp32_caches = 4 * (senders * n * d + (senders + 1) * f_rows * d) + len(steps) * read_stream
-    setup_peak = fp32_caches + senders * stream + read_stream * len(steps) + component
+    setup_peak = fp32_caches + senders * stream + read_stream * len(steps) + component + (fp32_stream if held_reads else 0)
     forward = 4 * n * g.vocab + 4 * 4 * n * d + component
     # The split pass builds the per-head copies from stacked weights and probes the graph: measured at about twice
     # the copies on models of d_model 256-4096 (benchmarks/plan_accuracy.py), more on tiny ones (its probes).

@@ -211,12 +211,12 @@ def _check_layout(runtime: PatchingRuntime, layout: Any, tensors: dict[str, torc
             p not in tensors or not _fits(tensors[p], c, rows) for p, c in zip(parts, clean, strict=False)
         ):
             raise StateMismatch(f"the state file's output of sender {s} does not fit this model")
-    read, reads = runtime.clean_read(0), len(runtime.clean_reads)
-    for ref in layout["inputs"]:
+    read = runtime.clean_read(0)
+    for row, ref in enumerate(layout["inputs"]):
         if ref is None:
             continue
-        if ref.startswith(_READ) and not 0 <= int(ref[len(_READ) :]) < reads:
-            raise StateMismatch("the state file names a step this model lacks")
+        if ref.startswith(_READ) and int(ref[len(_READ) :]) != runtime.index.row_step[row]:
+            raise StateMismatch("the state file gives a receiver the clean read of a step other than its own")
         if not ref.startswith(_READ) and (ref not in tensors or not _fits(tensors[ref], read, rows)):
             raise StateMismatch("the state file's receiver inputs do not fit this model")
     if any(name not in tensors for name in (*layout["projections"].values(), layout["final"])):

@@ -6,7 +6,8 @@ it reads stored values back as FP32. Every change it propagates is a difference 
 (``load(store(new)) - load(old)``), so a receiver's FP32 input is the exact sum of stored terms and rounding never
 accumulates over a search's commits: the state is always the patched pass in which every sender's output is rounded
 to the storage format, whatever the order of the removals. Inputs, projections and the final read stay FP32: they
-are summed into or overwritten in place, and rounding them would drift.
+are summed into or overwritten in place, and rounding them would drift (a stored input still equal to its step's
+clean read is that read, below).
 
 Each step's clean read, the base every receiver's input is built on, is held in :func:`read_storage`'s format, and
 setup computes the clean and corrupted runs from the rounded reads: a step that starts running with nothing removed

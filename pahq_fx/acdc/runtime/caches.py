@@ -42,7 +42,9 @@ class CacheSetup(RuntimeState):
     """Part of :class:`~pahq_fx.acdc.runtime.PatchingRuntime`: its caches, built once at setup."""
 
     def _setup_caches(self, task: Task) -> None:
-        """FP32 clean and corrupted outputs of every sender, clean reads of every step, the clean final read."""
+        """Clean and corrupted outputs of every sender, clean reads of every step (held in ``read_codec``'s format), the
+        clean final read."""
+        self._last_read: tuple[int, torch.Tensor] = (-1, torch.empty(0))
         prelude = self._prelude(task.clean_input_ids)
         self.aux = tuple(prelude[1:])
         self._final_aux = self._aux(self.structure.final_aux)
@@ -76,8 +78,11 @@ class CacheSetup(RuntimeState):
         self._cmc_rows = [self.codec.select_rows(c, self.final_rows) for c in self.corrupt_minus_clean]
 
     def clean_read(self, k: int) -> torch.Tensor:
-        """Step k's clean read, FP32."""
-        return self.read_codec.load(self.clean_reads[k])
+        """Step k's clean read, FP32: one tensor for every caller until another step's is read, so that receivers holding
+        the read share one input (normed and projected once) where it is held in bf16 and loaded back."""
+        if self._last_read[0] != k:
+            self._last_read = (k, self.read_codec.load(self.clean_reads[k]))
+        return self._last_read[1]
 
     def final_rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of a [..., B, T, d] tensor that the final read keeps, [..., rows, d]."""

@@ -86,7 +86,8 @@ class InputState(RuntimeState):
 
     def _input(self, row: int) -> torch.Tensor:
         """Receiver ``row``'s input in the state: set for every receiver of a step that runs, which is all a query reads.
-        Recomputed, receivers with the same lists share one tensor, kept while their step is the one read."""
+        Stored, an input held as its step's clean read is read back (:meth:`clean_read`). Recomputed, receivers with the
+        same lists share one tensor, kept while their step is the one read."""
         k = self.index.row_step[row]
         if self._keeps_inputs:
             x = self.inputs[row]

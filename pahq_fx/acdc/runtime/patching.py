@@ -15,8 +15,8 @@ Steps below the one under investigation are clean and FP32 (every edge into them
 never run; when the search moves into a new step it is *activated* (its inputs leave the clean cache and its
 heads are recomputed under the plan), and a new precision plan recomputes only the heads whose precision
 changes. Caches and sender outputs are held in the run's storage format (:mod:`~pahq_fx.acdc.storage`: FP32 by
-default, bf16 or per-row scaled FP8 to fit large models); inputs, projections and reads are FP32; the final read
-holds only the rows the metric reads when the unembedding is token-wise.
+default, bf16 or per-row scaled FP8 to fit large models), the clean reads in FP32 or bf16 with them; inputs and
+projections are FP32; the final read holds only the rows the metric reads when the unembedding is token-wise.
 
 The parts, one job each: :mod:`.index` (the immutable index of rows, senders and steps), :mod:`.edge_state` (the
 removed and kept edges), :mod:`.caches` (setup), :mod:`.cascade` and :mod:`.attention_step` (what a query

@@ -74,6 +74,7 @@ class RuntimeState(ABC):
     _rows_prelude_aux: tuple[Aux, ...] | None
     clean: list[Stored]  # FP32 tensors during setup, until they are stored
     clean_reads: list[torch.Tensor]  # in read_codec's format: read them with clean_read(k)
+    _last_read: tuple[int, torch.Tensor]  # the step whose read clean_read loaded last, and that FP32 tensor
     corrupt_minus_clean: list[Stored]
     _cmc_rows: list[Stored]
     clean_distribution: CleanDistribution
