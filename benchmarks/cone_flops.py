@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.acdc import add_model_arguments, load_model_and_task, measured_with, results_path
+from benchmarks.tables import cone_flops
 
 LAYER = re.compile(r"^[a-z]+(\d+)")
 
@@ -42,7 +43,7 @@ def search_alternating(model, task, threshold: float) -> tuple[dict[str, dict[st
     import pahq_fx
 
     per_layer: dict[str, dict[str, float]] = {}
-    state: dict = {"mode": None, "queries": 0, "start": time.perf_counter(), "index": 0}
+    state: dict = {"mode": None, "queries": 0, "start": time.perf_counter()}
 
     def done(info) -> None:
         queries = info.queries - state["queries"]
@@ -97,17 +98,6 @@ def main() -> None:
     rows = [row(k, per_layer[k]) for k in layers]
     total = {key: sum(d[key] for d in per_layer.values()) for key in ("seconds", "timed", "flops", "counted")}
     rows.append(row("whole run", total))
-    print(
-        f"model {args.model}, task {args.task} {tuple(task.clean_input_ids.shape)}, threshold {args.threshold:g}, "
-        f"{edges} edges kept; {torch.get_num_threads()} thread(s); one eager forward {forward_s * 1e3:.1f} ms, "
-        f"{forward_flops / 1e9:.2f} GFLOP"
-    )
-    print("| receivers in layer | queries timed / counted | fwd-equiv / query, time | fwd-equiv / query, FLOPs | time / FLOPs |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("time_forward_equivalents", "flop_forward_equivalents")]
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        print(f"| {r['layer']} | {int(r['timed'])} / {int(r['counted'])} | {cells[0]} | {cells[1]} | {ratio} |")
     Path(args.out).write_text(
         json.dumps(
             {
@@ -123,6 +113,8 @@ def main() -> None:
         )
         + "\n"
     )
+    print(f"model {args.model}, task {args.task} {tuple(task.clean_input_ids.shape)}")
+    print(cone_flops([args.out], f"OMP_NUM_THREADS={torch.get_num_threads()}"))
     print(f"wrote {args.out}")
 
 
